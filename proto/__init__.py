@@ -1,0 +1,1 @@
+"""Contracts shared by the hvplace daemons: domain models, etcd keyspace, API schema."""

@@ -1,0 +1,99 @@
+"""Every etcd key hvplace uses, who writes it and which lease it rides on — in one place.
+
+Values are the JSON of the records in `hvplace.proto.models` (readable with
+`etcdctl get --prefix /hvplace/v1/`). Names are validated before they become keys.
+
+| key                                         | record        | writer                | lease            |
+|---------------------------------------------|---------------|-----------------------|------------------|
+| /hvplace/v1/config                          | ClusterConfig | coordinator (fenced)  | none             |
+| /hvplace/v1/election/<lease hex>            | leader id     | each coordinator      | its session      |
+| /hvplace/v1/hosts/<host>                    | HostInfo      | that host's agent     | agent's lease    |
+| /hvplace/v1/hoststatus/<host>               | HostStatus    | coordinator (fenced)  | none             |
+| /hvplace/v1/vms/<scope>/<vm>                | VM            | coordinator (API)     | none             |
+| /hvplace/v1/vmstatus/<scope>/<vm>           | VMStatus      | coordinator (fenced)  | none             |
+| /hvplace/v1/assignments/<host>/<scope>/<vm> | Assignment    | coordinator (fenced)  | none             |
+| /hvplace/v1/domains/<host>/<scope>/<vm>     | DomainStatus  | that host's agent     | agent's lease    |
+| /hvplace/v1/rules/<scope>/<rule>            | Rule          | coordinator (API)     | none             |
+| /hvplace/v1/policies/<scope>                | ScopePolicy   | coordinator (API)     | none             |
+| /hvplace/v1/requests/<request id>           | RequestRecord | coordinator (API)     | none             |
+
+An agent may write only `hosts/<its host>` and `domains/<its host>/` (the etcd role per
+agent in SPEC §6) and read `assignments/<its host>/` and `config`. Assignments live
+under the host so an agent watches only its own; a VM is moved by one transaction that
+deletes the old key and puts the new one with a higher epoch.
+"""
+
+from __future__ import annotations
+
+from hvplace.proto.names import check_name
+
+ROOT = "/hvplace/v1/"
+CONFIG = ROOT + "config"
+ELECTION = ROOT + "election/"
+HOSTS = ROOT + "hosts/"
+HOST_STATUS = ROOT + "hoststatus/"
+VMS = ROOT + "vms/"
+VM_STATUS = ROOT + "vmstatus/"
+ASSIGNMENTS = ROOT + "assignments/"
+DOMAINS = ROOT + "domains/"
+RULES = ROOT + "rules/"
+POLICIES = ROOT + "policies/"
+REQUESTS = ROOT + "requests/"
+
+
+def host(name: str) -> str:
+    return HOSTS + check_name(name, "host name")
+
+
+def host_status(name: str) -> str:
+    return HOST_STATUS + check_name(name, "host name")
+
+
+def vm(scope: str, name: str) -> str:
+    return f"{VMS}{check_name(scope, 'scope')}/{check_name(name, 'VM name')}"
+
+
+def vm_status(scope: str, name: str) -> str:
+    return f"{VM_STATUS}{check_name(scope, 'scope')}/{check_name(name, 'VM name')}"
+
+
+def assignments_of(host_name: str) -> str:
+    """The prefix an agent watches: every assignment to its host."""
+    return f"{ASSIGNMENTS}{check_name(host_name, 'host name')}/"
+
+
+def assignment(host_name: str, scope: str, name: str) -> str:
+    return f"{assignments_of(host_name)}{check_name(scope, 'scope')}/{check_name(name, 'VM name')}"
+
+
+def domains_of(host_name: str) -> str:
+    return f"{DOMAINS}{check_name(host_name, 'host name')}/"
+
+
+def domain(host_name: str, scope: str, name: str) -> str:
+    return f"{domains_of(host_name)}{check_name(scope, 'scope')}/{check_name(name, 'VM name')}"
+
+
+def rule(scope: str, name: str) -> str:
+    return f"{RULES}{check_name(scope, 'scope')}/{check_name(name, 'rule name')}"
+
+
+def policy(scope: str) -> str:
+    return POLICIES + check_name(scope, "scope")
+
+
+def request(request_id: str) -> str:
+    return REQUESTS + check_name(request_id, "request id")
+
+
+def split(key: str, prefix: str) -> list[str]:
+    """The name segments of `key` below `prefix` (e.g. [host, scope, vm])."""
+    if not key.startswith(prefix):
+        raise ValueError(f"key {key!r} is not under {prefix!r}")
+    return key[len(prefix) :].split("/")
+
+
+def prefix_end(prefix: str) -> str:
+    """The range end covering every key that starts with `prefix` (etcd's prefix range)."""
+    raw = prefix.encode()
+    return (raw[:-1] + bytes([raw[-1] + 1])).decode()

@@ -1,0 +1,725 @@
+"""Domain records: frozen dataclasses the engine computes on and etcd stores as JSON.
+
+Each record has a twin message in `hvplace.proto` with the same field names; the JSON
+written here is that message's JSON mapping (snake_case names, defaults omitted), so
+`etcdctl get` shows it readably and `google.protobuf.json_format` parses it (a test
+keeps the two in step). Validation of names and sizes lives in `validate_*` so that
+nothing malformed reaches a key or a libvirt name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from hvplace.proto.errors import InvalidInput
+from hvplace.proto.names import check_int, check_label, check_name
+
+TOPOLOGY_HOST = "host"
+"""The topology key of a single host; any other key names a host label (rack, zone...)."""
+
+# Bounds on sizes: positive and bounded (SPEC §6).
+MAX_VCPUS = 1024
+MAX_MEMORY_MIB = 16 * 1024 * 1024
+MAX_DISK_GIB = 1024 * 1024
+MAX_LABELS = 64
+MAX_RULE_NAME = 40  # vCD limits a rule name to 40 characters (seeds/003).
+MAX_MEMBERS = 10_000
+MAX_DESCRIPTION = 1024
+
+
+class HostState(StrEnum):
+    READY = "ready"
+    CORDONED = "cordoned"
+    DRAINING = "draining"
+    LOST = "lost"
+
+
+class HAPriority(StrEnum):
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+    OFF = "off"
+
+    @property
+    def rank(self) -> int:
+        """Order of re-placement after a failure: 0 first; `off` is never re-placed."""
+        return _HA_RANK[self]
+
+
+_HA_RANK = {HAPriority.HIGH: 0, HAPriority.MEDIUM: 1, HAPriority.LOW: 2, HAPriority.OFF: 3}
+
+
+class Power(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Phase(StrEnum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class RuleKind(StrEnum):
+    AFFINITY = "affinity"
+    ANTI_AFFINITY = "anti_affinity"
+
+
+class Enforcement(StrEnum):
+    REQUIRED = "required"
+    PREFERRED = "preferred"
+
+
+class OnFailure(StrEnum):
+    BLOCK = "block"
+    DEGRADE = "degrade"
+
+
+class Op(StrEnum):
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+    GT = "Gt"
+    LT = "Lt"
+
+
+class DomainState(StrEnum):
+    """A managed domain's state as its agent reports it."""
+
+    DEFINED = "defined"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    FAILED = "failed"
+    FENCED = "fenced"
+
+
+class AdmissionPolicy(StrEnum):
+    REFUSE = "refuse"
+    WARN = "warn"
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    vcpus: int = 0
+    memory_mib: int = 0
+    disk_gib: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ratios:
+    """Allocation (overcommit) ratios, as Nova's cpu/ram/disk_allocation_ratio."""
+
+    cpu: float = 1.0
+    ram: float = 1.0
+    disk: float = 1.0
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """A host's registration, written by its agent under the agent's lease."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    capacity: Resources = Resources()
+    ratios: Ratios = Ratios()
+    reserved_memory_mib: int = 0
+    address: str = ""
+    libvirt_uri: str = ""
+    domain_type: str = ""
+    agent_version: str = ""
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostStatus:
+    """A host's administrative state, written by the coordinator (cordon, drain, lost)."""
+
+    name: str
+    state: HostState = HostState.READY
+    reason: str = ""
+    since: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """The engine's view of a host: registration plus state."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    capacity: Resources = Resources()
+    ratios: Ratios = Ratios()
+    reserved_memory_mib: int = 0
+    state: HostState = HostState.READY
+
+    @classmethod
+    def from_records(cls, info: HostInfo, status: HostStatus | None) -> Host:
+        return cls(
+            name=info.name,
+            labels=info.labels,
+            capacity=info.capacity,
+            ratios=info.ratios,
+            reserved_memory_mib=info.reserved_memory_mib,
+            state=status.state if status is not None else HostState.READY,
+        )
+
+    def allocatable(self) -> Resources:
+        """What VMs may use: vCPU × ratio, memory × ratio − reserved, disk × ratio."""
+        cap, r = self.capacity, self.ratios
+        return Resources(
+            vcpus=math.floor(cap.vcpus * r.cpu),
+            memory_mib=max(0, math.floor(cap.memory_mib * r.ram) - self.reserved_memory_mib),
+            disk_gib=math.floor(cap.disk_gib * r.disk),
+        )
+
+    def topology(self, key: str) -> str | None:
+        """The host's domain for a topology key, or None when the host lacks that label."""
+        if key == TOPOLOGY_HOST:
+            return self.name
+        return self.labels.get(key)
+
+    def label(self, key: str) -> str | None:
+        """A label for node affinity; the key `host` means the host's name."""
+        if key == TOPOLOGY_HOST:
+            return self.name
+        return self.labels.get(key)
+
+
+# --------------------------------------------------------------------------- selectors
+
+
+@dataclass(frozen=True, slots=True)
+class LabelExpression:
+    key: str
+    operator: Op
+    values: tuple[str, ...] = ()
+
+    def matches_value(self, value: str | None) -> bool:
+        op = self.operator
+        if op is Op.IN:
+            return value is not None and value in self.values
+        if op is Op.NOT_IN:
+            return value is None or value not in self.values
+        if op is Op.EXISTS:
+            return value is not None
+        if op is Op.DOES_NOT_EXIST:
+            return value is None
+        if value is None:
+            return False
+        try:
+            number = int(value)
+        except ValueError:
+            return False
+        bound = int(self.values[0])
+        return number > bound if op is Op.GT else number < bound
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return self.matches_value(labels.get(self.key))
+
+    def __str__(self) -> str:
+        if self.operator in (Op.EXISTS, Op.DOES_NOT_EXIST):
+            return f"{self.key} {self.operator.value}"
+        return f"{self.key} {self.operator.value} ({', '.join(self.values)})"
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSelector:
+    """Kubernetes-style selector: all of match_labels and all expressions must hold."""
+
+    match_labels: Mapping[str, str] = field(default_factory=dict)
+    match_expressions: tuple[LabelExpression, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        for k, v in self.match_labels.items():
+            if labels.get(k) != v:
+                return False
+        return all(e.matches(labels) for e in self.match_expressions)
+
+    def is_empty(self) -> bool:
+        return not self.match_labels and not self.match_expressions
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSelectorTerm:
+    """All expressions must hold (AND); a host label key `host` means the host name."""
+
+    match_expressions: tuple[LabelExpression, ...] = ()
+
+    def matches(self, host: Host) -> bool:
+        return all(e.matches_value(host.label(e.key)) for e in self.match_expressions)
+
+
+@dataclass(frozen=True, slots=True)
+class PreferredTerm:
+    weight: int
+    term: NodeSelectorTerm
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAffinity:
+    """`required`: at least one term must match (OR). `preferred`: weights summed."""
+
+    required: tuple[NodeSelectorTerm, ...] = ()
+    preferred: tuple[PreferredTerm, ...] = ()
+
+    def admits(self, host: Host) -> bool:
+        return not self.required or any(t.matches(host) for t in self.required)
+
+    def score(self, host: Host) -> int:
+        return sum(p.weight for p in self.preferred if p.term.matches(host))
+
+
+# --------------------------------------------------------------------------- VMs
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """Direct kernel boot (kernel, initrd, cmdline) or a base disk image for a qcow2 overlay."""
+
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
+    disk: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VM:
+    scope: str
+    name: str
+    uid: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    resources: Resources = Resources(vcpus=1, memory_mib=64, disk_gib=0)
+    image: Image = Image()
+    node_affinity: NodeAffinity = NodeAffinity()
+    ha_priority: HAPriority = HAPriority.MEDIUM
+    power: Power = Power.RUNNING
+    description: str = ""
+    request_id: str = ""
+    created_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return vm_key(self.scope, self.name)
+
+
+def vm_key(scope: str, name: str) -> str:
+    """The identity of a VM across the cluster, and its etcd key suffix."""
+    return f"{scope}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A VM bound to a host. `epoch` grows on every move, so a returning host can tell
+    its stale domains from current ones. The spec is carried so the agent needs no
+    other record to run the VM."""
+
+    vm: VM
+    host: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonCount:
+    """One group of hosts rejected for the same reason."""
+
+    code: str
+    message: str
+    hosts: int
+    rule: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a VM is pending: per reason, how many hosts it rejected."""
+
+    vm: str
+    total_hosts: int
+    feasible_hosts: int
+    reasons: tuple[ReasonCount, ...] = ()
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{r.hosts} {r.message}" for r in self.reasons)
+        head = f"{self.feasible_hosts}/{self.total_hosts} hosts"
+        return f"{head}: {parts}" if parts else head
+
+
+@dataclass(frozen=True, slots=True)
+class VMStatus:
+    """Where a VM stands, written by the coordinator (placement) and read by the API."""
+
+    scope: str
+    name: str
+    phase: Phase = Phase.PENDING
+    reason: str = ""
+    host: str = ""
+    epoch: int = 0
+    since: float = 0.0
+    degraded: tuple[str, ...] = ()
+    explanation: Explanation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStatus:
+    """A managed domain as its agent sees it, written under the agent's own keys."""
+
+    scope: str
+    name: str
+    host: str
+    uid: str = ""
+    epoch: int = 0
+    state: DomainState = DomainState.DEFINED
+    since: float = 0.0
+    last_error: str = ""
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Affinity or anti-affinity between VMs of one scope (SPEC §1).
+
+    Members are explicit names and/or a label selector. `max_per_domain` bounds how many
+    members share one topology domain (anti-affinity); `min_domains` asks that members
+    cover at least min(min_domains, members) domains, balanced.
+    """
+
+    scope: str
+    name: str
+    kind: RuleKind
+    enforcement: Enforcement = Enforcement.REQUIRED
+    weight: int = 0
+    members: tuple[str, ...] = ()
+    selector: LabelSelector | None = None
+    topology_key: str = TOPOLOGY_HOST
+    max_per_domain: int = 1
+    min_domains: int = 0
+    on_failure: OnFailure = OnFailure.BLOCK
+    description: str = ""
+    created_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.scope}/{self.name}"
+
+    @property
+    def required(self) -> bool:
+        return self.enforcement is Enforcement.REQUIRED
+
+    def selects(self, vm: VM) -> bool:
+        if vm.scope != self.scope:
+            return False
+        if vm.name in self.members:
+            return True
+        return self.selector is not None and self.selector.matches(vm.labels)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopePolicy:
+    """G8's cloudspace label anti-affinity (seeds/000) for one scope.
+
+    With `label_anti_affinity`, VMs of the scope that share a label (a key=value pair,
+    restricted to `label_keys` when given) never share a host. With `spread` s > 0 they
+    may, but cover at least min(s, k) hosts, balanced.
+    """
+
+    scope: str
+    label_anti_affinity: bool = False
+    spread: int = 0
+    label_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Cluster-wide settings every daemon reads (the timing budget and admission policy)."""
+
+    lease_ttl_s: float = 5.0
+    fence_after_s: float = 3.0
+    failover_delay_s: float = 0.5
+    admission_policy: AdmissionPolicy = AdmissionPolicy.WARN
+    admission_failures: int = 1
+    admission_topology: str = TOPOLOGY_HOST
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_labels(labels: Mapping[str, str], what: str) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidInput(f"{what} has {len(labels)} labels; at most {MAX_LABELS}")
+    for k, v in labels.items():
+        check_label(k, v, f"{what} label")
+
+
+def _check_expression(e: LabelExpression, what: str) -> None:
+    if not e.key:
+        raise InvalidInput(f"{what}: an expression has an empty key")
+    if e.operator in (Op.IN, Op.NOT_IN) and not e.values:
+        raise InvalidInput(f"{what}: `{e.key} {e.operator.value}` needs at least one value")
+    if e.operator in (Op.EXISTS, Op.DOES_NOT_EXIST) and e.values:
+        raise InvalidInput(f"{what}: `{e.key} {e.operator.value}` takes no values")
+    if e.operator in (Op.GT, Op.LT):
+        if len(e.values) != 1:
+            raise InvalidInput(f"{what}: `{e.key} {e.operator.value}` takes exactly one value")
+        try:
+            int(e.values[0])
+        except ValueError:
+            raise InvalidInput(
+                f"{what}: `{e.key} {e.operator.value}` needs an integer, got {e.values[0]!r}"
+            ) from None
+
+
+def validate_vm(vm: VM) -> VM:
+    """Raise InvalidInput naming the first problem; return the VM unchanged if sound."""
+    check_name(vm.scope, "scope")
+    check_name(vm.name, "VM name")
+    if vm.uid:
+        check_name(vm.uid, "VM uid")
+    _check_labels(vm.labels, f"VM {vm.name!r}")
+    r = vm.resources
+    check_int(r.vcpus, f"VM {vm.name!r} vcpus", 1, MAX_VCPUS)
+    check_int(r.memory_mib, f"VM {vm.name!r} memory_mib", 1, MAX_MEMORY_MIB)
+    check_int(r.disk_gib, f"VM {vm.name!r} disk_gib", 0, MAX_DISK_GIB)
+    if len(vm.description) > MAX_DESCRIPTION:
+        raise InvalidInput(f"VM {vm.name!r} description is over {MAX_DESCRIPTION} characters")
+    for term in vm.node_affinity.required:
+        if not term.match_expressions:
+            raise InvalidInput(f"VM {vm.name!r}: a required node affinity term is empty")
+        for e in term.match_expressions:
+            _check_expression(e, f"VM {vm.name!r} node affinity")
+    for p in vm.node_affinity.preferred:
+        check_int(p.weight, f"VM {vm.name!r} preferred node affinity weight", 1, 100)
+        for e in p.term.match_expressions:
+            _check_expression(e, f"VM {vm.name!r} node affinity")
+    for path in (vm.image.kernel, vm.image.initrd, vm.image.disk):
+        if path and (not path.startswith("/") or "\x00" in path or "/../" in path + "/"):
+            raise InvalidInput(f"VM {vm.name!r}: image path {path!r} must be absolute, no '..'")
+    return vm
+
+
+def validate_rule(rule: Rule) -> Rule:
+    """Checks that need no other record; conflicts with other rules are the engine's."""
+    check_name(rule.scope, "scope")
+    check_name(rule.name, "rule name")
+    if len(rule.name) > MAX_RULE_NAME:
+        raise InvalidInput(
+            f"rule name {rule.name!r} is {len(rule.name)} characters; at most {MAX_RULE_NAME}"
+        )
+    if rule.enforcement is Enforcement.PREFERRED:
+        check_int(rule.weight, f"rule {rule.name!r} weight", 1, 100)
+    elif rule.weight:
+        raise InvalidInput(f"rule {rule.name!r}: weight applies only to preferred rules")
+    if len(rule.members) > MAX_MEMBERS:
+        raise InvalidInput(f"rule {rule.name!r} has over {MAX_MEMBERS} members")
+    for m in rule.members:
+        check_name(m, f"rule {rule.name!r} member")
+    if len(set(rule.members)) != len(rule.members):
+        raise InvalidInput(f"rule {rule.name!r} names a member twice")
+    has_selector = rule.selector is not None and not rule.selector.is_empty()
+    if not has_selector and len(rule.members) < 2:
+        raise InvalidInput(
+            f"rule {rule.name!r} names {len(rule.members)} member(s); a rule needs at least"
+            " two VMs or a label selector"
+        )
+    if rule.selector is not None:
+        _check_labels(rule.selector.match_labels, f"rule {rule.name!r} selector")
+        for e in rule.selector.match_expressions:
+            _check_expression(e, f"rule {rule.name!r} selector")
+    if rule.topology_key != TOPOLOGY_HOST:
+        check_label(rule.topology_key, "x", "topology")
+    check_int(rule.max_per_domain, f"rule {rule.name!r} max_per_domain", 1, MAX_MEMBERS)
+    check_int(rule.min_domains, f"rule {rule.name!r} min_domains", 0, MAX_MEMBERS)
+    if rule.kind is RuleKind.AFFINITY and (rule.max_per_domain != 1 or rule.min_domains):
+        raise InvalidInput(
+            f"rule {rule.name!r}: max_per_domain and min_domains apply to anti_affinity only"
+        )
+    if len(rule.description) > MAX_DESCRIPTION:
+        raise InvalidInput(f"rule {rule.name!r} description is over {MAX_DESCRIPTION} characters")
+    return rule
+
+
+def validate_policy(policy: ScopePolicy) -> ScopePolicy:
+    check_name(policy.scope, "scope")
+    check_int(policy.spread, f"scope {policy.scope!r} spread", 0, MAX_MEMBERS)
+    for k in policy.label_keys:
+        check_label(k, "x", f"scope {policy.scope!r} label_keys")
+    return policy
+
+
+def validate_host_info(info: HostInfo) -> HostInfo:
+    check_name(info.name, "host name")
+    _check_labels(info.labels, f"host {info.name!r}")
+    c = info.capacity
+    check_int(c.vcpus, f"host {info.name!r} vcpus", 1, 1_000_000)
+    check_int(c.memory_mib, f"host {info.name!r} memory_mib", 1, 1 << 40)
+    check_int(c.disk_gib, f"host {info.name!r} disk_gib", 0, 1 << 40)
+    for what, ratio in (
+        ("cpu", info.ratios.cpu),
+        ("ram", info.ratios.ram),
+        ("disk", info.ratios.disk),
+    ):
+        if not (0 < ratio <= 64):
+            raise InvalidInput(f"host {info.name!r} {what} ratio {ratio} must be in (0, 64]")
+    check_int(info.reserved_memory_mib, f"host {info.name!r} reserved_memory_mib", 0, 1 << 40)
+    return info
+
+
+def validate_cluster_config(cfg: ClusterConfig, clock_margin_s: float = 0.5) -> ClusterConfig:
+    """The fencing budget (SPEC §4, §5.6): an agent must have fenced itself before the
+    coordinator may re-place its VMs.
+
+    The agent fences `fence_after_s` after its last acknowledged renewal; etcd expires the
+    lease no earlier than `lease_ttl_s` after it; the coordinator re-places
+    `failover_delay_s` after expiry. Destroying domains takes up to FENCE_GRACE_S, and
+    clocks may drift by `clock_margin_s`.
+    """
+    if cfg.lease_ttl_s < 1 or cfg.lease_ttl_s > 600:
+        raise InvalidInput(f"lease_ttl_s {cfg.lease_ttl_s} must be between 1 and 600 seconds")
+    if cfg.fence_after_s <= 0:
+        raise InvalidInput(f"fence_after_s {cfg.fence_after_s} must be positive")
+    if cfg.failover_delay_s < 0:
+        raise InvalidInput(f"failover_delay_s {cfg.failover_delay_s} must not be negative")
+    slack = (
+        cfg.lease_ttl_s
+        + cfg.failover_delay_s
+        - (cfg.fence_after_s + FENCE_GRACE_S + clock_margin_s)
+    )
+    if cfg.fence_after_s >= cfg.lease_ttl_s or slack < 0:
+        raise InvalidInput(
+            f"unsafe timing budget: fence_after_s {cfg.fence_after_s} + fence grace {FENCE_GRACE_S}"
+            f" + clock margin {clock_margin_s} must not exceed lease_ttl_s {cfg.lease_ttl_s}"
+            f" + failover_delay_s {cfg.failover_delay_s}, and fence_after_s must be below"
+            " lease_ttl_s; lower fence_after_s or raise lease_ttl_s"
+        )
+    check_int(cfg.admission_failures, "admission_failures", 1, 16)
+    return cfg
+
+
+FENCE_GRACE_S = 1.0
+"""Time an agent is allowed to destroy its domains once it decides to fence."""
+
+
+# --------------------------------------------------------------------------- JSON codec
+
+T = TypeVar("T")
+_Decoder = Callable[[Any], Any]
+_Encoder = Callable[[Any], Any]
+_plans: dict[type, tuple[tuple[str, _Encoder, _Decoder, Any], ...]] = {}
+
+
+def _codec_for(tp: Any) -> tuple[_Encoder, _Decoder]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        enc, dec = _codec_for(inner)
+        return (lambda v: None if v is None else enc(v)), (lambda v: None if v is None else dec(v))
+    if origin is tuple:
+        enc, dec = _codec_for(typing.get_args(tp)[0])
+        return (lambda v: [enc(x) for x in v]), (lambda v: tuple(dec(x) for x in v))
+    if origin in (Mapping, dict):
+        return (lambda v: dict(v)), (lambda v: {str(k): str(x) for k, x in v.items()})
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        cls: type[Any] = tp
+        return to_dict, (lambda v: from_dict(cls, v))
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        enum_cls: type[StrEnum] = tp
+        return (lambda v: v.value), (lambda v: enum_cls(v))
+    if tp is float:
+        return (lambda v: v), (lambda v: float(v))
+    if tp is int:
+        return (lambda v: v), (lambda v: int(v))
+    if tp in (str, bool):
+        return (lambda v: v), (lambda v: v)
+    raise TypeError(f"no JSON codec for {tp!r}")
+
+
+def _plan(cls: type) -> tuple[tuple[str, _Encoder, _Decoder, Any], ...]:
+    plan = _plans.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            enc, dec = _codec_for(hints[f.name])
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            rows.append((f.name, enc, dec, default))
+        plan = _plans[cls] = tuple(rows)
+    return plan
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The record as its proto message's JSON mapping, fields at their default omitted."""
+    out: dict[str, Any] = {}
+    for name, enc, _dec, default in _plan(type(obj)):
+        value = getattr(obj, name)
+        if default is not dataclasses.MISSING and value == default:
+            continue
+        out[name] = enc(value)
+    return out
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build a record from JSON; a missing field takes its default, an unknown one is an error."""
+    if not isinstance(data, Mapping):
+        raise InvalidInput(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+    kwargs: dict[str, Any] = {}
+    plan = _plan(cls)
+    known = {row[0] for row in plan}
+    unknown = set(data) - known
+    if unknown:
+        raise InvalidInput(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
+    for name, _enc, dec, default in plan:
+        if name in data:
+            try:
+                kwargs[name] = dec(data[name])
+            except (ValueError, TypeError, AttributeError) as e:
+                raise InvalidInput(f"{cls.__name__}.{name}: {e}") from None
+        elif default is dataclasses.MISSING:
+            raise InvalidInput(f"{cls.__name__}: field {name!r} is required")
+    return cls(**kwargs)
+
+
+def dumps(obj: Any) -> bytes:
+    """The bytes stored in etcd: compact JSON, keys sorted so equal records are equal bytes."""
+    return json.dumps(to_dict(obj), separators=(",", ":"), sort_keys=True).encode()
+
+
+def loads(cls: type[T], raw: bytes | str) -> T:
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise InvalidInput(f"{cls.__name__}: not JSON: {e}") from None
+    return from_dict(cls, data)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """An idempotency record: a retried create with the same id returns the same result."""
+
+    request_id: str
+    kind: str
+    targets: tuple[str, ...] = ()
+    fingerprint: str = ""
+    created_at: float = 0.0

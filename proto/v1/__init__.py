@@ -1,0 +1,1 @@
+"""Generated from proto/hvplace.proto; do not edit."""

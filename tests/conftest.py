@@ -1,0 +1,39 @@
+"""Fixtures shared by every test folder: a real etcd server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support.etcd import EtcdServer
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd for the session; tests that kill or restart etcd use `own_etcd`."""
+    server = EtcdServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def etcd(etcd_server: EtcdServer) -> Iterator[EtcdServer]:
+    """The session's etcd, emptied of hvplace keys before and after the test."""
+    etcd_server.etcdctl("del", "--prefix", "/hvplace/")
+    yield etcd_server
+    if etcd_server.proc is not None and etcd_server.proc.poll() is None:
+        etcd_server.etcdctl("del", "--prefix", "/hvplace/")
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[EtcdServer]:
+    """A private etcd the test may kill -9, SIGSTOP or restart."""
+    server = EtcdServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

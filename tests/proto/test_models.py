@@ -1,0 +1,156 @@
+"""The records' JSON is their proto message's JSON, and bad names never become keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import json_format
+from hvplace.proto import keyspace, models
+from hvplace.proto.errors import InvalidInput
+from hvplace.proto.generate import stale_files
+from hvplace.proto.models import (
+    VM,
+    Assignment,
+    ClusterConfig,
+    Enforcement,
+    HostInfo,
+    Image,
+    LabelExpression,
+    LabelSelector,
+    NodeAffinity,
+    NodeSelectorTerm,
+    Op,
+    PreferredTerm,
+    Resources,
+    Rule,
+    RuleKind,
+    ScopePolicy,
+)
+from hvplace.proto.names import check_name
+from hvplace.proto.v1 import hvplace_pb2 as pb
+
+VM_FULL = VM(
+    scope="acme",
+    name="db-1",
+    uid="u1",
+    labels={"role": "db"},
+    resources=Resources(vcpus=2, memory_mib=4096, disk_gib=10),
+    image=Image(
+        kernel="/var/lib/hvplace/vmlinuz", initrd="/var/lib/hvplace/initrd", cmdline="console=ttyS0"
+    ),
+    node_affinity=NodeAffinity(
+        required=(NodeSelectorTerm((LabelExpression("zone", Op.IN, ("east", "west")),)),),
+        preferred=(PreferredTerm(10, NodeSelectorTerm((LabelExpression("ssd", Op.EXISTS),))),),
+    ),
+)
+
+RECORDS = [
+    (VM_FULL, pb.VM),
+    (Assignment(vm=VM_FULL, host="h1", epoch=3), pb.Assignment),
+    (
+        Rule(
+            scope="acme",
+            name="db",
+            kind=RuleKind.ANTI_AFFINITY,
+            enforcement=Enforcement.PREFERRED,
+            weight=50,
+            selector=LabelSelector({"role": "db"}),
+            topology_key="rack",
+            max_per_domain=2,
+        ),
+        pb.Rule,
+    ),
+    (ScopePolicy(scope="acme", label_anti_affinity=True, spread=2), pb.ScopePolicy),
+    (HostInfo(name="h1", labels={"zone": "east"}, capacity=Resources(8, 16384, 100)), pb.HostInfo),
+    (ClusterConfig(), pb.ClusterConfig),
+]
+
+
+@pytest.mark.parametrize(("record", "message"), RECORDS, ids=lambda r: type(r).__name__)
+def test_record_json_is_the_proto_json(record: object, message: type) -> None:
+    raw = models.dumps(record)
+    parsed = json_format.Parse(raw, message())
+    back = json_format.MessageToDict(parsed, preserving_proto_field_name=True)
+    assert models.from_dict(type(record), back) == record
+    assert models.loads(type(record), raw) == record
+
+
+def test_unknown_field_is_rejected() -> None:
+    with pytest.raises(InvalidInput, match="unknown field"):
+        models.from_dict(VM, {"scope": "a", "name": "b", "colour": "red"})
+
+
+def test_bad_enum_is_rejected_with_the_field() -> None:
+    with pytest.raises(InvalidInput, match=r"VM\.power"):
+        models.loads(VM, json.dumps({"scope": "a", "name": "b", "power": "on"}))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "is empty"),
+        ("a/b", "contains '/'"),
+        ("a..b", "contains '..'"),
+        ("..", "contains '..'"),
+        ("a\nb", "control character"),
+        ("a\x7fb", "control character"),
+        ("x" * 64, "at most 63"),
+        ("a b", "contains ' '"),
+        ("-a", "must start"),
+    ],
+)
+def test_bad_names_are_rejected(name: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        check_name(name, "VM name")
+    with pytest.raises(InvalidInput, match=message):
+        keyspace.vm("acme", name)
+
+
+def test_good_names_pass() -> None:
+    assert check_name("x" * 63, "VM name") == "x" * 63
+    assert keyspace.assignment("h1", "acme", "db-1") == "/hvplace/v1/assignments/h1/acme/db-1"
+
+
+@pytest.mark.parametrize(
+    ("vm", "message"),
+    [
+        (VM(scope="a", name="b", resources=Resources(0, 64, 0)), "vcpus is 0"),
+        (VM(scope="a", name="b", resources=Resources(1, -1, 0)), "memory_mib is -1"),
+        (VM(scope="a", name="b", resources=Resources(1, 1 << 40, 0)), "memory_mib"),
+        (VM(scope="a", name="b", labels={"bad key!": "x"}), "label key"),
+        (VM(scope="a", name="b", image=Image(kernel="relative/vmlinuz")), "absolute"),
+        (
+            VM(
+                scope="a",
+                name="b",
+                node_affinity=NodeAffinity(
+                    required=(NodeSelectorTerm((LabelExpression("cpu", Op.GT, ("many",)),)),)
+                ),
+            ),
+            "integer",
+        ),
+    ],
+)
+def test_bad_vms_are_rejected(vm: VM, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        models.validate_vm(vm)
+
+
+def test_rule_needs_two_members_or_a_selector() -> None:
+    with pytest.raises(InvalidInput, match="at least two"):
+        models.validate_rule(Rule(scope="a", name="r", kind=RuleKind.ANTI_AFFINITY, members=("x",)))
+    with pytest.raises(InvalidInput, match="at most 40"):
+        models.validate_rule(
+            Rule(scope="a", name="r" * 41, kind=RuleKind.AFFINITY, members=("x", "y"))
+        )
+
+
+def test_unsafe_timing_budget_is_refused() -> None:
+    models.validate_cluster_config(ClusterConfig())
+    with pytest.raises(InvalidInput, match="unsafe timing budget"):
+        models.validate_cluster_config(ClusterConfig(lease_ttl_s=5, fence_after_s=4.9))
+
+
+def test_generated_code_is_fresh() -> None:
+    assert stale_files() == [], "run: python -m hvplace.proto.generate"
