@@ -1,0 +1,125 @@
+"""`hvplace lab ...`: start, inspect, break and remove the single-machine lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from hvplace.lab.control import Lab, LabError
+from hvplace.lab.daemons import DaemonError
+from hvplace.lab.hosts import HostError
+from hvplace.lab.network import NetworkError
+from hvplace.lab.state import LabSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hvplace lab",
+        description="A single-machine hvplace lab: etcd, two coordinators and N hosts.",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="where the lab keeps its state (env HVPLACE_LAB_DIR; /var/lib/hvplace-lab)",
+    )
+    parser.add_argument(
+        "--prefix",
+        help="prefix of the lab's netns, bridge and veth names (env HVPLACE_LAB_PREFIX; hvlab)",
+    )
+    parser.add_argument(
+        "--subnet", help="the lab's private subnet (env HVPLACE_LAB_SUBNET; 10.213.0.0/24)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start etcd, two coordinators and N hosts with their agents")
+    up.add_argument("--hosts", type=int, default=3, help="number of hosts (default 3)")
+    kind = up.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--real",
+        dest="mode",
+        action="store_const",
+        const="real",
+        help="namespaced hosts with libvirtd and QEMU (root; the default as root)",
+    )
+    kind.add_argument(
+        "--test",
+        dest="mode",
+        action="store_const",
+        const="test",
+        help="hosts on libvirt's test:/// driver (no root needed)",
+    )
+    up.add_argument(
+        "--ttl", type=float, help="host lease TTL in seconds for agents and coordinators"
+    )
+    up.add_argument(
+        "--no-daemons",
+        action="store_true",
+        help="only hosts and network: no etcd, coordinators or agents",
+    )
+
+    status = sub.add_parser("status", help="processes, hosts and the leader")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("down", help="remove every process, namespace, link, mount and file of the lab")
+    for name, text in (
+        ("kill-host", "kill -9 a host's agent, libvirtd and QEMU processes"),
+        ("partition", "cut a host's network"),
+        ("heal", "restore a host's network"),
+    ):
+        sub.add_parser(name, help=text).add_argument("host")
+    sub.add_parser("kill-leader", help="kill -9 the leading coordinator")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        settings = LabSettings.from_env(args.state_dir, args.prefix, args.subnet)
+        lab = Lab(settings)
+        if args.command == "up":
+            mode = args.mode or ("real" if os.geteuid() == 0 else "test")
+            lab.up(args.hosts, mode, args.ttl, with_daemons=not args.no_daemons)
+            _print_status(lab, as_json=False)
+        elif args.command == "status":
+            _print_status(lab, as_json=args.json)
+        elif args.command == "down":
+            return 1 if lab.down() else 0
+        elif args.command == "kill-host":
+            lab.kill_host(args.host)
+        elif args.command == "partition":
+            lab.partition(args.host)
+        elif args.command == "heal":
+            lab.heal(args.host)
+        elif args.command == "kill-leader":
+            lab.kill_leader()
+    except (LabError, DaemonError, HostError, NetworkError, ValueError) as exc:
+        print(f"hvplace lab: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_status(lab: Lab, as_json: bool) -> None:
+    rows = lab.status()
+    if as_json:
+        print(json.dumps([asdict(row) for row in rows], indent=2))
+        return
+    table = [("COMPONENT", "NAME", "PID", "ALIVE", "DETAIL")]
+    table += [
+        (
+            r.component,
+            r.name,
+            "-" if r.pid is None else str(r.pid),
+            "yes" if r.alive else "NO",
+            r.detail,
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
+            + "  "
+            + row[4]
+        )

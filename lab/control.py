@@ -1,0 +1,366 @@
+"""The lab's operations: up, down, status and the failures it injects, over the state file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from hvplace.lab import daemons, hosts, network
+from hvplace.lab.processes import (
+    is_alive,
+    kill9,
+    kill_pid,
+    namespace_inode,
+    pids_in_namespace,
+    wait_gone,
+)
+from hvplace.lab.state import HostRecord, LabSettings, LabState, load_state
+
+REAL_TOOLS = ("ip", "unshare", "nsenter", "libvirtd", "virtlogd", "virsh")
+
+# Paths a lab must never live under: each is hidden inside a host by a bind mount.
+_SHADOWED = tuple(Path(p) for p in hosts.BIND_MOUNTS.values())
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    component: str
+    name: str
+    pid: int | None
+    alive: bool
+    detail: str
+
+
+class Lab:
+    """One lab, named by its settings; every method re-reads the state file."""
+
+    def __init__(self, settings: LabSettings, out: TextIO | None = None) -> None:
+        self.settings = settings
+        self.out = out if out is not None else sys.stderr
+
+    # -- progress -------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        print(message, file=self.out, flush=True)
+
+    @contextmanager
+    def step(self, message: str) -> Iterator[None]:
+        self.say(f"==> {message} ...")
+        started = time.monotonic()
+        yield
+        self.say(f"    done in {time.monotonic() - started:.1f}s")
+
+    # -- up -------------------------------------------------------------------------
+
+    def up(
+        self,
+        host_count: int,
+        mode: str = "real",
+        lease_ttl: float | None = None,
+        with_daemons: bool = True,
+    ) -> LabState:
+        """Start the lab; on any failure, undo what was made and raise."""
+        if mode not in ("real", "test"):
+            raise LabError(f"mode must be real or test, not {mode!r}")
+        if not 1 <= host_count <= 40:
+            raise LabError("--hosts must be between 1 and 40")
+        self._preflight(mode, with_daemons)
+        state = LabState(
+            prefix=self.settings.prefix,
+            subnet=str(self.settings.subnet),
+            mode=mode,
+            lease_ttl=lease_ttl,
+        )
+        state.save(self.settings)
+        started = time.monotonic()
+        try:
+            self._up(state, host_count, with_daemons)
+        except BaseException as exc:
+            self.say(f"!! lab up failed: {exc}; tearing down what was made")
+            self.down()
+            raise
+        self.say(f"lab up: {host_count} {mode} host(s) in {time.monotonic() - started:.1f}s")
+        return state
+
+    def _preflight(self, mode: str, with_daemons: bool) -> None:
+        existing = load_state(self.settings)
+        if existing is not None:
+            raise LabError(
+                f"a lab is already recorded in {self.settings.state_file}; run `hvplace lab down` first"
+            )
+        state_dir = self.settings.state_dir.resolve()
+        for shadowed in _SHADOWED:
+            if state_dir == shadowed or shadowed in state_dir.parents:
+                raise LabError(f"the lab state dir may not be under {shadowed}")
+        tools = list(REAL_TOOLS) if mode == "real" else []
+        if with_daemons:
+            tools += ["etcd", "etcdctl"]
+        missing = [tool for tool in tools if shutil.which(tool) is None]
+        if missing:
+            raise LabError(
+                f"missing programs: {', '.join(missing)} (install them with lab/install.sh)"
+            )
+        if mode == "real":
+            if os.geteuid() != 0:
+                raise LabError(
+                    "a real lab needs root (namespaces, libvirtd); use --test without root"
+                )
+            conflicts = network.subnet_conflicts(self.settings.subnet)
+            if conflicts:
+                raise LabError(f"subnet {self.settings.subnet} is already in use: {conflicts}")
+            if network.link_exists(self.settings.bridge):
+                raise LabError(
+                    f"bridge {self.settings.bridge} already exists; run `hvplace lab down`"
+                )
+
+    def _up(self, state: LabState, host_count: int, with_daemons: bool) -> None:
+        settings = self.settings
+        if state.mode == "real":
+            with self.step("preparing the machine (libvirt-qemu user, bind-mount targets)"):
+                hosts.ensure_qemu_user()
+                for target in hosts.missing_mount_targets():
+                    # Recorded before it is made, so `down` removes it even if this fails.
+                    state.created_dirs.append(target)
+                    state.save(settings)
+                    Path(target).mkdir(parents=True)
+            with self.step(f"creating bridge {settings.bridge} ({settings.bridge_address})"):
+                state.bridge = settings.bridge
+                state.save(settings)
+                network.create_bridge(settings.bridge, settings.bridge_address)
+        if with_daemons:
+            with self.step("starting etcd"):
+                daemons.start_etcd(settings, state)
+                state.save(settings)
+        for index in range(1, host_count + 1):
+            host = self._new_host(state, index)
+            if state.mode == "real":
+                with self.step(f"starting host {host.name} (netns {host.netns}, {host.address})"):
+                    self._start_real_host(host, state)
+            else:
+                hostdir = Path(host.dir)
+                hostdir.mkdir(parents=True, exist_ok=True)
+                (hostdir / "node.xml").write_text(daemons.test_node_xml(host.name))
+        if with_daemons:
+            for index, name in enumerate(("c1", "c2"), start=1):
+                with self.step(
+                    f"starting coordinator {name}" + (" (standby)" if index > 1 else "")
+                ):
+                    daemons.start_coordinator(settings, state, name)
+                    state.save(settings)
+            for host in state.hosts.values():
+                with self.step(f"starting the agent of {host.name}"):
+                    daemons.start_agent(settings, state, host)
+                    state.save(settings)
+            with self.step("waiting for the agents to register and a leader to be elected"):
+                daemons.wait_ready(state, timeout=60.0)
+
+    def _new_host(self, state: LabState, index: int) -> HostRecord:
+        settings = self.settings
+        name = settings.host_name(index)
+        hostdir = settings.host_dir(name)
+        if state.mode == "real":
+            host = HostRecord(
+                name=name,
+                index=index,
+                mode="real",
+                dir=str(hostdir),
+                libvirt_uri="qemu:///system",
+                address=str(settings.host_address(index)),
+                netns=settings.netns(index),
+                veth=settings.veth_root(index),
+            )
+        else:
+            host = HostRecord(
+                name=name,
+                index=index,
+                mode="test",
+                dir=str(hostdir),
+                libvirt_uri=f"test://{hostdir / 'node.xml'}",
+            )
+        state.hosts[name] = host
+        state.save(settings)
+        return host
+
+    def _start_real_host(self, host: HostRecord, state: LabState) -> None:
+        hosts.create_network(self.settings, host)
+        state.save(self.settings)
+        script = hosts.prepare(host)
+        first = next(iter(state.hosts.values()))
+        if first is not host:
+            hosts.seed_capabilities(host, hosts.capabilities_dir(first))
+        host.supervisor = hosts.start_supervisor(host, script)
+        state.save(self.settings)
+        host.virtlogd, host.libvirtd = hosts.start_libvirt(host)
+        state.save(self.settings)
+
+    # -- down -----------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Undo everything the state file records, and sweep our names; idempotent."""
+        started = time.monotonic()
+        problems: list[str] = []
+        state = load_state(self.settings)
+        if state is not None:
+            with self.step("stopping agents and coordinators"):
+                records = [h.agent for h in state.hosts.values()]
+                records += [c.process for c in state.coordinators]
+                pids = [r.pid for r in records if r is not None and kill9(r)]
+                wait_gone(pids)
+            for host in state.hosts.values():
+                with self.step(f"removing host {host.name}"):
+                    problems += hosts.teardown(host)
+            if state.etcd is not None:
+                with self.step("stopping etcd"):
+                    kill9(state.etcd)
+                    wait_gone([state.etcd.pid])
+        problems += self._sweep_network()
+        if state is not None:
+            for target in reversed(state.created_dirs):
+                try:
+                    Path(target).rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    # Something else (a system libvirtd) now uses it: not ours to remove.
+                    self.say(f"    left {target}: {exc.strerror}")
+        shutil.rmtree(self.settings.state_dir, ignore_errors=True)
+        if self.settings.state_dir.exists():
+            problems.append(f"could not remove {self.settings.state_dir}")
+        for problem in problems:
+            self.say(f"!! {problem}")
+        self.say(f"lab down in {time.monotonic() - started:.1f}s")
+        return problems
+
+    def _sweep_network(self) -> list[str]:
+        """Our netns and links, by the lab's prefix: catches what a lost state file forgot."""
+        problems: list[str] = []
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            return problems
+        prefix = self.settings.prefix + "-"
+        for netns in network.netns_list():
+            if netns.startswith(prefix):
+                inode = namespace_inode(f"/run/netns/{netns}")
+                if inode is not None:
+                    pids = pids_in_namespace("net", inode)
+                    for pid in pids:
+                        kill_pid(pid)
+                    wait_gone(pids)
+                network.delete_netns(netns)
+        for link in network.links_with_prefix(prefix):
+            network.delete_link(link)
+        left = [n for n in network.netns_list() if n.startswith(prefix)]
+        left += network.links_with_prefix(prefix)
+        if left:
+            problems.append(f"still present: {left}")
+        return problems
+
+    # -- inspection and failures ----------------------------------------------------
+
+    def state(self) -> LabState:
+        state = load_state(self.settings)
+        if state is None:
+            raise LabError(f"no lab in {self.settings.state_dir}; start one with `hvplace lab up`")
+        return state
+
+    def host(self, name: str) -> tuple[LabState, HostRecord]:
+        state = self.state()
+        if name not in state.hosts:
+            raise LabError(f"no host {name!r} in the lab (hosts: {', '.join(state.hosts)})")
+        return state, state.hosts[name]
+
+    def status(self) -> list[StatusRow]:
+        state = self.state()
+        rows: list[StatusRow] = []
+        if state.etcd is not None:
+            rows.append(
+                StatusRow(
+                    "etcd",
+                    "etcd",
+                    state.etcd.pid,
+                    is_alive(state.etcd),
+                    " ".join(state.etcd_endpoints),
+                )
+            )
+        leader = daemons.leader_name(state) if is_alive(state.etcd) else None
+        for coordinator in state.coordinators:
+            role = "leader" if coordinator.name == leader else "standby"
+            proc = coordinator.process
+            rows.append(
+                StatusRow(
+                    "coordinator",
+                    coordinator.name,
+                    None if proc is None else proc.pid,
+                    is_alive(proc),
+                    f"{role} api={coordinator.api_address}",
+                )
+            )
+        for host in state.hosts.values():
+            net = ""
+            if host.mode == "real":
+                net = f" {host.address}" + (" PARTITIONED" if host.partitioned else "")
+            for record in host.processes():
+                rows.append(
+                    StatusRow(record.role, host.name, record.pid, is_alive(record), host.mode + net)
+                )
+            if host.mode == "real":
+                qemu = hosts.qemu_pids(host)
+                rows.append(
+                    StatusRow("qemu", host.name, None, bool(qemu), f"{len(qemu)} running: {qemu}")
+                )
+        return rows
+
+    def kill_host(self, name: str) -> list[int]:
+        state, host = self.host(name)
+        if host.mode == "real":
+            killed = hosts.crash(host)
+        else:
+            killed = [host.agent.pid] if host.agent is not None and kill9(host.agent) else []
+        state.save(self.settings)
+        self.say(f"killed host {name}: PIDs {killed}")
+        return killed
+
+    def partition(self, name: str) -> None:
+        self._set_partition(name, True)
+
+    def heal(self, name: str) -> None:
+        self._set_partition(name, False)
+
+    def _set_partition(self, name: str, cut: bool) -> None:
+        state, host = self.host(name)
+        if host.mode == "real":
+            assert host.veth is not None
+            network.set_link_up(host.veth, not cut)
+        else:
+            # A test host has no network of its own: freezing its agent stops the lease
+            # renewals the same way, though its open connections do not break.
+            if host.agent is None or not is_alive(host.agent):
+                raise LabError(f"host {name}: no agent running")
+            kill_pid(host.agent.pid, signal.SIGSTOP if cut else signal.SIGCONT)
+        host.partitioned = cut
+        state.save(self.settings)
+        self.say(f"host {name}: {'partitioned' if cut else 'healed'}")
+
+    def kill_leader(self) -> str:
+        state = self.state()
+        leader = daemons.leader_name(state)
+        if leader is None:
+            raise LabError("no leader is elected (no key under /hvplace/v1/election/)")
+        for coordinator in state.coordinators:
+            if coordinator.name == leader and kill9(coordinator.process):
+                assert coordinator.process is not None
+                wait_gone([coordinator.process.pid])
+                self.say(f"killed leader {leader} (PID {coordinator.process.pid})")
+                return leader
+        raise LabError(f"the leader {leader!r} is not a running coordinator of this lab")

@@ -1,0 +1,253 @@
+"""The lab's etcd, coordinators and agents: their config files, start by PID, readiness, leader."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from hvplace.lab import hosts
+from hvplace.lab.processes import ProcessRecord, is_alive, spawn_detached, tail
+from hvplace.lab.state import CoordinatorRecord, HostRecord, LabSettings, LabState
+from hvplace.proto import keyspace
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def _free_port_on(*addresses: str) -> int:
+    """A port free on every address (etcd listens on the bridge and on loopback)."""
+    for _ in range(50):
+        port = free_port(addresses[0])
+        try:
+            for address in addresses[1:]:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise DaemonError(f"no port free on all of {addresses}")
+
+
+# -- etcd ---------------------------------------------------------------------------
+
+
+def start_etcd(settings: LabSettings, state: LabState, timeout: float = 20.0) -> None:
+    """Debian's etcd with its data in the state dir; agents use the bridge address."""
+    addresses = ["127.0.0.1"]
+    if state.mode == "real":
+        addresses.insert(0, str(settings.bridge_address.ip))
+    client_port = _free_port_on(*addresses)
+    peer_port = free_port()
+    client_urls = [f"http://{a}:{client_port}" for a in addresses]
+    peer = f"http://127.0.0.1:{peer_port}"
+    data = settings.state_dir / "etcd"
+    argv = [
+        "etcd",
+        "--name=hvplace-lab",
+        f"--data-dir={data / 'data'}",
+        f"--listen-client-urls={','.join(client_urls)}",
+        f"--advertise-client-urls={','.join(client_urls)}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=hvplace-lab={peer}",
+        "--initial-cluster-state=new",
+        "--log-level=warn",
+        "--logger=zap",
+    ]
+    state.etcd = spawn_detached("etcd", argv, data / "etcd.log")
+    # Agents in a netns reach etcd on the bridge (first); everything else on loopback.
+    state.etcd_endpoints = client_urls
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_alive(state.etcd):
+            raise DaemonError(f"etcd exited: {tail(state.etcd.log)}")
+        try:
+            with urllib.request.urlopen(client_urls[-1] + "/health", timeout=1) as reply:
+                if b'"health":"true"' in reply.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise DaemonError(f"etcd not healthy after {timeout}s: {tail(state.etcd.log)}")
+
+
+def etcdctl(state: LabState, *args: str, timeout: float = 10.0) -> str:
+    if not state.etcd_endpoints:
+        raise DaemonError("the lab has no etcd")
+    out = subprocess.run(
+        ["etcdctl", f"--endpoints={state.etcd_endpoints[-1]}", "--dial-timeout=2s", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, ETCDCTL_API="3"),
+    )
+    if out.returncode != 0:
+        raise DaemonError(f"etcdctl {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def _get_prefix(state: LabState, prefix: str) -> list[tuple[str, str, int]]:
+    """(key, value, create revision) of every key under `prefix`."""
+    raw = json.loads(etcdctl(state, "get", "--prefix", prefix, "-w", "json"))
+    return [
+        (
+            base64.b64decode(kv["key"]).decode(),
+            base64.b64decode(kv.get("value", "")).decode(errors="replace"),
+            int(kv["create_revision"]),
+        )
+        for kv in raw.get("kvs", [])
+    ]
+
+
+def leader_id(state: LabState) -> str | None:
+    """The election value with the lowest create revision: the leader (etcd's election rule)."""
+    try:
+        keys = _get_prefix(state, keyspace.ELECTION)
+    except (DaemonError, subprocess.TimeoutExpired):
+        return None
+    if not keys:
+        return None
+    return min(keys, key=lambda kv: kv[2])[1]
+
+
+def leader_name(state: LabState) -> str | None:
+    """The lab's name of the leading coordinator, matched against its election value."""
+    value = leader_id(state)
+    if value is None:
+        return None
+    for coordinator in state.coordinators:
+        if (
+            value == coordinator.name
+            or coordinator.name in value
+            or coordinator.api_address in value
+        ):
+            return coordinator.name
+    return value
+
+
+def registered_hosts(state: LabState) -> list[str]:
+    return [key.removeprefix(keyspace.HOSTS) for key, _, _ in _get_prefix(state, keyspace.HOSTS)]
+
+
+# -- coordinators and agents --------------------------------------------------------
+
+
+def _python_module(module: str) -> list[str]:
+    """The daemons run from this interpreter's environment (the venv the CLI runs in)."""
+    return [sys.executable, "-m", module]
+
+
+def coordinator_config(state: LabState, name: str, api: str, metrics: str) -> str:
+    ttl = state.lease_ttl
+    lines = [
+        f'name = "{name}"',
+        f"etcd_endpoints = {json.dumps(state.etcd_endpoints[-1:])}",
+        f'listen = "{api}"',
+        f'metrics_listen = "{metrics}"',
+    ]
+    if ttl is not None:
+        lines.append(f"host_lease_ttl = {ttl}")
+    return "\n".join(lines) + "\n"
+
+
+def start_coordinator(settings: LabSettings, state: LabState, name: str) -> CoordinatorRecord:
+    base = settings.state_dir / "coordinators" / name
+    base.mkdir(parents=True, exist_ok=True)
+    api = f"127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
+    config = base / "coordinator.toml"
+    config.write_text(coordinator_config(state, name, api, metrics))
+    record = CoordinatorRecord(
+        name=name, config=str(config), api_address=api, metrics_address=metrics
+    )
+    state.coordinators.append(record)
+    state.save(settings)
+    argv = [*_python_module("hvplace.coordinator"), "--config", str(config)]
+    record.process = spawn_detached(f"coordinator-{name}", argv, base / "coordinator.log")
+    return record
+
+
+def agent_config(state: LabState, host: HostRecord) -> str:
+    # Inside a netns, loopback is the host's own: etcd is on the bridge address.
+    endpoints = state.etcd_endpoints[:1] if host.mode == "real" else state.etcd_endpoints[-1:]
+    lines = [
+        f'host = "{host.name}"',
+        f"etcd_endpoints = {json.dumps(endpoints)}",
+        f'libvirt_uri = "{host.libvirt_uri}"',
+        f'state_dir = "{Path(host.dir) / "agent"}"',
+        "",
+        "[labels]",
+        f'rack = "r{(host.index + 1) // 2}"',
+        f'zone = "{"east" if host.index % 2 else "west"}"',
+    ]
+    if state.lease_ttl is not None:
+        lines.insert(3, f"lease_ttl = {state.lease_ttl}")
+    return "\n".join(lines) + "\n"
+
+
+def start_agent(settings: LabSettings, state: LabState, host: HostRecord) -> ProcessRecord:
+    base = Path(host.dir)
+    config = base / "agent.toml"
+    config.write_text(agent_config(state, host))
+    host.agent_config = str(config)
+    argv = [*_python_module("hvplace.agent"), "--config", str(config)]
+    if host.mode == "real":
+        argv = hosts.inside(host, argv)
+    host.agent = spawn_detached("agent", argv, base / "agent.log")
+    return host.agent
+
+
+def wait_ready(state: LabState, timeout: float) -> None:
+    """Until every agent has registered its host and a coordinator leads."""
+    wanted = set(state.hosts)
+    deadline = time.monotonic() + timeout
+    while True:
+        for record in [h.agent for h in state.hosts.values()] + [
+            c.process for c in state.coordinators
+        ]:
+            if record is not None and not is_alive(record):
+                raise DaemonError(f"{record.role} exited: {tail(record.log)}")
+        try:
+            missing = wanted - set(registered_hosts(state))
+        except (DaemonError, subprocess.TimeoutExpired):
+            missing = wanted
+        leader = leader_id(state)
+        if not missing and leader is not None:
+            return
+        if time.monotonic() > deadline:
+            raise DaemonError(
+                f"not ready after {timeout}s: hosts not registered {sorted(missing)}, leader {leader}"
+            )
+        time.sleep(0.25)
+
+
+def test_node_xml(name: str, cpus: int = 16, memory_mib: int = 65536) -> str:
+    """A libvirt test-driver node: what `test:///<file>` reports as the host's capacity."""
+    return f"""<node>
+  <cpu>
+    <mhz>2400</mhz>
+    <model>x86_64</model>
+    <active>{cpus}</active>
+    <nodes>1</nodes>
+    <sockets>1</sockets>
+    <cores>{cpus}</cores>
+    <threads>1</threads>
+  </cpu>
+  <memory>{memory_mib * 1024}</memory>
+  <!-- lab host {name} -->
+</node>
+"""

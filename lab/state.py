@@ -1,0 +1,262 @@
+"""The lab's settings and its state file: every PID, netns, link, dir and domain it made.
+
+The state file is rewritten after every step of `up`, so `down` can undo a partial `up`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvplace.lab.processes import ProcessRecord
+
+DEFAULT_STATE_DIR = "/var/lib/hvplace-lab"
+DEFAULT_PREFIX = "hvlab"
+DEFAULT_SUBNET = "10.213.0.0/24"
+STATE_FILE = "lab.json"
+
+# Interface names are at most 15 bytes; the longest we derive is "<prefix>-v<nn>".
+_PREFIX = re.compile(r"^[a-z][a-z0-9]{0,8}$")
+
+
+@dataclass(frozen=True)
+class LabSettings:
+    """Where the lab keeps its files and how it names what it creates (tests use their own)."""
+
+    state_dir: Path
+    prefix: str = DEFAULT_PREFIX
+    subnet: ipaddress.IPv4Network = field(default=ipaddress.IPv4Network(DEFAULT_SUBNET))
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.prefix):
+            raise ValueError(
+                f"lab prefix {self.prefix!r}: 1-9 lowercase letters/digits, letter first"
+            )
+        if self.subnet.num_addresses < 64:
+            raise ValueError(f"lab subnet {self.subnet} is too small (need at least a /26)")
+
+    @classmethod
+    def from_env(
+        cls, state_dir: str | None = None, prefix: str | None = None, subnet: str | None = None
+    ) -> LabSettings:
+        return cls(
+            state_dir=Path(state_dir or os.environ.get("HVPLACE_LAB_DIR") or DEFAULT_STATE_DIR),
+            prefix=prefix or os.environ.get("HVPLACE_LAB_PREFIX") or DEFAULT_PREFIX,
+            subnet=ipaddress.IPv4Network(
+                subnet or os.environ.get("HVPLACE_LAB_SUBNET") or DEFAULT_SUBNET
+            ),
+        )
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}-br0"
+
+    @property
+    def bridge_address(self) -> ipaddress.IPv4Interface:
+        return ipaddress.IPv4Interface(f"{self.subnet[1]}/{self.subnet.prefixlen}")
+
+    def host_name(self, index: int) -> str:
+        return f"h{index}"
+
+    def netns(self, index: int) -> str:
+        return f"{self.prefix}-h{index}"
+
+    def veth_root(self, index: int) -> str:
+        return f"{self.prefix}-v{index}"
+
+    def veth_peer(self, index: int) -> str:
+        return f"{self.prefix}-p{index}"
+
+    def host_address(self, index: int) -> ipaddress.IPv4Interface:
+        return ipaddress.IPv4Interface(f"{self.subnet[10 + index]}/{self.subnet.prefixlen}")
+
+    def host_dir(self, name: str) -> Path:
+        return self.state_dir / "hosts" / name
+
+
+def _proc(raw: object) -> ProcessRecord | None:
+    return ProcessRecord.from_json(raw) if isinstance(raw, Mapping) else None
+
+
+def _procj(record: ProcessRecord | None) -> dict[str, object] | None:
+    return None if record is None else record.to_json()
+
+
+@dataclass
+class HostRecord:
+    """One lab host. `real`: netns + mount ns + its own libvirtd; `test`: an agent on test:///."""
+
+    name: str
+    index: int
+    mode: str
+    dir: str
+    libvirt_uri: str
+    address: str | None = None
+    netns: str | None = None
+    veth: str | None = None
+    # The netns inode: how `down` finds processes in it (QEMU) even after `ip netns del`.
+    netns_inode: int | None = None
+    supervisor: ProcessRecord | None = None
+    virtlogd: ProcessRecord | None = None
+    libvirtd: ProcessRecord | None = None
+    agent: ProcessRecord | None = None
+    agent_config: str | None = None
+    partitioned: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        """The host's private /run, seen from the root namespace."""
+        return Path(self.dir) / "run"
+
+    @property
+    def root_side_uri(self) -> str:
+        """A URI that reaches this host's libvirtd from the root namespace (its socket file)."""
+        if self.mode != "real":
+            return self.libvirt_uri
+        return f"qemu:///system?socket={self.run_dir}/libvirt/libvirt-sock"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "mode": self.mode,
+            "dir": self.dir,
+            "libvirt_uri": self.libvirt_uri,
+            "address": self.address,
+            "netns": self.netns,
+            "veth": self.veth,
+            "netns_inode": self.netns_inode,
+            "supervisor": _procj(self.supervisor),
+            "virtlogd": _procj(self.virtlogd),
+            "libvirtd": _procj(self.libvirtd),
+            "agent": _procj(self.agent),
+            "agent_config": self.agent_config,
+            "partitioned": self.partitioned,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> HostRecord:
+        return cls(
+            name=str(raw["name"]),
+            index=int(raw["index"]),
+            mode=str(raw["mode"]),
+            dir=str(raw["dir"]),
+            libvirt_uri=str(raw["libvirt_uri"]),
+            address=raw.get("address"),
+            netns=raw.get("netns"),
+            veth=raw.get("veth"),
+            netns_inode=raw.get("netns_inode"),
+            supervisor=_proc(raw.get("supervisor")),
+            virtlogd=_proc(raw.get("virtlogd")),
+            libvirtd=_proc(raw.get("libvirtd")),
+            agent=_proc(raw.get("agent")),
+            agent_config=raw.get("agent_config"),
+            partitioned=bool(raw.get("partitioned", False)),
+        )
+
+    def processes(self) -> list[ProcessRecord]:
+        """The recorded processes, the agent first (it must not see its libvirtd go first)."""
+        return [
+            p for p in (self.agent, self.libvirtd, self.virtlogd, self.supervisor) if p is not None
+        ]
+
+
+@dataclass
+class CoordinatorRecord:
+    name: str
+    config: str
+    api_address: str
+    metrics_address: str
+    process: ProcessRecord | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "config": self.config,
+            "api_address": self.api_address,
+            "metrics_address": self.metrics_address,
+            "process": _procj(self.process),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> CoordinatorRecord:
+        return cls(
+            name=str(raw["name"]),
+            config=str(raw["config"]),
+            api_address=str(raw["api_address"]),
+            metrics_address=str(raw["metrics_address"]),
+            process=_proc(raw.get("process")),
+        )
+
+
+@dataclass
+class LabState:
+    """What one `lab up` made. Saved as JSON in the state dir; `down` undoes all of it."""
+
+    prefix: str
+    subnet: str
+    mode: str
+    lease_ttl: float | None = None
+    bridge: str | None = None
+    # Directories created outside the state dir (bind-mount targets such as
+    # /var/lib/libvirt on a machine without them); `down` removes them when empty.
+    created_dirs: list[str] = field(default_factory=list)
+    etcd: ProcessRecord | None = None
+    etcd_endpoints: list[str] = field(default_factory=list)
+    coordinators: list[CoordinatorRecord] = field(default_factory=list)
+    hosts: dict[str, HostRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "prefix": self.prefix,
+            "subnet": self.subnet,
+            "mode": self.mode,
+            "lease_ttl": self.lease_ttl,
+            "bridge": self.bridge,
+            "created_dirs": list(self.created_dirs),
+            "etcd": _procj(self.etcd),
+            "etcd_endpoints": list(self.etcd_endpoints),
+            "coordinators": [c.to_json() for c in self.coordinators],
+            "hosts": {name: h.to_json() for name, h in self.hosts.items()},
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> LabState:
+        ttl = raw.get("lease_ttl")
+        return cls(
+            prefix=str(raw["prefix"]),
+            subnet=str(raw["subnet"]),
+            mode=str(raw["mode"]),
+            lease_ttl=None if ttl is None else float(ttl),
+            bridge=raw.get("bridge"),
+            created_dirs=[str(d) for d in raw.get("created_dirs", [])],
+            etcd=_proc(raw.get("etcd")),
+            etcd_endpoints=[str(e) for e in raw.get("etcd_endpoints", [])],
+            coordinators=[CoordinatorRecord.from_json(c) for c in raw.get("coordinators", [])],
+            hosts={str(name): HostRecord.from_json(h) for name, h in raw.get("hosts", {}).items()},
+        )
+
+    def save(self, settings: LabSettings) -> None:
+        """Write atomically: a crash mid-write must not lose the record of what runs."""
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = settings.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, settings.state_file)
+
+
+def load_state(settings: LabSettings) -> LabState | None:
+    try:
+        raw = json.loads(settings.state_file.read_text())
+    except FileNotFoundError:
+        return None
+    return LabState.from_json(raw)

@@ -1,0 +1,152 @@
+"""Namespaced lab hosts as root: independent libvirtds, partition and heal, crash, clean down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hvplace.lab import hosts, network
+from hvplace.lab.control import Lab
+from hvplace.lab.processes import is_alive, pid_alive, pids_in_namespace
+from hvplace.lab.state import HostRecord, LabSettings, LabState
+
+pytestmark = pytest.mark.libvirtd
+
+# No disk and no kernel: SeaBIOS finds nothing to boot and idles, which is all a test of
+# where QEMU runs needs, at 32 MiB.
+PROBE_DOMAIN = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def _hosts(lab: Lab) -> tuple[LabState, HostRecord, HostRecord]:
+    state = lab.state()
+    return state, state.hosts["h1"], state.hosts["h2"]
+
+
+def _names(host: HostRecord) -> list[str]:
+    out = hosts.virsh(host, "list", "--all", "--name")
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stdout.split() if line]
+
+
+def _ping_bridge(lab: Lab, host: HostRecord) -> bool:
+    target = str(lab.settings.bridge_address.ip)
+    return hosts.run_inside(host, ["busybox", "ping", "-c", "1", "-W", "1", target]).returncode == 0
+
+
+def test_each_host_has_its_own_namespaces_and_libvirtd(real_lab: Lab, tmp_path: Path) -> None:
+    _, h1, h2 = _hosts(real_lab)
+    assert h1.supervisor is not None and h2.supervisor is not None
+    for kind in ("net", "mnt"):
+        ours = os.stat(f"/proc/self/ns/{kind}").st_ino
+        ns1 = os.stat(f"/proc/{h1.supervisor.pid}/ns/{kind}").st_ino
+        ns2 = os.stat(f"/proc/{h2.supervisor.pid}/ns/{kind}").st_ino
+        assert len({ours, ns1, ns2}) == 3, kind
+    assert is_alive(h1.libvirtd) and is_alive(h2.libvirtd)
+    # Inside, the plain system URI reaches the host's own daemon through its private /run.
+    assert _names(h1) == [] and _names(h2) == []
+    xml = tmp_path / "probe.xml"
+    xml.write_text(PROBE_DOMAIN.format(name="labprobe"))
+    defined = hosts.virsh(h1, "define", str(xml))
+    assert defined.returncode == 0, defined.stderr
+    assert _names(h1) == ["labprobe"]
+    assert _names(h2) == []
+    # The definition lives in h1's private /etc/libvirt, under the lab's state dir.
+    assert (Path(h1.dir) / "etc" / "qemu" / "labprobe.xml").exists()
+    assert not (Path(h2.dir) / "etc" / "qemu" / "labprobe.xml").exists()
+    assert not Path("/etc/libvirt/qemu/labprobe.xml").exists()
+
+
+def test_qemu_runs_in_its_host_and_shows_in_status(real_lab: Lab) -> None:
+    _, h1, h2 = _hosts(real_lab)
+    started = hosts.virsh(h1, "start", "labprobe")
+    assert started.returncode == 0, started.stderr
+    qemu = hosts.qemu_pids(h1)
+    assert len(qemu) == 1
+    assert h1.netns_inode is not None and qemu[0] in pids_in_namespace("net", h1.netns_inode)
+    assert hosts.qemu_pids(h2) == []
+    rows = {(r.component, r.name): r for r in real_lab.status()}
+    assert rows[("qemu", "h1")].alive and not rows[("qemu", "h2")].alive
+
+
+def test_partition_cuts_only_that_host_and_heal_restores_it(real_lab: Lab) -> None:
+    _, h1, h2 = _hosts(real_lab)
+    assert _ping_bridge(real_lab, h1) and _ping_bridge(real_lab, h2)
+    real_lab.partition("h1")
+    try:
+        assert real_lab.state().hosts["h1"].partitioned
+        assert not _ping_bridge(real_lab, h1)
+        assert _ping_bridge(real_lab, h2)
+    finally:
+        real_lab.heal("h1")
+    assert _ping_bridge(real_lab, h1)
+
+
+def test_kill_host_kills_libvirtd_and_qemu_but_not_the_other_host(real_lab: Lab) -> None:
+    _, h1, h2 = _hosts(real_lab)
+    qemu = hosts.qemu_pids(h1)
+    assert qemu, "the previous test left a running probe domain"
+    killed = real_lab.kill_host("h1")
+    assert h1.libvirtd is not None and h1.libvirtd.pid in killed
+    assert set(qemu) <= set(killed)
+    assert not is_alive(h1.libvirtd) and not is_alive(h1.virtlogd)
+    assert not any(pid_alive(pid) for pid in qemu)
+    assert is_alive(h1.supervisor), "the host's namespaces stay for a restart"
+    assert is_alive(h2.libvirtd) and _names(h2) == []
+
+
+def test_down_leaves_nothing(real_lab: Lab) -> None:
+    state, h1, h2 = _hosts(real_lab)
+    settings = real_lab.settings
+    pids = [p.pid for h in (h1, h2) for p in h.processes()]
+    inodes = [h.netns_inode for h in (h1, h2) if h.netns_inode is not None]
+    assert real_lab.down() == []
+    assert real_lab.down() == [], "down is idempotent"
+    assert not [n for n in network.netns_list() if n.startswith(settings.prefix + "-")]
+    assert network.links_with_prefix(settings.prefix + "-") == []
+    assert not any(pid_alive(pid) for pid in pids)
+    assert all(pids_in_namespace("net", inode) == [] for inode in inodes)
+    assert str(settings.state_dir) not in Path("/proc/self/mounts").read_text()
+    assert not settings.state_dir.exists()
+    for target in state.created_dirs:
+        assert not Path(target).exists()
+
+
+@pytest.mark.usefixtures("as_root")
+def test_a_failed_up_is_undone(settings: LabSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = Lab(settings)
+
+    def broken(host: HostRecord, timeout: float = 30.0) -> object:
+        raise hosts.HostError("injected: libvirtd did not start")
+
+    monkeypatch.setattr(hosts, "start_libvirt", broken)
+    supervisors: list[int] = []
+    real_start = hosts.start_supervisor
+
+    def recording(host: HostRecord, script: Path, timeout: float = 10.0) -> object:
+        record = real_start(host, script, timeout)
+        supervisors.append(record.pid)
+        return record
+
+    monkeypatch.setattr(hosts, "start_supervisor", recording)
+    try:
+        with pytest.raises(hosts.HostError, match="injected"):
+            lab.up(2, "real", with_daemons=False)
+        assert len(supervisors) == 1
+        assert not pid_alive(supervisors[0])
+        assert not network.link_exists(settings.bridge)
+        assert not network.netns_exists(settings.netns(1))
+        assert not settings.state_dir.exists()
+    finally:
+        lab.down()

@@ -1,0 +1,65 @@
+"""The lab's settings, state file and generated configs: pure, no root needed."""
+
+from __future__ import annotations
+
+import ipaddress
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from hvplace.lab import daemons
+from hvplace.lab.processes import ProcessRecord
+from hvplace.lab.state import HostRecord, LabSettings, LabState, load_state
+
+
+def test_names_fit_interface_limits() -> None:
+    settings = LabSettings(
+        Path("/x"), prefix="hvt1234", subnet=ipaddress.IPv4Network("10.213.7.0/24")
+    )
+    assert settings.bridge == "hvt1234-br0"
+    assert len(settings.veth_root(40)) <= 15 and len(settings.veth_peer(40)) <= 15
+    assert str(settings.bridge_address) == "10.213.7.1/24"
+    assert str(settings.host_address(2)) == "10.213.7.12/24"
+
+
+@pytest.mark.parametrize("prefix", ["", "9lab", "hv-lab", "muchtoolong", "HV"])
+def test_bad_prefixes_are_refused(prefix: str) -> None:
+    with pytest.raises(ValueError):
+        LabSettings(Path("/x"), prefix=prefix)
+
+
+def test_state_round_trips_through_its_file(tmp_path: Path) -> None:
+    settings = LabSettings(tmp_path / "lab")
+    proc = ProcessRecord("libvirtd", 42, 1234, "/l")
+    state = LabState(
+        prefix="hvlab", subnet="10.213.0.0/24", mode="real", lease_ttl=3.0, bridge="hvlab-br0"
+    )
+    state.hosts["h1"] = HostRecord(
+        name="h1",
+        index=1,
+        mode="real",
+        dir="/d",
+        libvirt_uri="qemu:///system",
+        netns_inode=7,
+        libvirtd=proc,
+    )
+    state.save(settings)
+    loaded = load_state(settings)
+    assert loaded is not None
+    assert loaded.to_json() == state.to_json()
+    assert loaded.hosts["h1"].libvirtd == proc
+
+
+def test_agent_in_a_netns_uses_the_bridge_address_of_etcd() -> None:
+    state = LabState(prefix="hvlab", subnet="10.213.0.0/24", mode="real", lease_ttl=4.0)
+    state.etcd_endpoints = ["http://10.213.0.1:2379", "http://127.0.0.1:2379"]
+    host = HostRecord(name="h1", index=1, mode="real", dir="/d", libvirt_uri="qemu:///system")
+    config = daemons.agent_config(state, host)
+    assert 'etcd_endpoints = ["http://10.213.0.1:2379"]' in config
+    assert "lease_ttl = 4.0" in config
+
+
+def test_test_node_is_valid_xml() -> None:
+    node = ET.fromstring(daemons.test_node_xml("h1", cpus=8, memory_mib=1024))
+    assert node.findtext("cpu/active") == "8"
+    assert node.findtext("memory") == str(1024 * 1024)
