@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ttl", type=float, help="host lease TTL in seconds for agents and coordinators"
     )
     up.add_argument(
-        "--no-daemons",
-        action="store_true",
-        help="only hosts and network: no etcd, coordinators or agents",
+        "--only",
+        choices=("all", "etcd", "hosts"),
+        default="all",
+        help="start less: hosts (network and libvirtd) alone, or hosts and etcd",
     )
 
     status = sub.add_parser("status", help="processes, hosts and the leader")
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lab = Lab(settings)
         if args.command == "up":
             mode = args.mode or ("real" if os.geteuid() == 0 else "test")
-            lab.up(args.hosts, mode, args.ttl, with_daemons=not args.no_daemons)
+            lab.up(args.hosts, mode, args.ttl, only=args.only)
             _print_status(lab, as_json=False)
         elif args.command == "status":
             _print_status(lab, as_json=args.json)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
 from hvplace.lab import daemons, hosts, network
 from hvplace.lab.processes import (
@@ -23,6 +23,8 @@ from hvplace.lab.processes import (
     wait_gone,
 )
 from hvplace.lab.state import HostRecord, LabSettings, LabState, load_state
+
+Only = Literal["all", "etcd", "hosts"]
 
 REAL_TOOLS = ("ip", "unshare", "nsenter", "libvirtd", "virtlogd", "virsh")
 
@@ -69,14 +71,16 @@ class Lab:
         host_count: int,
         mode: str = "real",
         lease_ttl: float | None = None,
-        with_daemons: bool = True,
+        only: Only = "all",
     ) -> LabState:
-        """Start the lab; on any failure, undo what was made and raise."""
+        """Start the lab (`only`: hosts alone, hosts and etcd, or all); on failure undo and raise."""
         if mode not in ("real", "test"):
             raise LabError(f"mode must be real or test, not {mode!r}")
         if not 1 <= host_count <= 40:
             raise LabError("--hosts must be between 1 and 40")
-        self._preflight(mode, with_daemons)
+        if only not in ("all", "etcd", "hosts"):
+            raise LabError(f"only must be all, etcd or hosts, not {only!r}")
+        self._preflight(mode, only != "hosts")
         state = LabState(
             prefix=self.settings.prefix,
             subnet=str(self.settings.subnet),
@@ -86,7 +90,7 @@ class Lab:
         state.save(self.settings)
         started = time.monotonic()
         try:
-            self._up(state, host_count, with_daemons)
+            self._up(state, host_count, only)
         except BaseException as exc:
             self.say(f"!! lab up failed: {exc}; tearing down what was made")
             self.down()
@@ -94,7 +98,7 @@ class Lab:
         self.say(f"lab up: {host_count} {mode} host(s) in {time.monotonic() - started:.1f}s")
         return state
 
-    def _preflight(self, mode: str, with_daemons: bool) -> None:
+    def _preflight(self, mode: str, with_etcd: bool) -> None:
         existing = load_state(self.settings)
         if existing is not None:
             raise LabError(
@@ -105,7 +109,7 @@ class Lab:
             if state_dir == shadowed or shadowed in state_dir.parents:
                 raise LabError(f"the lab state dir may not be under {shadowed}")
         tools = list(REAL_TOOLS) if mode == "real" else []
-        if with_daemons:
+        if with_etcd:
             tools += ["etcd", "etcdctl"]
         missing = [tool for tool in tools if shutil.which(tool) is None]
         if missing:
@@ -125,7 +129,7 @@ class Lab:
                     f"bridge {self.settings.bridge} already exists; run `hvplace lab down`"
                 )
 
-    def _up(self, state: LabState, host_count: int, with_daemons: bool) -> None:
+    def _up(self, state: LabState, host_count: int, only: Only) -> None:
         settings = self.settings
         if state.mode == "real":
             with self.step("preparing the machine (libvirt-qemu user, bind-mount targets)"):
@@ -139,7 +143,7 @@ class Lab:
                 state.bridge = settings.bridge
                 state.save(settings)
                 network.create_bridge(settings.bridge, settings.bridge_address)
-        if with_daemons:
+        if only != "hosts":
             with self.step("starting etcd"):
                 daemons.start_etcd(settings, state)
                 state.save(settings)
@@ -152,7 +156,7 @@ class Lab:
                 hostdir = Path(host.dir)
                 hostdir.mkdir(parents=True, exist_ok=True)
                 (hostdir / "node.xml").write_text(daemons.test_node_xml(host.name))
-        if with_daemons:
+        if only == "all":
             for index, name in enumerate(("c1", "c2"), start=1):
                 with self.step(
                     f"starting coordinator {name}" + (" (standby)" if index > 1 else "")

@@ -51,7 +51,7 @@ def real_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     require_root()
     lab = Lab(lab_settings(tmp_path_factory.mktemp("real-lab")))
     try:
-        lab.up(2, "real", with_daemons=False)
+        lab.up(2, "real", only="hosts")
         yield lab
     finally:
         lab.down()

@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from hvplace.lab import hosts, network
+from hvplace.lab import daemons, hosts, network
 from hvplace.lab.control import Lab
 from hvplace.lab.processes import is_alive, pid_alive, pids_in_namespace
 from hvplace.lab.state import HostRecord, LabSettings, LabState
+from hvplace.proto import keyspace
 
 pytestmark = pytest.mark.libvirtd
 
@@ -142,7 +143,7 @@ def test_a_failed_up_is_undone(settings: LabSettings, monkeypatch: pytest.Monkey
     monkeypatch.setattr(hosts, "start_supervisor", recording)
     try:
         with pytest.raises(hosts.HostError, match="injected"):
-            lab.up(2, "real", with_daemons=False)
+            lab.up(2, "real", only="hosts")
         assert len(supervisors) == 1
         assert not pid_alive(supervisors[0])
         assert not network.link_exists(settings.bridge)
@@ -150,3 +151,34 @@ def test_a_failed_up_is_undone(settings: LabSettings, monkeypatch: pytest.Monkey
         assert not settings.state_dir.exists()
     finally:
         lab.down()
+
+
+def _etcd_health_from(host: HostRecord, state: LabState) -> bool:
+    endpoint = state.etcd_endpoints[0]
+    argv = ["etcdctl", f"--endpoints={endpoint}", "--dial-timeout=1s", "--command-timeout=2s"]
+    return hosts.run_inside(host, [*argv, "endpoint", "health"]).returncode == 0
+
+
+@pytest.mark.usefixtures("as_root")
+def test_hosts_reach_etcd_on_the_bridge_and_the_leader_is_the_oldest_key(
+    settings: LabSettings,
+) -> None:
+    lab = Lab(settings)
+    try:
+        state = lab.up(1, "real", only="etcd")
+        (h1,) = state.hosts.values()
+        bridge_url = f"http://{settings.bridge_address.ip}:"
+        assert state.etcd_endpoints[0].startswith(bridge_url)
+        assert state.etcd_endpoints[-1].startswith("http://127.0.0.1:")
+        assert _etcd_health_from(h1, state)
+        lab.partition("h1")
+        assert not _etcd_health_from(h1, state)
+        lab.heal("h1")
+        assert _etcd_health_from(h1, state)
+        # etcd's election: the candidate with the lowest create revision leads.
+        daemons.etcdctl(state, "put", keyspace.ELECTION + "0b", "c2")
+        daemons.etcdctl(state, "put", keyspace.ELECTION + "0a", "c1")
+        assert daemons.leader_id(state) == "c2"
+    finally:
+        lab.down()
+    assert not settings.state_dir.exists()
