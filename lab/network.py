@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import time
 
 
 class NetworkError(RuntimeError):
@@ -83,9 +84,26 @@ def create_host_network(
     ip("-n", netns, "link", "set", "lo", "up")
 
 
-def set_link_up(name: str, up: bool) -> None:
-    """Partition or heal a host: its bridge port goes down or up; the host side is untouched."""
+def set_link_up(name: str, up: bool, timeout: float = 5.0) -> None:
+    """Partition or heal a host: its bridge port goes down or up; the host side is untouched.
+
+    Heal returns once the port forwards again, so traffic right after it gets through.
+    """
     ip("link", "set", name, "up" if up else "down")
+    deadline = time.monotonic() + timeout
+    while up and not port_forwarding(name):
+        if time.monotonic() > deadline:
+            raise NetworkError(f"{name} is not forwarding {timeout}s after `ip link set up`")
+        time.sleep(0.05)
+
+
+def port_forwarding(name: str) -> bool:
+    out = ip("-j", "-d", "link", "show", "dev", name, check=False)
+    if out.returncode != 0:
+        return False
+    link = json.loads(out.stdout)[0]
+    slave = link.get("linkinfo", {}).get("info_slave_data", {})
+    return bool(link.get("operstate") == "UP" and slave.get("state", "forwarding") == "forwarding")
 
 
 def link_is_up(name: str) -> bool:

@@ -41,9 +41,11 @@ def _names(host: HostRecord) -> list[str]:
     return [line for line in out.stdout.split() if line]
 
 
-def _ping_bridge(lab: Lab, host: HostRecord) -> bool:
+def _ping_bridge(lab: Lab, host: HostRecord, tries: int = 3) -> bool:
+    """True when any of `tries` pings is answered: two busy cores must not fail the test."""
     target = str(lab.settings.bridge_address.ip)
-    return hosts.run_inside(host, ["busybox", "ping", "-c", "1", "-W", "1", target]).returncode == 0
+    argv = ["busybox", "ping", "-c", str(tries), "-W", "1", target]
+    return hosts.run_inside(host, argv).returncode == 0
 
 
 def test_each_host_has_its_own_namespaces_and_libvirtd(real_lab: Lab, tmp_path: Path) -> None:
@@ -87,7 +89,7 @@ def test_partition_cuts_only_that_host_and_heal_restores_it(real_lab: Lab) -> No
     real_lab.partition("h1")
     try:
         assert real_lab.state().hosts["h1"].partitioned
-        assert not _ping_bridge(real_lab, h1)
+        assert not _ping_bridge(real_lab, h1, tries=1)
         assert _ping_bridge(real_lab, h2)
     finally:
         real_lab.heal("h1")
