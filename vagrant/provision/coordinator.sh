@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# A coordinator VM: its config and the packaged systemd unit. Both VMs campaign; one leads.
+set -euo pipefail
+name="$1" ip="$2" etcd_ip="$3"
+cat > /etc/hvplace/coordinator.toml <<CONF
+name = "${name}"
+etcd_endpoints = ["http://${etcd_ip}:2379"]
+listen = "${ip}:7420"
+metrics_listen = "${ip}:9420"
+CONF
+install -m 0644 /opt/hvplace-src/systemd/hvplace-coordinator.service /etc/systemd/system/
+systemctl daemon-reload
+systemctl enable --now hvplace-coordinator

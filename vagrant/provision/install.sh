@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every VM: the production install step (Debian packages + /opt/hvplace venv), nothing else.
+set -euo pipefail
+export HVPLACE_VENV=/opt/hvplace/venv
+bin="$(bash /opt/hvplace-src/lab/install.sh | tail -n 1)"
+for tool in hvplace hvplace-agent hvplace-coordinator; do
+    ln -sf "$bin/$tool" "/usr/local/bin/$tool"
+done
+mkdir -p /etc/hvplace
