@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="remove every process, namespace, link, mount and file of the lab")
     for name, text in (
         ("kill-host", "kill -9 a host's agent, libvirtd and QEMU processes"),
+        ("start-host", "restart a killed host's libvirtd and agent"),
         ("partition", "cut a host's network"),
         ("heal", "restore a host's network"),
     ):
@@ -89,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if lab.down() else 0
         elif args.command == "kill-host":
             lab.kill_host(args.host)
+        elif args.command == "start-host":
+            lab.start_host(args.host)
         elif args.command == "partition":
             lab.partition(args.host)
         elif args.command == "heal":

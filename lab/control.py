@@ -335,6 +335,22 @@ class Lab:
         self.say(f"killed host {name}: PIDs {killed}")
         return killed
 
+    def start_host(self, name: str) -> None:
+        """Bring a killed host back: its libvirtd (which finds its dead domains) and agent."""
+        state, host = self.host(name)
+        if host.mode == "real":
+            if not is_alive(host.supervisor):
+                raise LabError(f"host {name}: its namespaces are gone; recreate the lab")
+            if not is_alive(host.libvirtd):
+                kill9(host.virtlogd)
+                with self.step(f"starting libvirtd of {name}"):
+                    host.virtlogd, host.libvirtd = hosts.start_libvirt(host)
+                    state.save(self.settings)
+        if state.coordinators and not is_alive(host.agent):
+            with self.step(f"starting the agent of {name}"):
+                daemons.start_agent(self.settings, state, host)
+                state.save(self.settings)
+
     def partition(self, name: str) -> None:
         self._set_partition(name, True)
 

@@ -107,9 +107,16 @@ def test_kill_host_kills_libvirtd_and_qemu_but_not_the_other_host(real_lab: Lab)
     assert not any(pid_alive(pid) for pid in qemu)
     assert is_alive(h1.supervisor), "the host's namespaces stay for a restart"
     assert is_alive(h2.libvirtd) and _names(h2) == []
+    # Started again, h1's libvirtd still knows its domain, now shut off.
+    real_lab.start_host("h1")
+    h1 = real_lab.state().hosts["h1"]
+    assert is_alive(h1.libvirtd)
+    assert _names(h1) == ["labprobe"]
+    assert hosts.virsh(h1, "domstate", "labprobe").stdout.strip() == "shut off"
 
 
 def test_down_leaves_nothing(real_lab: Lab) -> None:
+    assert hosts.virsh(real_lab.state().hosts["h1"], "start", "labprobe").returncode == 0
     state, h1, h2 = _hosts(real_lab)
     settings = real_lab.settings
     pids = [p.pid for h in (h1, h2) for p in h.processes()]
