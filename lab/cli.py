@@ -115,7 +115,7 @@ def _print_status(lab: Lab, as_json: bool) -> None:
             r.component,
             r.name,
             "-" if r.pid is None else str(r.pid),
-            "yes" if r.alive else "NO",
+            "-" if r.alive is None else "yes" if r.alive else "NO",
             r.detail,
         )
         for r in rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ class StatusRow:
     component: str
     name: str
     pid: int | None
-    alive: bool
+    alive: bool | None  # None: a row about something that is not a process
     detail: str
 
 
@@ -297,7 +298,8 @@ class Lab:
                     " ".join(state.etcd_endpoints),
                 )
             )
-        leader = daemons.leader_name(state) if is_alive(state.etcd) else None
+        etcd_up = is_alive(state.etcd)
+        leader = daemons.leader_name(state) if etcd_up else None
         for coordinator in state.coordinators:
             role = "leader" if coordinator.name == leader else "standby"
             proc = coordinator.process
@@ -310,19 +312,22 @@ class Lab:
                     f"{role} api={coordinator.api_address}",
                 )
             )
+        try:
+            registered = set(daemons.registered_hosts(state)) if etcd_up else set()
+        except (daemons.DaemonError, subprocess.TimeoutExpired):
+            registered = set()
         for host in state.hosts.values():
-            net = ""
+            detail = host.mode
             if host.mode == "real":
-                net = f" {host.address}" + (" PARTITIONED" if host.partitioned else "")
+                detail += f" {host.address}" + (" PARTITIONED" if host.partitioned else "")
+            if etcd_up:
+                detail += " registered" if host.name in registered else " NOT registered"
+            rows.append(StatusRow("host", host.name, None, None, detail))
             for record in host.processes():
-                rows.append(
-                    StatusRow(record.role, host.name, record.pid, is_alive(record), host.mode + net)
-                )
+                rows.append(StatusRow(record.role, host.name, record.pid, is_alive(record), ""))
             if host.mode == "real":
                 qemu = hosts.qemu_pids(host)
-                rows.append(
-                    StatusRow("qemu", host.name, None, bool(qemu), f"{len(qemu)} running: {qemu}")
-                )
+                rows.append(StatusRow("qemu", host.name, None, None, f"{len(qemu)} running {qemu}"))
         return rows
 
     def kill_host(self, name: str) -> list[int]:

@@ -17,7 +17,13 @@ def test_a_test_lab_needs_no_namespaces(settings: LabSettings) -> None:
         assert state.bridge is None
         assert len(state.etcd_endpoints) == 1
         assert state.etcd_endpoints[0].startswith("http://127.0.0.1:")
-        assert [r.component for r in lab.status()] == ["etcd"]
+        rows = lab.status()
+        assert [(r.component, r.name, r.alive) for r in rows] == [
+            ("etcd", "etcd", True),
+            ("host", "h1", None),
+            ("host", "h2", None),
+        ]
+        assert rows[1].detail == "test NOT registered"
     finally:
         lab.down()
     assert not settings.state_dir.exists()
