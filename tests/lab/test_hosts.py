@@ -193,3 +193,17 @@ def test_hosts_reach_etcd_on_the_bridge_and_the_leader_is_the_oldest_key(
     finally:
         lab.down()
     assert not settings.state_dir.exists()
+
+
+@pytest.mark.usefixtures("as_root")
+def test_down_without_a_state_file_sweeps_the_lab_names(settings: LabSettings) -> None:
+    """A lost state file (a crashed `up`) must not strand netns and links with our prefix."""
+    network.create_bridge(settings.bridge, settings.bridge_address)
+    network.ip("netns", "add", settings.netns(9))
+    try:
+        assert Lab(settings).down() == []
+        assert not network.link_exists(settings.bridge)
+        assert not network.netns_exists(settings.netns(9))
+    finally:
+        network.delete_link(settings.bridge)
+        network.delete_netns(settings.netns(9))
