@@ -1,0 +1,114 @@
+"""replace_lost: VMs of lost hosts re-placed by HA priority, block vs degrade."""
+
+from __future__ import annotations
+
+from hvplace.coordinator.failure import replace_lost
+from hvplace.coordinator.placement import reasons
+from hvplace.coordinator.snapshot import Snapshot
+from hvplace.proto.models import (
+    VM,
+    HAPriority,
+    Host,
+    OnFailure,
+    Resources,
+    Rule,
+    RuleKind,
+)
+
+
+def _host(name: str, mem: int = 8192) -> Host:
+    return Host(name=name, capacity=Resources(vcpus=16, memory_mib=mem, disk_gib=100))
+
+
+def _vm(name: str, ha: HAPriority = HAPriority.MEDIUM, mem: int = 1024) -> VM:
+    return VM(scope="t", name=name, resources=Resources(1, mem, 1), ha_priority=ha)
+
+
+def _anti(name: str, *members: str, on_failure: OnFailure = OnFailure.BLOCK) -> Rule:
+    return Rule(
+        scope="t", name=name, kind=RuleKind.ANTI_AFFINITY, members=members, on_failure=on_failure
+    )
+
+
+def _snap(
+    hosts: list[Host], vms: list[VM], placements: dict[str, str], rules: list[Rule] = ()
+) -> Snapshot:  # type: ignore[assignment]
+    return Snapshot(
+        revision=3,
+        hosts={h.name: h for h in hosts},
+        vms={v.key: v for v in vms},
+        placements=placements,
+        rules={r.key: r for r in rules},
+    )
+
+
+def test_lost_hosts_vms_replaced_by_ha_priority_when_room_is_short() -> None:
+    # Room for two of the three 3 GiB VMs on h1: high and medium win, low waits; off never moves.
+    vms = [
+        _vm("low", HAPriority.LOW, 3072),
+        _vm("high", HAPriority.HIGH, 3072),
+        _vm("med", HAPriority.MEDIUM, 3072),
+        _vm("off", HAPriority.OFF, 1024),
+    ]
+    snap = _snap([_host("h0", 16384), _host("h1", 7000)], vms, {v.key: "h0" for v in vms})
+    plan = replace_lost(snap, ["h0"])
+    assert plan.revision == 3
+    assert plan.assignments == {"t/high": "h1", "t/med": "h1"}
+    assert set(plan.pending) == {"t/low", "t/off"}
+    assert plan.pending["t/off"].reasons[0].code == reasons.HA_OFF
+    codes = {r.code for r in plan.pending["t/low"].reasons}
+    assert codes == {reasons.HOST_LOST, reasons.INSUFFICIENT_MEMORY}
+    assert "h0" not in plan.assignments.values()
+
+
+def test_lost_hosts_placements_no_longer_count() -> None:
+    # a and b are apart; h0 dies; a may go anywhere but b's host (h1) — h0's own a is gone.
+    vms = [_vm("a"), _vm("b")]
+    snap = _snap(
+        [_host("h0"), _host("h1"), _host("h2")],
+        vms,
+        {"t/a": "h0", "t/b": "h1"},
+        [_anti("ab", "a", "b")],
+    )
+    plan = replace_lost(snap, ["h0"])
+    assert plan.assignments == {"t/a": "h2"}
+
+
+def test_block_rule_keeps_vm_pending_rather_than_break_it() -> None:
+    vms = [_vm("a"), _vm("b")]
+    snap = _snap(
+        [_host("h0"), _host("h1")], vms, {"t/a": "h0", "t/b": "h1"}, [_anti("ab", "a", "b")]
+    )
+    plan = replace_lost(snap, ["h0"])
+    assert plan.assignments == {} and not plan.degraded
+    assert plan.pending["t/a"].reasons[0].code == reasons.ANTI_AFFINITY
+
+
+def test_degrade_rule_places_anyway_and_records_the_break() -> None:
+    vms = [_vm("a"), _vm("b"), _vm("c"), _vm("d")]
+    rules = [_anti("ab", "a", "b", on_failure=OnFailure.DEGRADE), _anti("cd", "c", "d")]
+    placed = {"t/a": "h0", "t/b": "h1", "t/c": "h2", "t/d": "h0"}
+    snap = _snap([_host("h0"), _host("h1"), _host("h2")], vms, placed, rules)
+    plan = replace_lost(snap, ["h0"])
+    # a breaks only its degrade rule (on h2 with c is fine... or h1 with b); d must avoid c.
+    assert plan.assignments["t/d"] == "h1"
+    assert plan.degraded == {"t/a": ("t/ab",)} or "t/a" not in plan.degraded
+    # With the block rule cd, d may never join c on h2; with degrade ab, a joins b only
+    # when nothing else fits: fill h2 so that a has to degrade.
+    full = _snap([_host("h0"), _host("h1"), _host("h2", mem=1024)], vms, placed, rules)
+    plan = replace_lost(full, ["h0"])
+    assert plan.assignments == {"t/a": "h1", "t/d": "h1"}
+    assert plan.degraded == {"t/a": ("t/ab",)}
+    assert not plan.pending
+
+
+def test_degrade_still_honours_capacity() -> None:
+    vms = [_vm("a", mem=4096), _vm("b", mem=4096)]
+    snap = _snap(
+        [_host("h0"), _host("h1", mem=6000)],
+        vms,
+        {"t/a": "h0", "t/b": "h1"},
+        [_anti("ab", "a", "b", on_failure=OnFailure.DEGRADE)],
+    )
+    plan = replace_lost(snap, ["h0"])
+    assert plan.assignments == {} and plan.pending["t/a"].reasons[0].code == reasons.ANTI_AFFINITY
