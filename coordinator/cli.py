@@ -1,5 +1,899 @@
-"""The `hvplace` operator CLI (placeholder until the coordinator issue lands)."""
+"""The `hvplace` operator CLI: a gRPC client of the coordinator, aligned tables or --json.
+
+Endpoints come from --endpoint or HVPLACE_ENDPOINT (comma-separated); each is tried in
+turn and one that answers "not the leader" or cannot be reached passes to the next.
+Errors exit non-zero with the reason word and the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from hvplace.coordinator import whatif
+from hvplace.coordinator.convert import proto_to_dict
+from hvplace.coordinator.errors_grpc import error_from_rpc
+from hvplace.proto import models
+from hvplace.proto.errors import HvplaceError, InvalidInput, Reason, Unavailable
+from hvplace.proto.v1 import hvplace_pb2 as pb
+from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+
+DEFAULT_ENDPOINT = "127.0.0.1:7400"
+DEFAULT_SCOPE = "default"
+TIMEOUT_S = 30.0
+
+R = TypeVar("R", bound=Message)
+
+# Exit codes: 1 for an error the server reported (reason word printed), 2 for usage.
+EXIT_ERROR = 1
 
 
-def main() -> None:
-    raise SystemExit("hvplace: not built yet")
+# --------------------------------------------------------------------------- client
+
+
+class Client:
+    """Calls one RPC on the first endpoint that is reachable and leads (for writes)."""
+
+    def __init__(self, endpoints: Sequence[str], timeout: float = TIMEOUT_S) -> None:
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def _channel(self, endpoint: str) -> grpc.Channel:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = grpc.insecure_channel(endpoint)
+        return channel
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+    def call(self, service: str, method: str, request: Message) -> Any:
+        """Unary call; UNAVAILABLE (unreachable, or not the leader) moves to the next endpoint."""
+        last: HvplaceError = Unavailable("no endpoint given")
+        for endpoint in self.endpoints:
+            stub = _STUBS[service](self._channel(endpoint))
+            try:
+                return getattr(stub, method)(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                err = error_from_rpc(e)
+                if err.reason is not Reason.UNAVAILABLE:
+                    raise err from None
+                last = Unavailable(f"{endpoint}: {err.message}")
+        raise last
+
+    def stream(self, service: str, method: str, request: Message) -> Iterable[Any]:
+        last: HvplaceError = Unavailable("no endpoint given")
+        for endpoint in self.endpoints:
+            stub = _STUBS[service](self._channel(endpoint))
+            try:
+                yield from getattr(stub, method)(request)
+                return
+            except grpc.RpcError as e:
+                err = error_from_rpc(e)
+                if err.reason is not Reason.UNAVAILABLE:
+                    raise err from None
+                last = Unavailable(f"{endpoint}: {err.message}")
+        raise last
+
+
+_STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
+    "vm": pb_grpc.VMServiceStub,
+    "rule": pb_grpc.RuleServiceStub,
+    "host": pb_grpc.HostServiceStub,
+    "cluster": pb_grpc.ClusterServiceStub,
+}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Columns aligned to their widest cell, two spaces apart."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def _labels(labels: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def _res(r: pb.Resources) -> str:
+    return f"{r.vcpus}c/{r.memory_mib}M/{r.disk_gib}G"
+
+
+def _vm_rows(views: Iterable[pb.VMView]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for v in views:
+        phase = v.status.phase or "pending"
+        reason = v.status.reason
+        if phase == "pending" and v.status.HasField("explanation"):
+            reason = models.from_dict(
+                models.Explanation, proto_to_dict(v.status.explanation)
+            ).summary()
+        rows.append(
+            [
+                v.spec.scope,
+                v.spec.name,
+                phase,
+                v.status.host or "-",
+                _res(v.spec.resources),
+                v.spec.power or "running",
+                v.domain.state or "-",
+                reason or "",
+            ]
+        )
+    return rows
+
+
+VM_HEADERS = ("SCOPE", "NAME", "PHASE", "HOST", "SIZE", "POWER", "DOMAIN", "REASON")
+
+
+def _explanation_text(e: pb.Explanation) -> str:
+    lines = [f"{e.vm}: {e.feasible_hosts}/{e.total_hosts} hosts feasible"]
+    if e.reasons:
+        lines.append(
+            table(
+                ("HOSTS", "REASON", "RULE"),
+                ([r.hosts, r.message, r.rule or "-"] for r in e.reasons),
+            )
+        )
+    return "\n".join(lines)
+
+
+def _admission_text(a: pb.AdmissionReport) -> str:
+    if not a.policy and a.ok:
+        return ""
+    head = f"failover admission ({a.policy or 'warn'}): {'ok' if a.ok else 'at risk'}"
+    lines = [head]
+    lines.extend(f"  warning: {w}" for w in a.warnings)
+    for imp in a.impacts:
+        failed = imp.failed or "(no failure)"
+        for vm in imp.stranded:
+            lines.append(f"  losing {failed} strands {vm}: {imp.reasons.get(vm, '')}")
+    return "\n".join(lines)
+
+
+def _host_rows(views: Iterable[pb.HostView]) -> list[list[object]]:
+    return [
+        [
+            h.info.name,
+            h.status.state or "ready",
+            "yes" if h.alive else "no",
+            _labels(h.info.labels),
+            f"{h.used.vcpus}/{h.allocatable.vcpus}",
+            f"{h.used.memory_mib}/{h.allocatable.memory_mib}",
+            f"{h.used.disk_gib}/{h.allocatable.disk_gib}",
+            len(h.vms),
+        ]
+        for h in views
+    ]
+
+
+HOST_HEADERS = ("NAME", "STATE", "ALIVE", "LABELS", "VCPUS", "MEMORY_MIB", "DISK_GIB", "VMS")
+
+
+def _rule_members(r: pb.Rule) -> str:
+    parts = list(r.members)
+    sel = r.selector
+    parts.extend(f"{k}={v}" for k, v in sorted(sel.match_labels.items()))
+    parts.extend(f"{e.key} {e.operator} ({','.join(e.values)})" for e in sel.match_expressions)
+    return ",".join(parts) or "-"
+
+
+def _rule_rows(views: Iterable[pb.RuleView]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for v in views:
+        r = v.rule
+        enforcement = r.enforcement or "required"
+        if enforcement == "preferred":
+            enforcement += f"({r.weight})"
+        bound = ""
+        if r.kind == "anti_affinity":
+            bound = f"max {r.max_per_domain or 1}/{r.topology_key or 'host'}"
+            if r.min_domains:
+                bound += f", min {r.min_domains}"
+        rows.append(
+            [
+                r.scope,
+                r.name,
+                r.kind,
+                enforcement,
+                r.topology_key or "host",
+                bound or "-",
+                len(v.members),
+                "yes" if v.satisfied else "NO",
+                _rule_members(r),
+            ]
+        )
+    return rows
+
+
+RULE_HEADERS = (
+    "SCOPE",
+    "NAME",
+    "KIND",
+    "ENFORCEMENT",
+    "TOPOLOGY",
+    "BOUND",
+    "MEMBERS",
+    "SATISFIED",
+    "SELECTS",
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _kv(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{what} {item!r} must be KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _ref(name: str, scope: str) -> tuple[str, str]:
+    """`scope/name` or a bare name in --scope."""
+    if name.count("/") == 1:
+        s, n = name.split("/")
+        return s, n
+    return scope, name
+
+
+def _emit(args: argparse.Namespace, msg: Message, text: Callable[[], str]) -> None:
+    if args.json:
+        print(json.dumps(proto_to_dict(msg), sort_keys=True))
+    else:
+        out = text()
+        if out:
+            print(out)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_vm_create(c: Client, args: argparse.Namespace) -> None:
+    vms: list[dict[str, Any]] = []
+    if args.file:
+        data = json.loads(Path(args.file).read_text())
+        vms.extend(data if isinstance(data, list) else [data])
+    names = list(args.names)
+    if args.count:
+        if len(names) != 1:
+            raise InvalidInput("--count takes exactly one name prefix")
+        names = [f"{names[0]}-{i}" for i in range(1, args.count + 1)]
+    for name in names:
+        scope, vm_name = _ref(name, args.scope)
+        vm: dict[str, Any] = {
+            "scope": scope,
+            "name": vm_name,
+            "labels": _kv(args.label, "label"),
+            "resources": {"vcpus": args.vcpus, "memory_mib": args.memory, "disk_gib": args.disk},
+            "ha_priority": args.ha,
+            "power": "stopped" if args.stopped else "running",
+        }
+        if args.description:
+            vm["description"] = args.description
+        if args.kernel:
+            vm["image"] = {"kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline}
+        if args.node:
+            vm["node_affinity"] = {
+                "required": [
+                    {
+                        "match_expressions": [
+                            {"key": k, "operator": "In", "values": [v]}
+                            for k, v in _kv(args.node, "--node").items()
+                        ]
+                    }
+                ]
+            }
+        vms.append(vm)
+    if not vms:
+        raise InvalidInput("name at least one VM (or --file)")
+    request = pb.CreateVMsRequest(
+        request_id=args.request_id or uuid.uuid4().hex, atomic=args.atomic
+    )
+    for vm in vms:
+        request.vms.append(models_json_to_proto(vm, pb.VM))
+    resp: pb.CreateVMsResponse = c.call("vm", "CreateVMs", request)
+
+    def text() -> str:
+        out = table(VM_HEADERS, _vm_rows(resp.vms))
+        adm = _admission_text(resp.admission)
+        return out + ("\n" + adm if adm else "")
+
+    _emit(args, resp, text)
+
+
+def models_json_to_proto(data: dict[str, Any], cls: type[R]) -> R:
+    from google.protobuf import json_format
+
+    try:
+        return json_format.ParseDict(data, cls())
+    except json_format.ParseError as e:
+        raise InvalidInput(str(e)) from None
+
+
+def cmd_vm_get(c: Client, args: argparse.Namespace) -> None:
+    scope, name = _ref(args.name, args.scope)
+    view: pb.VMView = c.call("vm", "GetVM", pb.VMRef(scope=scope, name=name))
+
+    def text() -> str:
+        out = table(VM_HEADERS, _vm_rows([view]))
+        details = [
+            f"labels: {_labels(view.spec.labels)}",
+            f"ha_priority: {view.spec.ha_priority or 'medium'}",
+            f"uid: {view.spec.uid or '-'}  epoch: {view.status.epoch}",
+        ]
+        if view.status.degraded:
+            details.append(f"degraded: {', '.join(view.status.degraded)}")
+        if view.domain.last_error:
+            details.append(f"last error: {view.domain.last_error}")
+        if view.status.HasField("explanation"):
+            details.append(_explanation_text(view.status.explanation))
+        return out + "\n" + "\n".join(details)
+
+    _emit(args, view, text)
+
+
+def cmd_vm_list(c: Client, args: argparse.Namespace) -> None:
+    resp: pb.ListVMsResponse = c.call(
+        "vm", "ListVMs", pb.ListVMsRequest(scope=args.scope, host=args.host, phase=args.phase)
+    )
+    _emit(args, resp, lambda: table(VM_HEADERS, _vm_rows(resp.vms)))
+
+
+def cmd_vm_delete(c: Client, args: argparse.Namespace) -> None:
+    scope, name = _ref(args.name, args.scope)
+    resp = c.call("vm", "DeleteVM", pb.DeleteVMRequest(scope=scope, name=name))
+    _emit(args, resp, lambda: f"deleted {scope}/{name}")
+
+
+def _power(method: str) -> Callable[[Client, argparse.Namespace], None]:
+    def run(c: Client, args: argparse.Namespace) -> None:
+        scope, name = _ref(args.name, args.scope)
+        view: pb.VMView = c.call("vm", method, pb.VMRef(scope=scope, name=name))
+        _emit(args, view, lambda: table(VM_HEADERS, _vm_rows([view])))
+
+    return run
+
+
+def cmd_vm_explain(c: Client, args: argparse.Namespace) -> None:
+    scope, name = _ref(args.name, args.scope)
+    e: pb.Explanation = c.call("vm", "ExplainVM", pb.VMRef(scope=scope, name=name))
+    _emit(args, e, lambda: _explanation_text(e))
+
+
+def _rule_from_args(args: argparse.Namespace, base: dict[str, Any] | None) -> dict[str, Any]:
+    scope, name = _ref(args.name, args.scope)
+    rule: dict[str, Any] = dict(base or {"scope": scope, "name": name})
+    if args.kind:
+        rule["kind"] = args.kind.replace("-", "_")
+    if args.preferred is not None:
+        rule["enforcement"] = "preferred"
+        rule["weight"] = args.preferred
+    elif args.required:
+        rule["enforcement"] = "required"
+        rule.pop("weight", None)
+    if args.member:
+        rule["members"] = [m for item in args.member for m in item.split(",") if m]
+    if args.selector:
+        rule["selector"] = {"match_labels": _kv(args.selector, "--selector")}
+    if args.topology_key:
+        rule["topology_key"] = args.topology_key
+    if args.max_per_domain is not None:
+        rule["max_per_domain"] = args.max_per_domain
+    if args.min_domains is not None:
+        rule["min_domains"] = args.min_domains
+    if args.on_failure:
+        rule["on_failure"] = args.on_failure
+    if args.description is not None:
+        rule["description"] = args.description
+    if "kind" not in rule:
+        raise InvalidInput("a rule needs --kind affinity|anti-affinity")
+    return rule
+
+
+def _rule_response_text(resp: pb.RuleResponse) -> str:
+    out = table(RULE_HEADERS, _rule_rows([resp.rule]))
+    adm = _admission_text(resp.admission)
+    return out + ("\n" + adm if adm else "")
+
+
+def cmd_rule_create(c: Client, args: argparse.Namespace) -> None:
+    rule = models_json_to_proto(_rule_from_args(args, None), pb.Rule)
+    resp: pb.RuleResponse = c.call(
+        "rule",
+        "CreateRule",
+        pb.CreateRuleRequest(
+            request_id=args.request_id or uuid.uuid4().hex, rule=rule, rebalance=args.rebalance
+        ),
+    )
+    _emit(args, resp, lambda: _rule_response_text(resp))
+
+
+def cmd_rule_update(c: Client, args: argparse.Namespace) -> None:
+    scope, name = _ref(args.name, args.scope)
+    current: pb.RuleView = c.call("rule", "GetRule", pb.RuleRef(scope=scope, name=name))
+    rule = models_json_to_proto(_rule_from_args(args, proto_to_dict(current.rule)), pb.Rule)
+    resp: pb.RuleResponse = c.call(
+        "rule", "UpdateRule", pb.UpdateRuleRequest(rule=rule, rebalance=args.rebalance)
+    )
+    _emit(args, resp, lambda: _rule_response_text(resp))
+
+
+def cmd_rule_get(c: Client, args: argparse.Namespace) -> None:
+    scope, name = _ref(args.name, args.scope)
+    view: pb.RuleView = c.call("rule", "GetRule", pb.RuleRef(scope=scope, name=name))
+
+    def text() -> str:
+        out = [table(RULE_HEADERS, _rule_rows([view]))]
+        if view.rule.description:
+            out.append(f"description: {view.rule.description}")
+        if view.members:
+            out.append(
+                table(
+                    ("MEMBER", "PHASE", "HOST", "DOMAIN"),
+                    (
+                        [m.name, m.phase or "-", m.host or "-", m.domain or "-"]
+                        for m in view.members
+                    ),
+                )
+            )
+        out.extend(f"violation: {v}" for v in view.violations)
+        return "\n".join(out)
+
+    _emit(args, view, text)
+
+
+def cmd_rule_list(c: Client, args: argparse.Namespace) -> None:
+    resp: pb.ListRulesResponse = c.call("rule", "ListRules", pb.ListRulesRequest(scope=args.scope))
+    _emit(args, resp, lambda: table(RULE_HEADERS, _rule_rows(resp.rules)))
+
+
+def cmd_rule_delete(c: Client, args: argparse.Namespace) -> None:
+    scope, name = _ref(args.name, args.scope)
+    resp = c.call(
+        "rule", "DeleteRule", pb.DeleteRuleRequest(scope=scope, name=name, force=args.force)
+    )
+    _emit(args, resp, lambda: f"deleted rule {scope}/{name}")
+
+
+def _policy_text(p: pb.ScopePolicy) -> str:
+    return table(
+        ("SCOPE", "LABEL_ANTI_AFFINITY", "SPREAD", "LABEL_KEYS"),
+        [
+            [
+                p.scope,
+                "on" if p.label_anti_affinity else "off",
+                p.spread,
+                ",".join(p.label_keys) or "*",
+            ]
+        ],
+    )
+
+
+def cmd_policy_set(c: Client, args: argparse.Namespace) -> None:
+    policy = pb.ScopePolicy(
+        scope=args.scope_name,
+        label_anti_affinity=args.label_anti_affinity,
+        spread=args.spread,
+        label_keys=args.label_key or [],
+    )
+    resp: pb.ScopePolicy = c.call("rule", "SetScopePolicy", policy)
+    _emit(args, resp, lambda: _policy_text(resp))
+
+
+def cmd_policy_get(c: Client, args: argparse.Namespace) -> None:
+    resp: pb.ScopePolicy = c.call("rule", "GetScopePolicy", pb.ScopeRef(scope=args.scope_name))
+    _emit(args, resp, lambda: _policy_text(resp))
+
+
+def cmd_host_list(c: Client, args: argparse.Namespace) -> None:
+    resp: pb.ListHostsResponse = c.call("host", "ListHosts", pb.Empty())
+    _emit(args, resp, lambda: table(HOST_HEADERS, _host_rows(resp.hosts)))
+
+
+def _host_call(method: str) -> Callable[[Client, argparse.Namespace], None]:
+    def run(c: Client, args: argparse.Namespace) -> None:
+        view: pb.HostView = c.call("host", method, pb.HostRef(name=args.host))
+
+        def text() -> str:
+            out = table(HOST_HEADERS, _host_rows([view]))
+            if view.status.reason:
+                out += f"\nreason: {view.status.reason}"
+            if method == "GetHost" and view.vms:
+                out += "\nvms: " + ", ".join(view.vms)
+            return out
+
+        _emit(args, view, text)
+
+    return run
+
+
+def _counts(m: Any) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(m.items())) or "-"
+
+
+def cmd_cluster_status(c: Client, args: argparse.Namespace) -> None:
+    s: pb.ClusterStatus = c.call("cluster", "GetClusterStatus", pb.Empty())
+
+    def text() -> str:
+        rows: list[list[object]] = [
+            ["leader", s.leader or "-"],
+            ["fencing token", s.fencing_token],
+            ["revision", s.revision],
+            ["hosts", _counts(s.hosts_by_state)],
+            ["vms", _counts(s.vms_by_phase)],
+            ["pending", _counts(s.pending_by_reason)],
+            [
+                "timing",
+                f"lease_ttl {s.config.lease_ttl_s}s, fence_after {s.config.fence_after_s}s,"
+                f" failover_delay {s.config.failover_delay_s}s",
+            ],
+            [
+                "admission",
+                f"{s.config.admission_policy or 'warn'}, any {s.config.admission_failures or 1}"
+                f" {s.config.admission_topology or 'host'} failure(s)",
+            ],
+            ["headroom", "ok" if s.headroom.ok else "AT RISK"],
+        ]
+        out = table(("FIELD", "VALUE"), rows)
+        for imp in s.headroom.impacts:
+            out += f"\n  losing {imp.failed or '-'} strands {', '.join(imp.stranded)}"
+        return out
+
+    _emit(args, s, text)
+
+
+def cmd_events(c: Client, args: argparse.Namespace) -> None:
+    for ev in c.stream("cluster", "WatchEvents", pb.WatchEventsRequest(kinds=args.kinds)):
+        if args.json:
+            print(json.dumps(proto_to_dict(ev), sort_keys=True), flush=True)
+        else:
+            print(f"{ev.revision:>8}  {ev.kind:<10} {ev.type:<6} {ev.key}", flush=True)
+
+
+def _simulate_text(
+    moves: Sequence[tuple[str, str, str]], pending: Sequence[str], degraded: Sequence[str]
+) -> str:
+    out = [table(("VM", "FROM", "TO"), moves) if moves else "no VM moves"]
+    if pending:
+        out.append("stays pending:")
+        out.extend(f"  {p}" for p in pending)
+    out.extend(f"degraded: {d}" for d in degraded)
+    return "\n".join(out)
+
+
+def cmd_simulate(c: Client | None, args: argparse.Namespace) -> None:
+    if args.cluster:
+        simulate_offline(args)
+        return
+    assert c is not None
+    request = pb.SimulateRequest(fail_hosts=args.fail or [])
+    if args.domain:
+        key, _, value = args.domain.partition("=")
+        request.topology_key, request.domain = key, value
+    resp: pb.SimulateResponse = c.call("cluster", "Simulate", request)
+    _emit(
+        args,
+        resp,
+        lambda: _simulate_text(
+            [(m.vm, m.from_host, m.to_host) for m in resp.moves],
+            [_explanation_text(e) for e in resp.pending],
+            list(resp.degraded),
+        ),
+    )
+
+
+def simulate_offline(args: argparse.Namespace) -> None:
+    """`simulate --cluster FILE`: place a described cluster in-process (no etcd), print
+    the placement, each pending VM's explanation, and with --fail the failover plan."""
+    from hvplace.coordinator.placement import rule_compliance
+
+    cluster = whatif.load_cluster(Path(args.cluster))
+    snapshot, plan = whatif.place_cluster(cluster)
+    compliance = rule_compliance(snapshot)
+    result: whatif.SimulateResult | None = None
+    if args.fail or args.domain:
+        key, _, value = (args.domain or "").partition("=")
+        lost = whatif.failed_hosts(snapshot, args.fail or [], key, value)
+        result = whatif.simulate_failure(snapshot, lost)
+    if args.json:
+        out: dict[str, Any] = {
+            "placements": dict(sorted(plan.assignments.items())),
+            "pending": [models.to_dict(e) for _, e in sorted(plan.pending.items())],
+            "rules": {
+                k: {"satisfied": v.satisfied, "violations": list(v.violations)}
+                for k, v in compliance.items()
+            },
+        }
+        if result is not None:
+            out["failover"] = models.to_dict(result)
+        print(json.dumps(out, sort_keys=True))
+        return
+    by_key = {vm.key: vm for vm in cluster.vms}
+    rows = []
+    for key in sorted(by_key):
+        vm = by_key[key]
+        host = plan.assignments.get(key)
+        rows.append(
+            [
+                vm.scope,
+                vm.name,
+                host or "-",
+                "scheduled" if host else "pending",
+                f"{vm.resources.vcpus}c/{vm.resources.memory_mib}M/{vm.resources.disk_gib}G",
+                _labels(vm.labels),
+            ]
+        )
+    print(
+        f"placement of {args.cluster}: {len(plan.assignments)} placed, {len(plan.pending)} pending"
+    )
+    print(table(("SCOPE", "NAME", "HOST", "PHASE", "SIZE", "LABELS"), rows))
+    for key, e in sorted(plan.pending.items()):
+        print()
+        print(f"why {key} is pending: {e.summary()}")
+        print(
+            table(
+                ("HOSTS", "REASON", "RULE"),
+                ([r.hosts, r.message, r.rule or "-"] for r in e.reasons),
+            )
+        )
+    print()
+    print(
+        table(
+            ("RULE", "SATISFIED", "VIOLATIONS"),
+            (
+                [k, "yes" if v.satisfied else "NO", "; ".join(v.violations) or "-"]
+                for k, v in compliance.items()
+            ),
+        )
+    )
+    if result is not None:
+        print()
+        print(f"if {', '.join(lost)} failed:")
+        print(
+            _simulate_text(
+                [(m.vm, m.from_host, m.to_host) for m in result.moves],
+                [f"{e.vm}: {e.summary()}" for e in result.pending],
+                list(result.degraded),
+            )
+        )
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_scope(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scope",
+        default=os.environ.get("HVPLACE_SCOPE", DEFAULT_SCOPE),
+        help="tenant/project scope (default: $HVPLACE_SCOPE or 'default'); NAME may also be SCOPE/NAME",
+    )
+
+
+def _add_rule_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kind", choices=["affinity", "anti-affinity", "anti_affinity"], help="rule polarity"
+    )
+    enf = p.add_mutually_exclusive_group()
+    enf.add_argument("--required", action="store_true", help="never broken (the default)")
+    enf.add_argument("--preferred", type=int, metavar="WEIGHT", help="scored with weight 1-100")
+    p.add_argument(
+        "--member", action="append", metavar="VM[,VM]", help="member VM names (repeatable)"
+    )
+    p.add_argument(
+        "--selector", action="append", metavar="KEY=VALUE", help="members by label (repeatable)"
+    )
+    p.add_argument("--topology-key", help="host (default) or a host label such as rack or zone")
+    p.add_argument(
+        "--max-per-domain", type=int, help="anti-affinity: members allowed per domain (default 1)"
+    )
+    p.add_argument(
+        "--min-domains", type=int, help="anti-affinity: spread over at least this many domains"
+    )
+    p.add_argument(
+        "--on-failure", choices=["block", "degrade"], help="what failover may do to this rule"
+    )
+    p.add_argument("--description")
+    p.add_argument("--rebalance", action="store_true", help="move VMs until the rule holds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hvplace", description="Operate an hvplace cluster through its coordinator's gRPC API."
+    )
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get("HVPLACE_ENDPOINT", DEFAULT_ENDPOINT),
+        help="coordinator address(es), comma-separated; the leader is found among them"
+        " (default: $HVPLACE_ENDPOINT or %(default)s)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the API's JSON instead of tables"
+    )
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per call")
+    top = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    vm = top.add_parser("vm", help="create, inspect and power VMs").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = vm.add_parser(
+        "create", help="create VMs (one batch); placed at once or left pending with a reason"
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="VM names (or SCOPE/NAME)")
+    _add_scope(p)
+    p.add_argument("--count", type=int, help="create NAME-1..NAME-COUNT")
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--memory", type=int, default=512, metavar="MIB")
+    p.add_argument("--disk", type=int, default=0, metavar="GIB")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="VM label (repeatable)")
+    p.add_argument(
+        "--node", action="append", metavar="KEY=VALUE", help="required host label (repeatable)"
+    )
+    p.add_argument(
+        "--ha", choices=["high", "medium", "low", "off"], default="medium", help="HA priority"
+    )
+    p.add_argument("--stopped", action="store_true", help="create powered off")
+    p.add_argument("--kernel", help="direct kernel boot: kernel path on the hosts")
+    p.add_argument("--initrd", default="")
+    p.add_argument("--cmdline", default="")
+    p.add_argument("--description")
+    p.add_argument("--file", help="JSON file with a VM or a list of VMs (proto field names)")
+    p.add_argument("--atomic", action="store_true", help="all placed or none created")
+    p.add_argument("--request-id", help="idempotency key; a retry with it creates nothing new")
+    p.set_defaults(func=cmd_vm_create)
+    for name, func, what in (
+        ("get", cmd_vm_get, "show a VM, its status and where it runs"),
+        ("delete", cmd_vm_delete, "delete a VM (its host stops it)"),
+        ("start", _power("StartVM"), "set a VM's desired power to running"),
+        ("stop", _power("StopVM"), "set a VM's desired power to stopped"),
+        ("explain", cmd_vm_explain, "why a VM can or cannot go on each host"),
+    ):
+        p = vm.add_parser(name, help=what)
+        p.add_argument("name", metavar="NAME")
+        _add_scope(p)
+        p.set_defaults(func=func)
+    p = vm.add_parser("list", help="list VMs")
+    p.add_argument("--scope", default="", help="only this scope")
+    p.add_argument("--host", default="", help="only VMs on this host")
+    p.add_argument("--phase", default="", help="pending|scheduled|running|stopped|failed")
+    p.set_defaults(func=cmd_vm_list)
+
+    rule = top.add_parser("rule", help="affinity and anti-affinity rules").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = rule.add_parser("create", help="create a rule (refused if running VMs break it)")
+    p.add_argument("name", metavar="NAME")
+    _add_scope(p)
+    _add_rule_fields(p)
+    p.add_argument("--request-id", help="idempotency key")
+    p.set_defaults(func=cmd_rule_create)
+    p = rule.add_parser("update", help="change a rule; unnamed fields keep their value")
+    p.add_argument("name", metavar="NAME")
+    _add_scope(p)
+    _add_rule_fields(p)
+    p.set_defaults(func=cmd_rule_update)
+    p = rule.add_parser("get", help="a rule, its members and where each runs")
+    p.add_argument("name", metavar="NAME")
+    _add_scope(p)
+    p.set_defaults(func=cmd_rule_get)
+    p = rule.add_parser("list", help="list rules")
+    p.add_argument("--scope", default="", help="only this scope")
+    p.set_defaults(func=cmd_rule_list)
+    p = rule.add_parser(
+        "delete", help="delete a rule (refused while it has members unless --force)"
+    )
+    p.add_argument("name", metavar="NAME")
+    _add_scope(p)
+    p.add_argument("--force", action="store_true", help="delete even with members present")
+    p.set_defaults(func=cmd_rule_delete)
+
+    pol = top.add_parser("policy", help="per-scope label anti-affinity").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = pol.add_parser("set", help="set a scope's policy")
+    p.add_argument("scope_name", metavar="SCOPE")
+    p.add_argument(
+        "--label-anti-affinity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="same-label VMs never share a host (default on)",
+    )
+    p.add_argument(
+        "--spread", type=int, default=0, help="let them share, over at least this many hosts"
+    )
+    p.add_argument("--label-key", action="append", help="only these label keys count (repeatable)")
+    p.set_defaults(func=cmd_policy_set)
+    p = pol.add_parser("get", help="show a scope's policy")
+    p.add_argument("scope_name", metavar="SCOPE")
+    p.set_defaults(func=cmd_policy_get)
+
+    host = top.add_parser("host", help="hosts and maintenance").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = host.add_parser("list", help="list hosts with state and usage")
+    p.set_defaults(func=cmd_host_list)
+    for name, method, what in (
+        ("get", "GetHost", "show a host and its VMs"),
+        ("cordon", "CordonHost", "take no new VMs"),
+        ("uncordon", "UncordonHost", "take VMs again"),
+        ("drain", "DrainHost", "cordon and move VMs away"),
+    ):
+        p = host.add_parser(name, help=what)
+        p.add_argument("host", metavar="HOST")
+        p.set_defaults(func=_host_call(method))
+
+    cl = top.add_parser("cluster", help="cluster-wide state").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = cl.add_parser("status", help="leader, counts, timing budget and failover headroom")
+    p.set_defaults(func=cmd_cluster_status)
+
+    p = top.add_parser("events", help="stream changes as they happen")
+    p.add_argument("--kinds", default="", help="comma-separated: vm,host,rule,assignment,domain")
+    p.set_defaults(func=cmd_events)
+
+    p = top.add_parser("explain", help="why a VM can or cannot go on each host (as vm explain)")
+    p.add_argument("name", metavar="NAME")
+    _add_scope(p)
+    p.set_defaults(func=cmd_vm_explain)
+
+    p = top.add_parser(
+        "simulate",
+        help="what-if: the failover plan if hosts or a domain failed; changes nothing",
+    )
+    p.add_argument("--fail", action="append", metavar="HOST", help="a host to fail (repeatable)")
+    p.add_argument(
+        "--domain", metavar="KEY=VALUE", help="fail every host with this label (rack=r1)"
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="offline: place the cluster described in FILE (TOML/JSON) in-process, no coordinator",
+    )
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    client = None
+    if not getattr(args, "cluster", None):
+        endpoints = [e.strip() for e in args.endpoint.split(",") if e.strip()]
+        client = Client(endpoints, timeout=args.timeout)
+    try:
+        args.func(client, args)
+    except HvplaceError as e:
+        print(f"hvplace: {e.reason.value}: {e.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

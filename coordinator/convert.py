@@ -1,0 +1,63 @@
+"""Proto messages ↔ domain records, through the JSON mapping both sides share.
+
+Records mirror their messages field by field, so a conversion is `MessageToDict` +
+`models.from_dict` one way and `models.to_dict` + `ParseDict` the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from hvplace.proto import models
+from hvplace.proto.v1 import hvplace_pb2 as pb
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+
+def from_proto(cls: type[T], msg: Message) -> T:
+    """A record from its message; malformed content raises InvalidInput (`incorrect`)."""
+    data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return models.from_dict(cls, data)
+
+
+def to_proto(record: Any, msg_cls: type[M]) -> M:
+    """The message twin of a record."""
+    return json_format.ParseDict(models.to_dict(record), msg_cls())
+
+
+def dict_to_proto(data: Mapping[str, Any], msg_cls: type[M]) -> M:
+    return json_format.ParseDict(dict(data), msg_cls())
+
+
+def proto_to_dict(msg: Message) -> dict[str, Any]:
+    """The JSON mapping the CLI prints with --json (proto field names)."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def vm_view(
+    spec: models.VM,
+    status: models.VMStatus | None,
+    domain: models.DomainStatus | None,
+) -> pb.VMView:
+    view = pb.VMView(spec=to_proto(spec, pb.VM))
+    if status is not None:
+        view.status.CopyFrom(to_proto(status, pb.VMStatus))
+    if domain is not None:
+        view.domain.CopyFrom(to_proto(domain, pb.DomainStatus))
+    return view
+
+
+def resources(r: models.Resources) -> pb.Resources:
+    return pb.Resources(vcpus=r.vcpus, memory_mib=r.memory_mib, disk_gib=r.disk_gib)
+
+
+def failure_impact(
+    failed: Iterable[str], stranded: Iterable[str], reasons: Mapping[str, str]
+) -> pb.FailureImpact:
+    return pb.FailureImpact(
+        failed=", ".join(failed), stranded=list(stranded), reasons=dict(reasons)
+    )
