@@ -83,7 +83,11 @@ def search(index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()) ->
             admitted = index.admitted(affinity)
             by_domain = index.domain_hosts(group.topology_key)
             pool = sorted(pos for domain in group.counts for pos in by_domain.get(domain, ()))
-            found = [pos for pos in pool if admitted[pos] and fits(index, pos, need, required)]
+            found = [
+                pos
+                for pos in pool
+                if (admitted is None or pos in admitted) and fits(index, pos, need, required)
+            ]
             return _best(index, found, need, affinity, preferred)
 
     limit = FEASIBLE_LIMIT_PREFERRED if preferred or affinity.preferred else FEASIBLE_LIMIT
@@ -94,7 +98,11 @@ def search(index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()) ->
             by_domain = index.domain_hosts(group.topology_key)
             for domain in sorted(group.counts):
                 for pos in by_domain.get(domain, ())[:HINT_HOSTS]:
-                    if pos not in seen and admitted[pos] and fits(index, pos, need, required):
+                    if (
+                        pos not in seen
+                        and (admitted is None or pos in admitted)
+                        and fits(index, pos, need, required)
+                    ):
                         seen.add(pos)
                         found.append(pos)
 
@@ -129,11 +137,10 @@ def _best(
         return None
     if len(found) == 1:
         return found[0]
-    node_scores = index.node_scores(affinity)
     best_pos = -1
     best_score = 0.0
     for pos in found:
-        value = scorers.score(index, pos, need, node_scores, preferred)
+        value = scorers.score(index, pos, need, affinity, preferred)
         # Ties go to the lower position, i.e. the host name sorting first.
         if best_pos < 0 or value > best_score or (value == best_score and pos < best_pos):
             best_pos, best_score = pos, value

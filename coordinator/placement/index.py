@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import VM, HostState, NodeAffinity
+from hvplace.proto.models import VM, HostState, LabelExpression, NodeAffinity, NodeSelectorTerm
 
 
 @dataclass(slots=True, eq=False)
@@ -54,8 +54,10 @@ class ClusterIndex:
         self._domains: dict[str, list[str | None]] = {}
         self._domain_hosts: dict[str, dict[str, list[int]]] = {}
         self._candidates: dict[NodeAffinity, list[CandidateList]] = {}
-        self._node_scores: dict[NodeAffinity, list[int]] = {}
-        self._admitted: dict[NodeAffinity, list[bool]] = {}
+        self._admitted: dict[NodeAffinity, frozenset[int]] = {}
+        self._terms: dict[NodeSelectorTerm, frozenset[int]] = {}
+        self._expressions: dict[LabelExpression, frozenset[int]] = {}
+        self._label_values: dict[str, dict[str | None, list[int]]] = {}
 
         skip = set(uncounted)
         # Where every counted VM sits (placement and reservation), by host position.
@@ -110,21 +112,49 @@ class ClusterIndex:
 
     # ------------------------------------------------------------------ node affinity
 
-    def admitted(self, affinity: NodeAffinity) -> list[bool]:
-        found = self._admitted.get(affinity)
+    def _expression_hosts(self, expression: LabelExpression) -> frozenset[int]:
+        """Host positions where the expression holds, evaluated once per distinct label
+        value (a zone has hundreds of hosts but one value), so the cost is the matches."""
+        found = self._expressions.get(expression)
         if found is None:
-            found = self._admitted[affinity] = [affinity.admits(h) for h in self.hosts]
+            by_value = self._label_values.get(expression.key)
+            if by_value is None:
+                by_value = defaultdict(list)
+                for pos, host in enumerate(self.hosts):
+                    by_value[host.label(expression.key)].append(pos)
+                self._label_values[expression.key] = by_value
+            matched: set[int] = set()
+            for value, positions in by_value.items():
+                if expression.matches_value(value):
+                    matched.update(positions)
+            found = self._expressions[expression] = frozenset(matched)
         return found
 
-    def node_scores(self, affinity: NodeAffinity) -> list[int]:
-        found = self._node_scores.get(affinity)
+    def term_hosts(self, term: NodeSelectorTerm) -> frozenset[int]:
+        """Hosts matching every expression of the term (AND)."""
+        found = self._terms.get(term)
         if found is None:
-            if affinity.preferred:
-                found = [affinity.score(h) for h in self.hosts]
+            sets = sorted((self._expression_hosts(e) for e in term.match_expressions), key=len)
+            if not sets:
+                found = frozenset(range(len(self.hosts)))
             else:
-                found = [0] * len(self.hosts)
-            self._node_scores[affinity] = found
+                found = sets[0].intersection(*sets[1:])
+            self._terms[term] = found
         return found
+
+    def admitted(self, affinity: NodeAffinity) -> frozenset[int] | None:
+        """Hosts the required node affinity admits (any term, OR); None admits all."""
+        if not affinity.required:
+            return None
+        found = self._admitted.get(affinity)
+        if found is None:
+            found = frozenset().union(*(self.term_hosts(t) for t in affinity.required))
+            self._admitted[affinity] = found
+        return found
+
+    def node_score(self, affinity: NodeAffinity, pos: int) -> int:
+        """The summed weights of the preferred terms the host matches."""
+        return sum(p.weight for p in affinity.preferred if pos in self.term_hosts(p.term))
 
     def candidates(self, affinity: NodeAffinity) -> list[CandidateList]:
         """Ready hosts the requirement admits, in tiers of preferred-term score (best
@@ -132,12 +162,22 @@ class ClusterIndex:
         found = self._candidates.get(affinity)
         if found is None:
             admitted = self.admitted(affinity)
-            scores = self.node_scores(affinity)
-            tiers: dict[int, list[int]] = defaultdict(list)
-            for pos in range(len(self.hosts)):
-                if admitted[pos] and self.ready[pos]:
-                    tiers[scores[pos]].append(pos)
-            found = [CandidateList(tiers[s]) for s in sorted(tiers, reverse=True)]
+            ready = self.ready
+            if admitted is None:
+                hosts = [pos for pos in range(len(self.hosts)) if ready[pos]]
+            else:
+                hosts = sorted(pos for pos in admitted if ready[pos])
+            if not affinity.preferred:
+                found = [CandidateList(hosts)]
+            else:
+                scores: dict[int, int] = defaultdict(int)
+                for preferred in affinity.preferred:
+                    for pos in self.term_hosts(preferred.term):
+                        scores[pos] += preferred.weight
+                tiers: dict[int, list[int]] = defaultdict(list)
+                for pos in hosts:
+                    tiers[scores.get(pos, 0)].append(pos)
+                found = [CandidateList(tiers[s]) for s in sorted(tiers, reverse=True)]
             self._candidates[affinity] = found
         return found
 

@@ -32,7 +32,8 @@ def host_state(index: ClusterIndex, pos: int) -> str | None:
 
 
 def node_affinity(index: ClusterIndex, pos: int, affinity: NodeAffinity) -> str | None:
-    return None if index.admitted(affinity)[pos] else reasons.NODE_AFFINITY
+    admitted = index.admitted(affinity)
+    return None if admitted is None or pos in admitted else reasons.NODE_AFFINITY
 
 
 def group_rejection(group: ConstraintGroup, pos: int) -> str | None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
 from hvplace.coordinator.placement.index import ClusterIndex
-from hvplace.proto.models import Resources
+from hvplace.proto.models import NodeAffinity, Resources
 
 PREFERENCE_SCALE = 1000
 
@@ -43,8 +43,10 @@ def score(
     index: ClusterIndex,
     pos: int,
     need: Resources,
-    node_scores: Sequence[int],
+    affinity: NodeAffinity,
     preferred: Sequence[ConstraintGroup],
 ) -> float:
-    preference = node_scores[pos] + (preferred_rules(pos, preferred) if preferred else 0)
+    preference = index.node_score(affinity, pos) if affinity.preferred else 0
+    if preferred:
+        preference += preferred_rules(pos, preferred)
     return PREFERENCE_SCALE * preference + least_allocated(index, pos, need)
