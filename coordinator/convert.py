@@ -6,7 +6,9 @@ Records mirror their messages field by field, so a conversion is `MessageToDict`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
@@ -25,8 +27,32 @@ def from_proto(cls: type[T], msg: Message) -> T:
 
 
 def to_proto(record: Any, msg_cls: type[M]) -> M:
-    """The message twin of a record."""
-    return json_format.ParseDict(models.to_dict(record), msg_cls())
+    """The message twin of a record (or of a result dataclass shaped like its message)."""
+    return json_format.ParseDict(full_dict(record), msg_cls())
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return full_dict(value)
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_encode(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value
+
+
+def full_dict(record: Any) -> dict[str, Any]:
+    """Every field, defaults included: unlike etcd's compact JSON (read back by
+    `models.from_dict`, which restores defaults), an API reader gets proto3 defaults
+    (0, false, "") for what is left out, and a VM's default size is not zero."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if value is not None:
+            out[f.name] = _encode(value)
+    return out
 
 
 def dict_to_proto(data: Mapping[str, Any], msg_cls: type[M]) -> M:

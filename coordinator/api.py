@@ -1,0 +1,265 @@
+"""The gRPC API: translation only (proto ↔ records, errors ↔ status) around Operations, plus
+the standard health service and server reflection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from hvplace.coordinator.convert import from_proto, to_proto
+from hvplace.coordinator.errors_grpc import rich_status, unexpected
+from hvplace.coordinator.operations import Operations
+from hvplace.proto import models
+from hvplace.proto.errors import HvplaceError
+from hvplace.proto.v1 import hvplace_pb2 as pb
+from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+SERVICES = ("VMService", "RuleService", "HostService", "ClusterService")
+
+
+async def _abort(context: Ctx, exc: BaseException) -> NoReturn:
+    err = exc if isinstance(exc, HvplaceError) else unexpected(exc)
+    if not isinstance(exc, HvplaceError):
+        log.exception("unexpected error in an API call", exc_info=exc)
+    # grpc-stubs lacks abort_with_status on the aio context; grpc.aio has it.
+    await context.abort_with_status(rich_status(err))  # type: ignore[attr-defined]
+    raise AssertionError("abort_with_status returned")  # it always raises
+
+
+async def _guard(context: Ctx, work: Awaitable[T]) -> T:
+    """Run one operation; any error leaves as a gRPC status with the reason word."""
+    try:
+        return await work
+    except HvplaceError as e:
+        await _abort(context, e)
+    except Exception as e:
+        await _abort(context, e)
+
+
+class VMServicer(pb_grpc.VMServiceServicer):
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    async def CreateVMs(self, request: pb.CreateVMsRequest, context: Ctx) -> pb.CreateVMsResponse:
+        async def run() -> pb.CreateVMsResponse:
+            vms = [from_proto(models.VM, m) for m in request.vms]
+            result = await self.ops.create_vms(request.request_id, vms, request.atomic)
+            return to_proto(result, pb.CreateVMsResponse)
+
+        return await _guard(context, run())
+
+    async def GetVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
+        async def run() -> pb.VMView:
+            return to_proto(await self.ops.get_vm(request.scope, request.name), pb.VMView)
+
+        return await _guard(context, run())
+
+    async def ListVMs(self, request: pb.ListVMsRequest, context: Ctx) -> pb.ListVMsResponse:
+        async def run() -> pb.ListVMsResponse:
+            views = await self.ops.list_vms(request.scope, request.host, request.phase)
+            return pb.ListVMsResponse(vms=[to_proto(v, pb.VMView) for v in views])
+
+        return await _guard(context, run())
+
+    async def DeleteVM(self, request: pb.DeleteVMRequest, context: Ctx) -> pb.Empty:
+        async def run() -> pb.Empty:
+            await self.ops.delete_vm(request.scope, request.name)
+            return pb.Empty()
+
+        return await _guard(context, run())
+
+    async def StartVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
+        async def run() -> pb.VMView:
+            view = await self.ops.set_power(request.scope, request.name, models.Power.RUNNING)
+            return to_proto(view, pb.VMView)
+
+        return await _guard(context, run())
+
+    async def StopVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
+        async def run() -> pb.VMView:
+            view = await self.ops.set_power(request.scope, request.name, models.Power.STOPPED)
+            return to_proto(view, pb.VMView)
+
+        return await _guard(context, run())
+
+    async def ExplainVM(self, request: pb.VMRef, context: Ctx) -> pb.Explanation:
+        async def run() -> pb.Explanation:
+            e = await self.ops.explain_vm(request.scope, request.name)
+            return to_proto(e, pb.Explanation)
+
+        return await _guard(context, run())
+
+
+class RuleServicer(pb_grpc.RuleServiceServicer):
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    async def CreateRule(self, request: pb.CreateRuleRequest, context: Ctx) -> pb.RuleResponse:
+        async def run() -> pb.RuleResponse:
+            rule = from_proto(models.Rule, request.rule)
+            result = await self.ops.create_rule(request.request_id, rule, request.rebalance)
+            return to_proto(result, pb.RuleResponse)
+
+        return await _guard(context, run())
+
+    async def GetRule(self, request: pb.RuleRef, context: Ctx) -> pb.RuleView:
+        async def run() -> pb.RuleView:
+            return to_proto(await self.ops.get_rule(request.scope, request.name), pb.RuleView)
+
+        return await _guard(context, run())
+
+    async def ListRules(self, request: pb.ListRulesRequest, context: Ctx) -> pb.ListRulesResponse:
+        async def run() -> pb.ListRulesResponse:
+            views = await self.ops.list_rules(request.scope)
+            return pb.ListRulesResponse(rules=[to_proto(v, pb.RuleView) for v in views])
+
+        return await _guard(context, run())
+
+    async def UpdateRule(self, request: pb.UpdateRuleRequest, context: Ctx) -> pb.RuleResponse:
+        async def run() -> pb.RuleResponse:
+            rule = from_proto(models.Rule, request.rule)
+            result = await self.ops.update_rule(rule, request.rebalance)
+            return to_proto(result, pb.RuleResponse)
+
+        return await _guard(context, run())
+
+    async def DeleteRule(self, request: pb.DeleteRuleRequest, context: Ctx) -> pb.Empty:
+        async def run() -> pb.Empty:
+            await self.ops.delete_rule(request.scope, request.name, request.force)
+            return pb.Empty()
+
+        return await _guard(context, run())
+
+    async def SetScopePolicy(self, request: pb.ScopePolicy, context: Ctx) -> pb.ScopePolicy:
+        async def run() -> pb.ScopePolicy:
+            policy = await self.ops.set_policy(from_proto(models.ScopePolicy, request))
+            return to_proto(policy, pb.ScopePolicy)
+
+        return await _guard(context, run())
+
+    async def GetScopePolicy(self, request: pb.ScopeRef, context: Ctx) -> pb.ScopePolicy:
+        async def run() -> pb.ScopePolicy:
+            return to_proto(await self.ops.get_policy(request.scope), pb.ScopePolicy)
+
+        return await _guard(context, run())
+
+
+class HostServicer(pb_grpc.HostServiceServicer):
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    async def ListHosts(self, request: pb.Empty, context: Ctx) -> pb.ListHostsResponse:
+        async def run() -> pb.ListHostsResponse:
+            views = await self.ops.list_hosts()
+            return pb.ListHostsResponse(hosts=[to_proto(v, pb.HostView) for v in views])
+
+        return await _guard(context, run())
+
+    async def GetHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
+        async def run() -> pb.HostView:
+            return to_proto(await self.ops.get_host(request.name), pb.HostView)
+
+        return await _guard(context, run())
+
+    async def CordonHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
+        async def run() -> pb.HostView:
+            return to_proto(await self.ops.cordon(request.name), pb.HostView)
+
+        return await _guard(context, run())
+
+    async def UncordonHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
+        async def run() -> pb.HostView:
+            return to_proto(await self.ops.uncordon(request.name), pb.HostView)
+
+        return await _guard(context, run())
+
+    async def DrainHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
+        async def run() -> pb.HostView:
+            return to_proto(await self.ops.drain(request.name), pb.HostView)
+
+        return await _guard(context, run())
+
+
+class ClusterServicer(pb_grpc.ClusterServiceServicer):
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    async def GetClusterStatus(self, request: pb.Empty, context: Ctx) -> pb.ClusterStatus:
+        async def run() -> pb.ClusterStatus:
+            return to_proto(await self.ops.cluster_status(), pb.ClusterStatus)
+
+        return await _guard(context, run())
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: Ctx
+    ) -> AsyncIterator[pb.Event]:
+        try:
+            async for event in self.ops.events(request.kinds):
+                yield to_proto(event, pb.Event)
+        except HvplaceError as e:
+            await _abort(context, e)
+
+    async def Simulate(self, request: pb.SimulateRequest, context: Ctx) -> pb.SimulateResponse:
+        async def run() -> pb.SimulateResponse:
+            result = await self.ops.simulate(
+                list(request.fail_hosts), request.topology_key, request.domain
+            )
+            return to_proto(result, pb.SimulateResponse)
+
+        return await _guard(context, run())
+
+    async def CheckAdmission(self, request: pb.Empty, context: Ctx) -> pb.AdmissionReport:
+        async def run() -> pb.AdmissionReport:
+            return to_proto(await self.ops.check_headroom(), pb.AdmissionReport)
+
+        return await _guard(context, run())
+
+
+@dataclass
+class ApiServer:
+    """A running gRPC server; `port` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_api_server(ops: Operations, address: str = "127.0.0.1:7400") -> ApiServer:
+    """Serve the four hvplace services, health and reflection on `address` (host:port)."""
+    server = grpc.aio.server()
+    pb_grpc.add_VMServiceServicer_to_server(VMServicer(ops), server)
+    pb_grpc.add_RuleServiceServicer_to_server(RuleServicer(ops), server)
+    pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops), server)
+    pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(ops), server)
+    checker = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    package = pb.DESCRIPTOR.package
+    names = [f"{package}.{s}" for s in SERVICES]
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for name in ["", *names]:
+        await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return ApiServer(server=server, port=port, health=checker)

@@ -1,0 +1,285 @@
+"""The gRPC API against a real etcd: CRUD, error statuses, idempotency, malformed input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from api_support import Api, running_api
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hvplace.coordinator.errors_grpc import error_info
+from hvplace.proto.v1 import hvplace_pb2 as pb
+from support.etcd import EtcdServer
+
+
+@pytest.fixture
+async def api(etcd: EtcdServer) -> AsyncIterator[Api]:
+    async with running_api(etcd) as a:
+        yield a
+
+
+def vm(name: str, scope: str = "acme", **labels: str) -> pb.VM:
+    return pb.VM(
+        scope=scope,
+        name=name,
+        labels=labels,
+        resources=pb.Resources(vcpus=1, memory_mib=512),
+    )
+
+
+async def expect_error(call: object, code: grpc.StatusCode, reason: str) -> str:
+    """Await a failing call; check the status code, the reason word in the message and
+    in the ErrorInfo detail."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    err = info.value
+    assert err.code() == code, err.details()
+    assert (err.details() or "").startswith(f"{reason}: "), err.details()
+    detail = error_info(err)
+    assert detail is not None and detail.reason == reason and detail.domain == "hvplace"
+    return err.details() or ""
+
+
+async def test_vm_crud_and_records_readable_with_etcdctl(api: Api) -> None:
+    for name in ("hv1", "hv2", "hv3"):
+        await api.add_host(name, {"rack": "r1" if name != "hv3" else "r2"})
+    resp = await api.vm.CreateVMs(pb.CreateVMsRequest(request_id="req-1", vms=[vm("a"), vm("b")]))
+    assert [v.status.phase for v in resp.vms] == ["scheduled", "scheduled"]
+    assert resp.admission.ok
+    stored = json.loads(api.etcd.etcdctl("get", "--print-value-only", "/hvplace/v1/vms/acme/a"))
+    assert stored["name"] == "a" and stored["resources"]["memory_mib"] == 512
+    host = resp.vms[0].status.host
+    assignment = api.etcd.etcdctl(
+        "get", "--print-value-only", f"/hvplace/v1/assignments/{host}/acme/a"
+    )
+    assert json.loads(assignment)["host"] == host
+
+    got = await api.vm.GetVM(pb.VMRef(scope="acme", name="a"))
+    assert got.status.host == host and got.spec.uid
+    listed = await api.vm.ListVMs(pb.ListVMsRequest(scope="acme"))
+    assert [v.spec.name for v in listed.vms] == ["a", "b"]
+    stopped = await api.vm.StopVM(pb.VMRef(scope="acme", name="a"))
+    assert stopped.spec.power == "stopped"
+    assignment = api.etcd.etcdctl(
+        "get", "--print-value-only", f"/hvplace/v1/assignments/{host}/acme/a"
+    )
+    assert json.loads(assignment)["vm"]["power"] == "stopped"
+    started = await api.vm.StartVM(pb.VMRef(scope="acme", name="a"))
+    assert started.spec.power == "running"
+    why = await api.vm.ExplainVM(pb.VMRef(scope="acme", name="a"))
+    assert why.total_hosts == 3
+
+    await api.vm.DeleteVM(pb.DeleteVMRequest(scope="acme", name="b"))
+    assert (
+        api.etcd.etcdctl("get", "--prefix", "--keys-only", "/hvplace/v1/vms/acme/b").strip() == ""
+    )
+    await expect_error(
+        api.vm.GetVM(pb.VMRef(scope="acme", name="b")), grpc.StatusCode.NOT_FOUND, "not-found"
+    )
+
+
+async def test_rules_policies_hosts_cluster(api: Api) -> None:
+    for name in ("hv1", "hv2", "hv3"):
+        await api.add_host(name, {"rack": "r1" if name != "hv3" else "r2"})
+    rule = pb.Rule(
+        scope="acme",
+        name="db",
+        kind="anti_affinity",
+        enforcement="required",
+        selector=pb.LabelSelector(match_labels={"app": "db"}),
+        topology_key="host",
+        max_per_domain=1,
+    )
+    created = await api.rule.CreateRule(pb.CreateRuleRequest(request_id="r-1", rule=rule))
+    assert created.rule.rule.name == "db" and created.rule.satisfied
+    resp = await api.vm.CreateVMs(
+        pb.CreateVMsRequest(vms=[vm(f"db{i}", app="db") for i in range(3)])
+    )
+    assert len({v.status.host for v in resp.vms}) == 3
+    # A fourth replica fits nowhere: pending with the reason, not an error.
+    extra = await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("db3", app="db")]))
+    assert extra.vms[0].status.phase == "pending"
+    assert "anti-affinity" in extra.vms[0].status.reason
+    view = await api.rule.GetRule(pb.RuleRef(scope="acme", name="db"))
+    assert {m.name for m in view.members} == {"db0", "db1", "db2", "db3"}
+    assert {m.host for m in view.members if m.phase == "scheduled"} == {"hv1", "hv2", "hv3"}
+    listed = await api.rule.ListRules(pb.ListRulesRequest(scope="acme"))
+    assert [r.rule.name for r in listed.rules] == ["db"]
+
+    # Atomic batch that cannot fully place writes nothing.
+    before = api.key_count()
+    await expect_error(
+        api.vm.CreateVMs(pb.CreateVMsRequest(atomic=True, vms=[vm("db4", app="db"), vm("ok1")])),
+        grpc.StatusCode.UNAVAILABLE,
+        "unavailable",
+    )
+    assert api.key_count() == before
+
+    # Update: a change that running members break is refused.
+    broken = pb.Rule()
+    broken.CopyFrom(rule)
+    broken.topology_key = "rack"
+    await expect_error(
+        api.rule.UpdateRule(pb.UpdateRuleRequest(rule=broken)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "conflict",
+    )
+    relaxed = pb.Rule()
+    relaxed.CopyFrom(rule)
+    relaxed.description = "replicas apart"
+    updated = await api.rule.UpdateRule(pb.UpdateRuleRequest(rule=relaxed))
+    assert updated.rule.rule.description == "replicas apart"
+    await expect_error(
+        api.rule.CreateRule(pb.CreateRuleRequest(rule=rule, rebalance=True)),
+        grpc.StatusCode.UNIMPLEMENTED,
+        "unsupported",
+    )
+    msg = await expect_error(
+        api.rule.DeleteRule(pb.DeleteRuleRequest(scope="acme", name="db")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "conflict",
+    )
+    assert "member(s)" in msg
+    await api.rule.DeleteRule(pb.DeleteRuleRequest(scope="acme", name="db", force=True))
+
+    policy = await api.rule.SetScopePolicy(pb.ScopePolicy(scope="web", label_anti_affinity=True))
+    assert policy.label_anti_affinity
+    got = await api.rule.GetScopePolicy(pb.ScopeRef(scope="web"))
+    assert got.label_anti_affinity
+
+    cordoned = await api.host.CordonHost(pb.HostRef(name="hv1"))
+    assert cordoned.status.state == "cordoned"
+    hosts = await api.host.ListHosts(pb.Empty())
+    assert [h.info.name for h in hosts.hosts] == ["hv1", "hv2", "hv3"]
+    assert all(h.alive for h in hosts.hosts)
+    drained = await api.host.DrainHost(pb.HostRef(name="hv2"))
+    assert drained.status.state == "draining" and "not implemented" in drained.status.reason
+    ready = await api.host.UncordonHost(pb.HostRef(name="hv1"))
+    assert ready.status.state == "ready"
+    await expect_error(
+        api.host.GetHost(pb.HostRef(name="nope")), grpc.StatusCode.NOT_FOUND, "not-found"
+    )
+
+    status = await api.cluster.GetClusterStatus(pb.Empty())
+    assert status.hosts_by_state["ready"] == 2 and status.vms_by_phase["pending"] == 1
+    sim = await api.cluster.Simulate(pb.SimulateRequest(fail_hosts=["hv3"]))
+    host_of = {v.spec.name: v.status.host for v in resp.vms}
+    lost = next(n for n, h in host_of.items() if h == "hv3")
+    # The rule was force-deleted, so the lost VM moves; simulate changed nothing.
+    assert [(m.vm, m.from_host) for m in sim.moves] == [(f"acme/{lost}", "hv3")]
+    assert (await api.vm.GetVM(pb.VMRef(scope="acme", name=lost))).status.host == "hv3"
+
+
+async def test_idempotent_create_by_request_id(api: Api) -> None:
+    await api.add_host("hv1")
+    request = pb.CreateVMsRequest(request_id="same", vms=[vm("x")])
+    first = await api.vm.CreateVMs(request)
+    again = await api.vm.CreateVMs(request)
+    assert again.vms[0].spec.uid == first.vms[0].spec.uid
+    keys = api.etcd.etcdctl("get", "--prefix", "--keys-only", "/hvplace/v1/vms/").split()
+    assert keys == ["/hvplace/v1/vms/acme/x"]
+    other = pb.CreateVMsRequest(request_id="same", vms=[vm("y")])
+    await expect_error(api.vm.CreateVMs(other), grpc.StatusCode.FAILED_PRECONDITION, "conflict")
+    await expect_error(
+        api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("x")])),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "conflict",
+    )
+    record = json.loads(api.etcd.etcdctl("get", "--print-value-only", "/hvplace/v1/requests/same"))
+    assert record["targets"] == ["acme/x"]
+
+
+BAD_VMS = [
+    pb.VM(scope="acme", name="a/b", resources=pb.Resources(vcpus=1, memory_mib=64)),
+    pb.VM(scope="acme", name="..", resources=pb.Resources(vcpus=1, memory_mib=64)),
+    pb.VM(scope="acme", name="a\x01b", resources=pb.Resources(vcpus=1, memory_mib=64)),
+    pb.VM(scope="acme", name="x" * 64, resources=pb.Resources(vcpus=1, memory_mib=64)),
+    pb.VM(scope="ac/me", name="ok", resources=pb.Resources(vcpus=1, memory_mib=64)),
+    pb.VM(scope="acme", name="zero", resources=pb.Resources(vcpus=0, memory_mib=64)),
+    pb.VM(scope="acme", name="neg", resources=pb.Resources(vcpus=1, memory_mib=-5)),
+    pb.VM(scope="acme", name="huge", resources=pb.Resources(vcpus=1, memory_mib=1 << 50)),
+    pb.VM(scope="acme", name="disk", resources=pb.Resources(vcpus=1, memory_mib=64, disk_gib=-1)),
+]
+BAD_RULES = [
+    pb.Rule(scope="acme", name="one", kind="anti_affinity", members=["a"]),
+    pb.Rule(scope="acme", name="bad/name", kind="anti_affinity", members=["a", "b"]),
+    pb.Rule(scope="acme", name="k", kind="sideways", members=["a", "b"]),
+    pb.Rule(
+        scope="acme",
+        name="w",
+        kind="affinity",
+        enforcement="preferred",
+        weight=101,
+        members=["a", "b"],
+    ),
+    pb.Rule(scope="acme", name="m", kind="anti_affinity", members=["a", "a"]),
+    pb.Rule(scope="acme", name="x" * 41, kind="anti_affinity", members=["a", "b"]),
+]
+
+
+async def test_malformed_input_is_incorrect_and_writes_nothing(api: Api) -> None:
+    await api.add_host("hv1")
+    await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("good")]))
+    before = api.key_count()
+    for bad in BAD_VMS:
+        await expect_error(
+            api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("fine"), bad])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "incorrect",
+        )
+    for rule in BAD_RULES:
+        await expect_error(
+            api.rule.CreateRule(pb.CreateRuleRequest(rule=rule)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "incorrect",
+        )
+    await expect_error(
+        api.vm.CreateVMs(pb.CreateVMsRequest(request_id="a/b", vms=[vm("fine")])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "incorrect",
+    )
+    await expect_error(
+        api.vm.GetVM(pb.VMRef(scope="acme", name="../etc")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "incorrect",
+    )
+    await expect_error(
+        api.host.CordonHost(pb.HostRef(name="hv1\n")), grpc.StatusCode.INVALID_ARGUMENT, "incorrect"
+    )
+    await expect_error(
+        api.cluster.Simulate(pb.SimulateRequest()), grpc.StatusCode.INVALID_ARGUMENT, "incorrect"
+    )
+    assert api.key_count() == before
+
+
+async def test_health_and_reflection(api: Api) -> None:
+    stub = health_pb2_grpc.HealthStub(api.channel)
+    resp = await stub.Check(health_pb2.HealthCheckRequest(service="hvplace.v1.VMService"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(api.channel)
+
+    async def one() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names = []
+    async for r in refl.ServerReflectionInfo(one()):
+        names = [s.name for s in r.list_services_response.service]
+    assert "hvplace.v1.VMService" in names and "grpc.health.v1.Health" in names
+
+
+async def test_standby_answers_writes_with_unavailable(etcd: EtcdServer) -> None:
+    from hvplace.coordinator.operations import Leadership
+
+    async with running_api(etcd) as a:
+        a.backend._leadership = lambda: Leadership(is_leader=False, leader="coord-2")
+        msg = await expect_error(
+            a.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("x")])),
+            grpc.StatusCode.UNAVAILABLE,
+            "unavailable",
+        )
+        assert "not the leader; leader is coord-2" in msg
+        assert (await a.vm.ListVMs(pb.ListVMsRequest())).vms == []
