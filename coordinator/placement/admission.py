@@ -83,7 +83,7 @@ def _simulate(
         for key in by_host.get(pos, ()):
             vm = index.vms[key]
             moving.append(vm)
-            for spot in list(index.where.get(key, ())):
+            for spot in list(index.spots(key)):
                 if spot in failed_set:
                     index.remove(vm, spot)
                     taken_out.append((vm, spot))

@@ -207,9 +207,12 @@ def explanation_at(
         reasons.INSUFFICIENT_CPU: index.free_cpu,
         reasons.INSUFFICIENT_DISK: index.free_disk,
     }
+    admitted = index.admitted(vm.node_affinity)
     for pos in range(len(index.hosts)):
         group_key = ""
-        code = filters.host_state(index, pos) or filters.node_affinity(index, pos, vm.node_affinity)
+        code = filters.host_state(index, pos)
+        if code is None and admitted is not None and pos not in admitted:
+            code = reasons.NODE_AFFINITY  # filters.node_affinity, with the set hoisted
         if code is None:
             rejected = filters.rules(pos, required)
             if rejected is not None:

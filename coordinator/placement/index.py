@@ -6,13 +6,21 @@ ProposedAllocs), and a proposal can be taken back, which failure simulation reli
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import VM, HostState, LabelExpression, NodeAffinity, NodeSelectorTerm
+from hvplace.proto.models import (
+    VM,
+    Host,
+    HostState,
+    LabelExpression,
+    NodeAffinity,
+    NodeSelectorTerm,
+)
 
 
 @dataclass(slots=True, eq=False)
@@ -24,73 +32,37 @@ class CandidateList:
     cursor: int = 0
 
 
-class ClusterIndex:
-    """Hosts by position (sorted by name, so position order is the name tie-break)."""
+class HostTable:
+    """What depends on the hosts alone: positions, allocatable capacity, topology domains,
+    node-affinity host sets. Reused while the snapshot carries the very same Host
+    records (they are frozen), so a stream of batches pays for it once."""
 
-    def __init__(
-        self,
-        snapshot: Snapshot,
-        vms: Mapping[str, VM],
-        groups: Sequence[ConstraintGroup],
-        lost_hosts: Collection[str] = (),
-        uncounted: Collection[str] = (),
-    ) -> None:
-        """`lost_hosts` take nothing and their VMs no longer count; `uncounted` VM keys
-        (a VM being explained where it runs now) do not count either."""
-        self.vms = vms
-        self.snapshot_hosts = snapshot.hosts
-        self.hosts = [snapshot.hosts[name] for name in sorted(snapshot.hosts)]
+    def __init__(self, hosts: Sequence[Host]) -> None:
+        self.source = list(hosts)
+        self.hosts = sorted(self.source, key=lambda h: h.name)
         self.names = [h.name for h in self.hosts]
         self.position = {name: i for i, name in enumerate(self.names)}
-        lost = set(lost_hosts)
-        self.state = [HostState.LOST if h.name in lost else h.state for h in self.hosts]
-        self.ready = [s is HostState.READY for s in self.state]
-        allocatable = [h.allocatable() for h in self.hosts]
-        self.alloc_cpu = [max(1, a.vcpus) for a in allocatable]
-        self.alloc_mem = [max(1, a.memory_mib) for a in allocatable]
-        self.free_cpu = [a.vcpus for a in allocatable]
-        self.free_mem = [a.memory_mib for a in allocatable]
-        self.free_disk = [a.disk_gib for a in allocatable]
+        # Host.allocatable(), inlined over all hosts at once.
+        self.cpu = [math.floor(h.capacity.vcpus * h.ratios.cpu) for h in self.hosts]
+        self.mem = [
+            max(0, math.floor(h.capacity.memory_mib * h.ratios.ram) - h.reserved_memory_mib)
+            for h in self.hosts
+        ]
+        self.disk = [math.floor(h.capacity.disk_gib * h.ratios.disk) for h in self.hosts]
+        self.alloc_cpu = [max(1, c) for c in self.cpu]
+        self.alloc_mem = [max(1, m) for m in self.mem]
         self._domains: dict[str, list[str | None]] = {}
         self._domain_hosts: dict[str, dict[str, list[int]]] = {}
-        self._candidates: dict[NodeAffinity, list[CandidateList]] = {}
+        self._tiers: dict[NodeAffinity, list[list[int]]] = {}
         self._admitted: dict[NodeAffinity, frozenset[int]] = {}
         self._terms: dict[NodeSelectorTerm, frozenset[int]] = {}
         self._expressions: dict[LabelExpression, frozenset[int]] = {}
         self._label_values: dict[str, dict[str | None, list[int]]] = {}
 
-        skip = set(uncounted)
-        # Where every counted VM sits (placement and reservation), by host position.
-        self.where: dict[str, list[int]] = {}
-        for source in (snapshot.placements, snapshot.reservations):
-            for key, host in source.items():
-                pos = self.position.get(host)
-                if pos is None or key in skip or host in lost:
-                    continue
-                spots = self.where.setdefault(key, [])
-                if pos not in spots:
-                    spots.append(pos)
-        free_cpu, free_mem, free_disk = self.free_cpu, self.free_mem, self.free_disk
-        for key, spots in self.where.items():
-            vm = vms.get(key)
-            if vm is None:
-                continue
-            r = vm.resources
-            for pos in spots:
-                free_cpu[pos] -= r.vcpus
-                free_mem[pos] -= r.memory_mib
-                free_disk[pos] -= r.disk_gib
-
-        self.groups = list(groups)
-        self.vm_groups: dict[str, list[ConstraintGroup]] = defaultdict(list)
-        for group in self.groups:
-            group.domain_of = self.domains(group.topology_key)
-            group.counts = {}
-            group.occupied = 0
-            for member in group.members:
-                self.vm_groups[member].append(group)
-                for pos in self.where.get(member, ()):
-                    self._count(group, pos, 1)
+    def same_hosts(self, hosts: Mapping[str, Host]) -> bool:
+        if len(hosts) != len(self.source):
+            return False
+        return all(a is b for a, b in zip(hosts.values(), self.source, strict=True))
 
     # ------------------------------------------------------------------ topology
 
@@ -156,29 +128,145 @@ class ClusterIndex:
         """The summed weights of the preferred terms the host matches."""
         return sum(p.weight for p in affinity.preferred if pos in self.term_hosts(p.term))
 
-    def candidates(self, affinity: NodeAffinity) -> list[CandidateList]:
-        """Ready hosts the requirement admits, in tiers of preferred-term score (best
-        first): a host of a better tier always outscores one of a worse tier."""
-        found = self._candidates.get(affinity)
+    def tiers(self, affinity: NodeAffinity) -> list[list[int]]:
+        """Hosts the requirement admits, in tiers of preferred-term score (best first):
+        a host of a better tier always outscores one of a worse tier."""
+        found = self._tiers.get(affinity)
         if found is None:
             admitted = self.admitted(affinity)
-            ready = self.ready
-            if admitted is None:
-                hosts = [pos for pos in range(len(self.hosts)) if ready[pos]]
-            else:
-                hosts = sorted(pos for pos in admitted if ready[pos])
+            hosts = list(range(len(self.hosts))) if admitted is None else sorted(admitted)
             if not affinity.preferred:
-                found = [CandidateList(hosts)]
+                found = [hosts]
             else:
                 scores: dict[int, int] = defaultdict(int)
                 for preferred in affinity.preferred:
-                    for pos in self.term_hosts(preferred.term):
+                    matching = self.term_hosts(preferred.term)
+                    if len(matching) <= len(hosts):
+                        chosen: Iterable[int] = matching
+                    else:
+                        chosen = (pos for pos in hosts if pos in matching)
+                    for pos in chosen:
                         scores[pos] += preferred.weight
                 tiers: dict[int, list[int]] = defaultdict(list)
                 for pos in hosts:
                     tiers[scores.get(pos, 0)].append(pos)
-                found = [CandidateList(tiers[s]) for s in sorted(tiers, reverse=True)]
+                found = [tiers[s] for s in sorted(tiers, reverse=True)]
+            self._tiers[affinity] = found
+        return found
+
+
+class ClusterIndex:
+    """Hosts by position (sorted by name, so position order is the name tie-break)."""
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        vms: Mapping[str, VM],
+        groups: Sequence[ConstraintGroup],
+        lost_hosts: Collection[str] = (),
+        uncounted: Collection[str] = (),
+    ) -> None:
+        """`lost_hosts` take nothing and their VMs no longer count; `uncounted` VM keys
+        (a VM being explained where it runs now) do not count either."""
+        self.vms = vms
+        table = self.table = host_table(snapshot.hosts)
+        self.hosts = table.hosts
+        self.names = table.names
+        self.position = table.position
+        lost = self._lost = set(lost_hosts)
+        self.state = [HostState.LOST if h.name in lost else h.state for h in self.hosts]
+        self.ready = [s is HostState.READY for s in self.state]
+        self.free_cpu = table.cpu.copy()
+        self.free_mem = table.mem.copy()
+        self.free_disk = table.disk.copy()
+        self.alloc_cpu = table.alloc_cpu
+        self.alloc_mem = table.alloc_mem
+        self.domains = table.domains
+        self.domain_hosts = table.domain_hosts
+        self.admitted = table.admitted
+        self.term_hosts = table.term_hosts
+        self.node_score = table.node_score
+        self._candidates: dict[NodeAffinity, list[CandidateList]] = {}
+        # Each revision starts its round-robin somewhere else (Knuth's multiplicative
+        # hash), so successive batches spread over the fleet instead of refilling host 0.
+        self._start = (snapshot.revision * 2654435761) & 0xFFFFFFFF
+
+        self._placements = snapshot.placements
+        self._reservations = snapshot.reservations
+        self._skip = set(uncounted)
+        # Where a VM sits (placement, reservation, proposals) by host position, filled
+        # on first use: most VMs are in no group and only their capacity matters.
+        self.where: dict[str, list[int]] = {}
+        free_cpu, free_mem, free_disk = self.free_cpu, self.free_mem, self.free_disk
+        position, skip = self.position, self._skip
+        get_pos, get_vm = position.get, vms.get
+        if not lost and not skip:
+            # The common case, kept tight: this loop sees every running VM every batch.
+            for key, host in snapshot.placements.items():
+                pos = get_pos(host)
+                vm = get_vm(key)
+                if pos is None or vm is None:
+                    continue
+                r = vm.resources
+                free_cpu[pos] -= r.vcpus
+                free_mem[pos] -= r.memory_mib
+                free_disk[pos] -= r.disk_gib
+        else:
+            for key, host in snapshot.placements.items():
+                pos = get_pos(host)
+                vm = get_vm(key)
+                if pos is None or vm is None or host in lost or key in skip:
+                    continue
+                r = vm.resources
+                free_cpu[pos] -= r.vcpus
+                free_mem[pos] -= r.memory_mib
+                free_disk[pos] -= r.disk_gib
+        for key, host in snapshot.reservations.items():
+            pos = get_pos(host)
+            vm = get_vm(key)
+            if pos is None or vm is None or host in lost or key in skip:
+                continue
+            if snapshot.placements.get(key) == host:
+                continue  # a reservation on its own host holds nothing more
+            r = vm.resources
+            free_cpu[pos] -= r.vcpus
+            free_mem[pos] -= r.memory_mib
+            free_disk[pos] -= r.disk_gib
+
+        self.groups = list(groups)
+        self.vm_groups: dict[str, list[ConstraintGroup]] = defaultdict(list)
+        for group in self.groups:
+            group.domain_of = self.domains(group.topology_key)
+            group.counts = {}
+            group.occupied = 0
+            for member in group.members:
+                self.vm_groups[member].append(group)
+                for pos in self.spots(member):
+                    self._count(group, pos, 1)
+
+    def candidates(self, affinity: NodeAffinity) -> list[CandidateList]:
+        """The table's tiers with this batch's round-robin cursors; a host that is not
+        ready stays in the list and the search's `ready` test skips it."""
+        found = self._candidates.get(affinity)
+        if found is None:
+            found = [
+                CandidateList(t, self._start % len(t) if t else 0)
+                for t in self.table.tiers(affinity)
+            ]
             self._candidates[affinity] = found
+        return found
+
+    def spots(self, key: str) -> list[int]:
+        """The host positions a VM counts on now: placement, reservation, proposals."""
+        found = self.where.get(key)
+        if found is None:
+            found = self.where[key] = []
+            if key not in self._skip:
+                for source in (self._placements, self._reservations):
+                    host = source.get(key)
+                    pos = None if host is None or host in self._lost else self.position.get(host)
+                    if pos is not None and pos not in found:
+                        found.append(pos)
         return found
 
     # ------------------------------------------------------------------ proposals
@@ -203,15 +291,12 @@ class ClusterIndex:
     def add(self, vm: VM, pos: int) -> None:
         """Propose `vm` on the host at `pos`."""
         self._move(vm, pos, 1)
-        self.where.setdefault(vm.key, []).append(pos)
+        self.spots(vm.key).append(pos)
 
     def remove(self, vm: VM, pos: int) -> None:
         """Take back a proposal or a placement (the VM's host failed)."""
         self._move(vm, pos, -1)
-        spots = self.where[vm.key]
-        spots.remove(pos)
-        if not spots:
-            del self.where[vm.key]
+        self.spots(vm.key).remove(pos)
 
     def _move(self, vm: VM, pos: int, delta: int) -> None:
         r = vm.resources
@@ -225,3 +310,16 @@ class ClusterIndex:
         """Mark a host lost (or back) for a failure simulation."""
         self.state[pos] = HostState.LOST if lost else self.hosts[pos].state
         self.ready[pos] = self.state[pos] is HostState.READY
+
+
+_last_table: HostTable | None = None
+
+
+def host_table(hosts: Mapping[str, Host]) -> HostTable:
+    """The table for these hosts, rebuilt unless the previous batch had the same Host
+    records (identity: frozen records, so equal identity means equal content)."""
+    global _last_table
+    table = _last_table
+    if table is None or not table.same_hosts(hosts):
+        table = _last_table = HostTable(list(hosts.values()))
+    return table
