@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -266,7 +267,7 @@ class EtcdBackend:
         the revision the plan was computed at, and that every new key is still absent."""
         t = self.client.transactions
         async with self._place_lock:
-            for _attempt in range(PLACE_ATTEMPTS):
+            for attempt in range(PLACE_ATTEMPTS):
                 view = self.view()
                 snap = view.snapshot
                 plan = place(snap, Batch(tuple(vms), atomic=atomic))
@@ -309,6 +310,9 @@ class EtcdBackend:
                 if ok:
                     await self.wait_for_revision(revision)
                     return plan
+                # Another writer (a second coordinator in a race) won: back off with
+                # jitter so two of them do not collide again in lockstep.
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
                 await self._catch_up()
                 for key in extra_absent:
                     if await self.get(key) is not None:

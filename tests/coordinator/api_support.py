@@ -69,7 +69,7 @@ class Api:
                     domain_type="test",
                 )
                 ops.append(t.put(keyspace.host(name).encode(), models.dumps(info), lease=lease))
-            await self.client.transaction(compare=[], success=ops)
+            await self.client.transaction(compare=[], success=ops, failure=[])
         await self.backend.fresh_view()
 
     def key_count(self) -> int:

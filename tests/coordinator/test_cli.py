@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from api_support import Api, running_api
 from hvplace.coordinator import cli
+from support.etcd import EtcdServer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "lab" / "sample-cluster.toml"
 
@@ -43,3 +47,68 @@ def test_bad_cluster_file_is_incorrect(tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_text('[[vms]]\nscope = "a"\nname = "../x"\n')
     assert cli.main(["simulate", "--cluster", str(bad)]) == 1
     assert "incorrect" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- live
+
+
+@pytest.fixture
+async def api(etcd: EtcdServer) -> AsyncIterator[Api]:
+    async with running_api(etcd) as a:
+        for name in ("hv1", "hv2"):
+            await a.add_host(name, {"rack": name})
+        yield a
+
+
+async def run(capsys: pytest.CaptureFixture[str], api: Api, *argv: str) -> tuple[int, str, str]:
+    # The CLI is a blocking gRPC client; the server runs on this event loop.
+    endpoint = f"127.0.0.1:1,{api.endpoint}"  # a dead endpoint first: the CLI moves on
+    code = await asyncio.to_thread(cli.main, ["--endpoint", endpoint, "--timeout", "5", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_cli_against_a_running_coordinator(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = await run(
+        capsys, api, "vm", "create", "--scope", "acme", "web", "--count", "2", "--label", "app=web"
+    )
+    assert code == 0 and "web-1" in out and "scheduled" in out
+    assert out.splitlines()[0].split() == list(cli.VM_HEADERS)
+    code, out, _ = await run(capsys, api, "--json", "vm", "list", "--scope", "acme")
+    assert code == 0
+    names = [v["spec"]["name"] for v in json.loads(out)["vms"]]
+    assert names == ["web-1", "web-2"]
+    code, out, _ = await run(
+        capsys,
+        api,
+        "rule",
+        "create",
+        "apart",
+        "--scope",
+        "acme",
+        "--kind",
+        "anti-affinity",
+        "--selector",
+        "app=web",
+    )
+    assert code == 0 and "anti_affinity" in out
+    code, out, _ = await run(capsys, api, "rule", "get", "acme/apart")
+    assert code == 0 and "web-1" in out and "MEMBER" in out
+    code, out, err = await run(capsys, api, "rule", "delete", "apart", "--scope", "acme")
+    assert code == 1 and err.startswith("hvplace: conflict: ")
+    code, out, _ = await run(capsys, api, "host", "cordon", "hv1")
+    assert code == 0 and "cordoned" in out
+    code, out, _ = await run(capsys, api, "host", "list")
+    assert code == 0 and "hv2" in out
+    code, out, _ = await run(capsys, api, "cluster", "status")
+    assert code == 0 and "headroom" in out
+    code, out, _ = await run(capsys, api, "--json", "simulate", "--fail", "hv2")
+    assert (code == 0 and "pending" in json.loads(out)) or "moves" in json.loads(out)
+    code, out, _ = await run(capsys, api, "vm", "explain", "acme/web-1")
+    assert code == 0 and "hosts feasible" in out
+    code, _, err = await run(capsys, api, "vm", "get", "acme/nope")
+    assert code == 1 and err.startswith("hvplace: not-found: ")
+    code, _, err = await run(capsys, api, "vm", "create", "--scope", "acme", "bad..name")
+    assert code == 1 and "incorrect" in err
