@@ -1,0 +1,180 @@
+"""Commit throughput and latency of VM creates through the gRPC API on a real etcd.
+
+Registers synthetic hosts, measures raw batched etcd txn puts, single creates on an idle
+cluster (create → assignment committed), then batched creates from concurrent clients.
+Prints one JSON line with --json. Run: python bench/commit.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import aetcd
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from hvplace.coordinator.api import start_api_server
+from hvplace.coordinator.backend import EtcdBackend
+from hvplace.coordinator.operations import Operations
+from hvplace.proto import keyspace, models
+from hvplace.proto.models import HostInfo, Resources
+from hvplace.proto.v1 import hvplace_pb2 as pb
+from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+from support.etcd import EtcdServer
+
+TXN_OPS = 120
+"""etcd's default --max-txn-ops is 128; a VM costs 3 puts (spec, status, assignment)."""
+
+
+def vm(name: str) -> pb.VM:
+    return pb.VM(scope="bench", name=name, resources=pb.Resources(vcpus=1, memory_mib=256))
+
+
+async def raw_puts(client: aetcd.Client, count: int) -> float:
+    t = client.transactions
+    value = models.dumps(
+        models.VM(scope="bench", name="raw", resources=Resources(vcpus=1, memory_mib=256))
+    )
+    start = time.perf_counter()
+    for base in range(0, count, TXN_OPS):
+        ops = [
+            t.put(f"/bench/raw/{i}".encode(), value)
+            for i in range(base, min(count, base + TXN_OPS))
+        ]
+        await client.transaction(compare=[], success=ops, failure=[])
+    return count / (time.perf_counter() - start)
+
+
+async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
+    etcd = EtcdServer()
+    etcd.start()
+    client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
+    await client.connect()
+    backend = EtcdBackend(client)
+    await backend.start()
+    server = await start_api_server(
+        Operations(backend, admission_on_create=not args.no_admission), "127.0.0.1:0"
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.VMServiceStub(channel)
+    try:
+        lease = await client.lease(600)
+        t = client.transactions
+        for base in range(0, args.hosts, TXN_OPS):
+            ops = []
+            for i in range(base, min(args.hosts, base + TXN_OPS)):
+                info = HostInfo(
+                    name=f"hv{i:04d}",
+                    capacity=Resources(vcpus=256, memory_mib=1 << 20, disk_gib=10_000),
+                )
+                ops.append(
+                    t.put(keyspace.host(info.name).encode(), models.dumps(info), lease=lease)
+                )
+            await client.transaction(compare=[], success=ops, failure=[])
+        await backend.fresh_view()
+
+        # Single creates on an idle cluster: the response comes once the assignment is
+        # committed and visible in the coordinator's cache.
+        latencies = []
+        for i in range(args.singles):
+            start = time.perf_counter()
+            resp = await stub.CreateVMs(
+                pb.CreateVMsRequest(request_id=f"s{i}", vms=[vm(f"single-{i}")])
+            )
+            latencies.append((time.perf_counter() - start) * 1000)
+            assert resp.vms[0].status.phase == "scheduled"
+        latencies.sort()
+        p50 = statistics.median(latencies)
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+
+        # Batched creates from concurrent clients.
+        batches = [
+            [vm(f"b-{i}") for i in range(base, min(args.vms, base + args.batch))]
+            for base in range(0, args.vms, args.batch)
+        ]
+        queue: asyncio.Queue[tuple[int, list[pb.VM]]] = asyncio.Queue()
+        for n, b in enumerate(batches):
+            queue.put_nowait((n, b))
+        placed = 0
+
+        async def worker() -> None:
+            nonlocal placed
+            while not queue.empty():
+                n, b = queue.get_nowait()
+                resp = await stub.CreateVMs(pb.CreateVMsRequest(request_id=f"b{n}", vms=b))
+                placed += sum(1 for v in resp.vms if v.status.phase == "scheduled")
+
+        profiler = None
+        if args.profile:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(async_mode="disabled")
+            profiler.start()
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.clients)))
+        elapsed = time.perf_counter() - start
+        if profiler is not None:
+            profiler.stop()
+            print(profiler.output_text(unicode=False, color=False), file=sys.stderr)
+        placements_per_s = placed / elapsed
+        raw = await raw_puts(client, args.raw_keys)
+        return {
+            "hosts": args.hosts,
+            "vms": placed,
+            "batch": args.batch,
+            "clients": args.clients,
+            "placements_per_s": round(placements_per_s, 1),
+            "p50_create_to_assigned_ms": round(p50, 2),
+            "p99_create_to_assigned_ms": round(p99, 2),
+            "raw_etcd_keys_per_s": round(raw, 1),
+            # Each placement writes 3 keys (spec, status, assignment).
+            "ratio_to_raw_etcd": round(placements_per_s / raw, 3),
+            "keys_per_placement": 3,
+            "admission_on_create": not args.no_admission,
+        }
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await backend.close()
+        await client.close()
+        etcd.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hosts", type=int, default=200)
+    parser.add_argument("--vms", type=int, default=5000)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=TXN_OPS // 3 - 1,
+        help="VMs per create (≤ 39 under etcd's default max-txn-ops)",
+    )
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--singles", type=int, default=200)
+    parser.add_argument("--raw-keys", type=int, default=15000)
+    parser.add_argument(
+        "--profile", action="store_true", help="pyinstrument profile of the batched phase to stderr"
+    )
+    parser.add_argument(
+        "--no-admission", action="store_true", help="skip failover admission on creates"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON line")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v}")
+
+
+if __name__ == "__main__":
+    main()
