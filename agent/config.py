@@ -1,0 +1,163 @@
+"""The agent's settings: TOML file, then HVPLACE_AGENT_* environment, then flags -> one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvplace.proto.errors import InvalidInput
+from hvplace.proto.models import FENCE_GRACE_S, ClusterConfig, Ratios, validate_cluster_config
+from hvplace.proto.names import check_label, check_name
+
+DEFAULT_CONFIG = Path("/etc/hvplace/agent.toml")
+ENV_PREFIX = "HVPLACE_AGENT_"
+DOMAIN_TYPES = ("auto", "kvm", "qemu")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    libvirt_uri: str = "qemu:///system"
+    state_dir: Path = Path("/var/lib/hvplace-agent")
+    # Where qcow2 overlays live (its disk is the host's disk capacity); default <state_dir>/images.
+    images_dir: Path | None = None
+    # Serial console logs, one per domain; default <state_dir>/console.
+    console_dir: Path | None = None
+    guest_cache_dir: Path = Path("/var/cache/hvplace/guest")
+    domain_type: str = "auto"
+    kvm_probe_timeout_s: float = 15.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    cpu_ratio: float = 1.0
+    ram_ratio: float = 1.0
+    disk_ratio: float = 1.0
+    reserved_memory_mib: int = 0
+    address: str = ""
+    # Used only when etcd holds no cluster config record (/hvplace/v1/config).
+    lease_ttl: float | None = None
+    fence_after: float | None = None
+    resync_interval_s: float = 10.0
+    stop_timeout_s: float = 10.0
+    etcd_timeout_s: float = 2.0
+    metrics_listen: str = "127.0.0.1:9464"
+    watchdog_device: str = ""
+    log_level: str = "INFO"
+
+    @property
+    def images(self) -> Path:
+        return self.images_dir or self.state_dir / "images"
+
+    @property
+    def consoles(self) -> Path:
+        return self.console_dir or self.state_dir / "console"
+
+    @property
+    def ratios(self) -> Ratios:
+        return Ratios(cpu=self.cpu_ratio, ram=self.ram_ratio, disk=self.disk_ratio)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML value or an environment/flag string into the field's type."""
+    kind = str(_FIELDS[name].type)
+    try:
+        if name == "labels":
+            if isinstance(value, str):
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, Mapping):
+                raise TypeError("a table of key = value")
+            return {str(k): str(v) for k, v in value.items()}
+        if name == "etcd_endpoints":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list | tuple) or not value:
+                raise TypeError("a non-empty list of host:port")
+            return tuple(str(v).removeprefix("http://") for v in value)
+        if "Path" in kind:
+            return Path(value) if value not in (None, "") else None
+        if kind.startswith("float"):
+            return None if value in (None, "") else float(value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise TypeError("an integer")
+            return int(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError("a string")
+            return value
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"agent config {name}: expected {e or kind}, got {value!r}") from None
+    raise AssertionError(f"no coercion for {name}: {kind}")
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """File < environment < flags. A missing default file is fine; a named one must exist."""
+    values: dict[str, Any] = {}
+    file = path or DEFAULT_CONFIG
+    if path is not None or file.exists():
+        try:
+            with open(file, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise InvalidInput(f"cannot read agent config {file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidInput(f"agent config {file} is not valid TOML: {e}") from None
+        unknown = set(raw) - set(_FIELDS)
+        if unknown:
+            raise InvalidInput(f"agent config {file}: unknown key(s) {', '.join(sorted(unknown))}")
+        values.update({k: _coerce(k, v) for k, v in raw.items()})
+    for key, value in (os.environ if env is None else env).items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in _FIELDS:
+                raise InvalidInput(f"environment {key}: no agent setting {name!r}")
+            values[name] = _coerce(name, value)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return validate(AgentConfig(**values))
+
+
+def validate(cfg: AgentConfig) -> AgentConfig:
+    check_name(cfg.host, "host name")
+    for k, v in cfg.labels.items():
+        check_label(k, v, "host label")
+    if cfg.domain_type not in DOMAIN_TYPES:
+        raise InvalidInput(f"domain_type {cfg.domain_type!r} must be one of {DOMAIN_TYPES}")
+    for name in ("resync_interval_s", "stop_timeout_s", "etcd_timeout_s", "kvm_probe_timeout_s"):
+        if getattr(cfg, name) <= 0:
+            raise InvalidInput(f"{name} must be positive")
+    if cfg.reserved_memory_mib < 0:
+        raise InvalidInput("reserved_memory_mib must not be negative")
+    return cfg
+
+
+def cluster_config(record: ClusterConfig | None, cfg: AgentConfig) -> ClusterConfig:
+    """The timing budget in force: etcd's record if there is one, else the agent's own
+    lease_ttl/fence_after (fence_after derived from lease_ttl when only that is given),
+    else the defaults. Raises InvalidInput when the budget is unsafe: the agent refuses to run."""
+    if record is None:
+        base = ClusterConfig()
+        ttl = cfg.lease_ttl if cfg.lease_ttl is not None else base.lease_ttl_s
+        fence = cfg.fence_after
+        if fence is None:
+            fence = (
+                base.fence_after_s
+                if cfg.lease_ttl is None
+                else min(0.6 * ttl, ttl + base.failover_delay_s - FENCE_GRACE_S - 0.5)
+            )
+        record = dataclasses.replace(base, lease_ttl_s=ttl, fence_after_s=fence)
+    return validate_cluster_config(record)

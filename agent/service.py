@@ -1,0 +1,506 @@
+"""The agent daemon: lease keeper, self-fencing, the reconcile worker and status reporting.
+
+`Agent.run()` until `shutdown()`; every task is level-triggered off one `dirty` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import psutil
+from hvplace.agent import capacity, reconcile, sdnotify
+from hvplace.agent.config import AgentConfig, cluster_config
+from hvplace.agent.hypervisor import Hypervisor, HypervisorError, LibvirtHypervisor
+from hvplace.agent.metrics import AgentMetrics, MetricsServer
+from hvplace.agent.reconcile import ActionKind
+from hvplace.agent.store import EtcdStore, StoreError
+from hvplace.proto.errors import InvalidInput
+from hvplace.proto.models import (
+    Assignment,
+    ClusterConfig,
+    DomainState,
+    DomainStatus,
+    HostInfo,
+)
+
+log = logging.getLogger(__name__)
+AGENT_VERSION = "0.1.0"
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        hypervisor: Hypervisor | None = None,
+        store: EtcdStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.hv: Hypervisor = hypervisor or LibvirtHypervisor(
+            cfg.libvirt_uri,
+            domain_type=cfg.domain_type,
+            images_dir=cfg.images,
+            console_dir=cfg.consoles,
+            state_dir=cfg.state_dir,
+            guest_cache_dir=cfg.guest_cache_dir,
+            probe_timeout_s=cfg.kvm_probe_timeout_s,
+        )
+        self.store = store or EtcdStore(cfg.etcd_endpoints, cfg.host, cfg.etcd_timeout_s)
+        self.metrics = AgentMetrics()
+        self._clock = clock
+        self._stopping = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self.registered = asyncio.Event()
+        self.cluster: ClusterConfig = ClusterConfig()
+        self.info: HostInfo | None = None
+        self.lease_id: int | None = None
+        self._last_ack_sent: float = 0.0
+        # Fencing: `fenced` destroys and blocks starts; `_fence_gen` lets an in-flight
+        # reconcile pass notice it was overtaken by a fence.
+        self.fenced = False
+        self._fence_gen = 0
+        self.fence_count = 0
+        self._may_start = False
+        self._written: dict[str, DomainStatus] = {}
+        self._stale_status: set[str] = set()
+        self._since: dict[str, tuple[DomainState, float]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: MetricsServer | None = None
+        self._watchdog: sdnotify.WatchdogDevice | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shutdown_done = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Open libvirt, read the timing budget (refusing an unsafe one), then run until shutdown."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self.hv.open()
+            self.hv.on_event(self._on_domain_event)
+            await self._load_cluster_config()
+            self.info = await self._host_info()
+            log.info(
+                "agent %s on %s (domain type %s): lease_ttl %.1fs, fence_after %.1fs, capacity %s",
+                self.cfg.host,
+                self.cfg.libvirt_uri,
+                self.hv.domain_type,
+                self.cluster.lease_ttl_s,
+                self.cluster.fence_after_s,
+                self.info.capacity,
+            )
+            if self.cfg.watchdog_device:
+                self._watchdog = sdnotify.WatchdogDevice(self.cfg.watchdog_device)
+            if self.cfg.metrics_listen:
+                self._server = MetricsServer(self.metrics, self.health)
+                try:
+                    await self._server.start(self.cfg.metrics_listen)
+                except OSError as e:
+                    log.error("metrics on %s unavailable: %s", self.cfg.metrics_listen, e)
+                    self._server = None
+            # The budget is measured from the agent's start until the first renewal:
+            # domains adopted from a previous agent are fenced if etcd stays unreachable.
+            self._last_ack_sent = self._clock()
+            self._spawn(self._lease_loop())
+            self._spawn(self._fence_monitor())
+            self._spawn(self._reconcile_worker())
+            self._spawn(self._watch_loop())
+            self._spawn(self._resync_ticker())
+            self._spawn(self._systemd_watchdog())
+            self._trigger()
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            for t in self._tasks:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            await self._cleanup()
+
+    async def shutdown(self) -> None:
+        """Idempotent; domains are left running (a restarted agent adopts them)."""
+        self._stopping.set()
+
+    async def _cleanup(self) -> None:
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.stop()
+        if self._watchdog is not None:
+            self._watchdog.close()
+        await self.store.close()
+        await self.hv.close()
+        log.info("agent %s stopped", self.cfg.host)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    def _trigger(self) -> None:
+        self._dirty.set()
+
+    def _on_domain_event(self, _domain: str) -> None:
+        """From libvirt's event thread: any lifecycle change means resync now."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._trigger)
+
+    def health(self) -> tuple[bool, str]:
+        if self.fenced:
+            return False, "fenced: lease lost"
+        if self.lease_id is None:
+            return False, "no lease"
+        return True, "ok"
+
+    # -- registration and lease ------------------------------------------------------
+
+    async def _load_cluster_config(self) -> None:
+        """Retries until etcd answers; an unsafe budget raises InvalidInput (refuse to start)."""
+        delay = 0.2
+        while True:
+            try:
+                record = await self.store.cluster_config()
+                break
+            except StoreError as e:
+                log.warning("reading the cluster config: %s; retrying", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.cluster = cluster_config(record, self.cfg)
+
+    async def _host_info(self) -> HostInfo:
+        facts = await self.hv.node_facts()
+        disk = await asyncio.to_thread(psutil.disk_usage, str(self.cfg.images))
+        return capacity.host_info(
+            name=self.cfg.host,
+            facts=facts,
+            images_disk_bytes=disk.total,
+            labels=self.cfg.labels,
+            ratios=self.cfg.ratios,
+            reserved_memory_mib=self.cfg.reserved_memory_mib,
+            address=self.cfg.address,
+            libvirt_uri=self.cfg.libvirt_uri,
+            domain_type=self.hv.domain_type,
+            agent_version=AGENT_VERSION,
+            started_at=time.time(),
+        )
+
+    @property
+    def renew_interval_s(self) -> float:
+        """Renew several times per fence budget, so one slow round trip never fences."""
+        return min(self.cluster.lease_ttl_s / 3, self.cluster.fence_after_s / 4)
+
+    def _lease_file(self) -> Any:
+        return self.cfg.state_dir / "lease.json"
+
+    async def _previous_lease(self) -> int | None:
+        """A lease a previous run of this agent still holds: reusing it keeps the host
+        key from flapping across a restart."""
+        try:
+            saved = json.loads(self._lease_file().read_text())
+            lease = int(saved["lease_id"])
+            if saved.get("host") != self.cfg.host:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            ttl = await self.store.keepalive(lease, self.cfg.etcd_timeout_s)
+        except StoreError:
+            return None
+        return lease if ttl > 0 else None
+
+    async def _acquire(self) -> None:
+        try:
+            self.cluster = cluster_config(await self.store.cluster_config(), self.cfg)
+        except InvalidInput as e:
+            log.error("cluster config is unsafe; keeping the previous budget: %s", e)
+        sent = self._clock()
+        lease = None if self.fence_count else await self._previous_lease()
+        if lease is None:
+            lease = await self.store.grant(self.cluster.lease_ttl_s)
+        assert self.info is not None
+        await self.store.put_host(self.info, lease)
+        try:
+            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            self._lease_file().write_text(json.dumps({"host": self.cfg.host, "lease_id": lease}))
+        except OSError as e:
+            log.warning("cannot save the lease id: %s", e)
+        self._stale_status = set(await self.store.domain_keys())
+        self._written.clear()
+        self._last_ack_sent = sent
+        self.lease_id = lease
+        self.metrics.lease_held.set(1)
+        # Holding a lease again ends the fence; the next reconcile pass reads the
+        # assignments afresh (after this point) before anything is started.
+        if self.fenced:
+            log.warning("new lease %x held: assignments will be re-read before any start", lease)
+        self.fenced = False
+        self.metrics.fenced.set(0)
+        self._may_start = True
+        self.registered.set()
+        sdnotify.notify("READY=1")
+        log.info("host %s registered on lease %x", self.cfg.host, lease)
+        self._trigger()
+
+    async def _lease_loop(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            lease = self.lease_id
+            if lease is None:
+                try:
+                    await self._acquire()
+                    delay = 0.2
+                except StoreError as e:
+                    log.warning("registering host %s: %s", self.cfg.host, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                continue
+            sent = self._clock()
+            try:
+                ttl = await self.store.keepalive(lease, self.renew_interval_s)
+            except StoreError as e:
+                self.metrics.lease_renew_failures.inc()
+                log.warning("lease renewal failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            if self.lease_id != lease:
+                continue  # fenced meanwhile: that lease is abandoned
+            if ttl <= 0:
+                # etcd dropped the lease: the coordinator may already be re-placing.
+                await self._fence("etcd reports the lease expired")
+                continue
+            self._last_ack_sent = sent
+            self.metrics.lease_renew.observe(self._clock() - sent)
+            if self._watchdog is not None:
+                self._watchdog.pet()
+            await asyncio.sleep(max(0.0, self.renew_interval_s - (self._clock() - sent)))
+
+    # -- fencing ----------------------------------------------------------------------
+
+    async def _fence_monitor(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(0.05)
+            silent = self._clock() - self._last_ack_sent
+            if not self.fenced and silent >= self.cluster.fence_after_s:
+                await self._fence(f"lease not renewed for {silent:.2f}s")
+
+    async def _fence(self, why: str) -> None:
+        """SPEC §4: destroy every managed domain; start none until a new lease is held."""
+        if self.fenced:
+            return
+        self.fenced = True
+        self._fence_gen += 1
+        self._may_start = False
+        old, self.lease_id = self.lease_id, None
+        self.fence_count += 1
+        self.metrics.fence_events.inc()
+        self.metrics.fenced.set(1)
+        self.metrics.lease_held.set(0)
+        started = self._clock()
+        log.error("FENCING host %s: %s; destroying every managed domain", self.cfg.host, why)
+        try:
+            destroyed = await self.hv.destroy_all_managed()
+        except HypervisorError as e:
+            log.error("fence: listing domains failed (%s); the reconcile pass retries", e)
+            destroyed = []
+        log.error(
+            "FENCED host %s: destroyed %d domain(s) in %.2fs: %s",
+            self.cfg.host,
+            len(destroyed),
+            self._clock() - started,
+            ", ".join(destroyed) or "none",
+        )
+        if old is not None:
+            self._spawn(self._revoke(old))
+        self._trigger()
+
+    async def _revoke(self, lease: int) -> None:
+        """Best effort, so the coordinator learns at once when etcd is reachable."""
+        with contextlib.suppress(StoreError):
+            await self.store.revoke(lease)
+
+    # -- reconcile --------------------------------------------------------------------
+
+    async def _resync_ticker(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.cfg.resync_interval_s)
+            self._trigger()
+
+    async def _watch_loop(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                async for _ in self.store.watch_assignments():
+                    delay = 0.2
+                    self._trigger()
+            except StoreError as e:
+                log.debug("assignment watch: %s", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            self._trigger()  # whatever the broken watch missed
+
+    async def _systemd_watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval_s()
+        if interval is None:
+            await self._stopping.wait()  # every task lives until shutdown
+            return
+        while not self._stopping.is_set():
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _reconcile_worker(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            await self._dirty.wait()
+            self._dirty.clear()
+            started = time.perf_counter()
+            try:
+                failed = await self.sync()
+            except (StoreError, HypervisorError) as e:
+                log.warning("reconcile: %s; retrying in %.1fs", e, delay)
+                failed = True
+            self.metrics.reconcile.observe(time.perf_counter() - started)
+            if failed:
+                # Errors re-queue with backoff; the periodic resync also covers them.
+                asyncio.get_running_loop().call_later(delay, self._trigger)
+                delay = min(delay * 2, 5.0)
+            else:
+                delay = 0.2
+
+    async def sync(self) -> bool:
+        """One level-triggered pass over this host; True when an action failed."""
+        gen, fenced = self._fence_gen, self.fenced
+        may_start = self._may_start and not fenced
+        desired: dict[str, Assignment] = {}
+        unreadable: dict[str, str] = {}
+        if not fenced:
+            got = await self.store.assignments()
+            desired, unreadable = got.valid, got.invalid
+        actual = await self.hv.list_managed()
+        the_plan = reconcile.plan(
+            self.cfg.host,
+            desired,
+            actual,
+            may_start=may_start,
+            fenced=fenced,
+            keep=frozenset(unreadable),
+        )
+        errors: dict[str, str] = {**unreadable, **the_plan.rejected}
+        for key, message in the_plan.rejected.items():
+            log.error("rejected assignment %s: %s", key, message)
+        for action in the_plan.actions:
+            if action.key in errors:
+                continue
+            overtaken = self.fenced or self._fence_gen != gen
+            if action.kind in (ActionKind.DEFINE, ActionKind.START) and overtaken:
+                continue
+            try:
+                await self._apply(action)
+            except (HypervisorError, InvalidInput) as e:
+                self.metrics.reconcile_errors.inc()
+                errors[action.key] = e.message
+                log.error("%s %s failed: %s", action.kind.value, action.key, e.message)
+                continue
+            log.info("%s %s (%s)", action.kind.value, action.key, action.reason)
+            if action.kind is ActionKind.START and (self.fenced or self._fence_gen != gen):
+                # A fence landed while this start was in flight: undo it.
+                await self.hv.destroy(self._domain_of(action))
+        if the_plan.actions:
+            actual = await self.hv.list_managed()
+        await self._report(desired, actual, errors)
+        return bool(errors.keys() - unreadable.keys() - the_plan.rejected.keys())
+
+    @staticmethod
+    def _domain_of(action: reconcile.Action) -> str:
+        if action.domain:
+            return action.domain
+        from hvplace.agent.domain_xml import domain_name
+
+        assert action.assignment is not None
+        return domain_name(action.assignment.vm.scope, action.assignment.vm.name)
+
+    async def _apply(self, action: reconcile.Action) -> None:
+        kind = action.kind
+        if kind is ActionKind.DEFINE:
+            assert action.assignment is not None
+            await self.hv.define(action.assignment)
+        elif kind is ActionKind.START:
+            await self.hv.start(self._domain_of(action))
+        elif kind is ActionKind.STOP:
+            await self.hv.stop(self._domain_of(action), self.cfg.stop_timeout_s)
+        elif kind is ActionKind.DESTROY:
+            await self.hv.destroy(self._domain_of(action))
+        elif kind is ActionKind.UNDEFINE:
+            await self.hv.undefine(self._domain_of(action))
+
+    # -- status -----------------------------------------------------------------------
+
+    def _status(
+        self,
+        key: str,
+        a: Assignment | None,
+        obs: reconcile.Observed | None,
+        error: str,
+    ) -> DomainStatus:
+        scope, name = key.split("/", 1)
+        if obs is not None:
+            state = obs.state
+            if self.fenced and state not in reconcile.ACTIVE:
+                state = DomainState.FENCED
+        elif self.fenced:
+            state = DomainState.FENCED
+        else:
+            state = DomainState.FAILED if error else DomainState.DEFINED
+        if error and obs is None:
+            state = DomainState.FAILED
+        prev = self._since.get(key)
+        since = prev[1] if prev is not None and prev[0] is state else time.time()
+        self._since[key] = (state, since)
+        return DomainStatus(
+            scope=scope,
+            name=name,
+            host=self.cfg.host,
+            uid=a.vm.uid if a is not None else (obs.uid if obs else ""),
+            epoch=a.epoch if a is not None else (obs.epoch if obs else 0),
+            state=state,
+            since=since,
+            last_error=error,
+        )
+
+    async def _report(
+        self,
+        desired: dict[str, Assignment],
+        actual: dict[str, reconcile.Observed],
+        errors: dict[str, str],
+    ) -> None:
+        """Write changed statuses under this host's own keys, on the lease; drop the rest."""
+        counts: dict[DomainState, int] = {}
+        for obs in actual.values():
+            counts[obs.state] = counts.get(obs.state, 0) + 1
+        self.metrics.set_domains(counts)
+        lease = self.lease_id
+        if lease is None:
+            return  # nothing may be written without a lease (it would outlive us)
+        keys = set(desired) | set(actual) | set(errors)
+        for key in sorted(keys):
+            status = self._status(key, desired.get(key), actual.get(key), errors.get(key, ""))
+            if self._written.get(key) != status:
+                await self.store.put_domain(status, lease)
+                self._written[key] = status
+        for key in sorted((set(self._written) | self._stale_status) - keys):
+            scope, name = key.split("/", 1)
+            await self.store.delete_domain(scope, name)
+            self._written.pop(key, None)
+            self._stale_status.discard(key)
+            self._since.pop(key, None)
