@@ -7,6 +7,7 @@ Records mirror their messages field by field, so a conversion is `MessageToDict`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -27,8 +28,15 @@ def from_proto(cls: type[T], msg: Message) -> T:
 
 
 def to_proto(record: Any, msg_cls: type[M]) -> M:
-    """The message twin of a record (or of a result dataclass shaped like its message)."""
-    return json_format.ParseDict(full_dict(record), msg_cls())
+    """The message twin of a record (or of a result dataclass shaped like its message).
+
+    Built by the message constructor, which takes nested dicts for sub-messages and maps:
+    several times faster than `ParseDict`, and on the API's hot path (every created VM)."""
+    try:
+        return msg_cls(**full_dict(record))
+    except (TypeError, ValueError):
+        # A field the message lacks or a value it rejects: ParseDict names it precisely.
+        return json_format.ParseDict(full_dict(record), msg_cls())
 
 
 def _encode(value: Any) -> Any:
@@ -48,11 +56,16 @@ def full_dict(record: Any) -> dict[str, Any]:
     `models.from_dict`, which restores defaults), an API reader gets proto3 defaults
     (0, false, "") for what is left out, and a VM's default size is not zero."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(record):
-        value = getattr(record, f.name)
+    for name in _field_names(type(record)):
+        value = getattr(record, name)
         if value is not None:
-            out[f.name] = _encode(value)
+            out[name] = _encode(value)
     return out
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def dict_to_proto(data: Mapping[str, Any], msg_cls: type[M]) -> M:

@@ -68,6 +68,13 @@ class EtcdServer:
             f"hvplace-test={peer}",
             "--initial-cluster-state",
             "new",
+            # hvplace commits a batch of VMs in one transaction (3 keys per VM); etcd's
+            # default of 128 operations would cap a batch at 42 VMs. Production etcd
+            # for hvplace runs with the same two settings (README).
+            "--max-txn-ops",
+            "4096",
+            "--max-request-bytes",
+            str(16 * 1024 * 1024),
             "--log-level",
             "warn",
             "--logger",
