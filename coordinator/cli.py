@@ -874,6 +874,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lab"]:
+        # `hvplace lab ...` drives the single-machine lab; it talks to no coordinator.
+        from hvplace.lab.cli import main as lab_main
+
+        return lab_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     client = None
