@@ -1,0 +1,238 @@
+"""The agent daemon (`python -m hvplace.agent`) against a real libvirtd, real QEMU (TCG)
+guests and a real etcd: boot, restart adoption, stale domains, bad specs, self-fencing."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from agent.conftest import domain_status, get_prefix, put_assignment
+from hvplace.agent import guest_image
+from hvplace.agent.domain_xml import NAMESPACE, domain_name, parse_tag
+from hvplace.proto import keyspace
+from hvplace.proto.models import VM, ClusterConfig, DomainState, Image, Resources, dumps
+from support import libvirtd as libvirtd_support
+from support.etcd import EtcdServer
+
+pytestmark = pytest.mark.libvirtd
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[libvirtd_support.Libvirtd]:
+    try:
+        daemon = libvirtd_support.start()
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        pytest.fail(str(e), pytrace=False)
+    yield daemon
+    daemon.stop_started()
+
+
+@pytest.fixture(scope="session")
+def guest() -> guest_image.GuestImage:
+    try:
+        return guest_image.build()
+    except RuntimeError as e:
+        pytest.fail(f"{e} (then: python -m hvplace.agent.guest_image)", pytrace=False)
+
+
+@pytest.fixture
+def scope(libvirtd: libvirtd_support.Libvirtd) -> Iterator[str]:
+    """A scope of this test's own; every domain of it is destroyed and undefined after."""
+    name = "t" + secrets.token_hex(4)
+    yield name
+    conn = libvirt.open(libvirtd.uri)
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                tag = parse_tag(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE))
+            except libvirt.libvirtError:
+                continue
+            if tag is not None and tag.scope == name:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def spawn_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(host: str, etcd: EtcdServer) -> subprocess.Popen[bytes]:
+        conf = tmp_path / f"{host}.toml"
+        conf.write_text(
+            f'host = "{host}"\netcd_endpoints = ["{etcd.endpoint}"]\n'
+            f'libvirt_uri = "{libvirtd_support.URI}"\nstate_dir = "{tmp_path / host}"\n'
+            'domain_type = "qemu"\nmetrics_listen = "127.0.0.1:0"\nresync_interval_s = 2.0\n'
+        )
+        log = open(tmp_path / f"{host}.log", "ab")  # noqa: SIM115 - the child's stdout
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hvplace.agent", "--config", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        stop_agent(proc)
+
+
+def stop_agent(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def wait_for(check: Callable[[], Any], within: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {within}s")
+
+
+def guest_vm(scope: str, name: str, image: guest_image.GuestImage) -> VM:
+    return VM(
+        scope=scope,
+        name=name,
+        uid=f"uid-{name}",
+        resources=Resources(vcpus=1, memory_mib=96),
+        image=Image(kernel=str(image.kernel), initrd=str(image.initrd), cmdline=image.cmdline),
+    )
+
+
+def lookup(uri: str, name: str) -> tuple[bool, int] | None:
+    """(active, domain ID) of a domain, None when it is not defined."""
+    conn = libvirt.open(uri)
+    try:
+        dom = conn.lookupByName(name)
+        return bool(dom.isActive()), int(dom.ID())
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def qemu_pid(domain: str) -> int:
+    return int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
+
+
+def serial_markers(tmp_path: Path, host: str, domain: str) -> int:
+    log = tmp_path / host / "console" / f"{domain}.log"
+    try:
+        return log.read_bytes().count(guest_image.MARKER.encode())
+    except OSError:
+        return 0
+
+
+def test_guest_boots_and_restarted_agent_adopts_it(
+    libvirtd: libvirtd_support.Libvirtd,
+    guest: guest_image.GuestImage,
+    etcd: EtcdServer,
+    scope: str,
+    spawn_agent: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    host = f"qh-{scope}"
+    vm = guest_vm(scope, "web", guest)
+    dom = domain_name(scope, "web")
+    put_assignment(etcd, host, vm)
+    # A bad spec: a kernel that does not exist on the host is refused before libvirt.
+    bad = VM(scope=scope, name="bad", image=Image(kernel="/nonexistent/vmlinuz"))
+    put_assignment(etcd, host, bad)
+    t0 = time.monotonic()
+    agent = spawn_agent(host, etcd)
+    wait_for(lambda: serial_markers(tmp_path, host, dom) == 1, 60, "guest marker on serial log")
+    boot_s = time.monotonic() - t0
+    log = (tmp_path / host / "console" / f"{dom}.log").read_text(errors="replace")
+    assert f"{guest_image.MARKER} web" in log
+    print(f"agent start to guest marker: {boot_s:.1f}s")
+    status = wait_for(
+        lambda: (
+            (s := domain_status(etcd, host, scope, "web")) and s.state is DomainState.RUNNING and s
+        ),
+        10,
+        "running status",
+    )
+    assert status.epoch == 1
+    failed = wait_for(lambda: domain_status(etcd, host, scope, "bad"), 10, "bad status")
+    assert failed.state is DomainState.FAILED
+    assert "/nonexistent/vmlinuz does not exist on this host" in failed.last_error
+    assert lookup(libvirtd.uri, domain_name(scope, "bad")) is None
+
+    before = lookup(libvirtd.uri, dom)
+    pid = qemu_pid(dom)
+    stop_agent(agent)
+    assert lookup(libvirtd.uri, dom) == before  # stopping the agent leaves the VM alone
+    spawn_agent(host, etcd)
+    wait_for(lambda: keyspace.host(host) in get_prefix(etcd, keyspace.HOSTS), 15, "re-register")
+    time.sleep(3)  # a few reconcile passes
+    assert lookup(libvirtd.uri, dom) == before and qemu_pid(dom) == pid
+    assert serial_markers(tmp_path, host, dom) == 1  # no second boot
+
+    # A domain no longer assigned here is destroyed by an agent that comes back.
+    stop_agent(agent)
+    etcd.etcdctl("del", keyspace.assignment(host, scope, "web"))
+    spawn_agent(host, etcd)
+    wait_for(lambda: lookup(libvirtd.uri, dom) is None, 15, "stale domain removed")
+
+
+def test_lost_lease_fences_within_budget_then_recovers(
+    libvirtd: libvirtd_support.Libvirtd,
+    guest: guest_image.GuestImage,
+    own_etcd: EtcdServer,
+    scope: str,
+    spawn_agent: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    budget = ClusterConfig(lease_ttl_s=4.0, fence_after_s=2.0)
+    own_etcd.etcdctl("put", keyspace.CONFIG, dumps(budget).decode())
+    host = f"fh-{scope}"
+    dom = domain_name(scope, "db")
+    put_assignment(own_etcd, host, guest_vm(scope, "db", guest))
+    spawn_agent(host, own_etcd)
+    wait_for(lambda: serial_markers(tmp_path, host, dom) == 1, 60, "guest marker")
+    running = lookup(libvirtd.uri, dom)
+    assert running is not None and running[0]
+
+    own_etcd.signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: not lookup(libvirtd.uri, dom)[0], budget.fence_after_s + 3, "fence")  # type: ignore[index]
+        fenced_after = time.monotonic() - t0
+    finally:
+        own_etcd.signal(signal.SIGCONT)
+    print(
+        f"etcd frozen to domain destroyed: {fenced_after:.2f}s (fence_after {budget.fence_after_s}s)"
+    )
+    assert fenced_after <= budget.fence_after_s + 1.0
+    agent_log = (tmp_path / f"{host}.log").read_text()
+    assert "FENCED host" in agent_log
+
+    # etcd is back: a new lease, the assignment re-read, the VM started again.
+    t1 = time.monotonic()
+    wait_for(
+        lambda: (r := lookup(libvirtd.uri, dom)) is not None and r[0], 20, "restart after fence"
+    )
+    wait_for(lambda: serial_markers(tmp_path, host, dom) == 1, 60, "guest marker after fence")
+    print(f"etcd resumed to guest running again: {time.monotonic() - t1:.2f}s")
