@@ -1,0 +1,401 @@
+"""A list + watch cache of /hvplace/v1/ as typed records with their mod revisions; it resumes
+its watch from its revision, relists after compaction and tells subscribers what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from hvplace.coordinator.snapshot import Snapshot
+from hvplace.coordinator.store import Compacted, Store, WatchStream
+from hvplace.proto import keyspace, models
+from hvplace.proto.errors import HvplaceError, Unavailable
+from hvplace.proto.models import (
+    VM,
+    Assignment,
+    ClusterConfig,
+    DomainStatus,
+    HostInfo,
+    HostStatus,
+    Rule,
+    ScopePolicy,
+    VMStatus,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WAIT_S = 10.0
+"""How long `wait_for_revision` waits for the watch to show a revision before `Unavailable`."""
+
+# Kinds of records, named after their keyspace folder.
+HOSTS = "hosts"
+HOST_STATUS = "host_status"
+VMS = "vms"
+VM_STATUS = "vm_status"
+ASSIGNMENTS = "assignments"
+DOMAINS = "domains"
+RULES = "rules"
+POLICIES = "policies"
+CONFIG = "config"
+OTHER = "other"  # election and request keys: notified, not decoded
+PROGRESS_AFTER_S = 0.1
+"""Wait this long for events before asking etcd for a progress notification."""
+RESYNC = "resync"
+"""The type of the Change sent after a relist: subscribers must re-read everything."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change as the cache applied it. `name` is the record's key in its table (host
+    name, `scope/vm`, `scope/rule`, scope); `record` is None for a delete."""
+
+    kind: str
+    type: str  # put | delete | resync
+    key: str
+    name: str
+    record: object | None
+    revision: int
+    value: bytes = b""
+
+
+class Table(Generic[T]):
+    """Records of one kind by name, with the mod revision of each one's etcd key."""
+
+    __slots__ = ("records", "revs")
+
+    def __init__(self) -> None:
+        self.records: dict[str, T] = {}
+        self.revs: dict[str, int] = {}
+
+    def put(self, name: str, record: T, mod_revision: int) -> None:
+        self.records[name] = record
+        self.revs[name] = mod_revision
+
+    def pop(self, name: str) -> T | None:
+        self.revs.pop(name, None)
+        return self.records.pop(name, None)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+_SIMPLE: tuple[tuple[str, str, type[Any]], ...] = (
+    (keyspace.HOSTS, HOSTS, HostInfo),
+    (keyspace.HOST_STATUS, HOST_STATUS, HostStatus),
+    (keyspace.VMS, VMS, VM),
+    (keyspace.VM_STATUS, VM_STATUS, VMStatus),
+    (keyspace.RULES, RULES, Rule),
+    (keyspace.POLICIES, POLICIES, ScopePolicy),
+)
+
+
+def classify(key: str) -> tuple[str, str]:
+    """(kind, name) of an etcd key; assignments and domains are named `scope/vm`."""
+    if key == keyspace.CONFIG:
+        return CONFIG, ""
+    for prefix, kind in ((keyspace.ASSIGNMENTS, ASSIGNMENTS), (keyspace.DOMAINS, DOMAINS)):
+        if key.startswith(prefix):
+            parts = key[len(prefix) :].split("/", 1)
+            return kind, parts[1] if len(parts) == 2 else ""
+    for prefix, kind, _cls in _SIMPLE:
+        if key.startswith(prefix):
+            return kind, key[len(prefix) :]
+    return OTHER, key
+
+
+class Cache:
+    """The coordinator's in-memory copy of the keyspace. Reads are synchronous and
+    consistent with `revision`; `start()` lists, then a task follows the watch."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.revision = 0
+        self.hosts: Table[HostInfo] = Table()
+        self.host_status: Table[HostStatus] = Table()
+        self.vms: Table[VM] = Table()
+        self.vm_status: Table[VMStatus] = Table()
+        self.assignments: Table[Assignment] = Table()
+        self.domains: Table[DomainStatus] = Table()
+        self.rules: Table[Rule] = Table()
+        self.policies: Table[ScopePolicy] = Table()
+        self.config: ClusterConfig | None = None
+        self.config_rev = 0
+        # A host whose registration (lease) is gone keeps its last HostInfo here, so the
+        # engine still sees it, as lost, with the VMs assigned to it.
+        self.departed: dict[str, HostInfo] = {}
+        self.relists = 0
+        self._snapshot: Snapshot | None = None
+        self._advanced = asyncio.Condition()
+        self._subscribers: set[asyncio.Queue[Change]] = set()
+        self._listeners: list[Callable[[Change], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stream: WatchStream | None = None
+        self.synced = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self._relist()
+        self._task = asyncio.create_task(self._follow(), name="hvplace-cache-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
+
+    def _tables(self) -> dict[str, Table[Any]]:
+        return {
+            HOSTS: self.hosts,
+            HOST_STATUS: self.host_status,
+            VMS: self.vms,
+            VM_STATUS: self.vm_status,
+            ASSIGNMENTS: self.assignments,
+            DOMAINS: self.domains,
+            RULES: self.rules,
+            POLICIES: self.policies,
+        }
+
+    async def _relist(self) -> None:
+        """Read the whole keyspace at one revision into fresh tables, then swap them in."""
+        started = time.monotonic()
+        fresh = Cache(self.store)
+        revision = 0
+        async for kvs, at in self.store.list_pages(keyspace.ROOT):
+            revision = at
+            for kv in kvs:
+                fresh._apply("put", kv.key.decode(), kv.value, int(kv.mod_revision))
+        if not revision:
+            revision = await self.store.revision()
+        old_hosts = self.hosts.records
+        for name, table in fresh._tables().items():
+            setattr(self, _ATTR[name], table)
+        self.config, self.config_rev = fresh.config, fresh.config_rev
+        for name, info in old_hosts.items():
+            if name not in self.hosts.records:
+                self.departed[name] = info
+        for name in list(self.departed):
+            if name in self.hosts.records:
+                del self.departed[name]
+        self._snapshot = None
+        self.relists += 1
+        log.info(
+            "cache listed %d hosts, %d VMs at revision %d in %.2fs",
+            len(self.hosts),
+            len(self.vms),
+            revision,
+            time.monotonic() - started,
+        )
+        await self._advance(revision)
+
+    async def _follow(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self._stream = await self.store.watch(keyspace.ROOT, self.revision + 1)
+                self.synced.set()
+                backoff = 0.1
+                async for batch in self._stream:
+                    for ev in batch.events:
+                        change = self._apply(ev.type, ev.key, ev.value, ev.mod_revision)
+                        if change is not None:
+                            self._notify(change)
+                    await self._advance(batch.revision)
+            except Compacted as e:
+                log.warning("%s; relisting", e)
+                await self._close_stream()
+                try:
+                    await self._relist()
+                except Unavailable as err:
+                    log.warning("relist failed: %s", err)
+                    await asyncio.sleep(backoff)
+                    continue
+                self._notify(Change(RESYNC, RESYNC, keyspace.ROOT, "", None, self.revision))
+            except Unavailable as e:
+                log.warning("cache watch broke: %s; resuming from revision %d", e, self.revision)
+                await self._close_stream()
+                self.synced.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _close_stream(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
+
+    async def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            async with self._advanced:
+                self._advanced.notify_all()
+
+    # ------------------------------------------------------------------ applying
+
+    def _apply(self, type_: str, key: str, value: bytes, mod_revision: int) -> Change | None:
+        kind, name = classify(key)
+        put = type_ == "put"
+        record: object | None = None
+        try:
+            record = self._apply_record(kind, name, key, put, value, mod_revision)
+        except HvplaceError as e:
+            # A malformed record is its writer's fault; the coordinator must go on.
+            log.warning("skipping malformed %s: %s", key, e)
+            return None
+        if kind != OTHER:
+            self._snapshot = None
+        return Change(kind, type_, key, name, record, mod_revision, value)
+
+    def _apply_record(
+        self, kind: str, name: str, key: str, put: bool, value: bytes, mod_revision: int
+    ) -> object | None:
+        if kind == OTHER:
+            return None
+        if kind == CONFIG:
+            self.config = models.loads(ClusterConfig, value) if put else None
+            self.config_rev = mod_revision if put else 0
+            return self.config
+        if kind in (ASSIGNMENTS, DOMAINS):
+            host = key.split("/")[3]
+            table: Table[Any] = self.assignments if kind == ASSIGNMENTS else self.domains
+            if not put:
+                # The old host's key deleted after a move must not drop the new one.
+                current = table.records.get(name)
+                if current is not None and current.host == host:
+                    table.pop(name)
+                return None
+            if kind == ASSIGNMENTS:
+                a = models.loads(Assignment, value)
+                shared = self.vms.records.get(name)
+                if shared is not None and shared == a.vm:
+                    # One VM object for the spec and its assignment's copy (memory).
+                    a = Assignment(vm=shared, host=a.host, epoch=a.epoch)
+                self.assignments.put(name, a, mod_revision)
+                return a
+            d = models.loads(DomainStatus, value)
+            self.domains.put(name, d, mod_revision)
+            return d
+        cls = _CLASSES[kind]
+        table = self._tables()[kind]
+        if not put:
+            gone = table.pop(name)
+            if kind == HOSTS and gone is not None:
+                self.departed[name] = gone
+            return None
+        rec: object = models.loads(cls, value)
+        if kind == VMS:
+            assigned = self.assignments.records.get(name)
+            if assigned is not None and assigned.vm == rec:
+                rec = assigned.vm
+        elif kind == HOSTS:
+            self.departed.pop(name, None)
+        table.put(name, rec, mod_revision)
+        return rec
+
+    def _notify(self, change: Change) -> None:
+        for q in list(self._subscribers):
+            q.put_nowait(change)
+        for fn in list(self._listeners):
+            fn(change)
+
+    # ------------------------------------------------------------------ reading
+
+    def add_listener(self, fn: Callable[[Change], None]) -> Callable[[], None]:
+        """Call `fn` synchronously on every change; returns the function that removes it."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn)
+
+    async def subscribe(self) -> AsyncIterator[Change]:
+        """Every change applied from now on, in revision order."""
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    async def wait_for_revision(self, revision: int, timeout_s: float = WAIT_S) -> None:
+        """Return once the cache has applied everything up to `revision`."""
+        if self.revision >= revision:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.revision < revision:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(
+                    f"the coordinator's cache is at revision {self.revision}, not {revision}"
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, PROGRESS_AFTER_S)), self._advanced:
+                    await self._advanced.wait_for(lambda: self.revision >= revision)
+            # Nothing under our prefix may change again: a progress notification tells
+            # the watch that etcd's revision moved on with nothing missed. Asked only
+            # after a pause, because etcd 3.4 can answer it a moment before it queues
+            # the events of the latest write (etcd#15220).
+            if self.revision < revision and self._stream is not None:
+                self._stream.request_progress()
+
+    async def fresh(self) -> None:
+        """Catch up with etcd's revision as of now (a linearizable read, then wait)."""
+        await self.wait_for_revision(await self.store.revision())
+
+    def alive(self) -> set[str]:
+        return set(self.hosts.records)
+
+    def host_infos(self) -> list[HostInfo]:
+        """Registered hosts and departed ones (whose VMs are still assigned to them)."""
+        infos = list(self.hosts.records.values())
+        infos.extend(i for n, i in self.departed.items() if n not in self.hosts.records)
+        return infos
+
+    def snapshot(self) -> Snapshot:
+        """The engine's view now; hosts without a registration are `lost`."""
+        if self._snapshot is None or self._snapshot.revision != self.revision:
+            self._snapshot = Snapshot.from_records(
+                revision=self.revision,
+                infos=self.host_infos(),
+                statuses=self.host_status.records,
+                vms=self.vms.records.values(),
+                assignments=self.assignments.records.values(),
+                rules=self.rules.records.values(),
+                policies=self.policies.records.values(),
+                alive=self.hosts.records,
+            )
+        return self._snapshot
+
+    def cluster_config(self) -> ClusterConfig:
+        return self.config if self.config is not None else ClusterConfig()
+
+    def assignment_key(self, vm_key: str) -> tuple[str, int] | None:
+        """The etcd key of a VM's current assignment and its mod revision."""
+        a = self.assignments.records.get(vm_key)
+        if a is None:
+            return None
+        return (
+            keyspace.assignment(a.host, a.vm.scope, a.vm.name),
+            self.assignments.revs[vm_key],
+        )
+
+
+_ATTR = {
+    HOSTS: "hosts",
+    HOST_STATUS: "host_status",
+    VMS: "vms",
+    VM_STATUS: "vm_status",
+    ASSIGNMENTS: "assignments",
+    DOMAINS: "domains",
+    RULES: "rules",
+    POLICIES: "policies",
+}
+_CLASSES: dict[str, type[Any]] = {kind: cls for _p, kind, cls in _SIMPLE}

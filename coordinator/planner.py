@@ -1,0 +1,254 @@
+"""Commit a placement plan in one fenced, optimistic etcd transaction (Nomad plan_apply, k8s
+GuaranteedUpdate): compare what the plan read, and on conflict refresh, re-plan, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from hvplace.coordinator.cache import Cache
+from hvplace.coordinator.failure import replace_lost
+from hvplace.coordinator.placement import Batch, Plan, place
+from hvplace.coordinator.snapshot import Snapshot
+from hvplace.coordinator.store import Compare, Fence, Store
+from hvplace.proto import keyspace, models
+from hvplace.proto.errors import Busy, Conflict
+from hvplace.proto.models import VM, Assignment, Phase, VMStatus
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 10
+"""Optimistic attempts before `Busy` (Nomad's plan applier retries likewise, bounded)."""
+MAX_TXN_VMS = 500
+"""VMs per transaction: up to 3 operations and 3 compares each within etcd's
+--max-txn-ops 4096 (README); a larger non-atomic batch is committed in chunks."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A committed plan and the revision it was committed at (0: nothing to write)."""
+
+    plan: Plan
+    revision: int
+    statuses: Mapping[str, VMStatus] = field(default_factory=dict)
+
+
+PlanFn = Callable[[Snapshot], tuple[Plan, Sequence[VM]]]
+"""Computes a plan from a snapshot and names the VMs whose status it decides."""
+
+
+class Planner:
+    """Single writer of placements inside one coordinator (`lock`), optimistic against
+    every other writer (revisions compared), fenced against a deposed leader."""
+
+    def __init__(
+        self,
+        store: Store,
+        cache: Cache,
+        fence: Callable[[], Fence | None] = lambda: None,
+        *,
+        attempts: int = ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.fence = fence
+        self.attempts = attempts
+        self.clock = clock
+        self.lock = asyncio.Lock()
+        self.conflicts = 0
+        self.on_committed: Callable[[Outcome, float], None] | None = None
+
+    async def place_and_commit(
+        self,
+        vms: Sequence[VM],
+        *,
+        atomic: bool,
+        extra_puts: Mapping[str, bytes] | None = None,
+        extra_compares: Sequence[Compare] = (),
+    ) -> Plan:
+        """Place `vms` and commit, with `extra_puts` and `extra_compares`, their specs (when
+        new or changed), assignments and statuses. A VM already placed is moved only if
+        the engine places it elsewhere. With `atomic`, nothing is written unless every
+        VM is placed. Raises Conflict when an extra compare fails (caller's
+        precondition), Busy after repeated conflicts, FenceLost when deposed."""
+        if not atomic and len(vms) > MAX_TXN_VMS:
+            if extra_puts or extra_compares:
+                raise ValueError("extra puts/compares need one transaction (atomic or small)")
+            plans = [
+                await self.place_and_commit(vms[i : i + MAX_TXN_VMS], atomic=False)
+                for i in range(0, len(vms), MAX_TXN_VMS)
+            ]
+            return _merge(plans)
+
+        def compute(snap: Snapshot) -> tuple[Plan, Sequence[VM]]:
+            return place(snap, Batch(tuple(vms), atomic=atomic)), vms
+
+        outcome = await self.commit_with(
+            compute,
+            write_specs=True,
+            atomic=atomic,
+            extra_puts=extra_puts or {},
+            extra_compares=extra_compares,
+        )
+        return outcome.plan
+
+    async def replace_lost(self, lost_hosts: Collection[str]) -> Outcome:
+        """Re-place the VMs of `lost_hosts` by HA priority; those that cannot be placed
+        keep their assignment (the host may come back) and go pending with the reason."""
+
+        def compute(snap: Snapshot) -> tuple[Plan, Sequence[VM]]:
+            plan = replace_lost(snap, lost_hosts)
+            keys = [*plan.assignments, *plan.pending]
+            return plan, [snap.vms[k] for k in keys if k in snap.vms]
+
+        return await self.commit_with(compute, write_specs=False, atomic=False)
+
+    async def commit_with(
+        self,
+        compute: PlanFn,
+        *,
+        write_specs: bool,
+        atomic: bool,
+        extra_puts: Mapping[str, bytes] | None = None,
+        extra_compares: Sequence[Compare] = (),
+    ) -> Outcome:
+        async with self.lock:
+            for attempt in range(self.attempts):
+                started = time.perf_counter()
+                snap = self.cache.snapshot()
+                plan, vms = compute(snap)
+                if atomic and plan.pending:
+                    return Outcome(plan, 0)
+                compares, puts, deletes, statuses = self._writes(snap, plan, vms, write_specs)
+                puts.update(extra_puts or {})
+                compares.extend(extra_compares)
+                fence = self.fence()
+                if fence is None:
+                    # Without a fence nothing serializes writers: compare every assignment.
+                    compares.append(
+                        Compare.prefix_unchanged_since(keyspace.ASSIGNMENTS, snap.revision)
+                    )
+                if not puts and not deletes and not extra_compares:
+                    return Outcome(plan, 0, statuses)
+                revision = await self.store.commit(compares, puts, deletes, fence=fence)
+                if revision:
+                    await self.cache.wait_for_revision(revision)
+                    outcome = Outcome(plan, revision, statuses)
+                    if self.on_committed is not None:
+                        self.on_committed(outcome, time.perf_counter() - started)
+                    return outcome
+                self.conflicts += 1
+                await self._check_preconditions(extra_compares)
+                # Someone wrote between our read and our commit: back off with jitter so
+                # two writers do not collide again in lockstep, catch up, re-plan.
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                await self.cache.fresh()
+            raise Busy(f"placement kept conflicting after {self.attempts} attempts; retry")
+
+    async def _check_preconditions(self, compares: Sequence[Compare]) -> None:
+        for c in compares:
+            if c.prefix:
+                continue
+            kv = await self.store.get(c.key)
+            now = kv.mod_revision if kv is not None else 0
+            if now != c.mod_revision:
+                raise Conflict(f"{c.key} was changed by a concurrent request")
+
+    def _writes(
+        self, snap: Snapshot, plan: Plan, vms: Sequence[VM], write_specs: bool
+    ) -> tuple[list[Compare], dict[str, bytes], list[str], dict[str, VMStatus]]:
+        cache = self.cache
+        now = self.clock()
+        compares: list[Compare] = [
+            # Rules and policies are few; any change to them invalidates the plan.
+            Compare.prefix_unchanged_since(keyspace.RULES, snap.revision),
+            Compare.prefix_unchanged_since(keyspace.POLICIES, snap.revision),
+        ]
+        puts: dict[str, bytes] = {}
+        deletes: list[str] = []
+        statuses: dict[str, VMStatus] = {}
+        targets: set[str] = set()
+        for vm in vms:
+            key = vm.key
+            spec_key = keyspace.vm(vm.scope, vm.name)
+            stored = cache.vms.records.get(key)
+            if stored is not None and stored == vm:
+                compares.append(Compare.unchanged(spec_key, cache.vms.revs[key]))
+            elif write_specs:
+                puts[spec_key] = models.dumps(vm)
+            else:
+                continue  # the spec vanished or changed under us: the next pass sees it
+            old = cache.assignments.records.get(key)
+            old_key = cache.assignment_key(key)
+            if old_key is not None:
+                compares.append(Compare.unchanged(*old_key))
+            host = plan.assignments.get(key)
+            previous = cache.vm_status.records.get(key)
+            if host is not None:
+                epoch = (old.epoch if old is not None else 0) + 1
+                if old is not None and old.host == host:
+                    epoch = old.epoch
+                new_key = keyspace.assignment(host, vm.scope, vm.name)
+                puts[new_key] = models.dumps(Assignment(vm=vm, host=host, epoch=epoch))
+                if old_key is not None and old_key[0] != new_key:
+                    deletes.append(old_key[0])
+                targets.add(host)
+                status = VMStatus(
+                    scope=vm.scope,
+                    name=vm.name,
+                    phase=Phase.SCHEDULED,
+                    host=host,
+                    epoch=epoch,
+                    since=now,
+                    degraded=tuple(plan.degraded.get(key, ())),
+                )
+            elif key not in plan.pending:
+                continue  # placed already and left where it is: nothing to write
+            else:
+                why = plan.pending[key]
+                status = VMStatus(
+                    scope=vm.scope,
+                    name=vm.name,
+                    phase=Phase.PENDING,
+                    reason=why.summary(),
+                    host=old.host if old is not None else "",
+                    epoch=old.epoch if old is not None else 0,
+                    since=now,
+                    explanation=why,
+                )
+                if (
+                    previous is not None
+                    and previous.phase is Phase.PENDING
+                    and previous.reason == status.reason
+                    and previous.explanation == status.explanation
+                    and previous.host == status.host
+                ):
+                    continue  # unchanged: no write, no watch event, no busy loop
+            statuses[key] = status
+            puts[keyspace.vm_status(vm.scope, vm.name)] = models.dumps(status)
+        for host in sorted(targets):
+            compares.append(
+                Compare.unchanged(keyspace.host_status(host), cache.host_status.revs.get(host, 0))
+            )
+        return compares, puts, deletes, statuses
+
+
+def _merge(plans: Sequence[Plan]) -> Plan:
+    assignments: dict[str, str] = {}
+    pending: dict[str, models.Explanation] = {}
+    degraded: dict[str, tuple[str, ...]] = {}
+    for p in plans:
+        assignments.update(p.assignments)
+        pending.update(p.pending)
+        degraded.update(p.degraded)
+    return Plan(
+        revision=plans[-1].revision if plans else 0,
+        assignments=assignments,
+        pending=pending,
+        degraded=degraded,
+    )

@@ -1,0 +1,101 @@
+"""The list + watch cache against a real etcd: typed tables, resume, relist after compaction."""
+
+from __future__ import annotations
+
+import asyncio
+
+from coord_support import host, register, running, until, vm
+from hvplace.coordinator.cache import ASSIGNMENTS, HOSTS, RESYNC, Change
+from hvplace.proto import keyspace, models
+from hvplace.proto.models import Assignment, HostState, HostStatus, Rule, RuleKind
+from support.etcd import EtcdServer
+
+
+async def test_list_then_watch_typed_records(etcd: EtcdServer) -> None:
+    async with running(etcd) as (store, cache):
+        pre = vm("pre")
+        await store.put(keyspace.vm("acme", "pre"), models.dumps(pre))
+        await cache.fresh()
+        assert cache.vms.records["acme/pre"] == pre
+    async with running(etcd) as (store, cache):
+        # Listed at start.
+        assert cache.vms.records["acme/pre"] == pre
+        changes: list[Change] = []
+        cache.add_listener(changes.append)
+        await register(store, host("hv1"))
+        a = Assignment(vm=pre, host="hv1", epoch=1)
+        rev = await store.put(keyspace.assignment("hv1", "acme", "pre"), models.dumps(a))
+        await store.put(
+            keyspace.rule("acme", "r"),
+            models.dumps(
+                Rule(scope="acme", name="r", kind=RuleKind.ANTI_AFFINITY, members=("a", "b"))
+            ),
+        )
+        await store.put(keyspace.CONFIG + "x", b"ignored")  # an unknown key is harmless
+        await cache.fresh()
+        assert cache.revision >= rev
+        assert cache.hosts.records["hv1"].name == "hv1"
+        assert cache.assignments.records["acme/pre"].host == "hv1"
+        # The assignment shares the spec's VM object (memory).
+        assert cache.assignments.records["acme/pre"].vm is cache.vms.records["acme/pre"]
+        assert cache.assignments.revs["acme/pre"] == rev
+        assert "acme/r" in cache.rules.records
+        assert [c.kind for c in changes][:2] == [HOSTS, ASSIGNMENTS]
+        snap = cache.snapshot()
+        assert snap.placements == {"acme/pre": "hv1"} and snap.hosts["hv1"].state is HostState.READY
+
+
+async def test_departed_host_is_lost_in_snapshot(etcd: EtcdServer) -> None:
+    async with running(etcd) as (store, cache):
+        lease = await register(store, host("hv1"))
+        await cache.fresh()
+        await store.revoke(lease)
+        await cache.fresh()
+        assert "hv1" not in cache.hosts.records
+        assert cache.snapshot().hosts["hv1"].state is HostState.LOST
+        await store.put(
+            keyspace.host_status("hv1"), models.dumps(HostStatus("hv1", HostState.LOST))
+        )
+        await register(store, host("hv1"))
+        await cache.fresh()
+        assert "hv1" not in cache.departed
+
+
+async def test_wait_for_revision_when_only_other_keys_changed(etcd: EtcdServer) -> None:
+    async with running(etcd) as (store, cache):
+        rev = await store.put("/elsewhere/key", b"1")
+        # No event under /hvplace/v1/ carries this revision: a progress notify must.
+        await asyncio.wait_for(cache.wait_for_revision(rev), 5)
+        assert cache.revision >= rev
+        await store.delete("/elsewhere/key")
+
+
+async def test_resumes_after_etcd_restart(own_etcd: EtcdServer) -> None:
+    async with running(own_etcd) as (store, cache):
+        await store.put(keyspace.vm("acme", "a"), models.dumps(vm("a")))
+        await cache.fresh()
+        own_etcd.kill()
+        own_etcd.start()
+        await store.put(keyspace.vm("acme", "b"), models.dumps(vm("b")))
+        await until(lambda: "acme/b" in cache.vms.records, 15)
+        assert cache.relists == 1  # resumed from its revision, no relist
+
+
+async def test_relists_after_compaction(own_etcd: EtcdServer) -> None:
+    async with running(own_etcd) as (store, cache):
+        resyncs: list[Change] = []
+        cache.add_listener(lambda c: resyncs.append(c) if c.type == RESYNC else None)
+        await store.put(keyspace.vm("acme", "a"), models.dumps(vm("a")))
+        await cache.fresh()
+        # Stop following (as if partitioned), change things, compact past our revision.
+        await cache.close()
+        await store.put(keyspace.vm("acme", "b"), models.dumps(vm("b")))
+        await store.delete(keyspace.vm("acme", "a"))
+        now = await store.put(keyspace.vm("acme", "c"), models.dumps(vm("c")))
+        await store.compact(now)
+        task = asyncio.create_task(cache._follow())
+        cache._task = task
+        await until(lambda: cache.relists >= 2)
+        assert set(cache.vms.records) == {"acme/b", "acme/c"}
+        assert cache.revision >= now
+        assert resyncs and resyncs[0].kind == RESYNC
