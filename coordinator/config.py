@@ -1,0 +1,180 @@
+"""The coordinator's settings: TOML file, then HVPLACE_* environment, then flags -> one frozen
+dataclass, with the cluster timing budget checked for safety before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvplace.proto.errors import InvalidInput
+from hvplace.proto.models import (
+    FENCE_GRACE_S,
+    AdmissionPolicy,
+    ClusterConfig,
+    validate_cluster_config,
+)
+from hvplace.proto.names import check_name
+
+DEFAULT_CONFIG = Path("/etc/hvplace/coordinator.toml")
+ENV_PREFIX = "HVPLACE_"
+_CLUSTER = ClusterConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    node_name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_timeout_s: float = 5.0
+    listen: str = "127.0.0.1:7400"
+    """The gRPC API's host:port; '' serves no API (a placement-only coordinator)."""
+    metrics_listen: str = "127.0.0.1:9465"
+    """Prometheus host:port; '' disables the endpoint."""
+    session_ttl_s: float = 5.0
+    """TTL of the leader election lease: a standby takes over within about this long."""
+    resync_s: float = 30.0
+    """Full resync period of the controller (catches anything a watch missed)."""
+    batch_size: int = 500
+    # The cluster record written at first start (when /hvplace/v1/config is absent).
+    lease_ttl_s: float = _CLUSTER.lease_ttl_s
+    fence_after_s: float = _CLUSTER.fence_after_s
+    failover_delay_s: float = _CLUSTER.failover_delay_s
+    admission_policy: str = _CLUSTER.admission_policy.value
+    admission_failures: int = _CLUSTER.admission_failures
+    admission_topology: str = _CLUSTER.admission_topology
+    log_level: str = "INFO"
+
+    def cluster(self) -> ClusterConfig:
+        return ClusterConfig(
+            lease_ttl_s=self.lease_ttl_s,
+            fence_after_s=self.fence_after_s,
+            failover_delay_s=self.failover_delay_s,
+            admission_policy=AdmissionPolicy(self.admission_policy),
+            admission_failures=self.admission_failures,
+            admission_topology=self.admission_topology,
+        )
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(CoordinatorConfig)}
+_CLUSTER_TABLE = "cluster"
+_CLUSTER_KEYS = {
+    "lease_ttl_s",
+    "fence_after_s",
+    "failover_delay_s",
+    "admission_policy",
+    "admission_failures",
+    "admission_topology",
+}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """A TOML value or an environment/flag string, as the field's type."""
+    kind = str(_FIELDS[name].type)
+    try:
+        if name == "etcd_endpoints":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list | tuple) or not value:
+                raise TypeError("a non-empty list of host:port")
+            return tuple(str(v).removeprefix("http://") for v in value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError("a number")
+            return float(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError("an integer")
+            return int(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError("a string")
+            return value
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"{where} {name}: expected {e or kind}, got {value!r}") from None
+    raise AssertionError(f"no coercion for {name}: {kind}")
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> CoordinatorConfig:
+    """File < environment < flags. A missing default file is fine; a named one must exist.
+    Cluster settings may sit at the top level or in a [cluster] table."""
+    values: dict[str, Any] = {}
+    file = path or DEFAULT_CONFIG
+    if path is not None or file.exists():
+        try:
+            with open(file, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise InvalidInput(f"cannot read coordinator config {file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidInput(f"coordinator config {file} is not valid TOML: {e}") from None
+        table = raw.pop(_CLUSTER_TABLE, {})
+        if not isinstance(table, dict):
+            raise InvalidInput(f"coordinator config {file}: [cluster] must be a table")
+        bad = set(table) - _CLUSTER_KEYS
+        if bad:
+            raise InvalidInput(
+                f"coordinator config {file}: unknown [cluster] key(s) {', '.join(sorted(bad))}"
+            )
+        raw.update(table)
+        unknown = set(raw) - set(_FIELDS)
+        if unknown:
+            raise InvalidInput(
+                f"coordinator config {file}: unknown key(s) {', '.join(sorted(unknown))}"
+            )
+        where = f"coordinator config {file}:"
+        values.update({k: _coerce(k, v, where) for k, v in raw.items()})
+    for key, value in (os.environ if env is None else env).items():
+        # Only HVPLACE_<setting> is read: the CLI, the lab and the agent (HVPLACE_AGENT_*)
+        # have HVPLACE_ variables of their own in the same environment.
+        name = key[len(ENV_PREFIX) :].lower()
+        if key.startswith(ENV_PREFIX) and name in _FIELDS:
+            values[name] = _coerce(name, value, f"environment {key}:")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "flag")
+    return validate(CoordinatorConfig(**values))
+
+
+def validate(cfg: CoordinatorConfig) -> CoordinatorConfig:
+    check_name(cfg.node_name, "node name")
+    for name in ("etcd_timeout_s", "resync_s"):
+        if getattr(cfg, name) <= 0:
+            raise InvalidInput(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not 1 <= cfg.session_ttl_s <= 600:
+        raise InvalidInput(f"session_ttl_s {cfg.session_ttl_s} must be between 1 and 600 seconds")
+    if not 1 <= cfg.batch_size <= 1000:
+        raise InvalidInput(f"batch_size {cfg.batch_size} must be between 1 and 1000")
+    try:
+        AdmissionPolicy(cfg.admission_policy)
+    except ValueError:
+        raise InvalidInput(
+            f"admission_policy {cfg.admission_policy!r} must be one of"
+            f" {', '.join(p.value for p in AdmissionPolicy)}"
+        ) from None
+    for name in ("listen", "metrics_listen"):
+        address = getattr(cfg, name)
+        if address and not address.rpartition(":")[2].isdigit():
+            raise InvalidInput(f"{name} {address!r} must be host:port (or '' to disable)")
+    validate_cluster_config(cfg.cluster())
+    return cfg
+
+
+def budget_text(cluster: ClusterConfig) -> str:
+    """The fencing time budget, as printed at start (SPEC §5.6)."""
+    return (
+        f"timing budget: lease_ttl {cluster.lease_ttl_s}s, agents fence after"
+        f" {cluster.fence_after_s}s (+{FENCE_GRACE_S}s to destroy domains), the coordinator"
+        f" re-places {cluster.failover_delay_s}s after a lease expires: a lost host's VMs are"
+        f" reassigned within {cluster.lease_ttl_s + cluster.failover_delay_s}s;"
+        f" admission {cluster.admission_policy.value} for {cluster.admission_failures}"
+        f" {cluster.admission_topology} failure(s)"
+    )

@@ -1,0 +1,270 @@
+"""The leader's level-triggered work queue (k8s sample-controller): cache changes queue work
+items; each sync re-reads the cache, so it is idempotent; a periodic resync catches the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from hvplace.coordinator import cache as kinds
+from hvplace.coordinator.cache import Cache, Change
+from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.planner import Outcome, Planner
+from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
+from hvplace.proto import keyspace, models
+from hvplace.proto.errors import Busy, Unavailable
+from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus
+
+log = logging.getLogger(__name__)
+
+HOSTS = "hosts"
+"""Work item: host registrations vs statuses (lost / back), then failover when due."""
+PENDING = "pending"
+"""Work item: place every VM that has no assignment."""
+METRICS = "metrics"
+
+# What a change can unblock or require.
+_TRIGGERS: dict[str, tuple[str, ...]] = {
+    kinds.HOSTS: (HOSTS, PENDING),
+    kinds.HOST_STATUS: (HOSTS, PENDING),
+    kinds.VMS: (PENDING,),
+    kinds.ASSIGNMENTS: (PENDING,),
+    kinds.RULES: (PENDING, HOSTS),
+    kinds.POLICIES: (PENDING, HOSTS),
+    kinds.CONFIG: (HOSTS,),
+    kinds.RESYNC: (HOSTS, PENDING),
+}
+
+
+class Controller:
+    """Runs while this coordinator leads; `run(fence)` is the election's leader work."""
+
+    def __init__(
+        self,
+        store: Store,
+        cache: Cache,
+        planner: Planner,
+        *,
+        cluster_default: ClusterConfig,
+        resync_s: float = 30.0,
+        batch_size: int = 500,
+        metrics: CoordinatorMetrics | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.planner = planner
+        self.cluster_default = cluster_default
+        self.resync_s = resync_s
+        self.batch_size = batch_size
+        self.metrics = metrics
+        self.wall = wall
+        self._queue: set[str] = set()
+        self._wake = asyncio.Event()
+        self._fence: Fence | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        self.failovers = 0
+
+    def enqueue(self, item: str) -> None:
+        self._queue.add(item)
+        self._wake.set()
+
+    def _on_change(self, change: Change) -> None:
+        for item in _TRIGGERS.get(change.kind, ()):
+            self.enqueue(item)
+        if change.kind != kinds.OTHER:
+            self._queue.add(METRICS)
+
+    async def run(self, fence: Fence) -> None:
+        self._fence = fence
+        remove = self.cache.add_listener(self._on_change)
+        resync = asyncio.create_task(self._resync_loop(), name="hvplace-resync")
+        try:
+            await self.cache.fresh()
+            await self._ensure_cluster_config()
+            for item in (HOSTS, PENDING, METRICS):
+                self.enqueue(item)
+            backoff = 0.1
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                items, self._queue = self._queue, set()
+                for item in sorted(items, key=_ORDER.__getitem__):
+                    try:
+                        await self.sync(item)
+                        backoff = 0.1
+                    except FenceLost:
+                        raise
+                    except (Busy, Unavailable) as e:
+                        log.warning("sync %s failed: %s; retrying in %.1fs", item, e, backoff)
+                        self._later(backoff, item)
+                        backoff = min(backoff * 2, 5.0)
+        finally:
+            remove()
+            resync.cancel()
+            for t in self._timers:
+                t.cancel()
+            self._timers.clear()
+            self._fence = None
+
+    def _later(self, delay: float, item: str) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.enqueue(item)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_s)
+            for item in (HOSTS, PENDING, METRICS):
+                self.enqueue(item)
+
+    async def sync(self, item: str) -> None:
+        if item == HOSTS:
+            await self.sync_hosts()
+        elif item == PENDING:
+            await self.sync_pending()
+        elif item == METRICS and self.metrics is not None:
+            self.metrics.refresh_state(self.cache)
+
+    async def _ensure_cluster_config(self) -> None:
+        if self.cache.config is not None:
+            return
+        cfg = models.dumps(self.cluster_default)
+        rev = await self.store.commit(
+            [Compare.absent(keyspace.CONFIG)], {keyspace.CONFIG: cfg}, fence=self._fence
+        )
+        if rev:
+            log.info("wrote the cluster config record")
+            await self.cache.wait_for_revision(rev)
+
+    # ------------------------------------------------------------------ hosts
+
+    async def sync_hosts(self) -> None:
+        """Mark hosts whose registration is gone `lost`, returning ones `ready`, then
+        re-place the VMs of lost hosts once `failover_delay_s` has passed."""
+        cache = self.cache
+        now = self.wall()
+        writes: dict[str, bytes] = {}
+        compares: list[Compare] = []
+        for name in sorted(cache.departed):
+            status = cache.host_status.records.get(name)
+            if status is None or status.state is not HostState.LOST:
+                lost = HostStatus(
+                    name=name, state=HostState.LOST, reason="lease expired", since=now
+                )
+                writes[keyspace.host_status(name)] = models.dumps(lost)
+                compares.append(
+                    Compare.unchanged(
+                        keyspace.host_status(name), cache.host_status.revs.get(name, 0)
+                    )
+                )
+                log.warning("host %s lost: its registration lease expired", name)
+        for name in sorted(cache.hosts.records):
+            status = cache.host_status.records.get(name)
+            if status is not None and status.state is HostState.LOST:
+                back = HostStatus(
+                    name=name, state=HostState.READY, reason="registered again", since=now
+                )
+                writes[keyspace.host_status(name)] = models.dumps(back)
+                compares.append(
+                    Compare.unchanged(keyspace.host_status(name), cache.host_status.revs[name])
+                )
+                log.info("host %s is back", name)
+        if writes:
+            rev = await self.store.commit(compares, writes, fence=self._fence)
+            if not rev:
+                raise Busy("host status changed concurrently")
+            await cache.wait_for_revision(rev)
+        await self._failover()
+
+    async def _failover(self) -> None:
+        cache = self.cache
+        delay = cache.cluster_config().failover_delay_s
+        now = self.wall()
+        with_vms = {a.host for a in cache.assignments.records.values()}
+        due: list[str] = []
+        wait = None
+        for name, status in cache.host_status.records.items():
+            if status.state is not HostState.LOST or name in cache.hosts.records:
+                continue
+            if name not in with_vms:
+                continue
+            left = status.since + delay - now
+            if left > 0:
+                wait = left if wait is None else min(wait, left)
+            else:
+                due.append(name)
+        if wait is not None:
+            self._later(wait, HOSTS)
+        if not due:
+            return
+        outcome = await self.planner.replace_lost(sorted(due))
+        self._observe(outcome)
+        plan = outcome.plan
+        if plan.assignments:
+            self.failovers += 1
+            for name in due:
+                since = cache.host_status.records[name].since
+                if self.metrics is not None:
+                    self.metrics.failover.observe(max(0.0, self.wall() - since))
+        log.info(
+            "failover of %s: %d VMs re-placed, %d pending",
+            ", ".join(sorted(due)),
+            len(plan.assignments),
+            len(plan.pending),
+        )
+
+    # ------------------------------------------------------------------ pending
+
+    def unassigned(self) -> list[VM]:
+        assigned = self.cache.assignments.records
+        return [vm for key, vm in sorted(self.cache.vms.records.items()) if key not in assigned]
+
+    async def sync_pending(self) -> None:
+        """Place every VM without an assignment, in batches; those that cannot be placed
+        keep their reasons (VMStatus) until a host, capacity or rule change retries them."""
+        todo = self.unassigned()
+        for i in range(0, len(todo), self.batch_size):
+            batch = todo[i : i + self.batch_size]
+            # Re-read: a spec may have changed or gone while the previous batch committed.
+            live = [self.cache.vms.records.get(vm.key) for vm in batch]
+            current = [
+                vm for vm in live if vm is not None and vm.key not in self.cache.assignments.records
+            ]
+            if not current:
+                continue
+            plan = await self.planner.place_and_commit(current, atomic=False)
+            self._observe(Outcome(plan, 1))
+            if plan.assignments:
+                log.info(
+                    "placed %d pending VMs (%d still pending)",
+                    len(plan.assignments),
+                    len(plan.pending),
+                )
+
+    def _observe(self, outcome: Outcome) -> None:
+        if self.metrics is None or not outcome.revision:
+            return
+        plan = outcome.plan
+        # Pending VMs are a gauge (by reason): re-tries would inflate a counter.
+        self.metrics.placements.labels(result="placed").inc(len(plan.assignments))
+
+
+_ORDER = {HOSTS: 0, PENDING: 1, METRICS: 2}
+
+
+async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,295 @@
+"""The coordinator daemon: store, cache, election, planner, controller, metrics and the gRPC API
+wired together with a clean lifecycle (`run()`, idempotent `shutdown()`, `async with`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from hvplace.coordinator import cache as kinds
+from hvplace.coordinator.cache import Cache
+from hvplace.coordinator.config import CoordinatorConfig, budget_text
+from hvplace.coordinator.controller import Controller
+from hvplace.coordinator.election import Election
+from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.operations import Change as ApiChange
+from hvplace.coordinator.operations import ClusterView, Leadership
+from hvplace.coordinator.placement import Plan
+from hvplace.coordinator.planner import Outcome, Planner
+from hvplace.coordinator.store import Compare, Fence, Store
+from hvplace.proto.models import VM
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(state: str) -> bool:
+    """systemd's notify protocol over $NOTIFY_SOCKET with a plain datagram socket."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify %s failed: %s", state, e)
+        return False
+    return True
+
+
+def _watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2_000_000
+    except ValueError:
+        return None
+
+
+class CoreBackend:
+    """operations.Backend over this package's store, cache, planner and election: what the
+    gRPC API's Operations call. Every write is fenced with the current leader's token."""
+
+    def __init__(
+        self, store: Store, cache: Cache, planner: Planner, election: Election | None
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.planner = planner
+        self.election = election
+        self._view: ClusterView | None = None
+
+    def _fence(self) -> Fence | None:
+        return self.election.require_fence() if self.election is not None else None
+
+    def view(self) -> ClusterView:
+        c = self.cache
+        if self._view is None or self._view.revision != c.revision:
+            self._view = ClusterView(
+                revision=c.revision,
+                snapshot=c.snapshot(),
+                hosts=dict(c.hosts.records),
+                host_status=dict(c.host_status.records),
+                vms=dict(c.vms.records),
+                vm_status=dict(c.vm_status.records),
+                assignments=dict(c.assignments.records),
+                domains=dict(c.domains.records),
+                rules=dict(c.rules.records),
+                policies=dict(c.policies.records),
+                config=c.cluster_config(),
+            )
+        return self._view
+
+    async def fresh_view(self) -> ClusterView:
+        await self.cache.fresh()
+        return self.view()
+
+    def leadership(self) -> Leadership:
+        e = self.election
+        if e is None:
+            return Leadership(is_leader=True, leader="standalone")
+        fence = e.fence
+        return Leadership(
+            is_leader=fence is not None,
+            leader=e.leader,
+            fencing_token=fence.revision if fence is not None else 0,
+        )
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        kv = await self.store.get(key)
+        return None if kv is None else (kv.value, kv.mod_revision)
+
+    async def commit(
+        self,
+        compares: Sequence[tuple[str, int]],
+        puts: Sequence[tuple[str, bytes]],
+        deletes: Sequence[str] = (),
+    ) -> bool:
+        rev = await self.store.commit(
+            [Compare.unchanged(k, r) for k, r in compares],
+            dict(puts),
+            list(deletes),
+            fence=self._fence(),
+        )
+        if rev:
+            await self.cache.wait_for_revision(rev)
+        return bool(rev)
+
+    async def place_and_commit(
+        self,
+        vms: Sequence[VM],
+        atomic: bool,
+        extra_puts: Sequence[tuple[str, bytes]],
+        extra_absent: Sequence[str],
+    ) -> Plan:
+        self._fence()  # refuse early on a standby
+        return await self.planner.place_and_commit(
+            vms,
+            atomic=atomic,
+            extra_puts=dict(extra_puts),
+            extra_compares=[Compare.absent(k) for k in extra_absent],
+        )
+
+    async def changes(self) -> AsyncIterator[ApiChange]:
+        async for c in self.cache.subscribe():
+            if c.type == kinds.RESYNC:
+                continue
+            yield ApiChange(revision=c.revision, type=c.type, key=c.key, value=c.value)
+
+
+class Coordinator:
+    """One coordinator process. `run()` until `shutdown()`; as a context manager it runs in
+    the background and shuts down on exit (the Temporal worker's shape)."""
+
+    def __init__(self, cfg: CoordinatorConfig, *, serve_api: bool = True) -> None:
+        self.cfg = cfg
+        self.serve_api = serve_api and bool(cfg.listen)
+        self.metrics = CoordinatorMetrics()
+        self.store: Store | None = None
+        self.cache: Cache | None = None
+        self.election: Election | None = None
+        self.planner: Planner | None = None
+        self.controller: Controller | None = None
+        self.backend: CoreBackend | None = None
+        self.api: Any = None
+        self.api_port = 0
+        self.metrics_port = 0
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Coordinator:
+        self._task = asyncio.create_task(self.run(), name="hvplace-coordinator")
+        ready = asyncio.create_task(self.ready.wait())
+        await asyncio.wait({self._task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            ready.cancel()
+            self._task.result()  # raises the start-up error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+        if self._task is not None:
+            await self._task
+
+    async def shutdown(self) -> None:
+        """Idempotent: ask `run()` to stop; it resigns leadership and closes everything."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        cluster = cfg.cluster()
+        log.info("hvplace-coordinator %s starting; %s", cfg.node_name, budget_text(cluster))
+        store = self.store = await Store.connect(cfg.etcd_endpoints, timeout=cfg.etcd_timeout_s)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            cache = self.cache = Cache(store)
+            await cache.start()
+            stored = cache.config
+            if stored is not None and stored != cluster:
+                log.info("etcd holds the cluster config in force: %s", budget_text(stored))
+            store.on_conflict = self.metrics.txn_conflicts.inc
+            controller_box: list[Controller] = []
+
+            async def lead(fence: Fence) -> None:
+                await controller_box[0].run(fence)
+
+            election = self.election = Election(store, cfg.node_name, cfg.session_ttl_s, lead)
+            on_fence_lost = store.on_fence_lost
+
+            def fence_lost(f: Fence) -> None:
+                self.metrics.fence_rejections.inc()
+                if on_fence_lost is not None:
+                    on_fence_lost(f)
+
+            store.on_fence_lost = fence_lost
+            election.on_change = lambda leading: self.metrics.leader.set(1 if leading else 0)
+            planner = self.planner = Planner(store, cache, election.require_fence)
+            planner.on_committed = self._observe_commit
+            controller = self.controller = Controller(
+                store,
+                cache,
+                planner,
+                cluster_default=cluster,
+                resync_s=cfg.resync_s,
+                batch_size=cfg.batch_size,
+                metrics=self.metrics,
+            )
+            controller_box.append(controller)
+            self.backend = CoreBackend(store, cache, planner, election)
+            if cfg.metrics_listen:
+                self.metrics_port = self.metrics.serve(cfg.metrics_listen)
+            if self.serve_api:
+                await self._start_api()
+            tasks.append(asyncio.create_task(election.run(), name="hvplace-election"))
+            tasks.append(asyncio.create_task(self._rules_metrics(), name="hvplace-rule-metrics"))
+            interval = _watchdog_interval()
+            if interval is not None:
+                tasks.append(asyncio.create_task(self._watchdog(interval), name="hvplace-wd"))
+            sd_notify("READY=1")
+            self.ready.set()
+            log.info("coordinator %s ready", cfg.node_name)
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop and not t.cancelled() and t.exception() is not None:
+                    log.error("%s failed: %r", t.get_name(), t.exception())
+            stop.cancel()
+        finally:
+            sd_notify("STOPPING=1")
+            log.info("coordinator %s stopping", cfg.node_name)
+            if self.election is not None:
+                self.election.stop()
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if self.api is not None:
+                with contextlib.suppress(Exception):
+                    await self.api.stop(1.0)
+            if self.cache is not None:
+                await self.cache.close()
+            self.metrics.close()
+            await store.close()
+            log.info("coordinator %s stopped", cfg.node_name)
+
+    async def _start_api(self) -> None:
+        try:
+            from hvplace.coordinator.api import start_api_server
+            from hvplace.coordinator.operations import Operations
+        except ImportError as e:  # the API module is optional for a placement-only node
+            log.warning("no gRPC API: %s", e)
+            return
+        assert self.backend is not None
+        ops = Operations(self.backend)
+        self.api = await start_api_server(ops, self.cfg.listen)
+        self.api_port = int(self.api.port)
+        log.info("gRPC API on %s (port %d)", self.cfg.listen, self.api_port)
+
+    def _observe_commit(self, outcome: Outcome, seconds: float) -> None:
+        self.metrics.placement_latency.observe(seconds)
+
+    async def _rules_metrics(self) -> None:
+        """Compliance and HA headroom, computed by the leader only (they cost a simulation)."""
+        while True:
+            await asyncio.sleep(min(self.cfg.resync_s, 15.0))
+            if self.election is not None and self.election.is_leader and self.cache is not None:
+                try:
+                    self.metrics.refresh_rules(self.cache, self.cache.cluster_config())
+                except Exception:
+                    log.exception("rule metrics failed")
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)

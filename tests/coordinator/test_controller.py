@@ -1,0 +1,101 @@
+"""The controller against a real etcd: pending VMs placed when a host registers, retried when
+capacity returns; a host whose lease expires goes lost and its VMs are re-placed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from coord_support import host, register, running, until, vm
+from hvplace.coordinator.cache import Cache
+from hvplace.coordinator.controller import Controller
+from hvplace.coordinator.planner import Planner
+from hvplace.coordinator.store import Store
+from hvplace.proto import keyspace, models
+from hvplace.proto.models import ClusterConfig, HostState, Phase
+from support.etcd import EtcdServer
+
+FAST = ClusterConfig(lease_ttl_s=2, fence_after_s=1, failover_delay_s=0.5)
+
+
+@asynccontextmanager
+async def controlling(etcd: EtcdServer) -> AsyncIterator[tuple[Store, Cache, Controller]]:
+    async with running(etcd) as (store, cache):
+        planner = Planner(store, cache)
+        ctl = Controller(store, cache, planner, cluster_default=FAST, resync_s=30)
+        task = asyncio.create_task(ctl.run(None))  # type: ignore[arg-type]
+        try:
+            yield store, cache, ctl
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
+
+async def put_vm(store: Store, name: str, memory_mib: int = 1024) -> None:
+    await store.put(keyspace.vm("acme", name), models.dumps(vm(name, memory_mib=memory_mib)))
+
+
+async def test_writes_cluster_config_and_places_when_a_host_registers(etcd: EtcdServer) -> None:
+    async with controlling(etcd) as (store, cache, _ctl):
+        await until(lambda: cache.config is not None)
+        assert cache.config == FAST
+        await put_vm(store, "a")
+        # No host yet: pending with a reason.
+        await until(lambda: "acme/a" in cache.vm_status.records)
+        st = cache.vm_status.records["acme/a"]
+        assert st.phase is Phase.PENDING and st.explanation is not None
+        await register(store, host("hv1"))
+        await until(lambda: "acme/a" in cache.assignments.records)
+        assert cache.vm_status.records["acme/a"].phase is Phase.SCHEDULED
+
+
+async def test_pending_placed_when_capacity_returns(etcd: EtcdServer) -> None:
+    async with controlling(etcd) as (store, cache, _ctl):
+        await register(store, host("hv1", memory_mib=2048))
+        await put_vm(store, "a", 2048)
+        await until(lambda: "acme/a" in cache.assignments.records)
+        await put_vm(store, "b", 2048)
+        await until(lambda: "acme/b" in cache.vm_status.records)
+        assert "memory" in cache.vm_status.records["acme/b"].reason
+        # a is deleted (as the API does): b fits now.
+        a_key = cache.assignment_key("acme/a")
+        assert a_key is not None
+        await store.commit([], {}, [keyspace.vm("acme", "a"), a_key[0]], fence=None)
+        await until(lambda: "acme/b" in cache.assignments.records)
+
+
+async def test_lost_host_vms_replaced_after_failover_delay(etcd: EtcdServer) -> None:
+    async with controlling(etcd) as (store, cache, ctl):
+        lease1 = await register(store, host("hv1", memory_mib=2048), ttl=2)
+        await put_vm(store, "a", 2048)
+        await until(lambda: "acme/a" in cache.assignments.records)
+        assert cache.assignments.records["acme/a"].host == "hv1"
+        await register(store, host("hv2", memory_mib=2048))
+        # hv1's agent is dead: nothing renews its lease; etcd expires it after 2 s.
+        del lease1
+        await until(lambda: "hv1" in cache.host_status.records, 10)
+        status = cache.host_status.records["hv1"]
+        assert status.state is HostState.LOST
+        await until(lambda: cache.assignments.records["acme/a"].host == "hv2", 10)
+        a = cache.assignments.records["acme/a"]
+        assert a.epoch == 2
+        replaced = cache.vm_status.records["acme/a"]
+        assert replaced.phase is Phase.SCHEDULED
+        # Re-placed no sooner than failover_delay after the loss was recorded.
+        assert replaced.since >= status.since + FAST.failover_delay_s - 0.05
+        assert ctl.failovers == 1
+
+
+async def test_lost_host_vm_pending_until_capacity_returns(etcd: EtcdServer) -> None:
+    async with controlling(etcd) as (store, cache, _ctl):
+        lease = await register(store, host("hv1", memory_mib=2048), ttl=2)
+        await put_vm(store, "a", 2048)
+        await until(lambda: "acme/a" in cache.assignments.records)
+        del lease
+        await until(lambda: cache.vm_status.records["acme/a"].phase is Phase.PENDING, 10)
+        assert cache.assignments.records["acme/a"].host == "hv1"  # kept: nowhere else
+        await register(store, host("hv2", memory_mib=4096))
+        await until(lambda: cache.assignments.records["acme/a"].host == "hv2", 10)
+        assert cache.vm_status.records["acme/a"].phase is Phase.SCHEDULED

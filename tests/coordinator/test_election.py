@@ -1,0 +1,160 @@
+"""Leader election on a real etcd: in-process campaigns, and two `hvplace-coordinator`
+processes where the leader is frozen (SIGSTOP) past its TTL, replaced, and fenced on waking."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from coord_support import until
+from hvplace.coordinator.election import Election
+from hvplace.coordinator.store import Fence, FenceLost, Store
+from hvplace.proto import keyspace
+from support.etcd import EtcdServer, free_port
+
+
+async def test_one_leader_then_failover_on_resign(etcd: EtcdServer) -> None:
+    store = await Store.connect([etcd.endpoint], timeout=5)
+    led: list[tuple[str, Fence]] = []
+
+    def work(name: str):  # type: ignore[no-untyped-def]
+        async def run(fence: Fence) -> None:
+            led.append((name, fence))
+            await asyncio.Event().wait()
+
+        return run
+
+    a = Election(store, "a", 2, work("a"))
+    b = Election(store, "b", 2, work("b"))
+    ta = asyncio.create_task(a.run())
+    await until(lambda: a.is_leader)
+    tb = asyncio.create_task(b.run())
+    await asyncio.sleep(0.5)
+    assert not b.is_leader and b.leader == "a"
+    with pytest.raises(Exception, match="not the leader"):
+        b.require_fence()
+    a.stop()
+    await ta
+    await until(lambda: b.is_leader, 5)
+    assert [n for n, _ in led] == ["a", "b"]
+    assert led[1][1].revision > led[0][1].revision
+    b.stop()
+    await tb
+    await store.close()
+
+
+async def test_write_rejected_by_fence_steps_down(etcd: EtcdServer) -> None:
+    store = await Store.connect([etcd.endpoint], timeout=5)
+    other = await Store.connect([etcd.endpoint], timeout=5)
+    go = asyncio.Event()
+    errors: list[BaseException] = []
+
+    async def work(fence: Fence) -> None:
+        await go.wait()
+        if errors:  # the second term only leads
+            await asyncio.Event().wait()
+        try:
+            await store.commit([], {keyspace.ROOT + "test/x": b"1"}, fence=fence)
+        except FenceLost as e:
+            errors.append(e)
+            raise
+
+    e = Election(store, "a", 5, work)
+    task = asyncio.create_task(e.run())
+    await until(lambda: e.is_leader)
+    fence = e.fence
+    assert fence is not None
+    # etcd drops the leader's key behind its back (as when its lease expired while frozen).
+    await other.delete(fence.key)
+    go.set()
+    await until(lambda: bool(errors))
+    await until(lambda: e.fence is not None and e.fence != fence, 5)  # campaigned again
+    assert e.terms == 2
+    assert await store.get(keyspace.ROOT + "test/x") is None
+    e.stop()
+    await task
+    await store.close()
+    await other.close()
+
+
+def _start(etcd: EtcdServer, name: str, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "hvplace.coordinator",
+        "--config",
+        "/dev/null",
+        "--node-name",
+        name,
+        "--etcd",
+        etcd.endpoint,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--metrics-listen",
+        "",
+        "--session-ttl",
+        "2",
+        "--log-level",
+        "INFO",
+    ]
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _leader(etcd: EtcdServer) -> str:
+    out = etcd.etcdctl(
+        "get", "--prefix", keyspace.ELECTION, "--sort-by=CREATE", "--order=ASCEND", "--limit=1"
+    ).splitlines()
+    return out[1] if len(out) > 1 else ""
+
+
+def _wait(pred, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_sigstopped_leader_is_replaced_and_steps_down(etcd: EtcdServer, tmp_path: Path) -> None:
+    logs = {n: tmp_path / f"{n}.log" for n in ("c1", "c2")}
+    procs = {"c1": _start(etcd, "c1", logs["c1"])}
+    try:
+        _wait(lambda: _leader(etcd) == "c1")
+        procs["c2"] = _start(etcd, "c2", logs["c2"])
+        _wait(lambda: "ready" in logs["c2"].read_text())
+        os.kill(procs["c1"].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _wait(lambda: _leader(etcd) == "c2", 10)
+        took = time.monotonic() - stopped
+        assert took < 2 + 2.5, f"takeover took {took:.1f}s"  # one TTL + polling margin
+        time.sleep(0.5)
+        os.kill(procs["c1"].pid, signal.SIGCONT)
+        _wait(lambda: "lost leadership" in logs["c1"].read_text(), 10)
+        text = logs["c1"].read_text()
+        assert "not renewed" in text or "expired" in text or "rejected by the fence" in text
+        # c2 still leads; c1 campaigns again behind it.
+        time.sleep(1)
+        assert _leader(etcd) == "c2"
+        keys = etcd.etcdctl("get", "--prefix", keyspace.ELECTION, "--print-value-only").split()
+        assert sorted(keys) == ["c1", "c2"]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                os.kill(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    assert procs["c2"].returncode == 0, logs["c2"].read_text()[-2000:]
