@@ -3,7 +3,9 @@ etcd serving the gRPC API through CoreBackend, with sd_notify and an idempotent 
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -97,9 +99,8 @@ async def test_coordinator_serves_the_api_and_places(
                 )
                 assert resp.vms[0].status.phase == "scheduled"
                 assert resp.vms[0].status.host == "hv1"
-            import urllib.request
-
-            body = urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics").read()
+            url = f"http://127.0.0.1:{c.metrics_port}/metrics"
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())
             assert b"hvplace_leader 1.0" in body
             assert b"hvplace_placement_latency_seconds_count" in body
             await c.shutdown()
