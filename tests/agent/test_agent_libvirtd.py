@@ -236,3 +236,42 @@ def test_lost_lease_fences_within_budget_then_recovers(
     )
     wait_for(lambda: serial_markers(tmp_path, host, dom) == 1, 60, "guest marker after fence")
     print(f"etcd resumed to guest running again: {time.monotonic() - t1:.2f}s")
+
+
+async def test_auto_domain_type_boots_a_probe_guest_and_caches_the_answer(
+    libvirtd: libvirtd_support.Libvirtd, guest: guest_image.GuestImage, tmp_path: Path
+) -> None:
+    """`auto` picks kvm only when the tiny guest really prints its marker under kvm; on
+    machines whose /dev/kvm hangs guests (these) that means qemu."""
+    from hvplace.agent.hypervisor import PROBE_DOMAIN, LibvirtHypervisor
+
+    for d in ("images", "console"):
+        (tmp_path / d).mkdir()
+
+    def hypervisor() -> LibvirtHypervisor:
+        return LibvirtHypervisor(
+            libvirtd.uri,
+            domain_type="auto",
+            images_dir=tmp_path / "images",
+            console_dir=tmp_path / "console",
+            state_dir=tmp_path,
+            guest_cache_dir=guest.kernel.parent,
+            probe_timeout_s=8.0,
+        )
+
+    hv = hypervisor()
+    await hv.open()
+    await hv.close()
+    serial = tmp_path / "console" / f"{PROBE_DOMAIN}.log"
+    booted = serial.exists() and guest_image.MARKER.encode() in serial.read_bytes()
+    assert hv.domain_type == ("kvm" if booted else "qemu")
+    assert lookup(libvirtd.uri, PROBE_DOMAIN) is None, "the probe guest was left behind"
+    cached = (tmp_path / "kvm-probe.json").read_text()
+    assert hv.domain_type in cached
+    # A second agent start reuses the cached answer instead of probing again.
+    serial.unlink(missing_ok=True)
+    again = hypervisor()
+    await again.open()
+    await again.close()
+    assert again.domain_type == hv.domain_type
+    assert not serial.exists()
