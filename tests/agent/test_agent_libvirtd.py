@@ -275,3 +275,49 @@ async def test_auto_domain_type_boots_a_probe_guest_and_caches_the_answer(
     await again.close()
     assert again.domain_type == hv.domain_type
     assert not serial.exists()
+
+
+def test_disk_image_vm_runs_on_a_qcow2_overlay_removed_with_it(
+    libvirtd: libvirtd_support.Libvirtd,
+    etcd: EtcdServer,
+    scope: str,
+    spawn_agent: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """A VM with a base disk image runs on its own qcow2 overlay backed by that image; the
+    base is never written, and the overlay goes when the VM is unassigned."""
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    base_bytes = base.read_bytes()
+    host = f"dh-{scope}"
+    vm = VM(
+        scope=scope,
+        name="disk",
+        uid="uid-disk",
+        resources=Resources(vcpus=1, memory_mib=64, disk_gib=1),
+        image=Image(disk=str(base)),
+    )
+    put_assignment(etcd, host, vm)
+    spawn_agent(host, etcd)
+    dom = domain_name(scope, "disk")
+    wait_for(lambda: (s := lookup(libvirtd.uri, dom)) is not None and s[0], 30, "domain running")
+    overlays = list((tmp_path / host / "images").glob("*.qcow2"))
+    assert len(overlays) == 1
+    info = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(overlays[0])],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert f'"backing-filename": "{base}"' in info
+    assert '"virtual-size": 1073741824' in info
+    conn = libvirt.open(libvirtd.uri)
+    try:
+        xml = conn.lookupByName(dom).XMLDesc(0)
+    finally:
+        conn.close()
+    assert str(overlays[0]) in xml and str(base) not in xml.split("<backingStore")[0]
+    etcd.etcdctl("del", keyspace.assignment(host, scope, "disk"))
+    wait_for(lambda: lookup(libvirtd.uri, dom) is None, 15, "domain removed")
+    wait_for(lambda: not overlays[0].exists(), 5, "overlay removed")
+    assert base.read_bytes() == base_bytes
