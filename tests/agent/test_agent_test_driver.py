@@ -168,3 +168,57 @@ async def test_refuses_an_unsafe_timing_budget(
     with pytest.raises(InvalidInput, match="unsafe timing budget"):
         await asyncio.wait_for(agent.run(), 15)
     assert get_prefix(etcd, keyspace.HOSTS) == {}
+
+
+async def test_tells_systemd_ready_and_pets_the_watchdog_device(
+    etcd: EtcdServer,
+    test_host: Callable[..., AgentConfig],
+    run_agent: StartAgent,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """READY=1 reaches $NOTIFY_SOCKET once registered; the watchdog device (a FIFO standing
+    in for /dev/watchdog, same write protocol) is petted from the renew loop and disarmed
+    with the magic 'V' on a clean shutdown."""
+    import contextlib
+    import os
+    import socket
+
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    fifo = tmp_path / "watchdog"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        cfg = cfg_for(etcd, test_host, "h1", watchdog_device=str(fifo))
+        agent = await run_agent(cfg)
+
+        def notified() -> bytes | None:
+            try:
+                return sock.recv(256)
+            except BlockingIOError:
+                return None
+
+        async def ready() -> bool:
+            return notified() == b"READY=1"
+
+        await eventually(ready)
+        written = bytearray()
+
+        def device_got(done: Callable[[bytes], bool]) -> Callable[[], bool]:
+            def check() -> bool:
+                with contextlib.suppress(BlockingIOError):
+                    written.extend(os.read(reader, 64))
+                return done(bytes(written))
+
+            return check
+
+        await eventually(device_got(lambda b: b.count(b"\0") >= 2))
+        await agent.shutdown()  # run() then cleans up: the device is disarmed
+        await eventually(device_got(lambda b: b.endswith(b"V")))
+    finally:
+        os.close(reader)
+        sock.close()
