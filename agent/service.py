@@ -14,12 +14,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psutil
-from hvplace.agent import capacity, reconcile, sdnotify
+from hvplace.agent import capacity, reconcile, watchdog
 from hvplace.agent.config import AgentConfig, cluster_config
 from hvplace.agent.hypervisor import Hypervisor, HypervisorError, LibvirtHypervisor
 from hvplace.agent.metrics import AgentMetrics, MetricsServer
 from hvplace.agent.reconcile import ActionKind
 from hvplace.agent.store import EtcdStore, StoreError
+from hvplace.proto import systemd
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.models import (
     Assignment,
@@ -73,7 +74,7 @@ class Agent:
         self._since: dict[str, tuple[DomainState, float]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: MetricsServer | None = None
-        self._watchdog: sdnotify.WatchdogDevice | None = None
+        self._watchdog: watchdog.WatchdogDevice | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_done = False
 
@@ -97,7 +98,7 @@ class Agent:
                 self.info.capacity,
             )
             if self.cfg.watchdog_device:
-                self._watchdog = sdnotify.WatchdogDevice(self.cfg.watchdog_device)
+                self._watchdog = watchdog.WatchdogDevice(self.cfg.watchdog_device)
             if self.cfg.metrics_listen:
                 self._server = MetricsServer(self.metrics, self.health)
                 try:
@@ -249,7 +250,7 @@ class Agent:
         self.metrics.fenced.set(0)
         self._may_start = True
         self.registered.set()
-        sdnotify.notify("READY=1")
+        systemd.notify("READY=1")
         log.info("host %s registered on lease %x", self.cfg.host, lease)
         self._trigger()
 
@@ -351,12 +352,12 @@ class Agent:
             self._trigger()  # whatever the broken watch missed
 
     async def _systemd_watchdog(self) -> None:
-        interval = sdnotify.watchdog_interval_s()
+        interval = systemd.watchdog_interval_s()
         if interval is None:
             await self._stopping.wait()  # every task lives until shutdown
             return
         while not self._stopping.is_set():
-            sdnotify.notify("WATCHDOG=1")
+            systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
     async def _reconcile_worker(self) -> None:

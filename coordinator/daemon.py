@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -23,36 +21,9 @@ from hvplace.coordinator.placement import Plan
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.store import Compare, Fence, Store
 from hvplace.proto.models import VM
+from hvplace.proto.systemd import notify, watchdog_interval_s
 
 log = logging.getLogger(__name__)
-
-
-def sd_notify(state: str) -> bool:
-    """systemd's notify protocol over $NOTIFY_SOCKET with a plain datagram socket."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(address)
-            s.sendall(state.encode())
-    except OSError as e:
-        log.warning("sd_notify %s failed: %s", state, e)
-        return False
-    return True
-
-
-def _watchdog_interval() -> float | None:
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return int(usec) / 2_000_000
-    except ValueError:
-        return None
 
 
 class CoreBackend:
@@ -232,10 +203,10 @@ class Coordinator:
                 await self._start_api()
             tasks.append(asyncio.create_task(election.run(), name="hvplace-election"))
             tasks.append(asyncio.create_task(self._rules_metrics(), name="hvplace-rule-metrics"))
-            interval = _watchdog_interval()
+            interval = watchdog_interval_s()
             if interval is not None:
                 tasks.append(asyncio.create_task(self._watchdog(interval), name="hvplace-wd"))
-            sd_notify("READY=1")
+            notify("READY=1")
             self.ready.set()
             log.info("coordinator %s ready", cfg.node_name)
             stop = asyncio.create_task(self._stop.wait())
@@ -245,7 +216,7 @@ class Coordinator:
                     log.error("%s failed: %r", t.get_name(), t.exception())
             stop.cancel()
         finally:
-            sd_notify("STOPPING=1")
+            notify("STOPPING=1")
             log.info("coordinator %s stopping", cfg.node_name)
             if self.election is not None:
                 self.election.stop()
@@ -291,5 +262,5 @@ class Coordinator:
 
     async def _watchdog(self, interval: float) -> None:
         while True:
-            sd_notify("WATCHDOG=1")
+            notify("WATCHDOG=1")
             await asyncio.sleep(interval)

@@ -1,9 +1,8 @@
-"""systemd's notify protocol over $NOTIFY_SOCKET with a plain datagram socket, and the
-optional kernel watchdog device (softdog) the renew loop pets."""
+"""systemd's notify protocol for both daemons: $NOTIFY_SOCKET with a plain datagram socket
+(no extra dependency), and the watchdog ping interval systemd asked for."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -38,22 +37,3 @@ def watchdog_interval_s() -> float | None:
         return int(usec) / 2_000_000
     except ValueError:
         return None
-
-
-class WatchdogDevice:
-    """/dev/watchdog: once opened, the host resets unless it is written to in time, so a
-    hung agent cannot keep VMs running without a lease. Closed with the magic 'V'."""
-
-    def __init__(self, path: str) -> None:
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-
-    def pet(self) -> None:
-        if self._fd is not None:
-            os.write(self._fd, b"\0")
-
-    def close(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._fd, b"V")  # magic close: disarm on a clean exit
-            os.close(self._fd)
-            self._fd = None
