@@ -266,7 +266,8 @@ class Cache:
             self.config_rev = mod_revision if put else 0
             return self.config
         if kind in (ASSIGNMENTS, DOMAINS):
-            host = key.split("/")[3]
+            prefix = keyspace.ASSIGNMENTS if kind == ASSIGNMENTS else keyspace.DOMAINS
+            host = key[len(prefix) :].split("/", 1)[0]
             table: Table[Any] = self.assignments if kind == ASSIGNMENTS else self.domains
             if not put:
                 # The old host's key deleted after a move must not drop the new one.

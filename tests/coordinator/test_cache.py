@@ -45,6 +45,28 @@ async def test_list_then_watch_typed_records(etcd: EtcdServer) -> None:
         assert snap.placements == {"acme/pre": "hv1"} and snap.hosts["hv1"].state is HostState.READY
 
 
+async def test_deleted_assignment_and_domain_leave_the_cache(etcd: EtcdServer) -> None:
+    """A deleted assignment must not linger: it would hold capacity, count against rules
+    and make every later compare on it fail (a re-created VM of the same name)."""
+    async with running(etcd) as (store, cache):
+        spec = vm("gone")
+        await register(store, host("hv1"))
+        await store.put(keyspace.vm("acme", "gone"), models.dumps(spec))
+        a = Assignment(vm=spec, host="hv1", epoch=1)
+        await store.put(keyspace.assignment("hv1", "acme", "gone"), models.dumps(a))
+        d = models.DomainStatus(scope="acme", name="gone", host="hv1", epoch=1)
+        await store.put(keyspace.domain("hv1", "acme", "gone"), models.dumps(d))
+        await cache.fresh()
+        assert cache.snapshot().placements == {"acme/gone": "hv1"}
+        assert "acme/gone" in cache.domains.records
+        await store.delete(keyspace.assignment("hv1", "acme", "gone"))
+        await store.delete(keyspace.domain("hv1", "acme", "gone"))
+        await cache.fresh()
+        assert "acme/gone" not in cache.assignments.records
+        assert "acme/gone" not in cache.domains.records
+        assert cache.snapshot().placements == {}
+
+
 async def test_departed_host_is_lost_in_snapshot(etcd: EtcdServer) -> None:
     async with running(etcd) as (store, cache):
         lease = await register(store, host("hv1"))
