@@ -119,11 +119,8 @@ def _vm_rows(views: Iterable[pb.VMView]) -> list[list[object]]:
     rows: list[list[object]] = []
     for v in views:
         phase = v.status.phase or "pending"
+        # The coordinator writes the explanation's summary as the reason.
         reason = v.status.reason
-        if phase == "pending" and v.status.HasField("explanation"):
-            reason = models.from_dict(
-                models.Explanation, proto_to_dict(v.status.explanation)
-            ).summary()
         rows.append(
             [
                 v.spec.scope,

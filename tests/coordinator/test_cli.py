@@ -108,6 +108,14 @@ async def test_cli_against_a_running_coordinator(
     assert (code == 0 and "pending" in json.loads(out)) or "moves" in json.loads(out)
     code, out, _ = await run(capsys, api, "vm", "explain", "acme/web-1")
     assert code == 0 and "hosts feasible" in out
+    # A VM no host can take is listed pending with its reason (0 feasible hosts).
+    code, out, _ = await run(
+        capsys, api, "vm", "create", "--scope", "acme", "huge", "--memory", "900000"
+    )
+    assert code == 0
+    code, out, _ = await run(capsys, api, "vm", "list", "--scope", "acme")
+    huge = next(line for line in out.splitlines() if "huge" in line)
+    assert code == 0 and "pending" in huge and "0/2 hosts" in huge and "memory" in huge
     code, _, err = await run(capsys, api, "vm", "get", "acme/nope")
     assert code == 1 and err.startswith("hvplace: not-found: ")
     code, _, err = await run(capsys, api, "vm", "create", "--scope", "acme", "bad..name")
