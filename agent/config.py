@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import FENCE_GRACE_S, ClusterConfig, Ratios, validate_cluster_config
+from hvplace.proto.models import (
+    ClusterConfig,
+    Ratios,
+    fence_after_for,
+    validate_cluster_config,
+)
 from hvplace.proto.names import check_label, check_name
 
 DEFAULT_CONFIG = Path("/etc/hvplace/agent.toml")
@@ -157,7 +162,7 @@ def cluster_config(record: ClusterConfig | None, cfg: AgentConfig) -> ClusterCon
             fence = (
                 base.fence_after_s
                 if cfg.lease_ttl is None
-                else min(0.6 * ttl, ttl + base.failover_delay_s - FENCE_GRACE_S - 0.5)
+                else fence_after_for(ttl, base.failover_delay_s)
             )
         record = dataclasses.replace(base, lease_ttl_s=ttl, fence_after_s=fence)
     return validate_cluster_config(record)

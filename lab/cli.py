@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=text).add_argument("host")
     sub.add_parser("kill-leader", help="kill -9 the leading coordinator")
+    sub.add_parser("kill-etcd", help="kill -9 etcd (its data stays)")
+    sub.add_parser("restart-etcd", help="start the killed etcd again on the same URLs")
+    sub.add_parser("env", help='shell exports for this lab: eval "$(hvplace lab env)"')
     return parser
 
 
@@ -98,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab.heal(args.host)
         elif args.command == "kill-leader":
             lab.kill_leader()
+        elif args.command == "kill-etcd":
+            lab.kill_etcd()
+        elif args.command == "restart-etcd":
+            lab.restart_etcd()
+        elif args.command == "env":
+            for key, value in lab.env().items():
+                print(f"export {key}={shlex.quote(value)}")
     except (LabError, DaemonError, HostError, NetworkError, ValueError) as exc:
         print(f"hvplace lab: {exc}", file=sys.stderr)
         return 1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import random
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -35,6 +38,18 @@ _SHADOWED = tuple(Path(p) for p in hosts.BIND_MOUNTS.values())
 
 class LabError(RuntimeError):
     pass
+
+
+def scratch_settings(state_dir: Path, prefix: str = "hvs") -> LabSettings:
+    """Settings for a throwaway lab (tests, benchmarks) beside any running one: a random
+    name prefix and a free /24 under 10.213.0.0/16 other than the default lab's."""
+    rng = random.SystemRandom()
+    prefix = prefix + "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(4))
+    for _ in range(50):
+        subnet = ipaddress.IPv4Network(f"10.213.{rng.randrange(100, 250)}.0/24")
+        if os.geteuid() != 0 or not network.subnet_conflicts(subnet):
+            return LabSettings(state_dir=state_dir, prefix=prefix, subnet=subnet)
+    raise LabError("no free subnet under 10.213.0.0/16")
 
 
 @dataclass(frozen=True)
@@ -144,6 +159,10 @@ class Lab:
                 state.bridge = settings.bridge
                 state.save(settings)
                 network.create_bridge(settings.bridge, settings.bridge_address)
+        if state.mode == "real" and only == "all":
+            with self.step("building the tiny guest image (cached after the first time)"):
+                state.guest_image = daemons.build_guest_image()
+                state.save(settings)
         if only != "hosts":
             with self.step("starting etcd"):
                 daemons.start_etcd(settings, state)
@@ -376,6 +395,47 @@ class Lab:
         host.partitioned = cut
         state.save(self.settings)
         self.say(f"host {name}: {'partitioned' if cut else 'healed'}")
+
+    def endpoints(self) -> list[str]:
+        """The coordinators' gRPC addresses (the CLI finds the leader among them)."""
+        return [c.api_address for c in self.state().coordinators]
+
+    def etcd_endpoint(self) -> str:
+        """etcd's loopback client URL, for etcdctl and the lab's observers."""
+        state = self.state()
+        if not state.etcd_endpoints:
+            raise LabError("the lab has no etcd")
+        return state.etcd_endpoints[-1]
+
+    def env(self) -> dict[str, str]:
+        """What a shell needs to use this lab: `eval "$(hvplace lab env)"`."""
+        state = self.state()
+        env = {
+            "HVPLACE_LAB_DIR": str(self.settings.state_dir),
+            "HVPLACE_ENDPOINT": ",".join(self.endpoints()),
+        }
+        if state.etcd_endpoints:
+            env["ETCDCTL_API"] = "3"
+            env["ETCDCTL_ENDPOINTS"] = state.etcd_endpoints[-1]
+        return env
+
+    def kill_etcd(self) -> int:
+        """kill -9 etcd (its data stays: `restart-etcd` brings the same cluster back)."""
+        state = self.state()
+        if state.etcd is None or not kill9(state.etcd):
+            raise LabError("etcd is not running")
+        wait_gone([state.etcd.pid])
+        self.say(f"killed etcd (PID {state.etcd.pid})")
+        return state.etcd.pid
+
+    def restart_etcd(self) -> None:
+        """Start etcd again on the same URLs and data dir."""
+        state = self.state()
+        if is_alive(state.etcd):
+            raise LabError("etcd is running; kill it first")
+        daemons.start_etcd(self.settings, state)
+        state.save(self.settings)
+        self.say(f"etcd running again (PID {state.etcd.pid if state.etcd else '?'})")
 
     def kill_leader(self) -> str:
         state = self.state()

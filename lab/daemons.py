@@ -16,10 +16,14 @@ from hvplace.lab import hosts
 from hvplace.lab.processes import ProcessRecord, is_alive, spawn_detached, tail
 from hvplace.lab.state import CoordinatorRecord, HostRecord, LabSettings, LabState
 from hvplace.proto import keyspace
+from hvplace.proto.models import ClusterConfig, fence_after_for, validate_cluster_config
 
 
 class DaemonError(RuntimeError):
     pass
+
+
+AGENT_METRICS_PORT = 9464
 
 
 def free_port(address: str = "127.0.0.1") -> int:
@@ -46,14 +50,18 @@ def _free_port_on(*addresses: str) -> int:
 
 
 def start_etcd(settings: LabSettings, state: LabState, timeout: float = 20.0) -> None:
-    """Debian's etcd with its data in the state dir; agents use the bridge address."""
-    addresses = ["127.0.0.1"]
-    if state.mode == "real":
-        addresses.insert(0, str(settings.bridge_address.ip))
-    client_port = _free_port_on(*addresses)
-    peer_port = free_port()
-    client_urls = [f"http://{a}:{client_port}" for a in addresses]
-    peer = f"http://127.0.0.1:{peer_port}"
+    """Debian's etcd with its data in the state dir; agents use the bridge address.
+
+    A restart (state.etcd_endpoints already set) reuses the same URLs and data."""
+    if state.etcd_endpoints and state.etcd_peer:
+        client_urls, peer = list(state.etcd_endpoints), state.etcd_peer
+    else:
+        addresses = ["127.0.0.1"]
+        if state.mode == "real":
+            addresses.insert(0, str(settings.bridge_address.ip))
+        client_port = _free_port_on(*addresses)
+        client_urls = [f"http://{a}:{client_port}" for a in addresses]
+        peer = f"http://127.0.0.1:{free_port()}"
     data = settings.state_dir / "etcd"
     argv = [
         "etcd",
@@ -65,12 +73,16 @@ def start_etcd(settings: LabSettings, state: LabState, timeout: float = 20.0) ->
         f"--initial-advertise-peer-urls={peer}",
         f"--initial-cluster=hvplace-lab={peer}",
         "--initial-cluster-state=new",
+        # Batches of 500 VMs are one transaction each (3 keys a VM).
+        "--max-txn-ops=4096",
+        "--max-request-bytes=16777216",
         "--log-level=warn",
         "--logger=zap",
     ]
     state.etcd = spawn_detached("etcd", argv, data / "etcd.log")
     # Agents in a netns reach etcd on the bridge (first); everything else on loopback.
     state.etcd_endpoints = client_urls
+    state.etcd_peer = peer
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_alive(state.etcd):
@@ -81,7 +93,7 @@ def start_etcd(settings: LabSettings, state: LabState, timeout: float = 20.0) ->
                     return
         except OSError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise DaemonError(f"etcd not healthy after {timeout}s: {tail(state.etcd.log)}")
 
 
@@ -151,17 +163,50 @@ def _python_module(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def cluster_budget(lease_ttl: float | None) -> ClusterConfig:
+    """The lab's timing budget: the defaults, or a lease TTL with fence_after derived from it."""
+    if lease_ttl is None:
+        return ClusterConfig()
+    return validate_cluster_config(
+        ClusterConfig(lease_ttl_s=lease_ttl, fence_after_s=fence_after_for(lease_ttl))
+    )
+
+
 def coordinator_config(state: LabState, name: str, api: str, metrics: str) -> str:
-    ttl = state.lease_ttl
+    """hvplace-coordinator's TOML (coordinator/config.py): loopback etcd, its own ports."""
+    budget = cluster_budget(state.lease_ttl)
     lines = [
-        f'name = "{name}"',
+        f'node_name = "{name}"',
         f"etcd_endpoints = {json.dumps(state.etcd_endpoints[-1:])}",
         f'listen = "{api}"',
         f'metrics_listen = "{metrics}"',
+        # The leader's election lease: a standby takes over within about this long.
+        f"session_ttl_s = {max(1.0, budget.lease_ttl_s)}",
+        "",
+        "[cluster]",
+        f"lease_ttl_s = {budget.lease_ttl_s}",
+        f"fence_after_s = {budget.fence_after_s}",
+        f"failover_delay_s = {budget.failover_delay_s}",
+        # The lab is small: warn rather than refuse creates that a failure could strand.
+        'admission_policy = "warn"',
     ]
-    if ttl is not None:
-        lines.append(f"host_lease_ttl = {ttl}")
     return "\n".join(lines) + "\n"
+
+
+def build_guest_image(timeout: float = 600.0) -> dict[str, str]:
+    """`hvplace-agent build-image` (cached after the first build): kernel, initrd, cmdline."""
+    out = subprocess.run(
+        [*_python_module("hvplace.agent"), "build-image"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if out.returncode != 0:
+        raise DaemonError(f"building the guest image failed: {out.stderr.strip()[-1500:]}")
+    image = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    if not {"kernel", "initrd", "cmdline"} <= set(image):
+        raise DaemonError(f"build-image printed no kernel/initrd/cmdline: {out.stdout!r}")
+    return image
 
 
 def start_coordinator(settings: LabSettings, state: LabState, name: str) -> CoordinatorRecord:
@@ -182,21 +227,48 @@ def start_coordinator(settings: LabSettings, state: LabState, name: str) -> Coor
 
 
 def agent_config(state: LabState, host: HostRecord) -> str:
-    # Inside a netns, loopback is the host's own: etcd is on the bridge address.
-    endpoints = state.etcd_endpoints[:1] if host.mode == "real" else state.etcd_endpoints[-1:]
+    """hvplace-agent's TOML (agent/config.py). Inside a netns, loopback is the host's own:
+    etcd is on the bridge address, and the metrics port on the host's address."""
+    budget = cluster_budget(state.lease_ttl)
+    if host.mode == "real":
+        endpoints = state.etcd_endpoints[:1]
+        metrics = f"{host.address.split('/')[0]}:{AGENT_METRICS_PORT}" if host.address else ""
+        domain_type = "qemu"  # TCG: /dev/kvm here hangs Linux guests (see README)
+        # Every lab host reports this machine's cores; the tiny guests idle, so overcommit
+        # vCPUs as a KVM fleet does (Nova's cpu_allocation_ratio) to fit a dozen of them.
+        extra = ["cpu_ratio = 8.0"]
+    else:
+        endpoints = state.etcd_endpoints[-1:]
+        metrics = ""
+        domain_type = "auto"
+        extra = []
     lines = [
         f'host = "{host.name}"',
         f"etcd_endpoints = {json.dumps(endpoints)}",
         f'libvirt_uri = "{host.libvirt_uri}"',
         f'state_dir = "{Path(host.dir) / "agent"}"',
+        f'domain_type = "{domain_type}"',
+        f'metrics_listen = "{metrics}"',
+        f"lease_ttl = {budget.lease_ttl_s}",
+        f"fence_after = {budget.fence_after_s}",
+        "resync_interval_s = 5.0",
+        *extra,
         "",
         "[labels]",
-        f'rack = "r{(host.index + 1) // 2}"',
-        f'zone = "{"east" if host.index % 2 else "west"}"',
+        f'rack = "{host_rack(host.index)}"',
+        f'zone = "{host_zone(host.index)}"',
     ]
-    if state.lease_ttl is not None:
-        lines.insert(3, f"lease_ttl = {state.lease_ttl}")
     return "\n".join(lines) + "\n"
+
+
+def host_rack(index: int) -> str:
+    """Two hosts a rack: h1 h2 in r1, h3 h4 in r2, ..."""
+    return f"r{(index + 1) // 2}"
+
+
+def host_zone(index: int) -> str:
+    """Zones alternate: odd hosts west, even hosts east (so each rack spans both)."""
+    return "east" if index % 2 == 0 else "west"
 
 
 def start_agent(settings: LabSettings, state: LabState, host: HostRecord) -> ProcessRecord:

@@ -11,6 +11,7 @@ import pwd
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,7 +183,10 @@ def start_libvirt(host: HostRecord, timeout: float = 30.0) -> tuple[ProcessRecor
     """virtlogd then libvirtd in the foreground (detached), so their PIDs are known at once."""
     base = Path(host.dir)
     virtlogd = spawn_detached("virtlogd", inside(host, ["virtlogd"]), base / "virtlogd.log")
-    libvirtd = spawn_detached("libvirtd", inside(host, ["libvirtd"]), base / "libvirtd.log")
+    # Under the reaper (its PID is recorded; libvirtd dies with it): killed QEMUs are
+    # reaped at once, so libvirtd reports them off at once.
+    reaped = [sys.executable, "-m", "hvplace.lab.reaper", "libvirtd"]
+    libvirtd = spawn_detached("libvirtd", inside(host, reaped), base / "libvirtd.log")
     deadline = time.monotonic() + timeout
     while True:
         if not is_alive(libvirtd):

@@ -213,8 +213,11 @@ class LabState:
     created_dirs: list[str] = field(default_factory=list)
     etcd: ProcessRecord | None = None
     etcd_endpoints: list[str] = field(default_factory=list)
+    etcd_peer: str = ""
     coordinators: list[CoordinatorRecord] = field(default_factory=list)
     hosts: dict[str, HostRecord] = field(default_factory=dict)
+    # The tiny guest (kernel, initrd, cmdline) the real hosts boot; empty on test hosts.
+    guest_image: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -226,8 +229,10 @@ class LabState:
             "created_dirs": list(self.created_dirs),
             "etcd": _procj(self.etcd),
             "etcd_endpoints": list(self.etcd_endpoints),
+            "etcd_peer": self.etcd_peer,
             "coordinators": [c.to_json() for c in self.coordinators],
             "hosts": {name: h.to_json() for name, h in self.hosts.items()},
+            "guest_image": dict(self.guest_image),
         }
 
     @classmethod
@@ -242,8 +247,10 @@ class LabState:
             created_dirs=[str(d) for d in raw.get("created_dirs", [])],
             etcd=_proc(raw.get("etcd")),
             etcd_endpoints=[str(e) for e in raw.get("etcd_endpoints", [])],
+            etcd_peer=str(raw.get("etcd_peer", "")),
             coordinators=[CoordinatorRecord.from_json(c) for c in raw.get("coordinators", [])],
             hosts={str(name): HostRecord.from_json(h) for name, h in raw.get("hosts", {}).items()},
+            guest_image={str(k): str(v) for k, v in raw.get("guest_image", {}).items()},
         )
 
     def save(self, settings: LabSettings) -> None:

@@ -459,6 +459,13 @@ class ClusterConfig:
     admission_topology: str = TOPOLOGY_HOST
 
 
+def fence_after_for(lease_ttl_s: float, failover_delay_s: float = 0.5) -> float:
+    """The default `fence_after_s` for a lease TTL: 60 % of it, and never so late that the
+    budget (see validate_cluster_config) turns unsafe. 5 s -> 3 s, 2 s -> 1 s."""
+    safe = lease_ttl_s + failover_delay_s - FENCE_GRACE_S - 0.5
+    return round(min(0.6 * lease_ttl_s, safe), 3)
+
+
 # --------------------------------------------------------------------------- validation
 
 

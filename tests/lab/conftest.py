@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import random
-import string
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hvplace.lab import network
-from hvplace.lab.control import Lab
+from hvplace.lab.control import Lab, scratch_settings
 from hvplace.lab.state import LabSettings
 
 
@@ -26,13 +22,7 @@ def require_root() -> None:
 
 def lab_settings(tmp: Path) -> LabSettings:
     """Names and a subnet no running lab (prefix hvlab, 10.213.0.0/24) or other test uses."""
-    rng = random.SystemRandom()
-    prefix = "hvt" + "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(4))
-    for _ in range(50):
-        subnet = ipaddress.IPv4Network(f"10.213.{rng.randrange(100, 250)}.0/24")
-        if os.geteuid() != 0 or not network.subnet_conflicts(subnet):
-            return LabSettings(state_dir=tmp / "lab", prefix=prefix, subnet=subnet)
-    raise RuntimeError("no free test subnet under 10.213.0.0/16")
+    return scratch_settings(tmp / "lab", prefix="hvt")
 
 
 @pytest.fixture

@@ -111,30 +111,6 @@ def _virsh_ok() -> bool:
     return probe.returncode == 0
 
 
-# QEMU is double-forked by libvirtd, so its parent becomes the nearest child subreaper
-# or PID 1. A PID 1 that reaps slowly (as in some sandboxes) leaves a destroyed QEMU a
-# zombie for a second or more, and libvirtd waits for it to vanish before it reports the
-# domain off. This wrapper makes itself the subreaper, runs the daemon as its child and
-# reaps every orphan at once; SIGTERM is passed on to the daemon.
-REAPER = """
-import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-child = os.fork()
-if child == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
-while True:
-    try:
-        pid, _ = os.wait()
-    except ChildProcessError:
-        break
-    except InterruptedError:
-        continue
-    if pid == child:
-        break
-"""
-
-
 def start() -> Libvirtd:
     """Idempotent: a libvirtd already running (with our qemu.conf) is reused, not restarted."""
     _require_root_and_binaries()
@@ -155,7 +131,8 @@ def start() -> Libvirtd:
         log = open(log_dir / f"hvplace-test-{name}.log", "ab")  # noqa: SIM115 - the daemon's
         daemon.started.append(
             subprocess.Popen(
-                [sys.executable, "-c", REAPER, name],
+                # Under hvplace.lab.reaper: QEMU orphans are reaped at once (see there).
+                [sys.executable, "-m", "hvplace.lab.reaper", name],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

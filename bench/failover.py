@@ -1,0 +1,201 @@
+"""Failover time end to end: a lab of 4 hosts, a dozen VMs under rules, one host killed.
+
+Starts a throwaway lab (real namespaced hosts with QEMU guests as root, else test:///
+hosts), creates the VMs through the `hvplace` CLI, waits until all run, kill -9s the
+host with the most rule members, and measures from the kill:
+
+  detect_s      until the coordinator marked the host lost (its HostStatus record)
+  reassigned_s  until every VM of the host was assigned elsewhere (their VMStatus records)
+  running_s     until all of them ran again (libvirt sampled every 100 ms on real hosts;
+                the agents' domain reports on test hosts)
+  violations    samples in which running VMs broke a required anti-affinity rule
+  duplicates    samples in which one VM ran on two hosts
+
+Run: sudo python bench/failover.py --ttl 5 --json   (and --ttl 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from hvplace.lab import observe
+from hvplace.lab.control import Lab, scratch_settings
+from hvplace.lab.observe import ClusterState
+from hvplace.lab.state import LabState
+
+WEB = [f"web-{i}" for i in range(1, 4)]
+DB = [f"db-{i}" for i in range(1, 3)]
+APP = [f"app-{i}" for i in range(1, 8)]
+SCOPE = "bench"
+
+
+def hvplace(lab: Lab, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "hvplace.coordinator.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **lab.env()),
+        timeout=60,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"hvplace {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def image_args(state: LabState) -> list[str]:
+    image = state.guest_image
+    if not image:  # test:/// hosts never open the kernel
+        return ["--kernel", "/var/cache/hvplace/guest/vmlinuz"]
+    return ["--kernel", image["kernel"], "--initrd", image["initrd"], "--cmdline", image["cmdline"]]
+
+
+def create_workload(lab: Lab) -> list[str]:
+    state = lab.state()
+    scope = ["--scope", SCOPE]
+    hvplace(lab, "rule", "create", "web-apart", *scope, "--kind", "anti-affinity",
+            "--selector", "app=web")  # fmt: skip
+    hvplace(lab, "rule", "create", "db-racks", *scope, "--kind", "anti-affinity",
+            "--selector", "app=db", "--topology-key", "rack")  # fmt: skip
+    size = ["--vcpus", "1", "--memory", "128", *image_args(state)]
+    hvplace(lab, "vm", "create", *scope, *WEB, "--label", "app=web", "--ha", "high", *size)
+    hvplace(lab, "vm", "create", *scope, *DB, "--label", "app=db", "--ha", "high", *size)
+    hvplace(lab, "vm", "create", *scope, *APP, "--label", "app=batch", "--ha", "medium", *size)
+    return [f"{SCOPE}/{n}" for n in WEB + DB + APP]
+
+
+def all_running(keys: list[str]) -> observe.Condition:
+    def check(s: ClusterState) -> bool:
+        return all(len(s.running_on(k)) == 1 and s.host_of(k) in s.running_on(k) for k in keys)
+
+    return check
+
+
+def pick_victim(s: ClusterState, keys: list[str]) -> str:
+    """The host with the most VMs among those running a web and a db member."""
+    count: dict[str, int] = {}
+    members: dict[str, set[str]] = {}
+    for key in keys:
+        host = s.host_of(key)
+        if host:
+            count[host] = count.get(host, 0) + 1
+            members.setdefault(host, set()).add(key.split("/")[1].split("-")[0])
+    both = [h for h in count if {"web", "db"} <= members.get(h, set())] or list(count)
+    return max(sorted(both), key=lambda h: count[h])
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    from support.sampler import LibvirtSampler
+
+    mode = args.mode or ("real" if os.geteuid() == 0 else "test")
+    tmp = Path(tempfile.mkdtemp(prefix="hvplace-bench-failover-"))
+    lab = Lab(scratch_settings(tmp / "lab", prefix="hvb"), out=sys.stderr)
+    try:
+        lab.up(args.hosts, mode, args.ttl)
+        state = lab.state()
+        etcd = lab.etcd_endpoint()
+        keys = create_workload(lab)
+        before = observe.wait_for(etcd, all_running(keys), 120, "all VMs running")
+        victim = pick_victim(before, keys)
+        moving = sorted(k for k in keys if before.host_of(k) == victim)
+        hosts = {h.name: h.root_side_uri for h in state.hosts.values()}
+        sampler = LibvirtSampler(hosts, keys) if mode == "real" else None
+        if sampler is not None:
+            sampler.__enter__()
+            time.sleep(1.0)  # a second of samples before the failure
+        killed_at = time.time()
+        lab.kill_host(victim)
+
+        def reassigned(s: ClusterState) -> bool:
+            return s.lost(victim) and all(
+                s.host_of(k) not in (None, victim) and s.vm_status[k].phase.value == "scheduled"
+                for k in moving
+            )
+
+        after = observe.wait_for(etcd, reassigned, 120, f"the VMs of {victim} reassigned")
+        ran = observe.wait_for(etcd, all_running(moving), 120, "the moved VMs running")
+        detect = after.host_status[victim].since - killed_at
+        reassigned_at = max(after.vm_status[k].since for k in moving)
+        if sampler is not None:
+            deadline = time.monotonic() + 60
+            running_at = sampler.first_all_running(moving, killed_at)
+            while running_at is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                running_at = sampler.first_all_running(moving, killed_at)
+            time.sleep(1.0)
+            sampler.stop()
+            duplicates = sampler.duplicates()
+            violations = sampler.violations(ran.rules, ran.vms, before.host_labels())
+            samples, gap = len(sampler.samples), sampler.max_gap()
+        else:
+            running_at = max(
+                d.since for k in moving for d in ran.domains[k] if d.host == ran.host_of(k)
+            )
+            duplicates = [k for k in keys if len(ran.running_on(k)) > 1]
+            where = {k: ran.running_on(k) for k in keys}
+            violations = observe.anti_affinity_violations(
+                ran.rules, where, before.host_labels(), ran.vms
+            )
+            samples, gap = 0, 0.0
+        budget = lab_budget(state)
+        return {
+            "mode": mode,
+            "ttl_s": budget["lease_ttl_s"],
+            "fence_after_s": budget["fence_after_s"],
+            "failover_delay_s": budget["failover_delay_s"],
+            "hosts": args.hosts,
+            "vms": len(keys),
+            "killed_host": victim,
+            "moved_vms": len(moving),
+            "detect_s": round(detect, 2),
+            "reassigned_s": round(reassigned_at - killed_at, 2),
+            "running_s": round((running_at or float("nan")) - killed_at, 2),
+            "violations": len(violations),
+            "duplicates": len(duplicates),
+            "samples": samples,
+            "max_sample_gap_s": round(gap, 3),
+            "problems": (violations + duplicates)[:10],
+        }
+    finally:
+        if not args.keep:
+            lab.down()
+
+
+def lab_budget(state: LabState) -> dict[str, float]:
+    from hvplace.lab.daemons import cluster_budget
+
+    budget = cluster_budget(state.lease_ttl)
+    return {
+        "lease_ttl_s": budget.lease_ttl_s,
+        "fence_after_s": budget.fence_after_s,
+        "failover_delay_s": budget.failover_delay_s,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ttl", type=float, default=5.0, help="host lease TTL (default 5 s)")
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--mode", choices=("real", "test"), help="default: real as root")
+    parser.add_argument("--keep", action="store_true", help="leave the lab running")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:18} {value}")
+    return 0 if not result["violations"] and not result["duplicates"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""What the lab's cluster looks like now, read straight from etcd (its JSON gateway).
+
+One range read of /hvplace/v1/ costs a few milliseconds, so the demo, the failover
+benchmark and the end-to-end tests can poll it every 50-100 ms without a client library.
+Records are decoded with `hvplace.proto.models`, the same code the daemons use.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from hvplace.proto import keyspace, models
+from hvplace.proto.models import (
+    TOPOLOGY_HOST,
+    VM,
+    Assignment,
+    DomainState,
+    DomainStatus,
+    HostInfo,
+    HostState,
+    HostStatus,
+    OnFailure,
+    Rule,
+    RuleKind,
+    VMStatus,
+)
+
+
+class ObserveError(RuntimeError):
+    pass
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _prefix_end(prefix: str) -> str:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def read_prefix(endpoint: str, prefix: str, timeout: float = 2.0) -> tuple[int, dict[str, bytes]]:
+    """(revision, {key: value}) of every key under `prefix`, by etcd's gRPC-gateway."""
+    body = json.dumps({"key": _b64(prefix), "range_end": _prefix_end(prefix)}).encode()
+    request = urllib.request.Request(
+        endpoint.rstrip("/") + "/v3/kv/range",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            data = json.loads(reply.read())
+    except OSError as exc:
+        raise ObserveError(f"etcd at {endpoint}: {exc}") from exc
+    revision = int(data.get("header", {}).get("revision", 0))
+    kvs = {
+        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
+        for kv in data.get("kvs", [])
+    }
+    return revision, kvs
+
+
+@dataclass
+class ClusterState:
+    """One consistent read of the cluster: every record the daemons wrote, decoded."""
+
+    at: float
+    revision: int
+    registered: dict[str, HostInfo] = field(default_factory=dict)
+    vms: dict[str, VM] = field(default_factory=dict)
+    host_status: dict[str, HostStatus] = field(default_factory=dict)
+    vm_status: dict[str, VMStatus] = field(default_factory=dict)
+    assignments: dict[str, list[Assignment]] = field(default_factory=dict)
+    domains: dict[str, list[DomainStatus]] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+
+    def host_of(self, vm: str) -> str | None:
+        """The host a VM is assigned to (None when unassigned)."""
+        found = self.assignments.get(vm, [])
+        return found[0].host if len(found) == 1 else None
+
+    def lost(self, host: str) -> bool:
+        status = self.host_status.get(host)
+        return status is not None and status.state is HostState.LOST
+
+    def host_labels(self) -> dict[str, dict[str, str]]:
+        return {name: dict(info.labels) for name, info in self.registered.items()}
+
+    def running_on(self, vm: str) -> list[str]:
+        """Hosts whose agent reports this VM's domain running."""
+        return sorted(d.host for d in self.domains.get(vm, []) if d.state is DomainState.RUNNING)
+
+
+def read_cluster(endpoint: str) -> ClusterState:
+    revision, kvs = read_prefix(endpoint, keyspace.ROOT)
+    state = ClusterState(at=time.time(), revision=revision)
+    for key, value in kvs.items():
+        if key.startswith(keyspace.HOSTS):
+            info = models.loads(HostInfo, value)
+            state.registered[info.name] = info
+        elif key.startswith(keyspace.VMS):
+            vm = models.loads(VM, value)
+            state.vms[vm.key] = vm
+        elif key.startswith(keyspace.HOST_STATUS):
+            status = models.loads(HostStatus, value)
+            state.host_status[status.name] = status
+        elif key.startswith(keyspace.VM_STATUS):
+            vm_status = models.loads(VMStatus, value)
+            state.vm_status[f"{vm_status.scope}/{vm_status.name}"] = vm_status
+        elif key.startswith(keyspace.ASSIGNMENTS):
+            a = models.loads(Assignment, value)
+            state.assignments.setdefault(a.vm.key, []).append(a)
+        elif key.startswith(keyspace.DOMAINS):
+            d = models.loads(DomainStatus, value)
+            state.domains.setdefault(f"{d.scope}/{d.name}", []).append(d)
+        elif key.startswith(keyspace.RULES):
+            state.rules.append(models.loads(Rule, value))
+    return state
+
+
+Condition = Callable[[ClusterState], bool]
+
+
+def wait_for(
+    endpoint: str,
+    condition: Condition,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+) -> ClusterState:
+    """Poll until `condition` holds; returns the first state where it did."""
+    deadline = time.monotonic() + timeout
+    last_error = ""
+    while True:
+        try:
+            state = read_cluster(endpoint)
+            if condition(state):
+                return state
+        except ObserveError as exc:
+            last_error = f" (last error: {exc})"
+        if time.monotonic() > deadline:
+            raise ObserveError(f"timed out after {timeout:.0f}s waiting for {what}{last_error}")
+        time.sleep(interval)
+
+
+# -- rules over what runs -----------------------------------------------------------
+
+
+def anti_affinity_violations(
+    rules: Iterable[Rule],
+    where: Mapping[str, Iterable[str]],
+    host_labels: Mapping[str, Mapping[str, str]],
+    vms: Mapping[str, VM],
+) -> list[str]:
+    """Required anti-affinity rules (on_failure block) broken by `where`: VM -> the hosts
+    it runs on. A VM running on two hosts counts in both domains. An independent check
+    for tests and benchmarks: it shares nothing with the placement engine but the records.
+    """
+    problems: list[str] = []
+    for rule in rules:
+        if (
+            rule.kind is not RuleKind.ANTI_AFFINITY
+            or not rule.required
+            or rule.on_failure is not OnFailure.BLOCK
+        ):
+            continue
+        per_domain: dict[str, list[str]] = {}
+        for key, hosts in where.items():
+            vm = vms.get(key)
+            if vm is None or not rule.selects(vm):
+                continue
+            for host in hosts:
+                if rule.topology_key == TOPOLOGY_HOST:
+                    domain = host
+                else:
+                    domain = host_labels.get(host, {}).get(rule.topology_key, "")
+                if domain:
+                    per_domain.setdefault(domain, []).append(key)
+        for domain, members in sorted(per_domain.items()):
+            if len(members) > rule.max_per_domain:
+                problems.append(
+                    f"rule {rule.key}: {len(members)} members in {rule.topology_key} {domain}"
+                    f" (max {rule.max_per_domain}): {', '.join(sorted(members))}"
+                )
+    return problems

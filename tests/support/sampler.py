@@ -1,0 +1,138 @@
+"""Reads every lab host's libvirt every 100 ms, from outside hvplace, and keeps what it saw.
+
+The ground truth for the end-to-end tests and the failover benchmark: which domains were
+really running where, sample by sample, whatever etcd or the agents believe. A host
+whose libvirtd is down (killed) counts as running nothing: its QEMUs were killed with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import libvirt
+from hvplace.agent.domain_xml import domain_name
+from hvplace.lab.observe import anti_affinity_violations
+from hvplace.proto.models import VM, Rule
+
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # time.time()
+    running: Mapping[str, frozenset[str]]  # host -> VM keys ("scope/name") running there
+    unreachable: frozenset[str]
+
+
+class LibvirtSampler:
+    """A thread that lists the active domains of every host each `interval` seconds."""
+
+    def __init__(self, hosts: Mapping[str, str], vms: Iterable[str], interval: float = 0.1) -> None:
+        self.uris = dict(hosts)  # host -> libvirt URI reachable from here
+        self.interval = interval
+        self.samples: list[Sample] = []
+        self._names: dict[str, str] = {}
+        self.track(vms)
+        self._conns: dict[str, libvirt.virConnect] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="libvirt-sampler", daemon=True)
+
+    def track(self, vms: Iterable[str]) -> None:
+        """Also recognise these VM keys' domains."""
+        for key in vms:
+            scope, _, name = key.partition("/")
+            self._names[domain_name(scope, name)] = key
+
+    def __enter__(self) -> LibvirtSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        for conn in self._conns.values():
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        self._conns.clear()
+
+    def _list(self, host: str) -> frozenset[str] | None:
+        conn = self._conns.get(host)
+        try:
+            if conn is None:
+                conn = self._conns[host] = libvirt.open(self.uris[host])
+            active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError:
+            self._conns.pop(host, None)
+            return None
+        return frozenset(self._names[d.name()] for d in active if d.name() in self._names)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            running: dict[str, frozenset[str]] = {}
+            unreachable: set[str] = set()
+            for host in self.uris:
+                found = self._list(host)
+                if found is None:
+                    unreachable.add(host)
+                    found = frozenset()
+                running[host] = found
+            self.samples.append(Sample(time.time(), running, frozenset(unreachable)))
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    # -- what the samples say -------------------------------------------------------
+
+    def where(self, sample: Sample) -> dict[str, list[str]]:
+        """VM key -> hosts it runs on in this sample."""
+        out: dict[str, list[str]] = {}
+        for host, keys in sample.running.items():
+            for key in keys:
+                out.setdefault(key, []).append(host)
+        return out
+
+    def duplicates(self) -> list[str]:
+        """Every sample in which a VM ran on two hosts at once."""
+        return [
+            f"t={s.at:.2f} {key} on {sorted(hosts)}"
+            for s in self.samples
+            for key, hosts in self.where(s).items()
+            if len(hosts) > 1
+        ]
+
+    def violations(
+        self,
+        rules: Iterable[Rule],
+        vms: Mapping[str, VM],
+        host_labels: Mapping[str, Mapping[str, str]],
+    ) -> list[str]:
+        """Every sample in which running VMs broke a required anti-affinity rule."""
+        rules = list(rules)
+        found: list[str] = []
+        for s in self.samples:
+            found += [
+                f"t={s.at:.2f} {p}"
+                for p in anti_affinity_violations(rules, self.where(s), host_labels, vms)
+            ]
+        return found
+
+    def first_all_running(self, keys: Iterable[str], after: float) -> float | None:
+        """time.time() of the first sample after `after` in which every key ran somewhere."""
+        wanted = set(keys)
+        for s in self.samples:
+            if s.at >= after and wanted <= set(self.where(s)):
+                return s.at
+        return None
+
+    def max_gap(self) -> float:
+        """The longest interval between two samples (the sampler's own resolution)."""
+        times = [s.at for s in self.samples]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
