@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,69 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from hvplace.lab import observe
+from hvplace.lab import observe, workload
 from hvplace.lab.control import Lab, scratch_settings
 from hvplace.lab.observe import ClusterState
 from hvplace.lab.state import LabState
-
-WEB = [f"web-{i}" for i in range(1, 4)]
-DB = [f"db-{i}" for i in range(1, 3)]
-APP = [f"app-{i}" for i in range(1, 8)]
-SCOPE = "bench"
-
-
-def hvplace(lab: Lab, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "hvplace.coordinator.cli", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, **lab.env()),
-        timeout=60,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"hvplace {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout
-
-
-def image_args(state: LabState) -> list[str]:
-    image = state.guest_image
-    if not image:  # test:/// hosts never open the kernel
-        return ["--kernel", "/var/cache/hvplace/guest/vmlinuz"]
-    return ["--kernel", image["kernel"], "--initrd", image["initrd"], "--cmdline", image["cmdline"]]
-
-
-def create_workload(lab: Lab) -> list[str]:
-    state = lab.state()
-    scope = ["--scope", SCOPE]
-    hvplace(lab, "rule", "create", "web-apart", *scope, "--kind", "anti-affinity",
-            "--selector", "app=web")  # fmt: skip
-    hvplace(lab, "rule", "create", "db-racks", *scope, "--kind", "anti-affinity",
-            "--selector", "app=db", "--topology-key", "rack")  # fmt: skip
-    size = ["--vcpus", "1", "--memory", "128", *image_args(state)]
-    hvplace(lab, "vm", "create", *scope, *WEB, "--label", "app=web", "--ha", "high", *size)
-    hvplace(lab, "vm", "create", *scope, *DB, "--label", "app=db", "--ha", "high", *size)
-    hvplace(lab, "vm", "create", *scope, *APP, "--label", "app=batch", "--ha", "medium", *size)
-    return [f"{SCOPE}/{n}" for n in WEB + DB + APP]
-
-
-def all_running(keys: list[str]) -> observe.Condition:
-    def check(s: ClusterState) -> bool:
-        return all(len(s.running_on(k)) == 1 and s.host_of(k) in s.running_on(k) for k in keys)
-
-    return check
-
-
-def pick_victim(s: ClusterState, keys: list[str]) -> str:
-    """The host with the most VMs among those running a web and a db member."""
-    count: dict[str, int] = {}
-    members: dict[str, set[str]] = {}
-    for key in keys:
-        host = s.host_of(key)
-        if host:
-            count[host] = count.get(host, 0) + 1
-            members.setdefault(host, set()).add(key.split("/")[1].split("-")[0])
-    both = [h for h in count if {"web", "db"} <= members.get(h, set())] or list(count)
-    return max(sorted(both), key=lambda h: count[h])
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -102,9 +42,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         lab.up(args.hosts, mode, args.ttl)
         state = lab.state()
         etcd = lab.etcd_endpoint()
-        keys = create_workload(lab)
-        before = observe.wait_for(etcd, all_running(keys), 120, "all VMs running")
-        victim = pick_victim(before, keys)
+        keys = workload.create(lab)
+        before = observe.wait_for(etcd, workload.all_running(keys), 120, "all VMs running")
+        victim = workload.pick_victim(before, keys)
         moving = sorted(k for k in keys if before.host_of(k) == victim)
         hosts = {h.name: h.root_side_uri for h in state.hosts.values()}
         sampler = LibvirtSampler(hosts, keys) if mode == "real" else None
@@ -121,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             )
 
         after = observe.wait_for(etcd, reassigned, 120, f"the VMs of {victim} reassigned")
-        ran = observe.wait_for(etcd, all_running(moving), 120, "the moved VMs running")
+        ran = observe.wait_for(etcd, workload.all_running(moving), 120, "the moved VMs running")
         detect = after.host_status[victim].since - killed_at
         reassigned_at = max(after.vm_status[k].since for k in moving)
         if sampler is not None:
