@@ -15,6 +15,7 @@ from typing import Any
 import aetcd
 from hvplace.proto import keyspace
 from hvplace.proto.errors import InvalidInput, Unavailable
+from hvplace.proto.etcd_channel import RECONNECT_OPTIONS
 from hvplace.proto.models import Assignment, ClusterConfig, DomainStatus, HostInfo, dumps, loads
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ class EtcdStore:
 
     def _make_client(self) -> Any:
         host, port = _split_endpoint(self._endpoints[self._next % len(self._endpoints)])
-        return aetcd.Client(host=host, port=port, timeout=math.ceil(self._timeout))
+        return aetcd.Client(
+            host=host,
+            port=port,
+            timeout=math.ceil(self._timeout),
+            options=dict(RECONNECT_OPTIONS),
+        )
 
     async def _bounded(self, coro: Any) -> Any:
         if self._client is None:

@@ -15,6 +15,7 @@ import grpc
 from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Busy, Interrupted, Unavailable
+from hvplace.proto.etcd_channel import RECONNECT_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class Store:
                 ("grpc.max_send_message_length", _MAX_MESSAGE),
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
+                *RECONNECT_OPTIONS,
             ],
         )
         return cls(channel, timeout)

@@ -307,7 +307,7 @@ def wait_ready(state: LabState, timeout: float) -> None:
         time.sleep(0.25)
 
 
-def test_node_xml(name: str, cpus: int = 16, memory_mib: int = 65536) -> str:
+def test_node_xml(name: str, cpus: int = 64, memory_mib: int = 262144) -> str:
     """A libvirt test-driver node: what `test:///<file>` reports as the host's capacity."""
     return f"""<node>
   <cpu>

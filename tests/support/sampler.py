@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import libvirt
 from hvplace.agent.domain_xml import domain_name
-from hvplace.lab.observe import anti_affinity_violations
-from hvplace.proto.models import VM, Rule
+from hvplace.lab.observe import ObserveError, anti_affinity_violations, read_cluster
+from hvplace.proto.models import VM, DomainState, Rule
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
 
@@ -29,64 +29,41 @@ class Sample:
     unreachable: frozenset[str]
 
 
-class LibvirtSampler:
-    """A thread that lists the active domains of every host each `interval` seconds."""
+class Sampler:
+    """A thread that records where VMs run every `interval` seconds; subclasses look."""
 
-    def __init__(self, hosts: Mapping[str, str], vms: Iterable[str], interval: float = 0.1) -> None:
-        self.uris = dict(hosts)  # host -> libvirt URI reachable from here
+    def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.samples: list[Sample] = []
-        self._names: dict[str, str] = {}
-        self.track(vms)
-        self._conns: dict[str, libvirt.virConnect] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="libvirt-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
-    def track(self, vms: Iterable[str]) -> None:
-        """Also recognise these VM keys' domains."""
-        for key in vms:
-            scope, _, name = key.partition("/")
-            self._names[domain_name(scope, name)] = key
+    def take(self) -> Sample:
+        raise NotImplementedError
 
-    def __enter__(self) -> LibvirtSampler:
+    def close(self) -> None:
+        """Release what `take` holds (after the thread has stopped)."""
+
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
+    def start(self) -> None:
+        self._thread.start()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        for conn in self._conns.values():
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
-        self._conns.clear()
-
-    def _list(self, host: str) -> frozenset[str] | None:
-        conn = self._conns.get(host)
-        try:
-            if conn is None:
-                conn = self._conns[host] = libvirt.open(self.uris[host])
-            active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        except libvirt.libvirtError:
-            self._conns.pop(host, None)
-            return None
-        return frozenset(self._names[d.name()] for d in active if d.name() in self._names)
+        self.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            running: dict[str, frozenset[str]] = {}
-            unreachable: set[str] = set()
-            for host in self.uris:
-                found = self._list(host)
-                if found is None:
-                    unreachable.add(host)
-                    found = frozenset()
-                running[host] = found
-            self.samples.append(Sample(time.time(), running, frozenset(unreachable)))
+            self.samples.append(self.take())
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     # -- what the samples say -------------------------------------------------------
@@ -124,11 +101,17 @@ class LibvirtSampler:
             ]
         return found
 
-    def first_all_running(self, keys: Iterable[str], after: float) -> float | None:
-        """time.time() of the first sample after `after` in which every key ran somewhere."""
+    def first_all_running(
+        self, keys: Iterable[str], after: float, away_from: str = ""
+    ) -> float | None:
+        """time.time() of the first sample after `after` in which every key ran on a host
+        other than `away_from` (the failed one)."""
         wanted = set(keys)
         for s in self.samples:
-            if s.at >= after and wanted <= set(self.where(s)):
+            if s.at < after:
+                continue
+            where = self.where(s)
+            if all(any(h != away_from for h in where.get(k, ())) for k in wanted):
                 return s.at
         return None
 
@@ -136,3 +119,69 @@ class LibvirtSampler:
         """The longest interval between two samples (the sampler's own resolution)."""
         times = [s.at for s in self.samples]
         return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+class LibvirtSampler(Sampler):
+    """Lists the active domains of every host through its own libvirtd."""
+
+    def __init__(self, hosts: Mapping[str, str], vms: Iterable[str], interval: float = 0.1) -> None:
+        super().__init__(interval)
+        self.uris = dict(hosts)  # host -> libvirt URI reachable from here
+        self._names: dict[str, str] = {}
+        self.track(vms)
+        self._conns: dict[str, libvirt.virConnect] = {}
+
+    def track(self, vms: Iterable[str]) -> None:
+        """Also recognise these VM keys' domains."""
+        for key in vms:
+            scope, _, name = key.partition("/")
+            self._names[domain_name(scope, name)] = key
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+        self._conns.clear()
+
+    def _list(self, host: str) -> frozenset[str] | None:
+        conn = self._conns.get(host)
+        try:
+            if conn is None:
+                conn = self._conns[host] = libvirt.open(self.uris[host])
+            active = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError:
+            self._conns.pop(host, None)
+            return None
+        return frozenset(self._names[d.name()] for d in active if d.name() in self._names)
+
+    def take(self) -> Sample:
+        running: dict[str, frozenset[str]] = {}
+        unreachable: set[str] = set()
+        for host in self.uris:
+            found = self._list(host)
+            if found is None:
+                unreachable.add(host)
+                found = frozenset()
+            running[host] = found
+        return Sample(time.time(), running, frozenset(unreachable))
+
+
+class EtcdSampler(Sampler):
+    """What the agents report running (domains/<host>/ in etcd): the view for test:///
+    hosts, whose domains live inside their agent process."""
+
+    def __init__(self, endpoint: str, interval: float = 0.1) -> None:
+        super().__init__(interval)
+        self.endpoint = endpoint
+
+    def take(self) -> Sample:
+        running: dict[str, set[str]] = {}
+        try:
+            state = read_cluster(self.endpoint)
+        except ObserveError:
+            return Sample(time.time(), {}, frozenset({"etcd"}))
+        for key, reports in state.domains.items():
+            for d in reports:
+                if d.state is DomainState.RUNNING:
+                    running.setdefault(d.host, set()).add(key)
+        return Sample(state.at, {h: frozenset(v) for h, v in running.items()}, frozenset())
