@@ -10,11 +10,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from hvplace.lab import demo
 from hvplace.lab.control import Lab, LabError
 from hvplace.lab.daemons import DaemonError
 from hvplace.lab.hosts import HostError
 from hvplace.lab.network import NetworkError
 from hvplace.lab.state import LabSettings
+from hvplace.lab.workload import WorkloadError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("kill-etcd", help="kill -9 etcd (its data stays)")
     sub.add_parser("restart-etcd", help="start the killed etcd again on the same URLs")
     sub.add_parser("env", help='shell exports for this lab: eval "$(hvplace lab env)"')
+    demo = sub.add_parser(
+        "demo", help="start a real lab, place VMs under rules, kill a host, show the failover"
+    )
+    demo.add_argument(
+        "--replace", action="store_true", help="take down a lab already running first"
+    )
     return parser
 
 
@@ -106,10 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab.kill_etcd()
         elif args.command == "restart-etcd":
             lab.restart_etcd()
+        elif args.command == "demo":
+            return demo.run(settings, args.replace)
         elif args.command == "env":
             for key, value in lab.env().items():
                 print(f"export {key}={shlex.quote(value)}")
-    except (LabError, DaemonError, HostError, NetworkError, ValueError) as exc:
+    except (LabError, DaemonError, HostError, NetworkError, WorkloadError, ValueError) as exc:
         print(f"hvplace lab: {exc}", file=sys.stderr)
         return 1
     return 0
