@@ -30,6 +30,9 @@ from hvplace.proto.models import (
     HostInfo,
 )
 
+PARALLEL_STARTS = 2
+"""Domains started at once; QEMU under TCG takes 0.5-2.5 s to come up on a busy host."""
+
 log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 
@@ -400,27 +403,43 @@ class Agent:
         errors: dict[str, str] = {**unreadable, **the_plan.rejected}
         for key, message in the_plan.rejected.items():
             log.error("rejected assignment %s: %s", key, message)
+        starts = [a for a in the_plan.actions if a.kind is ActionKind.START]
         for action in the_plan.actions:
-            if action.key in errors:
-                continue
-            overtaken = self.fenced or self._fence_gen != gen
-            if action.kind in (ActionKind.DEFINE, ActionKind.START) and overtaken:
-                continue
-            try:
-                await self._apply(action)
-            except (HypervisorError, InvalidInput) as e:
-                self.metrics.reconcile_errors.inc()
-                errors[action.key] = e.message
-                log.error("%s %s failed: %s", action.kind.value, action.key, e.message)
-                continue
-            log.info("%s %s (%s)", action.kind.value, action.key, action.reason)
-            if action.kind is ActionKind.START and (self.fenced or self._fence_gen != gen):
-                # A fence landed while this start was in flight: undo it.
-                await self.hv.destroy(self._domain_of(action))
+            if action.kind is not ActionKind.START:
+                await self._run_action(action, gen, errors)
+        # Starts run two at a time: a failover that lands several VMs here must not boot
+        # them one after another, and the libvirt thread pool (4) keeps threads free for
+        # a fence's destroys.
+        slots = asyncio.Semaphore(PARALLEL_STARTS)
+
+        async def start(action: reconcile.Action) -> None:
+            async with slots:
+                await self._run_action(action, gen, errors)
+
+        await asyncio.gather(*(start(a) for a in starts))
         if the_plan.actions:
             actual = await self.hv.list_managed()
         await self._report(desired, actual, errors)
         return bool(errors.keys() - unreadable.keys() - the_plan.rejected.keys())
+
+    async def _run_action(self, action: reconcile.Action, gen: int, errors: dict[str, str]) -> None:
+        """Apply one action unless its VM already failed or a fence overtook this pass."""
+        if action.key in errors:
+            return
+        overtaken = self.fenced or self._fence_gen != gen
+        if action.kind in (ActionKind.DEFINE, ActionKind.START) and overtaken:
+            return
+        try:
+            await self._apply(action)
+        except (HypervisorError, InvalidInput) as e:
+            self.metrics.reconcile_errors.inc()
+            errors[action.key] = e.message
+            log.error("%s %s failed: %s", action.kind.value, action.key, e.message)
+            return
+        log.info("%s %s (%s)", action.kind.value, action.key, action.reason)
+        if action.kind is ActionKind.START and (self.fenced or self._fence_gen != gen):
+            # A fence landed while this start was in flight: undo it.
+            await self.hv.destroy(self._domain_of(action))
 
     @staticmethod
     def _domain_of(action: reconcile.Action) -> str:
