@@ -20,14 +20,13 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from hvplace.coordinator.api import start_api_server
-from hvplace.coordinator.backend import EtcdBackend
-from hvplace.coordinator.operations import Operations
+from hvplace.coordinator.config import CoordinatorConfig
+from hvplace.coordinator.daemon import Coordinator
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
-from support.etcd import EtcdServer
+from support.etcd import EtcdServer, free_port
 
 TXN_OPS = 120
 """etcd's default --max-txn-ops is 128; a VM costs 3 puts (spec, status, assignment)."""
@@ -52,17 +51,32 @@ async def raw_puts(client: aetcd.Client, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+async def until_leader(c: Coordinator, wait_s: float = 30.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while c.election is None or not c.election.is_leader:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the coordinator did not become leader")
+        await asyncio.sleep(0.05)
+
+
 async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     etcd = EtcdServer()
     etcd.start()
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
     await client.connect()
-    backend = EtcdBackend(client)
-    await backend.start()
-    server = await start_api_server(
-        Operations(backend, admission_on_create=not args.no_admission), "127.0.0.1:0"
+    # The whole daemon in this process: election, fenced commits, controller, API.
+    cfg = CoordinatorConfig(
+        node_name="bench",
+        etcd_endpoints=(etcd.endpoint,),
+        listen=f"127.0.0.1:{free_port()}",
+        metrics_listen="",
     )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    coordinator = Coordinator(cfg, admission_on_create=not args.no_admission)
+    await coordinator.__aenter__()
+    await until_leader(coordinator)
+    backend = coordinator.backend
+    assert backend is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.api_port}")
     stub = pb_grpc.VMServiceStub(channel)
     try:
         lease = await client.lease(600)
@@ -141,8 +155,8 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
         }
     finally:
         await channel.close()
-        await server.stop(0)
-        await backend.close()
+        await coordinator.shutdown()
+        await coordinator.__aexit__(None, None, None)
         await client.close()
         etcd.close()
 

@@ -1,247 +1,73 @@
-"""The API's Backend over etcd: a list+watch cache of /hvplace/v1/, fenced transactions and a
-serialized, optimistic placement commit. Stands in until store/cache/planner land."""
+"""The API's Backend (operations.Backend) over the coordinator's store, cache, planner and
+election: what the gRPC API's Operations call, in the daemon and in tests alike."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import random
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
-import aetcd
-from hvplace.coordinator.operations import Change, ClusterView, Leadership
-from hvplace.coordinator.placement import Batch, Plan, place
-from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto import keyspace, models
-from hvplace.proto.errors import Busy, Conflict, HvplaceError, Interrupted, Unavailable
-from hvplace.proto.models import (
-    VM,
-    Assignment,
-    ClusterConfig,
-    DomainStatus,
-    HostInfo,
-    HostStatus,
-    Phase,
-    Rule,
-    ScopePolicy,
-    VMStatus,
-)
-
-WAIT_S = 10.0
-"""How long a write waits for the cache to show it before answering."""
-PLACE_ATTEMPTS = 10
-"""Optimistic placement retries before answering `busy` (Nomad's plan_apply retries)."""
-
-# Changes under these prefixes can invalidate a placement computed before them.
-_PLACEMENT_INPUTS = (
-    keyspace.ASSIGNMENTS,
-    keyspace.HOST_STATUS,
-    keyspace.RULES,
-    keyspace.POLICIES,
-)
+from hvplace.coordinator import cache as kinds
+from hvplace.coordinator.cache import Cache
+from hvplace.coordinator.election import Election
+from hvplace.coordinator.operations import Change as ApiChange
+from hvplace.coordinator.operations import ClusterView, Leadership
+from hvplace.coordinator.placement import Plan
+from hvplace.coordinator.planner import Planner
+from hvplace.coordinator.store import Compare, Fence, Store
+from hvplace.proto.models import VM
 
 
-def _b(key: str) -> bytes:
-    return key.encode()
-
-
-class EtcdBackend:
-    """Implements operations.Backend; `leadership` and `fence` come from the election
-    (fence = the leader key and its create revision, compared in every write)."""
+class CoreBackend:
+    """operations.Backend over this package's store, cache, planner and election: what the
+    gRPC API's Operations call. Every write is fenced with the current leader's token."""
 
     def __init__(
-        self,
-        client: aetcd.Client,
-        leadership: Callable[[], Leadership] | None = None,
-        fence: Callable[[], tuple[str, int] | None] | None = None,
+        self, store: Store, cache: Cache, planner: Planner, election: Election | None
     ) -> None:
-        self.client = client
-        self._leadership = leadership or (lambda: Leadership(is_leader=True, leader="standalone"))
-        self._fence = fence or (lambda: None)
-        self.revision = 0
-        self.hosts: dict[str, HostInfo] = {}
-        self.host_status: dict[str, HostStatus] = {}
-        self.vms: dict[str, VM] = {}
-        self.vm_status: dict[str, VMStatus] = {}
-        self.assignments: dict[str, Assignment] = {}
-        self.domains: dict[str, DomainStatus] = {}
-        self.rules: dict[str, Rule] = {}
-        self.policies: dict[str, ScopePolicy] = {}
-        self.config = ClusterConfig()
+        self.store = store
+        self.cache = cache
+        self.planner = planner
+        self.election = election
         self._view: ClusterView | None = None
-        self._advanced = asyncio.Condition()
-        self._subscribers: set[asyncio.Queue[Change]] = set()
-        self._watch_task: asyncio.Task[None] | None = None
-        self._watch: Any = None
-        self._place_lock = asyncio.Lock()
 
-    # ------------------------------------------------------------------ cache
-
-    async def start(self) -> None:
-        listing = await self.client.get_prefix(_b(keyspace.ROOT))
-        for kv in listing.kvs:
-            self._apply("put", kv.key.decode(), kv.value)
-        self.revision = listing.header.revision
-        self._watch = await self.client.watch(
-            _b(keyspace.ROOT),
-            range_end=_b(keyspace.prefix_end(keyspace.ROOT)),
-            start_revision=self.revision + 1,
-        )
-        self._watch_task = asyncio.create_task(self._run_watch(), name="hvplace-api-watch")
-
-    async def close(self) -> None:
-        if self._watch is not None:
-            with contextlib.suppress(Exception):
-                await self._watch.cancel()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch_task
-
-    async def _run_watch(self) -> None:
-        async for event in self._watch:
-            kind = "put" if event.kind == aetcd.EventKind.PUT else "delete"
-            key = event.kv.key.decode()
-            rev = event.kv.mod_revision
-            self._apply(kind, key, event.kv.value)
-            change = Change(revision=rev, type=kind, key=key, value=event.kv.value)
-            for q in list(self._subscribers):
-                q.put_nowait(change)
-            if rev > self.revision:
-                self.revision = rev
-                async with self._advanced:
-                    self._advanced.notify_all()
-
-    def _apply(self, kind: str, key: str, value: bytes) -> None:
-        self._view = None
-        put = kind == "put"
-        # A malformed record is skipped here; its writer is at fault and the API must go on.
-        with contextlib.suppress(HvplaceError):
-            self._apply_record(put, key, value)
-
-    def _apply_record(self, put: bool, key: str, value: bytes) -> None:
-        if key == keyspace.CONFIG:
-            self.config = models.loads(ClusterConfig, value) if put else ClusterConfig()
-            return
-        if key.startswith(keyspace.ASSIGNMENTS) or key.startswith(keyspace.DOMAINS):
-            prefix = (
-                keyspace.ASSIGNMENTS if key.startswith(keyspace.ASSIGNMENTS) else keyspace.DOMAINS
-            )
-            host, scope, vm = keyspace.split(key, prefix)
-            name = models.vm_key(scope, vm)
-            placed: dict[str, Any] = (
-                self.assignments if prefix == keyspace.ASSIGNMENTS else self.domains
-            )
-            record_cls: type[Any] = Assignment if prefix == keyspace.ASSIGNMENTS else DomainStatus
-            if put:
-                placed[name] = models.loads(record_cls, value)
-            elif name in placed and placed[name].host == host:
-                # A delete of the old host's key after a move must not drop the new one.
-                del placed[name]
-            return
-        routes: tuple[tuple[str, dict[str, Any], type[Any]], ...] = (
-            (keyspace.HOSTS, self.hosts, HostInfo),
-            (keyspace.HOST_STATUS, self.host_status, HostStatus),
-            (keyspace.VMS, self.vms, VM),
-            (keyspace.VM_STATUS, self.vm_status, VMStatus),
-            (keyspace.RULES, self.rules, Rule),
-            (keyspace.POLICIES, self.policies, ScopePolicy),
-        )
-        for prefix, table, cls in routes:
-            if key.startswith(prefix):
-                name = key[len(prefix) :]
-                if put:
-                    table[name] = models.loads(cls, value)
-                else:
-                    table.pop(name, None)
-                return
+    def _fence(self) -> Fence | None:
+        return self.election.require_fence() if self.election is not None else None
 
     def view(self) -> ClusterView:
-        if self._view is None:
-            snapshot = Snapshot.from_records(
-                revision=self.revision,
-                infos=self.hosts.values(),
-                statuses=self.host_status,
-                vms=self.vms.values(),
-                assignments=self.assignments.values(),
-                rules=self.rules.values(),
-                policies=self.policies.values(),
-            )
+        c = self.cache
+        if self._view is None or self._view.revision != c.revision:
             self._view = ClusterView(
-                revision=self.revision,
-                snapshot=snapshot,
-                hosts=dict(self.hosts),
-                host_status=dict(self.host_status),
-                vms=dict(self.vms),
-                vm_status=dict(self.vm_status),
-                assignments=dict(self.assignments),
-                domains=dict(self.domains),
-                rules=dict(self.rules),
-                policies=dict(self.policies),
-                config=self.config,
+                revision=c.revision,
+                snapshot=c.snapshot(),
+                hosts=dict(c.hosts.records),
+                host_status=dict(c.host_status.records),
+                vms=dict(c.vms.records),
+                vm_status=dict(c.vm_status.records),
+                assignments=dict(c.assignments.records),
+                domains=dict(c.domains.records),
+                rules=dict(c.rules.records),
+                policies=dict(c.policies.records),
+                config=c.cluster_config(),
             )
         return self._view
 
-    async def wait_for_revision(self, revision: int) -> None:
-        async with asyncio.timeout(WAIT_S), self._advanced:
-            await self._advanced.wait_for(lambda: self.revision >= revision)
-
     async def fresh_view(self) -> ClusterView:
-        now = await self.client.get_prefix(_b(keyspace.CONFIG), keys_only=True)
-        await self.wait_for_revision(now.header.revision)
+        await self.cache.fresh()
         return self.view()
 
     def leadership(self) -> Leadership:
-        return self._leadership()
-
-    async def changes(self) -> AsyncIterator[Change]:
-        queue: asyncio.Queue[Change] = asyncio.Queue()
-        self._subscribers.add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.discard(queue)
-
-    # ------------------------------------------------------------------ writes
+        e = self.election
+        if e is None:
+            return Leadership(is_leader=True, leader="standalone")
+        fence = e.fence
+        return Leadership(
+            is_leader=fence is not None,
+            leader=e.leader,
+            fencing_token=fence.revision if fence is not None else 0,
+        )
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
-        found = await self.client.get(_b(key))
-        if found is None:
-            return None
-        return bytes(found.value), int(found.mod_revision)
-
-    async def _txn(
-        self, compares: list[Any], puts: Sequence[tuple[str, bytes]], deletes: Sequence[str]
-    ) -> tuple[bool, int]:
-        t = self.client.transactions
-        fence = self._fence()
-        failure = []
-        if fence is not None:
-            compares = [*compares, t.create(_b(fence[0])) == fence[1]]
-            failure = [t.get(_b(fence[0]))]
-        ops = [t.put(_b(k), v) for k, v in puts] + [t.delete(_b(k)) for k in deletes]
-        try:
-            ok, responses = await self.client.transaction(
-                compare=compares, success=ops, failure=failure
-            )
-        except aetcd.exceptions.ConnectionFailedError as e:
-            raise Unavailable(f"etcd cannot be reached: {e}") from None
-        if not ok and fence is not None:
-            held = responses[0] if responses else []
-            if not held or held[0][1].create_revision != fence[1]:
-                raise Interrupted("leadership was lost; nothing was written, retry")
-        revision = 0
-        if ok and responses:
-            first = responses[0]
-            header = getattr(first, "response_put", None) or getattr(
-                first, "response_delete_range", None
-            )
-            if header is not None:
-                revision = header.header.revision
-        return ok, revision
+        kv = await self.store.get(key)
+        return None if kv is None else (kv.value, kv.mod_revision)
 
     async def commit(
         self,
@@ -249,11 +75,15 @@ class EtcdBackend:
         puts: Sequence[tuple[str, bytes]],
         deletes: Sequence[str] = (),
     ) -> bool:
-        t = self.client.transactions
-        ok, revision = await self._txn([t.mod(_b(k)) == rev for k, rev in compares], puts, deletes)
-        if ok and revision:
-            await self.wait_for_revision(revision)
-        return ok
+        rev = await self.store.commit(
+            [Compare.unchanged(k, r) for k, r in compares],
+            dict(puts),
+            list(deletes),
+            fence=self._fence(),
+        )
+        if rev:
+            await self.cache.wait_for_revision(rev)
+        return bool(rev)
 
     async def place_and_commit(
         self,
@@ -262,63 +92,16 @@ class EtcdBackend:
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
     ) -> Plan:
-        """Placements are serialized in this process and committed optimistically: the
-        transaction requires that no assignment, host status, rule or policy changed after
-        the revision the plan was computed at, and that every new key is still absent."""
-        t = self.client.transactions
-        async with self._place_lock:
-            for attempt in range(PLACE_ATTEMPTS):
-                view = self.view()
-                snap = view.snapshot
-                plan = place(snap, Batch(tuple(vms), atomic=atomic))
-                if atomic and plan.pending:
-                    return plan
-                now = time.time()
-                puts = list(extra_puts)
-                for vm in vms:
-                    puts.append((keyspace.vm(vm.scope, vm.name), models.dumps(vm)))
-                    host = plan.assignments.get(vm.key)
-                    if host is None:
-                        why = plan.pending.get(vm.key)
-                        status = VMStatus(
-                            scope=vm.scope,
-                            name=vm.name,
-                            phase=Phase.PENDING,
-                            reason=why.summary() if why else "",
-                            since=now,
-                            explanation=why,
-                        )
-                    else:
-                        status = VMStatus(
-                            scope=vm.scope,
-                            name=vm.name,
-                            phase=Phase.SCHEDULED,
-                            host=host,
-                            epoch=1,
-                            since=now,
-                        )
-                        assignment = Assignment(vm=vm, host=host, epoch=1)
-                        puts.append(
-                            (keyspace.assignment(host, vm.scope, vm.name), models.dumps(assignment))
-                        )
-                    puts.append((keyspace.vm_status(vm.scope, vm.name), models.dumps(status)))
-                compares = [t.mod(_b(k)) == 0 for k in extra_absent]
-                for prefix in _PLACEMENT_INPUTS:
-                    span = t.mod(_b(prefix), _b(keyspace.prefix_end(prefix)))
-                    compares.append(span < view.revision + 1)
-                ok, revision = await self._txn(compares, puts, ())
-                if ok:
-                    await self.wait_for_revision(revision)
-                    return plan
-                # Another writer (a second coordinator in a race) won: back off with
-                # jitter so two of them do not collide again in lockstep.
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-                await self._catch_up()
-                for key in extra_absent:
-                    if await self.get(key) is not None:
-                        raise Conflict(f"{key} was created by a concurrent request")
-            raise Busy(f"placement kept conflicting after {PLACE_ATTEMPTS} attempts; retry")
+        self._fence()  # refuse early on a standby
+        return await self.planner.place_and_commit(
+            vms,
+            atomic=atomic,
+            extra_puts=dict(extra_puts),
+            extra_compares=[Compare.absent(k) for k in extra_absent],
+        )
 
-    async def _catch_up(self) -> None:
-        now = await self.client.get_prefix(_b(keyspace.CONFIG), keys_only=True)
-        await self.wait_for_revision(now.header.revision)
+    async def changes(self) -> AsyncIterator[ApiChange]:
+        async for c in self.cache.subscribe():
+            if c.type == kinds.RESYNC:
+                continue
+            yield ApiChange(revision=c.revision, type=c.type, key=c.key, value=c.value)

@@ -6,123 +6,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from hvplace.coordinator import cache as kinds
+from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.config import CoordinatorConfig, budget_text
 from hvplace.coordinator.controller import Controller
 from hvplace.coordinator.election import Election
 from hvplace.coordinator.metrics import CoordinatorMetrics
-from hvplace.coordinator.operations import Change as ApiChange
-from hvplace.coordinator.operations import ClusterView, Leadership
-from hvplace.coordinator.placement import Plan
 from hvplace.coordinator.planner import Outcome, Planner
-from hvplace.coordinator.store import Compare, Fence, Store
-from hvplace.proto.models import VM
+from hvplace.coordinator.store import Fence, Store
 from hvplace.proto.systemd import notify, watchdog_interval_s
 
 log = logging.getLogger(__name__)
-
-
-class CoreBackend:
-    """operations.Backend over this package's store, cache, planner and election: what the
-    gRPC API's Operations call. Every write is fenced with the current leader's token."""
-
-    def __init__(
-        self, store: Store, cache: Cache, planner: Planner, election: Election | None
-    ) -> None:
-        self.store = store
-        self.cache = cache
-        self.planner = planner
-        self.election = election
-        self._view: ClusterView | None = None
-
-    def _fence(self) -> Fence | None:
-        return self.election.require_fence() if self.election is not None else None
-
-    def view(self) -> ClusterView:
-        c = self.cache
-        if self._view is None or self._view.revision != c.revision:
-            self._view = ClusterView(
-                revision=c.revision,
-                snapshot=c.snapshot(),
-                hosts=dict(c.hosts.records),
-                host_status=dict(c.host_status.records),
-                vms=dict(c.vms.records),
-                vm_status=dict(c.vm_status.records),
-                assignments=dict(c.assignments.records),
-                domains=dict(c.domains.records),
-                rules=dict(c.rules.records),
-                policies=dict(c.policies.records),
-                config=c.cluster_config(),
-            )
-        return self._view
-
-    async def fresh_view(self) -> ClusterView:
-        await self.cache.fresh()
-        return self.view()
-
-    def leadership(self) -> Leadership:
-        e = self.election
-        if e is None:
-            return Leadership(is_leader=True, leader="standalone")
-        fence = e.fence
-        return Leadership(
-            is_leader=fence is not None,
-            leader=e.leader,
-            fencing_token=fence.revision if fence is not None else 0,
-        )
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        kv = await self.store.get(key)
-        return None if kv is None else (kv.value, kv.mod_revision)
-
-    async def commit(
-        self,
-        compares: Sequence[tuple[str, int]],
-        puts: Sequence[tuple[str, bytes]],
-        deletes: Sequence[str] = (),
-    ) -> bool:
-        rev = await self.store.commit(
-            [Compare.unchanged(k, r) for k, r in compares],
-            dict(puts),
-            list(deletes),
-            fence=self._fence(),
-        )
-        if rev:
-            await self.cache.wait_for_revision(rev)
-        return bool(rev)
-
-    async def place_and_commit(
-        self,
-        vms: Sequence[VM],
-        atomic: bool,
-        extra_puts: Sequence[tuple[str, bytes]],
-        extra_absent: Sequence[str],
-    ) -> Plan:
-        self._fence()  # refuse early on a standby
-        return await self.planner.place_and_commit(
-            vms,
-            atomic=atomic,
-            extra_puts=dict(extra_puts),
-            extra_compares=[Compare.absent(k) for k in extra_absent],
-        )
-
-    async def changes(self) -> AsyncIterator[ApiChange]:
-        async for c in self.cache.subscribe():
-            if c.type == kinds.RESYNC:
-                continue
-            yield ApiChange(revision=c.revision, type=c.type, key=c.key, value=c.value)
 
 
 class Coordinator:
     """One coordinator process. `run()` until `shutdown()`; as a context manager it runs in
     the background and shuts down on exit (the Temporal worker's shape)."""
 
-    def __init__(self, cfg: CoordinatorConfig, *, serve_api: bool = True) -> None:
+    def __init__(
+        self, cfg: CoordinatorConfig, *, serve_api: bool = True, admission_on_create: bool = True
+    ) -> None:
         self.cfg = cfg
+        self.admission_on_create = admission_on_create
         self.serve_api = serve_api and bool(cfg.listen)
         self.metrics = CoordinatorMetrics()
         self.store: Store | None = None
@@ -242,7 +149,7 @@ class Coordinator:
             log.warning("no gRPC API: %s", e)
             return
         assert self.backend is not None
-        ops = Operations(self.backend)
+        ops = Operations(self.backend, admission_on_create=self.admission_on_create)
         self.api = await start_api_server(ops, self.cfg.listen)
         self.api_port = int(self.api.port)
         log.info("gRPC API on %s (port %d)", self.cfg.listen, self.api_port)

@@ -1,5 +1,7 @@
-"""A real coordinator API in-process for tests: etcd backend, Operations, gRPC on a free port;
-hosts are played by writing HostInfo records under leases, as agents do."""
+"""A real coordinator API in-process for tests: the daemon's store, cache, planner and
+backend (standalone: no election, so every commit compares the assignments it read),
+Operations, gRPC on a free port; hosts are played by writing HostInfo records under
+leases, as agents do."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from dataclasses import dataclass
 import aetcd
 import grpc
 from hvplace.coordinator.api import ApiServer, start_api_server
-from hvplace.coordinator.backend import EtcdBackend
+from hvplace.coordinator.backend import CoreBackend
+from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.operations import Operations
+from hvplace.coordinator.planner import Planner
+from hvplace.coordinator.store import Store
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
@@ -22,7 +27,7 @@ from support.etcd import EtcdServer
 class Api:
     etcd: EtcdServer
     client: aetcd.Client
-    backend: EtcdBackend
+    backend: CoreBackend
     server: ApiServer
     channel: grpc.aio.Channel
     vm: pb_grpc.VMServiceStub
@@ -81,8 +86,10 @@ class Api:
 async def running_api(etcd: EtcdServer) -> AsyncIterator[Api]:
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
     await client.connect()
-    backend = EtcdBackend(client)
-    await backend.start()
+    store = await Store.connect([f"127.0.0.1:{etcd.client_port}"], timeout=5.0)
+    cache = Cache(store)
+    await cache.start()
+    backend = CoreBackend(store, cache, Planner(store, cache), election=None)
     server = await start_api_server(Operations(backend), "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -100,5 +107,6 @@ async def running_api(etcd: EtcdServer) -> AsyncIterator[Api]:
     finally:
         await channel.close()
         await server.stop(0)
-        await backend.close()
+        await cache.close()
+        await store.close()
         await client.close()

@@ -275,7 +275,7 @@ async def test_standby_answers_writes_with_unavailable(etcd: EtcdServer) -> None
     from hvplace.coordinator.operations import Leadership
 
     async with running_api(etcd) as a:
-        a.backend._leadership = lambda: Leadership(is_leader=False, leader="coord-2")
+        a.backend.leadership = lambda: Leadership(is_leader=False, leader="coord-2")  # type: ignore[method-assign]
         msg = await expect_error(
             a.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("x")])),
             grpc.StatusCode.UNAVAILABLE,
