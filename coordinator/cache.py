@@ -138,6 +138,8 @@ class Cache:
         self._task: asyncio.Task[None] | None = None
         self._stream: WatchStream | None = None
         self.synced = asyncio.Event()
+        # VM specs put in the watch batch being applied, with their JSON (see _apply_record).
+        self._batch_specs: dict[str, tuple[bytes, VM]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -211,6 +213,7 @@ class Cache:
                         change = self._apply(ev.type, ev.key, ev.value, ev.mod_revision)
                         if change is not None:
                             self._notify(change)
+                    self._batch_specs.clear()
                     await self._advance(batch.revision)
             except Compacted as e:
                 log.warning("%s; relisting", e)
@@ -276,9 +279,15 @@ class Cache:
                     table.pop(name)
                 return None
             if kind == ASSIGNMENTS:
-                a = models.loads(Assignment, value)
+                spec = self._batch_specs.get(name)
+                if spec is not None:
+                    # Written with its spec in one transaction (the planner's commits):
+                    # reuse the spec just decoded instead of decoding the VM again.
+                    a = models.loads_assignment(value, spec[1], spec[0])
+                else:
+                    a = models.loads(Assignment, value)
                 shared = self.vms.records.get(name)
-                if shared is not None and shared == a.vm:
+                if shared is not None and a.vm is not shared and shared == a.vm:
                     # One VM object for the spec and its assignment's copy (memory).
                     a = Assignment(vm=shared, host=a.host, epoch=a.epoch)
                 self.assignments.put(name, a, mod_revision)
@@ -298,6 +307,7 @@ class Cache:
             assigned = self.assignments.records.get(name)
             if assigned is not None and assigned.vm == rec:
                 rec = assigned.vm
+            self._batch_specs[name] = (value, rec)  # type: ignore[assignment]
         elif kind == HOSTS:
             self.departed.pop(name, None)
         table.put(name, rec, mod_revision)

@@ -7,7 +7,9 @@ Records mirror their messages field by field, so a conversion is `MessageToDict`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -38,7 +40,16 @@ def to_proto(record: Any, msg_cls: type[M]) -> M:
         return json_format.ParseDict(full_dict(record), msg_cls())
 
 
+_Encoder = Callable[[Any], Any]
+_FULL_PLANS: dict[type, tuple[tuple[str, _Encoder], ...]] = {}
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _encode(value: Any) -> Any:
+    """Any value, by its runtime type (the slow path, for results not typed precisely)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return full_dict(value)
     if isinstance(value, StrEnum):
@@ -50,26 +61,53 @@ def _encode(value: Any) -> Any:
     return value
 
 
+def _encoder_for(tp: Any) -> _Encoder:
+    """An encoder chosen once from the field's declared type: the API's hot path."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _encoder_for(inner[0]) if len(inner) == 1 else _encode
+    if origin is tuple:
+        args = typing.get_args(tp)
+        item = _encoder_for(args[0]) if args else _encode
+        if item is _identity:
+            return list
+        return lambda v: [item(x) for x in v]
+    if origin in (Mapping, dict) or tp in (dict,):
+        return lambda v: {str(k): _encode(x) for k, x in v.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return full_dict
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        return lambda v: v.value
+    if tp in (str, int, float, bool):
+        return _identity
+    return _encode
+
+
+def _full_plan(cls: type) -> tuple[tuple[str, _Encoder], ...]:
+    plan = _FULL_PLANS.get(cls)
+    if plan is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except (NameError, TypeError):
+            hints = {}
+        plan = _FULL_PLANS[cls] = tuple(
+            (f.name, _encoder_for(hints[f.name]) if f.name in hints else _encode)
+            for f in dataclasses.fields(cls)
+        )
+    return plan
+
+
 def full_dict(record: Any) -> dict[str, Any]:
     """Every field, defaults included: unlike etcd's compact JSON (read back by
     `models.from_dict`, which restores defaults), an API reader gets proto3 defaults
     (0, false, "") for what is left out, and a VM's default size is not zero."""
     out: dict[str, Any] = {}
-    for name in _field_names(type(record)):
+    for name, encode in _full_plan(type(record)):
         value = getattr(record, name)
         if value is not None:
-            out[name] = _encode(value)
+            out[name] = encode(value)
     return out
-
-
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
 
 
 def dict_to_proto(data: Mapping[str, Any], msg_cls: type[M]) -> M:

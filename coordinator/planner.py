@@ -177,10 +177,11 @@ class Planner:
             key = vm.key
             spec_key = keyspace.vm(vm.scope, vm.name)
             stored = cache.vms.records.get(key)
+            spec_json = b""
             if stored is not None and stored == vm:
                 compares.append(Compare.unchanged(spec_key, cache.vms.revs[key]))
             elif write_specs:
-                puts[spec_key] = models.dumps(vm)
+                spec_json = puts[spec_key] = models.dumps(vm)
             else:
                 continue  # the spec vanished or changed under us: the next pass sees it
             old = cache.assignments.records.get(key)
@@ -194,7 +195,12 @@ class Planner:
                 if old is not None and old.host == host:
                     epoch = old.epoch
                 new_key = keyspace.assignment(host, vm.scope, vm.name)
-                puts[new_key] = models.dumps(Assignment(vm=vm, host=host, epoch=epoch))
+                assignment = Assignment(vm=vm, host=host, epoch=epoch)
+                puts[new_key] = (
+                    models.dumps_assignment(assignment, spec_json)
+                    if spec_json
+                    else models.dumps(assignment)
+                )
                 if old_key is not None and old_key[0] != new_key:
                     deletes.append(old_key[0])
                 targets.add(host)

@@ -721,6 +721,32 @@ def loads(cls: type[T], raw: bytes | str) -> T:
     return from_dict(cls, data)
 
 
+def dumps_assignment(a: Assignment, vm_json: bytes) -> bytes:
+    """`dumps(a)` built around `vm_json` (= `dumps(a.vm)`), which the planner has already
+    encoded for the spec it writes in the same transaction. Same bytes, half the work."""
+    host = json.dumps(a.host)
+    return b'{"epoch":%d,"host":%s,"vm":%s}' % (a.epoch, host.encode(), vm_json)
+
+
+def loads_assignment(raw: bytes, vm: VM | None = None, vm_json: bytes = b"") -> Assignment:
+    """`loads(Assignment, raw)`, reusing `vm` when `raw` carries exactly `vm_json`
+    (its spec, seen in the same watch batch): only the epoch and host are decoded."""
+    tail = b',"vm":' + vm_json + b"}"
+    if vm is not None and vm_json and raw.endswith(tail):
+        try:
+            head = json.loads(raw[: len(raw) - len(tail)] + b"}")
+        except ValueError:
+            head = None
+        if (
+            isinstance(head, dict)
+            and head.keys() == {"epoch", "host"}
+            and isinstance(head["host"], str)
+            and type(head["epoch"]) is int
+        ):
+            return Assignment(vm=vm, host=head["host"], epoch=head["epoch"])
+    return loads(Assignment, raw)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
     """An idempotency record: a retried create with the same id returns the same result."""

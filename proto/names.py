@@ -8,6 +8,9 @@ from hvplace.proto.errors import InvalidInput
 
 MAX_NAME = 63
 _NAME_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
+# Every valid name, in one match (the common case on hot paths); the checks below only
+# run to say what is wrong with an invalid one.
+_VALID_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 # Label keys may carry a DNS-style prefix ("topology.hvplace.io/zone"), as in Kubernetes.
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
@@ -20,6 +23,8 @@ def check_name(value: str, what: str) -> str:
 
     `what` names the field in the message, e.g. "VM name".
     """
+    if type(value) is str and _VALID_NAME.fullmatch(value) and ".." not in value:
+        return value
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
     if value == "":

@@ -154,3 +154,33 @@ def test_unsafe_timing_budget_is_refused() -> None:
 
 def test_generated_code_is_fresh() -> None:
     assert stale_files() == [], "run: python -m hvplace.proto.generate"
+
+
+@pytest.mark.parametrize(
+    "vm",
+    [
+        models.VM(scope="acme", name="db-1"),
+        models.VM(
+            scope="s",
+            name="web_2",
+            labels={"app": "web", "tier": "front end"},
+            resources=models.Resources(vcpus=4, memory_mib=4096, disk_gib=20),
+            description='quotes " and \\ and ünïcode',
+        ),
+    ],
+)
+def test_assignment_json_built_around_the_spec_is_the_same_bytes(vm: models.VM) -> None:
+    spec = models.dumps(vm)
+    for host, epoch in (("hv1", 1), ("rack-2.host_7", 123456)):
+        a = models.Assignment(vm=vm, host=host, epoch=epoch)
+        raw = models.dumps_assignment(a, spec)
+        assert raw == models.dumps(a)
+        back = models.loads_assignment(raw, vm, spec)
+        assert back == a and back.vm is vm  # the spec object, not a second decode
+    # Another VM's JSON in the assignment: decoded in full, never mixed up.
+    other = models.dumps(models.Assignment(vm=models.VM(scope="x", name="y"), host="h", epoch=2))
+    decoded = models.loads_assignment(other, vm, spec)
+    assert decoded.vm.name == "y" and decoded.vm is not vm
+    # Not the planner's shape (epoch as a string): the full decoder takes it.
+    odd = models.loads_assignment(b'{"epoch":"1","host":"h","vm":' + spec + b"}", vm, spec)
+    assert odd == models.Assignment(vm=vm, host="h", epoch=1)

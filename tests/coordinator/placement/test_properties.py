@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 
 from hvplace.coordinator.failure import replace_lost
-from hvplace.coordinator.placement import Batch, place
+from hvplace.coordinator.placement import Batch, check_admission, place
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto.models import (
     VM,
@@ -265,3 +265,21 @@ def test_failover_keeps_every_block_rule_and_capacity(
     assert broken_required_rules(result, after.degraded, spread=False) == []
     moved = {k for k, h in snap.placements.items() if h in lost}
     assert set(after.assignments) | set(after.pending) == moved
+
+
+@settings(max_examples=150, deadline=None)
+@given(clusters(), st.integers(1, 2), st.sampled_from(["host", "rack"]))
+def test_admission_shortcut_answers_as_the_full_simulation(
+    cluster: tuple[Snapshot, list[VM], list[VM]], failures: int, topology: str
+) -> None:
+    """The capacity-slot shortcut may only skip simulations whose answer it knows."""
+    snap, first, second = cluster
+    plan = place(snap, Batch(tuple(first)))
+    snap = _with(snap, first, plan.assignments)
+    kw = {"failures": failures, "topology_key": topology, "extra_vms": second}
+    fast = check_admission(snap, **kw)  # type: ignore[arg-type]
+    full = check_admission(snap, exact=True, **kw)  # type: ignore[arg-type]
+    assert fast.ok == full.ok
+    assert {i.failed: i.stranded for i in fast.impacts} == {
+        i.failed: i.stranded for i in full.impacts
+    }
