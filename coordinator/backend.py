@@ -91,6 +91,7 @@ class CoreBackend:
         atomic: bool,
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
+        proposal: Plan | None = None,
     ) -> Plan:
         self._fence()  # refuse early on a standby
         return await self.planner.place_and_commit(
@@ -98,6 +99,7 @@ class CoreBackend:
             atomic=atomic,
             extra_puts=dict(extra_puts),
             extra_compares=[Compare.absent(k) for k in extra_absent],
+            proposal=proposal,
         )
 
     async def changes(self) -> AsyncIterator[ApiChange]:

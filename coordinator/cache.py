@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -140,6 +140,9 @@ class Cache:
         self.synced = asyncio.Event()
         # VM specs put in the watch batch being applied, with their JSON (see _apply_record).
         self._batch_specs: dict[str, tuple[bytes, VM]] = {}
+        # Records this process is writing, by key: (the bytes, the record). When the watch
+        # shows exactly those bytes the record is taken as is, not decoded again.
+        self._expected: dict[str, tuple[bytes, object]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,7 +283,11 @@ class Cache:
                 return None
             if kind == ASSIGNMENTS:
                 spec = self._batch_specs.get(name)
-                if spec is not None:
+                hinted = self._expected.pop(key, None)
+                a: Assignment
+                if hinted is not None and hinted[0] == value and isinstance(hinted[1], Assignment):
+                    a = hinted[1]
+                elif spec is not None:
                     # Written with its spec in one transaction (the planner's commits):
                     # reuse the spec just decoded instead of decoding the VM again.
                     a = models.loads_assignment(value, spec[1], spec[0])
@@ -302,7 +309,10 @@ class Cache:
             if kind == HOSTS and gone is not None:
                 self.departed[name] = gone
             return None
-        rec: object = models.loads(cls, value)
+        hinted = self._expected.pop(key, None)
+        rec: object = (
+            hinted[1] if hinted is not None and hinted[0] == value else models.loads(cls, value)
+        )
         if kind == VMS:
             assigned = self.assignments.records.get(name)
             if assigned is not None and assigned.vm == rec:
@@ -384,6 +394,16 @@ class Cache:
                 alive=self.hosts.records,
             )
         return self._snapshot
+
+    def expect(self, writes: Mapping[str, tuple[bytes, object]]) -> None:
+        """Records about to be written (bytes and the record they encode): the watch
+        event with those very bytes then costs no decoding."""
+        self._expected.update(writes)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Writes that did not happen (a failed transaction)."""
+        for key in keys:
+            self._expected.pop(key, None)
 
     def cluster_config(self) -> ClusterConfig:
         return self.config if self.config is not None else ClusterConfig()

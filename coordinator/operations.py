@@ -16,9 +16,11 @@ from typing import Protocol
 from hvplace.coordinator import whatif
 from hvplace.coordinator.placement import (
     AdmissionResult,
+    Batch,
     Plan,
     check_admission,
     explain,
+    place,
     rule_compliance,
     validate_policy_change,
     validate_rule_change,
@@ -132,10 +134,12 @@ class Backend(Protocol):
         atomic: bool,
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
+        proposal: Plan | None = None,
     ) -> Plan:
         """Place new VMs and commit VMs, statuses and assignments with `extra_puts` in one
         fenced transaction that also requires every `extra_absent` key to be absent.
-        With `atomic` and a pending VM, nothing is written."""
+        With `atomic` and a pending VM, nothing is written. `proposal` is a placement of
+        `vms` computed by the caller, used if the snapshot is still at its revision."""
         ...
 
     def changes(self) -> AsyncIterator[Change]: ...
@@ -322,10 +326,17 @@ class Operations:
         config: ClusterConfig,
         extra_vms: Sequence[VM] = (),
         extra_rules: Sequence[Rule] = (),
+        extra_plan: Plan | None = None,
     ) -> AdmissionReport:
         """SPEC §5.1: refuse (raise) or warn when the change strands VMs after a failure."""
         kw = {"failures": config.admission_failures, "topology_key": config.admission_topology}
-        result = check_admission(snapshot, extra_vms=extra_vms, extra_rules=extra_rules, **kw)  # type: ignore[arg-type]
+        result = check_admission(
+            snapshot,
+            extra_vms=extra_vms,
+            extra_rules=extra_rules,
+            extra_plan=extra_plan,
+            **kw,  # type: ignore[arg-type]
+        )
         if not any(imp.failed for imp in result.impacts):
             return AdmissionReport(ok=True, policy=config.admission_policy.value)
         baseline = check_admission(snapshot, **kw)  # type: ignore[arg-type]
@@ -398,9 +409,16 @@ class Operations:
             )
             for vm in vms
         ]
+        # Placed once here, on this view; admission simulates failures around it, and the
+        # planner commits it as is unless the cache moved on meanwhile (then it re-places).
+        proposal: Plan | None = place(view.snapshot, Batch(tuple(stamped), atomic=atomic))
+        if proposal is not None and proposal.pending:
+            proposal = None  # admission and the planner each explain in their own terms
         report = AdmissionReport(ok=True, policy="off")
         if self.admission_on_create:
-            report = self._admission(view.snapshot, view.config, extra_vms=stamped)
+            report = self._admission(
+                view.snapshot, view.config, extra_vms=stamped, extra_plan=proposal
+            )
         extra: list[tuple[str, bytes]] = []
         if request_id:
             record = RequestRecord(
@@ -414,7 +432,7 @@ class Operations:
         absent = [keyspace.request(request_id)] if request_id else []
         absent.extend(keyspace.vm(vm.scope, vm.name) for vm in stamped)
         try:
-            plan = await self.backend.place_and_commit(stamped, atomic, extra, absent)
+            plan = await self.backend.place_and_commit(stamped, atomic, extra, absent, proposal)
         except Conflict:
             # A concurrent retry of this very request won the race: answer as a replay.
             if request_id and await self._replay(request_id, "create_vms", fingerprint):

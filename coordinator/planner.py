@@ -70,8 +70,10 @@ class Planner:
         atomic: bool,
         extra_puts: Mapping[str, bytes] | None = None,
         extra_compares: Sequence[Compare] = (),
+        proposal: Plan | None = None,
     ) -> Plan:
-        """Place `vms` and commit, with `extra_puts` and `extra_compares`, their specs (when
+        """Place `vms` (or take `proposal`, a placement of them computed at the snapshot's
+        current revision) and commit, with `extra_puts` and `extra_compares`, their specs (when
         new or changed), assignments and statuses. A VM already placed is moved only if
         the engine places it elsewhere. With `atomic`, nothing is written unless every
         VM is placed. Raises Conflict when an extra compare fails (caller's
@@ -86,6 +88,8 @@ class Planner:
             return _merge(plans)
 
         def compute(snap: Snapshot) -> tuple[Plan, Sequence[VM]]:
+            if proposal is not None and proposal.revision == snap.revision:
+                return proposal, vms
             return place(snap, Batch(tuple(vms), atomic=atomic)), vms
 
         outcome = await self.commit_with(
@@ -124,7 +128,9 @@ class Planner:
                 plan, vms = compute(snap)
                 if atomic and plan.pending:
                     return Outcome(plan, 0)
-                compares, puts, deletes, statuses = self._writes(snap, plan, vms, write_specs)
+                compares, puts, deletes, statuses, records = self._writes(
+                    snap, plan, vms, write_specs
+                )
                 puts.update(extra_puts or {})
                 compares.extend(extra_compares)
                 fence = self.fence()
@@ -135,7 +141,10 @@ class Planner:
                     )
                 if not puts and not deletes and not extra_compares:
                     return Outcome(plan, 0, statuses)
+                self.cache.expect({k: (puts[k], r) for k, r in records.items()})
                 revision = await self.store.commit(compares, puts, deletes, fence=fence)
+                if not revision:
+                    self.cache.forget(records)
                 if revision:
                     await self.cache.wait_for_revision(revision)
                     outcome = Outcome(plan, revision, statuses)
@@ -161,7 +170,7 @@ class Planner:
 
     def _writes(
         self, snap: Snapshot, plan: Plan, vms: Sequence[VM], write_specs: bool
-    ) -> tuple[list[Compare], dict[str, bytes], list[str], dict[str, VMStatus]]:
+    ) -> tuple[list[Compare], dict[str, bytes], list[str], dict[str, VMStatus], dict[str, object]]:
         cache = self.cache
         now = self.clock()
         compares: list[Compare] = [
@@ -172,6 +181,7 @@ class Planner:
         puts: dict[str, bytes] = {}
         deletes: list[str] = []
         statuses: dict[str, VMStatus] = {}
+        records: dict[str, object] = {}  # what each put encodes (see Cache.expect)
         targets: set[str] = set()
         for vm in vms:
             key = vm.key
@@ -182,6 +192,7 @@ class Planner:
                 compares.append(Compare.unchanged(spec_key, cache.vms.revs[key]))
             elif write_specs:
                 spec_json = puts[spec_key] = models.dumps(vm)
+                records[spec_key] = vm
             else:
                 continue  # the spec vanished or changed under us: the next pass sees it
             old = cache.assignments.records.get(key)
@@ -201,6 +212,7 @@ class Planner:
                     if spec_json
                     else models.dumps(assignment)
                 )
+                records[new_key] = assignment
                 if old_key is not None and old_key[0] != new_key:
                     deletes.append(old_key[0])
                 targets.add(host)
@@ -236,12 +248,14 @@ class Planner:
                 ):
                     continue  # unchanged: no write, no watch event, no busy loop
             statuses[key] = status
-            puts[keyspace.vm_status(vm.scope, vm.name)] = models.dumps(status)
+            status_key = keyspace.vm_status(vm.scope, vm.name)
+            puts[status_key] = models.dumps(status)
+            records[status_key] = status
         for host in sorted(targets):
             compares.append(
                 Compare.unchanged(keyspace.host_status(host), cache.host_status.revs.get(host, 0))
             )
-        return compares, puts, deletes, statuses
+        return compares, puts, deletes, statuses, records
 
 
 def _merge(plans: Sequence[Plan]) -> Plan:

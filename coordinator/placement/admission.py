@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hvplace.coordinator.placement.engine import (
     Batch,
+    Plan,
     explanation_at,
     ha_order,
     place,
@@ -194,19 +195,23 @@ def check_admission(
     extra_vms: Sequence[VM] = (),
     extra_rules: Sequence[Rule] = (),
     exact: bool = False,
+    extra_plan: Plan | None = None,
 ) -> AdmissionResult:
     """Simulate every single-host failure (any `failures` hosts, bounded; or each whole
     domain of `topology_key`) with what the request would add, and report what strands.
 
     A scenario whose VMs are limited by capacity alone and fit the survivors' slots is
     settled without a simulation (see _Slots: the same answer, in O(VMs moved));
-    `exact` simulates every scenario in full (tests compare the two)."""
+    `exact` simulates every scenario in full (tests compare the two). `extra_plan` is
+    the caller's placement of `extra_vms` on this snapshot, when it has one."""
     rules = dict(snapshot.rules)
     rules.update((r.key, r) for r in extra_rules)
     snap = dataclasses.replace(snapshot, rules=rules)
     impacts: list[FailureImpact] = []
     if extra_vms:
-        plan = place(snap, Batch(tuple(extra_vms)))
+        if extra_plan is None or extra_plan.revision != snap.revision or extra_rules:
+            extra_plan = place(snap, Batch(tuple(extra_vms)))
+        plan = extra_plan
         if plan.pending:
             impacts.append(
                 FailureImpact(

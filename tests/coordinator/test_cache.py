@@ -121,3 +121,27 @@ async def test_relists_after_compaction(own_etcd: EtcdServer) -> None:
         assert set(cache.vms.records) == {"acme/b", "acme/c"}
         assert cache.revision >= now
         assert resyncs and resyncs[0].kind == RESYNC
+
+
+async def test_expected_writes_are_taken_as_written_and_only_when_the_bytes_match(
+    etcd: EtcdServer,
+) -> None:
+    async with running(etcd) as (store, cache):
+        mine, theirs = vm("mine"), vm("theirs")
+        key_mine, key_theirs = keyspace.vm("acme", "mine"), keyspace.vm("acme", "theirs")
+        cache.expect(
+            {
+                key_mine: (models.dumps(mine), mine),
+                # Expected, but someone else's bytes land first: decoded, not trusted.
+                key_theirs: (models.dumps(theirs), theirs),
+            }
+        )
+        await store.put(key_mine, models.dumps(mine))
+        other = vm("theirs", memory_mib=2048)
+        await store.put(key_theirs, models.dumps(other))
+        await cache.fresh()
+        assert cache.vms.records["acme/mine"] is mine
+        assert cache.vms.records["acme/theirs"] == other
+        assert cache.vms.records["acme/theirs"] is not theirs
+        cache.forget([key_theirs])
+        assert not cache._expected
