@@ -3,7 +3,7 @@ election: what the gRPC API's Operations call, in the daemon and in tests alike.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from hvplace.coordinator import cache as kinds
 from hvplace.coordinator.cache import Cache
@@ -12,6 +12,7 @@ from hvplace.coordinator.operations import Change as ApiChange
 from hvplace.coordinator.operations import ClusterView, Leadership
 from hvplace.coordinator.placement import Plan
 from hvplace.coordinator.planner import Planner
+from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Fence, Store
 from hvplace.proto.models import VM
 
@@ -91,7 +92,7 @@ class CoreBackend:
         atomic: bool,
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
-        proposal: Plan | None = None,
+        check: Callable[[Snapshot, Plan], None] | None = None,
     ) -> Plan:
         self._fence()  # refuse early on a standby
         return await self.planner.place_and_commit(
@@ -99,7 +100,7 @@ class CoreBackend:
             atomic=atomic,
             extra_puts=dict(extra_puts),
             extra_compares=[Compare.absent(k) for k in extra_absent],
-            proposal=proposal,
+            check=check,
         )
 
     async def changes(self) -> AsyncIterator[ApiChange]:

@@ -9,18 +9,16 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from hvplace.coordinator import whatif
 from hvplace.coordinator.placement import (
     AdmissionResult,
-    Batch,
     Plan,
     check_admission,
     explain,
-    place,
     rule_compliance,
     validate_policy_change,
     validate_rule_change,
@@ -134,12 +132,12 @@ class Backend(Protocol):
         atomic: bool,
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
-        proposal: Plan | None = None,
+        check: Callable[[Snapshot, Plan], None] | None = None,
     ) -> Plan:
         """Place new VMs and commit VMs, statuses and assignments with `extra_puts` in one
         fenced transaction that also requires every `extra_absent` key to be absent.
-        With `atomic` and a pending VM, nothing is written. `proposal` is a placement of
-        `vms` computed by the caller, used if the snapshot is still at its revision."""
+        With `atomic` and a pending VM, nothing is written. `check(snapshot, plan)` runs
+        on each attempt's plan before anything is written; what it raises aborts."""
         ...
 
     def changes(self) -> AsyncIterator[Change]: ...
@@ -409,16 +407,18 @@ class Operations:
             )
             for vm in vms
         ]
-        # Placed once here, on this view; admission simulates failures around it, and the
-        # planner commits it as is unless the cache moved on meanwhile (then it re-places).
-        proposal: Plan | None = place(view.snapshot, Batch(tuple(stamped), atomic=atomic))
-        if proposal is not None and proposal.pending:
-            proposal = None  # admission and the planner each explain in their own terms
-        report = AdmissionReport(ok=True, policy="off")
-        if self.admission_on_create:
-            report = self._admission(
-                view.snapshot, view.config, extra_vms=stamped, extra_plan=proposal
-            )
+        # Admission runs on the planner's own placement of the batch, inside its commit
+        # attempt: one placement per attempt, and the report matches what is committed.
+        config = view.config
+        reports: list[AdmissionReport] = []
+
+        def admission(snapshot: Snapshot, plan: Plan) -> None:
+            if self.admission_on_create:
+                placed = None if plan.pending else plan
+                reports.append(
+                    self._admission(snapshot, config, extra_vms=stamped, extra_plan=placed)
+                )
+
         extra: list[tuple[str, bytes]] = []
         if request_id:
             record = RequestRecord(
@@ -432,7 +432,7 @@ class Operations:
         absent = [keyspace.request(request_id)] if request_id else []
         absent.extend(keyspace.vm(vm.scope, vm.name) for vm in stamped)
         try:
-            plan = await self.backend.place_and_commit(stamped, atomic, extra, absent, proposal)
+            plan = await self.backend.place_and_commit(stamped, atomic, extra, absent, admission)
         except Conflict:
             # A concurrent retry of this very request won the race: answer as a replay.
             if request_id and await self._replay(request_id, "create_vms", fingerprint):
@@ -442,6 +442,7 @@ class Operations:
                     admission=AdmissionReport(ok=True),
                 )
             raise
+        report = reports[-1] if reports else AdmissionReport(ok=True, policy="off")
         if atomic and plan.pending:
             blockers = [
                 k for k in keys if k in plan.pending and plan.pending[k].feasible_hosts == 0

@@ -70,10 +70,9 @@ class Planner:
         atomic: bool,
         extra_puts: Mapping[str, bytes] | None = None,
         extra_compares: Sequence[Compare] = (),
-        proposal: Plan | None = None,
+        check: Callable[[Snapshot, Plan], None] | None = None,
     ) -> Plan:
-        """Place `vms` (or take `proposal`, a placement of them computed at the snapshot's
-        current revision) and commit, with `extra_puts` and `extra_compares`, their specs (when
+        """Place `vms` and commit, with `extra_puts` and `extra_compares`, their specs (when
         new or changed), assignments and statuses. A VM already placed is moved only if
         the engine places it elsewhere. With `atomic`, nothing is written unless every
         VM is placed. Raises Conflict when an extra compare fails (caller's
@@ -88,9 +87,10 @@ class Planner:
             return _merge(plans)
 
         def compute(snap: Snapshot) -> tuple[Plan, Sequence[VM]]:
-            if proposal is not None and proposal.revision == snap.revision:
-                return proposal, vms
-            return place(snap, Batch(tuple(vms), atomic=atomic)), vms
+            plan = place(snap, Batch(tuple(vms), atomic=atomic))
+            if check is not None:
+                check(snap, plan)  # e.g. failover admission; raising aborts the commit
+            return plan, vms
 
         outcome = await self.commit_with(
             compute,
