@@ -48,6 +48,11 @@ class CoordinatorConfig:
     admission_failures: int = _CLUSTER.admission_failures
     admission_topology: str = _CLUSTER.admission_topology
     log_level: str = "INFO"
+    leader_self_checks: bool = True
+    """Step down as soon as the own clock or etcd says the session lease is gone. Off,
+    only etcd's fence (every leader write compares the leader key's create revision)
+    demotes a stale leader: a diagnostic setting, used by the test that proves the fence
+    alone keeps a frozen-and-woken leader from writing."""
 
     def cluster(self) -> ClusterConfig:
         return ClusterConfig(
@@ -94,6 +99,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if not isinstance(value, str):
                 raise TypeError("a string")
             return value
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if isinstance(value, str) and value.strip().lower() in words:
+                return words[value.strip().lower()]
+            raise TypeError("true or false")
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"{where} {name}: expected {e or kind}, got {value!r}") from None
     raise AssertionError(f"no coercion for {name}: {kind}")

@@ -81,7 +81,13 @@ class Coordinator:
             async def lead(fence: Fence) -> None:
                 await controller_box[0].run(fence)
 
-            election = self.election = Election(store, cfg.node_name, cfg.session_ttl_s, lead)
+            election = self.election = Election(
+                store,
+                cfg.node_name,
+                cfg.session_ttl_s,
+                lead,
+                self_checks=cfg.leader_self_checks,
+            )
             on_fence_lost = store.on_fence_lost
 
             def fence_lost(f: Fence) -> None:

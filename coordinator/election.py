@@ -25,7 +25,8 @@ class Election:
 
     The session counts as lost when etcd says the lease is gone, when no renewal has
     succeeded for a whole TTL by our own clock (so a process frozen past its TTL steps
-    down on waking, before it writes), or when a fenced write was rejected."""
+    down on waking, before it writes), or when a fenced write was rejected. With
+    `self_checks` off only the last applies (the fence is the safety net either way)."""
 
     def __init__(
         self,
@@ -35,8 +36,10 @@ class Election:
         leader_work: LeaderWork,
         *,
         clock: Callable[[], float] = time.monotonic,
+        self_checks: bool = True,
     ) -> None:
         self.store = store
+        self.self_checks = self_checks
         self.node_name = node_name
         self.ttl_s = ttl_s
         self.leader_work = leader_work
@@ -110,7 +113,7 @@ class Election:
         period = self.ttl_s / 3
         while True:
             await asyncio.sleep(period)
-            if self.clock() - renewed >= self.ttl_s:
+            if self.self_checks and self.clock() - renewed >= self.ttl_s:
                 log.warning(
                     "session not renewed for %.1fs (TTL %ss): lost",
                     self.clock() - renewed,
@@ -122,6 +125,11 @@ class Election:
                 ttl = await self.store.keepalive(lease, timeout_s=period)
             except Unavailable as e:
                 log.warning("session renewal failed: %s", e)
+                continue
+            if ttl <= 0 and not self.self_checks:
+                log.warning(
+                    "session lease %x expired in etcd; self checks off: the fence decides", lease
+                )
                 continue
             if ttl <= 0:
                 log.warning("session lease %x expired in etcd: lost", lease)

@@ -49,6 +49,8 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
         ("admission_policy = 'maybe'\n", {}, "admission_policy 'maybe'"),
         ("listen = 'nowhere'\n", {}, "listen 'nowhere' must be host:port"),
         ("node_name = 'Bad Name!'\n", {}, "node name"),
+        ("", {"HVPLACE_LEADER_SELF_CHECKS": "maybe"}, "expected true or false"),
+        ("leader_self_checks = 1\n", {}, "leader_self_checks: expected true or false"),
     ],
 )
 def test_config_errors_name_the_key(
