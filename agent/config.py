@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.models import (
     ClusterConfig,
@@ -74,34 +74,9 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML value or an environment/flag string into the field's type."""
     kind = str(_FIELDS[name].type)
     try:
-        if name == "labels":
-            if isinstance(value, str):
-                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
-                value = {k.strip(): v.strip() for k, v in pairs}
-            if not isinstance(value, Mapping):
-                raise TypeError("a table of key = value")
-            return {str(k): str(v) for k, v in value.items()}
-        if name == "etcd_endpoints":
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list | tuple) or not value:
-                raise TypeError("a non-empty list of host:port")
-            return tuple(str(v).removeprefix("http://") for v in value)
-        if "Path" in kind:
-            return Path(value) if value not in (None, "") else None
-        if kind.startswith("float"):
-            return None if value in (None, "") else float(value)
-        if kind == "int":
-            if isinstance(value, bool):
-                raise TypeError("an integer")
-            return int(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError("a string")
-            return value
+        return settings.coerce(name, kind, value)
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"agent config {name}: expected {e or kind}, got {value!r}") from None
-    raise AssertionError(f"no coercion for {name}: {kind}")
 
 
 def load(
@@ -113,13 +88,7 @@ def load(
     values: dict[str, Any] = {}
     file = path or DEFAULT_CONFIG
     if path is not None or file.exists():
-        try:
-            with open(file, "rb") as f:
-                raw = tomllib.load(f)
-        except OSError as e:
-            raise InvalidInput(f"cannot read agent config {file}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise InvalidInput(f"agent config {file} is not valid TOML: {e}") from None
+        raw = settings.read_toml(file, "agent config")
         unknown = set(raw) - set(_FIELDS)
         if unknown:
             raise InvalidInput(f"agent config {file}: unknown key(s) {', '.join(sorted(unknown))}")

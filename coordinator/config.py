@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.models import (
     FENCE_GRACE_S,
@@ -81,34 +81,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     """A TOML value or an environment/flag string, as the field's type."""
     kind = str(_FIELDS[name].type)
     try:
-        if name == "etcd_endpoints":
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list | tuple) or not value:
-                raise TypeError("a non-empty list of host:port")
-            return tuple(str(v).removeprefix("http://") for v in value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise TypeError("a number")
-            return float(value)
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError("an integer")
-            return int(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError("a string")
-            return value
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-            if isinstance(value, str) and value.strip().lower() in words:
-                return words[value.strip().lower()]
-            raise TypeError("true or false")
+        return settings.coerce(name, kind, value)
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"{where} {name}: expected {e or kind}, got {value!r}") from None
-    raise AssertionError(f"no coercion for {name}: {kind}")
 
 
 def load(
@@ -121,13 +96,7 @@ def load(
     values: dict[str, Any] = {}
     file = path or DEFAULT_CONFIG
     if path is not None or file.exists():
-        try:
-            with open(file, "rb") as f:
-                raw = tomllib.load(f)
-        except OSError as e:
-            raise InvalidInput(f"cannot read coordinator config {file}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise InvalidInput(f"coordinator config {file} is not valid TOML: {e}") from None
+        raw = settings.read_toml(file, "coordinator config")
         table = raw.pop(_CLUSTER_TABLE, {})
         if not isinstance(table, dict):
             raise InvalidInput(f"coordinator config {file}: [cluster] must be a table")
