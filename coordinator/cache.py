@@ -181,6 +181,7 @@ class Cache:
             revision = at
             for kv in kvs:
                 fresh._apply("put", kv.key.decode(), kv.value, int(kv.mod_revision))
+            fresh._batch_specs.clear()  # a listing is no watch batch: hold no JSON
         if not revision:
             revision = await self.store.revision()
         old_hosts = self.hosts.records
