@@ -708,9 +708,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     return cls(**kwargs)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+"""One encoder for every record (`json.dumps` with options builds a new one per call)."""
+
+
 def dumps(obj: Any) -> bytes:
     """The bytes stored in etcd: compact JSON, keys sorted so equal records are equal bytes."""
-    return json.dumps(to_dict(obj), separators=(",", ":"), sort_keys=True).encode()
+    return _ENCODER.encode(to_dict(obj)).encode()
 
 
 def loads(cls: type[T], raw: bytes | str) -> T:

@@ -108,37 +108,36 @@ class _Slots:
         return found
 
 
-def _unconstrained(index: ClusterIndex, vm: VM) -> bool:
-    """No required rule group and no required node affinity: only capacity limits it."""
-    if any(g.required for g in index.vm_groups.get(vm.key, ())):
-        return False
-    return index.admitted(vm.node_affinity) is None
-
-
 def _fits_by_capacity(
     index: ClusterIndex, failed: tuple[int, ...], by_host: Mapping[int, list[str]], slots: _Slots
 ) -> bool:
     """The fast, sound shortcut: every restartable VM of the failed hosts is limited by
     capacity alone and they are no more than the surviving hosts' slots for the largest
-    of them. False means "not shown this way" (the full simulation decides)."""
-    moving: list[VM] = []
+    of them. False means "not shown this way" (the full simulation decides).
+    One pass over the failed hosts' VMs; this runs for every scenario of every create."""
+    vms, vm_groups = index.vms, index.vm_groups
+    off = HAPriority.OFF
+    count = cpu = mem = disk = 0
     for pos in failed:
         for key in by_host.get(pos, ()):
-            vm = index.vms[key]
-            if vm.ha_priority is HAPriority.OFF:
+            vm = vms[key]
+            if vm.ha_priority is off:
                 continue
-            if not _unconstrained(index, vm):
+            groups = vm_groups.get(key)
+            if groups and any(g.required for g in groups):
                 return False
-            moving.append(vm)
-    if not moving:
+            if vm.node_affinity.required:
+                return False
+            r = vm.resources
+            cpu = max(cpu, r.vcpus)
+            mem = max(mem, r.memory_mib)
+            disk = max(disk, r.disk_gib)
+            count += 1
+    if not count:
         return True
-    size = (
-        max(vm.resources.vcpus for vm in moving),
-        max(vm.resources.memory_mib for vm in moving),
-        max(vm.resources.disk_gib for vm in moving),
-    )
+    size = (cpu, mem, disk)
     available = slots.total(size) - sum(slots.of(pos, size) for pos in failed)
-    return available >= len(moving)
+    return available >= count
 
 
 def _simulate(
