@@ -1,7 +1,9 @@
 """Commit throughput and latency of VM creates through the gRPC API on a real etcd.
 
-Registers synthetic hosts, measures raw batched etcd txn puts, single creates on an idle
-cluster (create → assignment committed), then batched creates from concurrent clients.
+Starts etcd and an `hvplace-coordinator` process (or one in this process with
+--in-process), registers synthetic hosts, measures single creates on an idle cluster
+(create → assignment committed), batched creates from concurrent clients, then raw
+batched etcd txn puts on the same etcd.
 Prints one JSON line with --json. Run: python bench/commit.py --json
 """
 
@@ -59,26 +61,53 @@ async def until_leader(c: Coordinator, wait_s: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def until_ready(cluster: pb_grpc.ClusterServiceStub, leader: str) -> None:
+    """Until the coordinator answers and leads (its election takes a moment)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            status = await cluster.GetClusterStatus(pb.Empty(), timeout=2)
+            if status.leader == leader:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the coordinator did not start leading within 30 s")
+        await asyncio.sleep(0.1)
+
+
 async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     etcd = EtcdServer()
     etcd.start()
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
     await client.connect()
-    # The whole daemon in this process: election, fenced commits, controller, API.
-    cfg = CoordinatorConfig(
-        node_name="bench",
-        etcd_endpoints=(etcd.endpoint,),
-        listen=f"127.0.0.1:{free_port()}",
-        metrics_listen="",
-    )
-    coordinator = Coordinator(cfg, admission_on_create=not args.no_admission)
-    await coordinator.__aenter__()
-    await until_leader(coordinator)
-    backend = coordinator.backend
-    assert backend is not None
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.api_port}")
+    # The coordinator is a real `hvplace-coordinator` process, as in production, so the
+    # clients' gRPC work does not share its CPU; --in-process runs it here (--profile and
+    # --no-admission need that).
+    address = f"127.0.0.1:{free_port()}"
+    coordinator: Coordinator | None = None
+    process: asyncio.subprocess.Process | None = None
+    if args.in_process:
+        cfg = CoordinatorConfig(
+            node_name="bench", etcd_endpoints=(etcd.endpoint,), listen=address, metrics_listen=""
+        )
+        coordinator = Coordinator(cfg, admission_on_create=not args.no_admission)
+        await coordinator.__aenter__()
+        await until_leader(coordinator)
+    else:
+        if args.no_admission:
+            raise SystemExit("--no-admission needs --in-process")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hvplace.coordinator", "--config", "/dev/null",
+            "--node-name", "bench", "--etcd", etcd.endpoint, "--listen", address,
+            "--metrics-listen", "", "--log-level", "WARNING",
+        )  # fmt: skip
+    channel = grpc.aio.insecure_channel(address)
     stub = pb_grpc.VMServiceStub(channel)
+    cluster = pb_grpc.ClusterServiceStub(channel)
+    hosts_stub = pb_grpc.HostServiceStub(channel)
     try:
+        await until_ready(cluster, "bench")
         lease = await client.lease(600)
         t = client.transactions
         for base in range(0, args.hosts, TXN_OPS):
@@ -92,7 +121,10 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
                     t.put(keyspace.host(info.name).encode(), models.dumps(info), lease=lease)
                 )
             await client.transaction(compare=[], success=ops, failure=[])
-        await backend.fresh_view()
+        for _attempt in range(600):  # the coordinator's cache sees every host
+            if len((await hosts_stub.ListHosts(pb.Empty())).hosts) >= args.hosts:
+                break
+            await asyncio.sleep(0.05)
 
         # Single creates on an idle cluster: the response comes once the assignment is
         # committed and visible in the coordinator's cache.
@@ -152,11 +184,20 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
             "ratio_to_raw_etcd": round(placements_per_s / raw, 3),
             "keys_per_placement": 3,
             "admission_on_create": not args.no_admission,
+            "coordinator": "in-process" if args.in_process else "own process",
         }
     finally:
         await channel.close()
-        await coordinator.shutdown()
-        await coordinator.__aexit__(None, None, None)
+        if coordinator is not None:
+            await coordinator.shutdown()
+            await coordinator.__aexit__(None, None, None)
+        if process is not None:
+            process.terminate()  # by its PID; it resigns and exits
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
         await client.close()
         etcd.close()
 
@@ -180,8 +221,14 @@ def main() -> None:
     parser.add_argument(
         "--no-admission", action="store_true", help="skip failover admission on creates"
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the coordinator in this process (implied by --profile and --no-admission)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line")
     args = parser.parse_args()
+    args.in_process = args.in_process or args.profile or args.no_admission
     result = asyncio.run(run(args))
     if args.json:
         print(json.dumps(result))
