@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import assert_nothing_left
 from hvplace.lab import demo
 from hvplace.lab.control import Lab, scratch_settings
+from support.labs import assert_nothing_left
 
 pytestmark = pytest.mark.e2e
 

@@ -17,12 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import LabFactory
 from hvplace.lab import daemons, observe, workload
 from hvplace.lab.control import Lab
 from hvplace.lab.daemons import cluster_budget
 from hvplace.lab.observe import ClusterState
 from hvplace.proto.models import FENCE_GRACE_S, HostState
+from support.labs import LabFactory
 from support.sampler import EtcdSampler, LibvirtSampler, Sampler
 
 pytestmark = pytest.mark.e2e
