@@ -4,6 +4,7 @@ GuaranteedUpdate): compare what the plan read, and on conflict refresh, re-plan,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -62,6 +63,9 @@ class Planner:
         self.lock = asyncio.Lock()
         self.conflicts = 0
         self.on_committed: Callable[[Outcome, float], None] | None = None
+        # Plans sent and not yet in the cache: ticket -> (their VM specs, placements).
+        self._inflight: dict[int, tuple[dict[str, VM], dict[str, str]]] = {}
+        self._ticket = 0
 
     async def place_and_commit(
         self,
@@ -112,6 +116,19 @@ class Planner:
 
         return await self.commit_with(compute, write_specs=False, atomic=False)
 
+    def _snapshot(self) -> Snapshot:
+        """The cache's snapshot with the placements of plans still in flight laid over
+        it, so a plan computed while another commits counts that one's VMs."""
+        snap = self.cache.snapshot()
+        if not self._inflight:
+            return snap
+        vms = dict(snap.vms)
+        placements = dict(snap.placements)
+        for specs, assigned in self._inflight.values():
+            vms.update(specs)
+            placements.update(assigned)
+        return dataclasses.replace(snap, vms=vms, placements=placements)
+
     async def commit_with(
         self,
         compute: PlanFn,
@@ -121,10 +138,16 @@ class Planner:
         extra_puts: Mapping[str, bytes] | None = None,
         extra_compares: Sequence[Compare] = (),
     ) -> Outcome:
-        async with self.lock:
-            for attempt in range(self.attempts):
+        """Compute and commit one plan, retrying conflicts against fresh state.
+
+        Under a fence, plans are pipelined: the lock covers computing a plan and sending
+        its transaction; the next plan is computed while this one commits, with this
+        one's placements laid over the snapshot until the cache shows them. Without a
+        fence the lock covers the whole commit (every assignment is compared then)."""
+        for attempt in range(self.attempts):
+            async with self.lock:
                 started = time.perf_counter()
-                snap = self.cache.snapshot()
+                snap = self._snapshot()
                 plan, vms = compute(snap)
                 if atomic and plan.pending:
                     return Outcome(plan, 0)
@@ -142,22 +165,46 @@ class Planner:
                 if not puts and not deletes and not extra_compares:
                     return Outcome(plan, 0, statuses)
                 self.cache.expect({k: (puts[k], r) for k, r in records.items()})
-                revision = await self.store.commit(compares, puts, deletes, fence=fence)
-                if not revision:
-                    self.cache.forget(records)
-                if revision:
-                    await self.cache.wait_for_revision(revision)
-                    outcome = Outcome(plan, revision, statuses)
-                    if self.on_committed is not None:
-                        self.on_committed(outcome, time.perf_counter() - started)
-                    return outcome
-                self.conflicts += 1
-                await self._check_preconditions(extra_compares)
-                # Someone wrote between our read and our commit: back off with jitter so
-                # two writers do not collide again in lockstep, catch up, re-plan.
-                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-                await self.cache.fresh()
-            raise Busy(f"placement kept conflicting after {self.attempts} attempts; retry")
+                self._ticket += 1
+                ticket = self._ticket
+                self._inflight[ticket] = (
+                    {vm.key: vm for vm in vms if vm.key in plan.assignments},
+                    dict(plan.assignments),
+                )
+                sending = asyncio.ensure_future(
+                    self.store.commit(compares, puts, deletes, fence=fence)
+                )
+                if fence is None:
+                    revision = await self._settle(sending, ticket, records)
+            if fence is not None:
+                revision = await self._settle(sending, ticket, records)
+            if revision:
+                outcome = Outcome(plan, revision, statuses)
+                if self.on_committed is not None:
+                    self.on_committed(outcome, time.perf_counter() - started)
+                return outcome
+            self.conflicts += 1
+            await self._check_preconditions(extra_compares)
+            # Someone wrote between our read and our commit: back off with jitter so
+            # two writers do not collide again in lockstep, catch up, re-plan.
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+            await self.cache.fresh()
+        raise Busy(f"placement kept conflicting after {self.attempts} attempts; retry")
+
+    async def _settle(
+        self, sending: asyncio.Future[int], ticket: int, records: Mapping[str, object]
+    ) -> int:
+        """The commit's revision (0: a compare failed) once the cache shows it; the plan
+        stays laid over the snapshot until then."""
+        try:
+            revision = await sending
+            if revision:
+                await self.cache.wait_for_revision(revision)
+            else:
+                self.cache.forget(records)
+            return revision
+        finally:
+            self._inflight.pop(ticket, None)
 
     async def _check_preconditions(self, compares: Sequence[Compare]) -> None:
         for c in compares:
