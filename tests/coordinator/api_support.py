@@ -1,7 +1,8 @@
 """A real coordinator API in-process for tests: the daemon's store, cache, planner and
-backend (standalone: no election, so every commit compares the assignments it read),
-Operations, gRPC on a free port; hosts are played by writing HostInfo records under
-leases, as agents do."""
+backend (standalone: no election, so every commit compares the assignments it read; or
+`fenced`, holding a leader key as an elected coordinator does, so the planner pipelines
+its commits), Operations, gRPC on a free port; hosts are played by writing HostInfo
+records under leases, as agents do."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Planner
-from hvplace.coordinator.store import Store
+from hvplace.coordinator.store import Fence, Store
 from hvplace.proto import keyspace, models
-from hvplace.proto.models import HostInfo, Resources
+from hvplace.proto.models import AdmissionPolicy, ClusterConfig, HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer
 
@@ -77,19 +78,31 @@ class Api:
             await self.client.transaction(compare=[], success=ops, failure=[])
         await self.backend.fresh_view()
 
+    async def set_admission_policy(self, policy: AdmissionPolicy) -> None:
+        """Write the cluster config record (as the leader does from its config file)."""
+        await self.client.put(
+            keyspace.CONFIG.encode(), models.dumps(ClusterConfig(admission_policy=policy))
+        )
+        await self.backend.fresh_view()
+
     def key_count(self) -> int:
         out = self.etcd.etcdctl("get", "--prefix", "--keys-only", keyspace.ROOT)
         return len([line for line in out.splitlines() if line.strip()])
 
 
 @asynccontextmanager
-async def running_api(etcd: EtcdServer) -> AsyncIterator[Api]:
+async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[Api]:
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
     await client.connect()
     store = await Store.connect([f"127.0.0.1:{etcd.client_port}"], timeout=5.0)
     cache = Cache(store)
     await cache.start()
-    backend = CoreBackend(store, cache, Planner(store, cache), election=None)
+    fence: Fence | None = None
+    lease = 0
+    if fenced:
+        key, lease = keyspace.ELECTION + "api-test", await store.grant(60)
+        fence = Fence(key, await store.put(key, b"api-test", lease=lease))
+    backend = CoreBackend(store, cache, Planner(store, cache, lambda: fence), election=None)
     server = await start_api_server(Operations(backend), "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -107,6 +120,8 @@ async def running_api(etcd: EtcdServer) -> AsyncIterator[Api]:
     finally:
         await channel.close()
         await server.stop(0)
+        if lease:
+            await store.revoke(lease)
         await cache.close()
         await store.close()
         await client.close()

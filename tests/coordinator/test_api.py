@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 from api_support import Api, running_api
+from coord_support import until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hvplace.coordinator.errors_grpc import error_info
+from hvplace.coordinator.snapshot import Snapshot
+from hvplace.proto.models import AdmissionPolicy
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from support.etcd import EtcdServer
 
@@ -170,6 +175,104 @@ async def test_rules_policies_hosts_cluster(api: Api) -> None:
     # The rule was force-deleted, so the lost VM moves; simulate changed nothing.
     assert [(m.vm, m.from_host) for m in sim.moves] == [(f"acme/{lost}", "hv3")]
     assert (await api.vm.GetVM(pb.VMRef(scope="acme", name=lost))).status.host == "hv3"
+
+
+DB_RULE = pb.Rule(
+    scope="acme",
+    name="db",
+    kind="anti_affinity",
+    enforcement="required",
+    selector=pb.LabelSelector(match_labels={"app": "db"}),
+    topology_key="host",
+    max_per_domain=1,
+)
+
+
+async def test_failover_admission_refuses_a_create_that_strands_a_member(api: Api) -> None:
+    """SPEC §5.1 through the API (admission runs inside the planner's commit attempt, on
+    its own placement): under `refuse`, a create after which losing some host leaves a
+    required rule's member nowhere to go is refused and writes nothing; a create that
+    strands nothing passes; under `warn` the same create is accepted, with the warning."""
+    for name in ("hv1", "hv2", "hv3"):
+        await api.add_host(name)
+    await api.rule.CreateRule(pb.CreateRuleRequest(rule=DB_RULE))
+    await api.set_admission_policy(AdmissionPolicy.REFUSE)
+    two = await api.vm.CreateVMs(
+        pb.CreateVMsRequest(vms=[vm("db0", app="db"), vm("db1", app="db")])
+    )
+    assert two.admission.ok and two.admission.policy == "refuse"
+    assert [v.status.phase for v in two.vms] == ["scheduled", "scheduled"]
+
+    # A third member leaves every host holding one: losing any host strands its member.
+    # The whole request is refused, the VM beside it included.
+    before = api.key_count()
+    msg = await expect_error(
+        api.vm.CreateVMs(
+            pb.CreateVMsRequest(request_id="third", vms=[vm("db2", app="db"), vm("w")])
+        ),
+        grpc.StatusCode.UNAVAILABLE,
+        "unavailable",
+    )
+    assert "refused by failover admission (policy refuse)" in msg, msg
+    assert "strands `acme/db" in msg, msg
+    assert api.key_count() == before  # no VM, status, assignment or request record
+
+    plain = await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("w")]))
+    assert plain.admission.ok and plain.vms[0].status.phase == "scheduled"
+
+    await api.set_admission_policy(AdmissionPolicy.WARN)
+    warned = await api.vm.CreateVMs(
+        pb.CreateVMsRequest(request_id="third", vms=[vm("db2", app="db")])
+    )
+    assert warned.vms[0].status.phase == "scheduled"
+    assert not warned.admission.ok and warned.admission.policy == "warn"
+    assert {i.failed for i in warned.admission.impacts} == {"hv1", "hv2", "hv3"}
+    assert all("would strand `acme/db" in w for w in warned.admission.warnings)
+
+
+async def test_admission_counts_a_create_still_committing(etcd: EtcdServer) -> None:
+    """Under a fence the planner computes the next plan while one commits. Two creates
+    that each pass admission alone but not together: the second is checked with the
+    first's placements laid over the snapshot, so one is refused, whichever it is."""
+    async with running_api(etcd, fenced=True) as api:
+        for name in ("hv1", "hv2", "hv3"):
+            await api.add_host(name)
+        await api.rule.CreateRule(pb.CreateRuleRequest(rule=DB_RULE))
+        await api.set_admission_policy(AdmissionPolicy.REFUSE)
+        await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("db0", app="db")]))
+
+        planner, store = api.backend.planner, api.backend.store
+        in_flight: list[int] = []  # plans still committing, seen by each plan computed
+        real_snapshot, real_commit = planner._snapshot, store.commit
+
+        def snapshot() -> Snapshot:
+            in_flight.append(len(planner._inflight))
+            return real_snapshot()
+
+        async def gated_commit(*args: Any, **kwargs: Any) -> int:
+            # Held until the other create has computed its plan: they overlap for sure.
+            await until(lambda: len(in_flight) >= 2)
+            return await real_commit(*args, **kwargs)
+
+        planner._snapshot = snapshot  # type: ignore[method-assign]
+        store.commit = gated_commit  # type: ignore[method-assign]
+        results = await asyncio.gather(
+            *(
+                api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm(name, app="db")]))
+                for name in ("db1", "db2")
+            ),
+            return_exceptions=True,
+        )
+        assert in_flight == [0, 1]
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        created = [r for r in results if isinstance(r, pb.CreateVMsResponse)]
+        assert len(refused) == 1 and len(created) == 1, results
+        assert refused[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert "refused by failover admission" in (refused[0].details() or "")
+        assert created[0].admission.ok
+        stored = api.etcd.etcdctl("get", "--prefix", "--keys-only", "/hvplace/v1/vms/acme/")
+        names = sorted(line.rsplit("/", 1)[1] for line in stored.split() if line)
+        assert names == ["db0", created[0].vms[0].spec.name]
 
 
 async def test_idempotent_create_by_request_id(api: Api) -> None:
