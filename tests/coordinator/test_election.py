@@ -4,11 +4,14 @@ processes where the leader is frozen (SIGSTOP) past its TTL, replaced, and fence
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -87,7 +90,12 @@ async def test_write_rejected_by_fence_steps_down(etcd: EtcdServer) -> None:
 
 
 def _start(
-    etcd: EtcdServer, name: str, log: Path, port: int = 0, self_checks: bool = True
+    etcd: EtcdServer,
+    name: str,
+    log: Path,
+    port: int = 0,
+    self_checks: bool = True,
+    metrics_port: int = 0,
 ) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["HVPLACE_LEADER_SELF_CHECKS"] = "true" if self_checks else "false"
@@ -104,7 +112,7 @@ def _start(
         "--listen",
         f"127.0.0.1:{port or free_port()}",
         "--metrics-listen",
-        "",
+        f"127.0.0.1:{metrics_port}" if metrics_port else "",
         "--session-ttl",
         "2",
         "--log-level",
@@ -119,6 +127,29 @@ def _leader(etcd: EtcdServer) -> str:
         "get", "--prefix", keyspace.ELECTION, "--sort-by=CREATE", "--order=ASCEND", "--limit=1"
     ).splitlines()
     return out[1] if len(out) > 1 else ""
+
+
+def _data_keys(etcd: EtcdServer, revision: int = 0) -> dict[str, int]:
+    """Every hvplace key but the election's, with its mod revision (at `revision`)."""
+    args = ["get", "--prefix", keyspace.ROOT, "--keys-only", "-w", "json"]
+    if revision:
+        args.append(f"--rev={revision}")
+    kvs = json.loads(etcd.etcdctl(*args)).get("kvs", [])
+    found = {base64.b64decode(kv["key"]).decode(): int(kv["mod_revision"]) for kv in kvs}
+    return {k: r for k, r in found.items() if not k.startswith(keyspace.ELECTION)}
+
+
+def _revision(etcd: EtcdServer) -> int:
+    return int(json.loads(etcd.etcdctl("get", "/", "-w", "json"))["header"]["revision"])
+
+
+def _fence_rejections(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("hvplace_fence_rejections_total "):
+            return float(line.split()[1])
+    raise AssertionError("no hvplace_fence_rejections_total in the metrics")
 
 
 def _wait(pred, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
@@ -136,11 +167,12 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
 ) -> None:
     """SIGSTOP the leader past its TTL: the standby takes over. SIGCONT it and ask it to
     write. With its self checks (the default) it has stepped down on waking, before any
-    write; with them off, its write is rejected by etcd's fence and it steps down. Either
-    way nothing it tried to write lands."""
+    write; with them off, its write is rejected by etcd's fence (the log line and the
+    metric say so) and it steps down. Either way nothing it tried to write lands: every
+    key but the election's is as it was at the revision before SIGCONT."""
     logs = {n: tmp_path / f"{n}.log" for n in ("c1", "c2")}
-    port = free_port()
-    procs = {"c1": _start(etcd, "c1", logs["c1"], port, self_checks)}
+    port, metrics_port = free_port(), free_port()
+    procs = {"c1": _start(etcd, "c1", logs["c1"], port, self_checks, metrics_port)}
     try:
         _wait(lambda: _leader(etcd) == "c1")
         procs["c2"] = _start(etcd, "c2", logs["c2"], 0, self_checks)
@@ -148,6 +180,7 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
         os.kill(procs["c1"].pid, signal.SIGSTOP)
         _wait(lambda: _leader(etcd) == "c2", 10)
         time.sleep(0.5)
+        before = _revision(etcd)
         os.kill(procs["c1"].pid, signal.SIGCONT)
         # The woken c1's next write: a create through its own API.
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -167,11 +200,17 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
         if self_checks:
             assert "not renewed" in text or "expired in etcd: lost" in text
             assert "rejected by the fence" not in text
+            assert _fence_rejections(metrics_port) == 0
         else:
-            assert "a write was rejected by the fence: stepping down" in text
-        # Nothing of the stale write landed.
+            rejected = text.index("a write was rejected by the fence: stepping down")
+            assert text.index("lost leadership", rejected) > rejected
+            assert _fence_rejections(metrics_port) >= 1
+        # Nothing of the stale write landed: no key but the election's changed, was
+        # added or was deleted after the revision read before SIGCONT.
         assert etcd.etcdctl("get", "--prefix", "--keys-only", keyspace.VMS).strip() == ""
         assert etcd.etcdctl("get", "--keys-only", keyspace.request("stale")).strip() == ""
+        assert keyspace.CONFIG in _data_keys(etcd, before)  # written by c1 as leader
+        assert _data_keys(etcd) == _data_keys(etcd, before)
         # c2 still leads; c1 campaigns again behind it.
         time.sleep(1)
         assert _leader(etcd) == "c2"
