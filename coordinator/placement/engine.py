@@ -393,7 +393,11 @@ def replace_vms(index: ClusterIndex, revision: int, vms: Iterable[VM], degrade: 
         if pos is None:
             pending[vm.key] = explanation_at(index, vm)
             continue
-        index.add(vm, pos)
+        # An affinity this VM breaks keeps its domain where the members that keep the
+        # rule run: counted there, the VM would let later members join it unrecorded.
+        # (An anti-affinity counts it: more members beside it would break it further.)
+        groups = index.vm_groups.get(vm.key, ()) if broken else ()
+        index.add(vm, pos, [g.key for g in groups if g.key in broken and not g.anti])
         assignments[vm.key] = index.names[pos]
         if broken:
             degraded[vm.key] = broken

@@ -194,6 +194,8 @@ class ClusterIndex:
         self._placements = snapshot.placements
         self._reservations = snapshot.reservations
         self._skip = set(uncounted)
+        # VM key -> groups whose counts leave it out (see `add`).
+        self._uncounted_in: dict[str, Collection[str]] = {}
         # Where a VM sits (placement, reservation, proposals) by host position, filled
         # on first use: most VMs are in no group and only their capacity matters.
         self.where: dict[str, list[int]] = {}
@@ -288,8 +290,12 @@ class ClusterIndex:
         elif after == 0:
             group.occupied -= 1
 
-    def add(self, vm: VM, pos: int) -> None:
-        """Propose `vm` on the host at `pos`."""
+    def add(self, vm: VM, pos: int, uncounted_in: Collection[str] = ()) -> None:
+        """Propose `vm` on the host at `pos`. The groups named in `uncounted_in` do not
+        count it (a member that knowingly breaks an affinity after a failure: the
+        group's domain stays where the members that keep the rule run)."""
+        if uncounted_in:
+            self._uncounted_in[vm.key] = uncounted_in
         self._move(vm, pos, 1)
         self.spots(vm.key).append(pos)
 
@@ -303,8 +309,10 @@ class ClusterIndex:
         self.free_cpu[pos] -= delta * r.vcpus
         self.free_mem[pos] -= delta * r.memory_mib
         self.free_disk[pos] -= delta * r.disk_gib
+        uncounted = self._uncounted_in.get(vm.key, ())
         for group in self.vm_groups.get(vm.key, ()):
-            self._count(group, pos, delta)
+            if group.key not in uncounted:
+                self._count(group, pos, delta)
 
     def set_lost(self, pos: int, lost: bool) -> None:
         """Mark a host lost (or back) for a failure simulation."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hvplace.coordinator.failure import replace_lost
 from hvplace.coordinator.placement import reasons
 from hvplace.coordinator.snapshot import Snapshot
@@ -9,7 +11,11 @@ from hvplace.proto.models import (
     VM,
     HAPriority,
     Host,
+    LabelExpression,
+    NodeAffinity,
+    NodeSelectorTerm,
     OnFailure,
+    Op,
     Resources,
     Rule,
     RuleKind,
@@ -112,3 +118,33 @@ def test_degrade_still_honours_capacity() -> None:
     )
     plan = replace_lost(snap, ["h0"])
     assert plan.assignments == {} and plan.pending["t/a"].reasons[0].code == reasons.ANTI_AFFINITY
+
+
+def test_degraded_affinity_member_does_not_pull_the_others_after_it() -> None:
+    """A required affinity (on_failure=degrade) whose host failed: `a` can only go to
+    rack r1, `b` and `c` only to rack r0. `b` breaks the rule to run at all and is
+    recorded; `c` joining `b` breaks it just as much and must be recorded too (found by
+    the failover property test), and `d`, free to go anywhere, joins `a`, which keeps it."""
+    rack = {"h1": "r1", "h2": "r0"}
+    hosts = [
+        Host(name=n, labels={"rack": r}, capacity=Resources(16, 8192, 100)) for n, r in rack.items()
+    ]
+    hosts.append(_host("h0"))
+
+    def on_rack(vm: VM, value: str) -> VM:
+        term = NodeSelectorTerm((LabelExpression("rack", Op.IN, (value,)),))
+        return dataclasses.replace(vm, node_affinity=NodeAffinity(required=(term,)))
+
+    vms = [on_rack(_vm("a"), "r1"), on_rack(_vm("b"), "r0"), on_rack(_vm("c"), "r0"), _vm("d")]
+    together = Rule(
+        scope="t",
+        name="together",
+        kind=RuleKind.AFFINITY,
+        members=("a", "b", "c", "d"),
+        on_failure=OnFailure.DEGRADE,
+    )
+    snap = _snap(hosts, vms, {v.key: "h0" for v in vms}, [together])
+    plan = replace_lost(snap, ["h0"])
+    assert plan.assignments == {"t/a": "h1", "t/b": "h2", "t/c": "h2", "t/d": "h1"}
+    assert plan.degraded == {"t/b": ("t/together",), "t/c": ("t/together",)}
+    assert not plan.pending
