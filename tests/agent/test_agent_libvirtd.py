@@ -3,7 +3,6 @@ guests and a real etcd: boot, restart adoption, stale domains, bad specs, self-f
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from hvplace.agent.domain_xml import NAMESPACE, domain_name, parse_tag
 from hvplace.proto import keyspace
 from hvplace.proto.models import VM, ClusterConfig, DomainState, Image, Resources, dumps
 from support import libvirtd as libvirtd_support
+from support import processes
 from support.etcd import EtcdServer
 
 pytestmark = pytest.mark.libvirtd
@@ -92,13 +92,7 @@ def spawn_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes
 
 
 def stop_agent(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+    processes.stop(proc)
 
 
 def wait_for(check: Callable[[], Any], within: float, what: str, interval: float = 0.1) -> Any:

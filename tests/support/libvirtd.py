@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from support import processes
 
 INSTALL_HINT = (
     "apt-get install -y libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients"
@@ -33,13 +34,7 @@ class Libvirtd:
 
     def stop_started(self) -> None:
         for proc in reversed(self.started):
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=5)
+            processes.stop(proc)
         self.started.clear()
 
 
