@@ -89,7 +89,11 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     process: asyncio.subprocess.Process | None = None
     if args.in_process:
         cfg = CoordinatorConfig(
-            node_name="bench", etcd_endpoints=(etcd.endpoint,), listen=address, metrics_listen=""
+            node_name="bench",
+            etcd_endpoints=(etcd.endpoint,),
+            listen=address,
+            metrics_listen="",
+            anonymous_role="admin",
         )
         coordinator = Coordinator(cfg, admission_on_create=not args.no_admission)
         await coordinator.__aenter__()
@@ -100,7 +104,7 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hvplace.coordinator", "--config", "/dev/null",
             "--node-name", "bench", "--etcd", etcd.endpoint, "--listen", address,
-            "--metrics-listen", "", "--log-level", "WARNING",
+            "--metrics-listen", "", "--log-level", "WARNING", "--anonymous-role", "admin",
         )  # fmt: skip
     channel = grpc.aio.insecure_channel(address)
     stub = pb_grpc.VMServiceStub(channel)

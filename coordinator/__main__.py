@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-listen", dest="metrics_listen", help="host:port, '' to disable")
     p.add_argument("--session-ttl", dest="session_ttl_s", type=float, help="leader lease TTL (s)")
     p.add_argument("--resync", dest="resync_s", type=float, help="full resync period (s)")
+    p.add_argument("--auth-file", dest="auth_file", help="principals (tokens, cert names)")
+    p.add_argument(
+        "--anonymous-role", dest="anonymous_role", help="role of callers without credentials"
+    )
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--check-config", action="store_true", help="print the config and exit")
     return p

@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from hvplace.coordinator.auth import Authenticator, AuthInterceptor, Role, ServerTLS
+from hvplace.coordinator.config import CoordinatorConfig
 from hvplace.coordinator.convert import from_proto, to_proto
 from hvplace.coordinator.errors_grpc import rich_status, unexpected
 from hvplace.coordinator.operations import Operations
@@ -237,9 +240,32 @@ class ApiServer:
         await self.server.stop(grace)
 
 
-async def start_api_server(ops: Operations, address: str = "127.0.0.1:7400") -> ApiServer:
-    """Serve the four hvplace services, health and reflection on `address` (host:port)."""
-    server = grpc.aio.server()
+def api_security(cfg: CoordinatorConfig) -> dict[str, Any]:
+    """The authenticator and TLS settings `start_api_server` takes, from the config."""
+    auth = Authenticator(
+        auth_file=Path(cfg.auth_file) if cfg.auth_file else None,
+        anonymous_role=Role.parse(cfg.anonymous_role, "anonymous_role")
+        if cfg.anonymous_role
+        else None,
+    )
+    tls = ServerTLS.load(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
+    if tls is None and auth.anonymous_role is None:
+        log.warning("the API serves plain text: bearer tokens cross the network unencrypted")
+    return {"auth": auth, "tls": tls}
+
+
+async def start_api_server(
+    ops: Operations,
+    address: str = "127.0.0.1:7400",
+    *,
+    auth: Authenticator | None = None,
+    tls: ServerTLS | None = None,
+) -> ApiServer:
+    """Serve the four hvplace services, health and reflection on `address` (host:port).
+    With `auth`, every hvplace call is authenticated and authorised (None: tests of the
+    API logic only; the daemon always passes one)."""
+    interceptors = [AuthInterceptor(auth)] if auth is not None else []
+    server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_VMServiceServicer_to_server(VMServicer(ops), server)
     pb_grpc.add_RuleServiceServicer_to_server(RuleServicer(ops), server)
     pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops), server)
@@ -256,7 +282,10 @@ async def start_api_server(ops: Operations, address: str = "127.0.0.1:7400") -> 
         ],
         server,
     )
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()

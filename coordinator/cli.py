@@ -8,11 +8,13 @@ Errors exit non-zero with the reason word and the message.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,18 +41,65 @@ EXIT_ERROR = 1
 # --------------------------------------------------------------------------- client
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How the CLI proves who it is: a CA to trust the coordinator's TLS certificate, a
+    client certificate and key (mTLS), and/or a bearer token."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+
+    @classmethod
+    def load(cls, ca: str, cert: str, key: str, token_file: str) -> Credentials:
+        def read(path: str, what: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise InvalidInput(f"{what} {path}: cannot read it: {e.strerror}") from None
+
+        if bool(cert) != bool(key):
+            raise InvalidInput("--cert and --key go together")
+        if cert and not ca:
+            raise InvalidInput("a client certificate needs TLS: give --ca too")
+        raw = read(token_file, "--token-file")
+        token = raw.decode(errors="replace").strip() if raw is not None else None
+        if raw is not None and not token:
+            raise InvalidInput(f"--token-file {token_file}: the file is empty")
+        return cls(read(ca, "--ca"), read(cert, "--cert"), read(key, "--key"), token)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
 class Client:
     """Calls one RPC on the first endpoint that is reachable and leads (for writes)."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout: float = TIMEOUT_S,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        self.credentials = credentials or Credentials()
+        self._metadata = self.credentials.metadata()
         self._channels: dict[str, grpc.Channel] = {}
 
     def _channel(self, endpoint: str) -> grpc.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = grpc.insecure_channel(endpoint)
+            creds = self.credentials
+            if creds.ca is not None:
+                tls = grpc.ssl_channel_credentials(creds.ca, creds.key, creds.cert)
+                channel = grpc.secure_channel(endpoint, tls)
+            else:
+                channel = grpc.insecure_channel(endpoint)
+            self._channels[endpoint] = channel
         return channel
 
     def close(self) -> None:
@@ -63,7 +112,7 @@ class Client:
         for endpoint in self.endpoints:
             stub = _STUBS[service](self._channel(endpoint))
             try:
-                return getattr(stub, method)(request, timeout=self.timeout)
+                return getattr(stub, method)(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
                 err = error_from_rpc(e)
                 if err.reason is not Reason.UNAVAILABLE:
@@ -76,7 +125,7 @@ class Client:
         for endpoint in self.endpoints:
             stub = _STUBS[service](self._channel(endpoint))
             try:
-                yield from getattr(stub, method)(request)
+                yield from getattr(stub, method)(request, metadata=self._metadata)
                 return
             except grpc.RpcError as e:
                 err = error_from_rpc(e)
@@ -713,6 +762,26 @@ def _add_rule_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebalance", action="store_true", help="move VMs until the rule holds")
 
 
+def cmd_auth_add_token(_c: Client | None, args: argparse.Namespace) -> None:
+    from hvplace.coordinator import auth
+
+    expires = None
+    if args.expires_days is not None:
+        if not 0 < args.expires_days <= 3650:
+            raise InvalidInput("--expires-days must be between 0 and 3650")
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=args.expires_days)
+    token = auth.add_token(
+        Path(args.auth_file), args.name, auth.Role.parse(args.role, "--role"), expires
+    )
+    if args.out:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        print(f"token for {args.name} ({args.role}) written to {args.out}", file=sys.stderr)
+    else:
+        print(token)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hvplace", description="Operate an hvplace cluster through its coordinator's gRPC API."
@@ -727,6 +796,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the API's JSON instead of tables"
     )
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per call")
+    for flag, env, text in (
+        ("--ca", "HVPLACE_CA", "CA certificate (PEM) that signed the coordinators' TLS cert"),
+        ("--cert", "HVPLACE_CERT", "client certificate (PEM) for mTLS"),
+        ("--key", "HVPLACE_KEY", "the client certificate's key (PEM)"),
+        ("--token-file", "HVPLACE_TOKEN_FILE", "file holding a bearer token"),
+    ):
+        parser.add_argument(flag, default=os.environ.get(env, ""), help=f"{text} (default: ${env})")
     top = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     vm = top.add_parser("vm", help="create, inspect and power VMs").add_subparsers(
@@ -867,6 +943,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline: place the cluster described in FILE (TOML/JSON) in-process, no coordinator",
     )
     p.set_defaults(func=cmd_simulate)
+    auth = top.add_parser(
+        "auth", help="credentials for the API (local: edits the coordinator's auth file)"
+    ).add_subparsers(dest="cmd", required=True)
+    p = auth.add_parser(
+        "add-token", help="add a principal with a new bearer token; prints the token once"
+    )
+    p.add_argument("name", help="who the token is for (shown in audit lines)")
+    p.add_argument("--role", choices=["admin", "operator", "viewer"], required=True)
+    p.add_argument(
+        "--auth-file",
+        default=os.environ.get("HVPLACE_AUTH_FILE", "/etc/hvplace/auth.toml"),
+        help="the coordinator's auth_file (default: $HVPLACE_AUTH_FILE or %(default)s)",
+    )
+    p.add_argument("--expires-days", type=float, help="the token expires after this many days")
+    p.add_argument("--out", help="write the token to this file (0600) instead of stdout")
+    p.set_defaults(func=cmd_auth_add_token, local=True)
     return parser
 
 
@@ -880,10 +972,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     client = None
-    if not getattr(args, "cluster", None):
-        endpoints = [e.strip() for e in args.endpoint.split(",") if e.strip()]
-        client = Client(endpoints, timeout=args.timeout)
+    endpoints = [e.strip() for e in args.endpoint.split(",") if e.strip()]
     try:
+        if not getattr(args, "cluster", None) and not getattr(args, "local", False):
+            creds = Credentials.load(args.ca, args.cert, args.key, args.token_file)
+            client = Client(endpoints, timeout=args.timeout, credentials=creds)
         args.func(client, args)
     except HvplaceError as e:
         print(f"hvplace: {e.reason.value}: {e.message}", file=sys.stderr)

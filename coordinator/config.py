@@ -47,6 +47,18 @@ class CoordinatorConfig:
     admission_policy: str = _CLUSTER.admission_policy.value
     admission_failures: int = _CLUSTER.admission_failures
     admission_topology: str = _CLUSTER.admission_topology
+    tls_cert: str = ""
+    """PEM certificate (chain) the API serves TLS with; '' serves plain text."""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    """CA whose client certificates authenticate callers (mTLS): the certificate's CN is
+    looked up among the auth file's principals (`cert_cn`)."""
+    auth_file: str = ""
+    """TOML list of [[principal]] (name, role, token_sha256 and/or cert_cn, expires):
+    re-read when it changes, so removing an entry revokes it at once."""
+    anonymous_role: str = ""
+    """The role of callers without credentials: '' refuses them (the default); a closed
+    lab may say admin. Health and reflection never need credentials."""
     log_level: str = "INFO"
     leader_self_checks: bool = True
     """Step down as soon as the own clock or etcd says the session lease is gone. Off,
@@ -146,7 +158,29 @@ def validate(cfg: CoordinatorConfig) -> CoordinatorConfig:
         if address and not address.rpartition(":")[2].isdigit():
             raise InvalidInput(f"{name} {address!r} must be host:port (or '' to disable)")
     validate_cluster_config(cfg.cluster())
+    _validate_auth(cfg)
     return cfg
+
+
+def _validate_auth(cfg: CoordinatorConfig) -> None:
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise InvalidInput("tls_cert and tls_key go together: give both or neither")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise InvalidInput("tls_client_ca (mTLS) needs the API to serve TLS: set tls_cert/tls_key")
+    if cfg.anonymous_role not in ("", "admin", "operator", "viewer"):
+        raise InvalidInput(
+            f"anonymous_role {cfg.anonymous_role[:40]!r} must be admin, operator, viewer or ''"
+        )
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_file"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            raise InvalidInput(f"{name} {path[:100]!r} is not a readable file")
+    if cfg.listen and not cfg.auth_file and not cfg.anonymous_role:
+        raise InvalidInput(
+            "the API has no way to authenticate callers: set auth_file (bearer tokens or"
+            " client-certificate names, see `hvplace auth add-token`), or anonymous_role"
+            " for a closed lab"
+        )
 
 
 def budget_text(cluster: ClusterConfig) -> str:

@@ -149,14 +149,14 @@ class Coordinator:
 
     async def _start_api(self) -> None:
         try:
-            from hvplace.coordinator.api import start_api_server
+            from hvplace.coordinator.api import api_security, start_api_server
             from hvplace.coordinator.operations import Operations
         except ImportError as e:  # the API module is optional for a placement-only node
             log.warning("no gRPC API: %s", e)
             return
         assert self.backend is not None
         ops = Operations(self.backend, admission_on_create=self.admission_on_create)
-        self.api = await start_api_server(ops, self.cfg.listen)
+        self.api = await start_api_server(ops, self.cfg.listen, **api_security(self.cfg))
         self.api_port = int(self.api.port)
         log.info("gRPC API on %s (port %d)", self.cfg.listen, self.api_port)
 

@@ -60,6 +60,8 @@ _GRPC_REASON: Mapping[grpc.StatusCode, Reason] = {
 def rich_status(err: HvplaceError, metadata: Mapping[str, str] | None = None) -> grpc.Status:
     """The gRPC status for `err`: code, "reason: message", and ErrorInfo in the details."""
     code = STATUS_OF_REASON.get(err.reason, grpc.StatusCode.UNKNOWN)
+    if isinstance(err, errors.Unauthenticated):
+        code = grpc.StatusCode.UNAUTHENTICATED
     info = error_details_pb2.ErrorInfo(
         reason=err.reason.value, domain=DOMAIN, metadata=dict(metadata or {})
     )

@@ -180,6 +180,8 @@ def coordinator_config(state: LabState, name: str, api: str, metrics: str) -> st
         f"etcd_endpoints = {json.dumps(state.etcd_endpoints[-1:])}",
         f'listen = "{api}"',
         f'metrics_listen = "{metrics}"',
+        # The lab's API listens on loopback only, for the machine's root.
+        'anonymous_role = "admin"',
         # The leader's election lease: a standby takes over within about this long.
         f"session_ttl_s = {max(1.0, budget.lease_ttl_s)}",
         "",

@@ -57,6 +57,11 @@ class Forbidden(HvplaceError):
     reason = Reason.FORBIDDEN
 
 
+class Unauthenticated(Forbidden):
+    """No valid credentials (gRPC UNAUTHENTICATED); a known caller without the role needed
+    gets `Forbidden` (PERMISSION_DENIED). Both carry the reason word `forbidden`."""
+
+
 class Unavailable(HvplaceError):
     """Not enough hosts or capacity, or a dependency (etcd, libvirt) cannot be reached."""
 

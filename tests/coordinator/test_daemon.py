@@ -25,6 +25,7 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text(
         'node_name = "c1"\netcd_endpoints = ["10.0.0.1:2379"]\nlisten = "0.0.0.0:7400"\n'
+        'anonymous_role = "viewer"\n'
         '[cluster]\nlease_ttl_s = 10\nfence_after_s = 6\nadmission_policy = "refuse"\n'
     )
     cfg = config.load(f, env={"HVPLACE_LISTEN": "127.0.0.1:1", "HVPLACE_ENDPOINT": "cli's"})
@@ -77,6 +78,7 @@ async def test_coordinator_serves_the_api_and_places(
         listen=f"127.0.0.1:{free_port()}",
         metrics_listen=f"127.0.0.1:{free_port()}",
         session_ttl_s=2,
+        anonymous_role="admin",
     )
     store = await Store.connect([etcd.endpoint], timeout=5)
     await register(store, host("hv1"))

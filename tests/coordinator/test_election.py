@@ -115,6 +115,8 @@ def _start(
         f"127.0.0.1:{metrics_port}" if metrics_port else "",
         "--session-ttl",
         "2",
+        "--anonymous-role",
+        "admin",
         "--log-level",
         "INFO",
     ]
