@@ -69,7 +69,8 @@ class MetricsServer:
 
     async def start(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
-        self._server = await asyncio.start_server(self._handle, host or "0.0.0.0", int(port))
+        # ":port" means loopback: every interface must be asked for (0.0.0.0:port).
+        self._server = await asyncio.start_server(self._handle, host or "127.0.0.1", int(port))
 
     async def stop(self) -> None:
         if self._server is not None:

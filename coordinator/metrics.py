@@ -85,12 +85,12 @@ class CoordinatorMetrics:
     def serve(self, listen: str) -> int:
         """Expose /metrics on host:port; returns the bound port."""
         host, _, port = listen.rpartition(":")
-        server, _thread = start_http_server(
-            int(port), addr=host or "0.0.0.0", registry=self.registry
-        )
+        # ":port" means loopback: every interface must be asked for (0.0.0.0:port).
+        host = host or "127.0.0.1"
+        server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
         self._server = server
         bound = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 
     def close(self) -> None:
