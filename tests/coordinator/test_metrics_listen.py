@@ -14,4 +14,3 @@ def test_coordinator_port_only_is_loopback() -> None:
         assert server.server_address[0] == "127.0.0.1"  # type: ignore[attr-defined]
     finally:
         metrics.close()
-
