@@ -24,7 +24,13 @@ from hvplace.coordinator import whatif
 from hvplace.coordinator.convert import proto_to_dict
 from hvplace.coordinator.errors_grpc import error_from_rpc
 from hvplace.proto import models
-from hvplace.proto.errors import HvplaceError, InvalidInput, Reason, Unavailable
+from hvplace.proto.errors import (
+    HvplaceError,
+    InvalidInput,
+    NotLeader,
+    Unavailable,
+    Unreachable,
+)
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 
@@ -107,7 +113,8 @@ class Client:
             channel.close()
 
     def call(self, service: str, method: str, request: Message) -> Any:
-        """Unary call; UNAVAILABLE (unreachable, or not the leader) moves to the next endpoint."""
+        """Unary call; an unreachable endpoint or a standby ("not the leader") passes to the
+        next endpoint; every other error, `unavailable` for capacity included, is final."""
         last: HvplaceError = Unavailable("no endpoint given")
         for endpoint in self.endpoints:
             stub = _STUBS[service](self._channel(endpoint))
@@ -115,8 +122,8 @@ class Client:
                 return getattr(stub, method)(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
                 err = error_from_rpc(e)
-                if err.reason is not Reason.UNAVAILABLE:
-                    raise err from None
+                if not isinstance(err, NotLeader | Unreachable):
+                    raise err from None  # capacity, not found, refused...: as it is
                 last = Unavailable(f"{endpoint}: {err.message}")
         raise last
 
@@ -129,7 +136,7 @@ class Client:
                 return
             except grpc.RpcError as e:
                 err = error_from_rpc(e)
-                if err.reason is not Reason.UNAVAILABLE:
+                if not isinstance(err, NotLeader | Unreachable):
                     raise err from None
                 last = Unavailable(f"{endpoint}: {err.message}")
         raise last

@@ -14,6 +14,7 @@ from hvplace.proto import errors
 from hvplace.proto.errors import HvplaceError, Reason
 
 DOMAIN = "hvplace"
+NOT_LEADER = "not_leader"
 
 STATUS_OF_REASON: Mapping[Reason, grpc.StatusCode] = {
     Reason.INCORRECT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,6 +63,9 @@ def rich_status(err: HvplaceError, metadata: Mapping[str, str] | None = None) ->
     code = STATUS_OF_REASON.get(err.reason, grpc.StatusCode.UNKNOWN)
     if isinstance(err, errors.Unauthenticated):
         code = grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(err, errors.NotLeader):
+        # UNAVAILABLE also means "no capacity": clients move on only with this mark.
+        metadata = {**(metadata or {}), NOT_LEADER: "true"}
     info = error_details_pb2.ErrorInfo(
         reason=err.reason.value, domain=DOMAIN, metadata=dict(metadata or {})
     )
@@ -83,7 +87,14 @@ def error_from_rpc(err: grpc.RpcError) -> HvplaceError:
     code = call.code()
     details = call.details() or ""
     info = error_info(err)
-    reason = Reason(info.reason) if info is not None and info.domain == DOMAIN else None
+    ours = info is not None and info.domain == DOMAIN
+    if ours and info is not None and info.metadata.get(NOT_LEADER) == "true":
+        return errors.NotLeader(details.removeprefix("unavailable: "))
+    if not ours and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return errors.Unreachable(details or code.name)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return errors.Unauthenticated(details.removeprefix("forbidden: "))
+    reason = Reason(info.reason) if ours and info is not None else None
     if reason is None:
         reason = _GRPC_REASON.get(code, Reason.UNKNOWN)
     message = details

@@ -31,6 +31,7 @@ from hvplace.proto.errors import (
     HvplaceError,
     InvalidInput,
     NotFound,
+    NotLeader,
     Unavailable,
     Unsupported,
 )
@@ -314,7 +315,7 @@ class Operations:
     def _require_leader(self) -> None:
         lead = self.backend.leadership()
         if not lead.is_leader:
-            raise Unavailable(
+            raise NotLeader(
                 f"not the leader; leader is {lead.leader or 'unknown (election under way)'}"
             )
 

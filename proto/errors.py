@@ -68,6 +68,14 @@ class Unavailable(HvplaceError):
     reason = Reason.UNAVAILABLE
 
 
+class NotLeader(Unavailable):
+    """This coordinator is a standby: a client tries the next one (and only then)."""
+
+
+class Unreachable(Unavailable):
+    """The coordinator could not be reached at all (client side): try the next one."""
+
+
 class Busy(HvplaceError):
     """Optimistic concurrency gave up after its bounded retries; the caller may retry."""
 

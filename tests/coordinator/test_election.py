@@ -230,3 +230,32 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait()
     assert procs["c2"].returncode == 0, logs["c2"].read_text()[-2000:]
+
+
+def test_cli_passes_over_a_standby_but_reports_the_leaders_capacity_error(
+    etcd: EtcdServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UNAVAILABLE means "not the leader" and "no capacity" alike; only the first sends the
+    CLI to the next coordinator, whichever order the endpoints come in."""
+    from hvplace.coordinator import cli
+
+    ports = {"c1": free_port(), "c2": free_port()}
+    procs = {"c1": _start(etcd, "c1", tmp_path / "c1.log", ports["c1"])}
+    try:
+        _wait(lambda: _leader(etcd) == "c1")
+        procs["c2"] = _start(etcd, "c2", tmp_path / "c2.log", ports["c2"])
+        _wait(lambda: "ready" in (tmp_path / "c2.log").read_text())
+        create = ["vm", "create", "big", "--scope", "t", "--memory", "900000", "--atomic"]
+        for order in (("c1", "c2"), ("c2", "c1")):
+            endpoints = ",".join(f"127.0.0.1:{ports[n]}" for n in order)
+            code = cli.main(["--endpoint", endpoints, "--timeout", "10", *create])
+            err = capsys.readouterr().err
+            assert code == cli.EXIT_ERROR
+            assert "atomic batch of 1 VM(s) not created" in err, (order, err)
+            assert "not the leader" not in err, (order, err)
+        code = cli.main(["--endpoint", f"127.0.0.1:{ports['c2']}", "--timeout", "10", *create])
+        assert code == cli.EXIT_ERROR and "not the leader" in capsys.readouterr().err
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
