@@ -789,6 +789,73 @@ def cmd_auth_add_token(_c: Client | None, args: argparse.Namespace) -> None:
         print(token)
 
 
+def _add_etcd_admin(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--etcd",
+        default=os.environ.get("ETCDCTL_ENDPOINTS", "127.0.0.1:2379"),
+        help="etcd endpoint host:port (default: $ETCDCTL_ENDPOINTS or %(default)s)",
+    )
+    p.add_argument(
+        "--root-password-file",
+        required=True,
+        help="etcd root's password (created with a new one, 0600, if absent)",
+    )
+
+
+def _password(path: str) -> str:
+    """The password in `path`, or a new one written there (0600) if the file is absent."""
+    from hvplace.coordinator.etcd_auth import new_password
+
+    file = Path(path)
+    if file.exists():
+        text = file.read_text().strip()
+        if not text:
+            raise InvalidInput(f"password file {path} is empty")
+        return text
+    password = new_password()
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+def _etcd_admin(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
+    import asyncio
+
+    from hvplace.coordinator.etcd_auth import EtcdAdmin
+
+    target = args.etcd.split(",")[0].removeprefix("http://")
+
+    async def run() -> Any:
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await work(EtcdAdmin(channel))
+
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as e:
+        raise Unavailable(f"etcd {target}: {e.details()}") from None
+
+
+def cmd_etcd_init_auth(_c: Client | None, args: argparse.Namespace) -> None:
+    from hvplace.coordinator.etcd_auth import init_auth
+
+    root, coordinator = (
+        _password(args.root_password_file),
+        _password(args.coordinator_password_file),
+    )
+    already = _etcd_admin(args, lambda admin: init_auth(admin, root, coordinator))
+    print("etcd auth " + ("was on; users and roles checked" if already else "is on now"))
+
+
+def cmd_etcd_add_agent(_c: Client | None, args: argparse.Namespace) -> None:
+    from hvplace.coordinator.etcd_auth import add_agent, agent_user
+
+    agent_user(args.host)  # a bad host name is refused before any file is written
+    root, password = _password(args.root_password_file), _password(args.password_file)
+    user = _etcd_admin(args, lambda admin: add_agent(admin, root, args.host, password))
+    print(f"etcd user {user}: may write only {args.host}'s keys; password in {args.password_file}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hvplace", description="Operate an hvplace cluster through its coordinator's gRPC API."
@@ -966,6 +1033,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires-days", type=float, help="the token expires after this many days")
     p.add_argument("--out", help="write the token to this file (0600) instead of stdout")
     p.set_defaults(func=cmd_auth_add_token, local=True)
+    etcd = top.add_parser(
+        "etcd", help="etcd's own auth for hvplace (local: talks to etcd, not a coordinator)"
+    ).add_subparsers(dest="cmd", required=True)
+    p = etcd.add_parser(
+        "init-auth",
+        help="idempotently create the root and coordinator users and roles, then turn auth on",
+    )
+    _add_etcd_admin(p)
+    p.add_argument(
+        "--coordinator-password-file",
+        required=True,
+        help="the coordinator user's password (created with a new one, 0600, if absent)",
+    )
+    p.set_defaults(func=cmd_etcd_init_auth, local=True)
+    p = etcd.add_parser(
+        "add-agent",
+        help="create or update agent-HOST: may write only HOST's keys, read its assignments",
+    )
+    p.add_argument("host")
+    _add_etcd_admin(p)
+    p.add_argument(
+        "--password-file",
+        required=True,
+        help="the agent user's password (created with a new one, 0600, if absent)",
+    )
+    p.set_defaults(func=cmd_etcd_add_agent, local=True)
     return parser
 
 
