@@ -127,6 +127,8 @@ class CoordinatorMetrics:
         """Leadership changed: `fence` is the one held now (None: not leading)."""
         self.leader.set(0 if fence is None else 1)
         self.fencing_token.set(0 if fence is None else fence.revision)
+        # Rules are sampled by the leader only: time spent as a standby is no one's to count.
+        self._sampled_at, self._violating = None, frozenset()
 
     def refresh_state(self, cache: Cache) -> None:
         """Gauges derived from the cache: hosts by state, VMs by phase, pending by reason."""
