@@ -41,6 +41,12 @@ class AgentMetrics:
             "Times the agent fenced itself (destroyed its domains after losing its lease).",
             registry=r,
         )
+        self.fence_duration = Histogram(
+            "hvplace_agent_fence_duration_seconds",
+            "From the decision to fence to every managed domain destroyed.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
         self.fenced = Gauge("hvplace_agent_fenced", "1 while fenced.", registry=r)
         self.lease_held = Gauge("hvplace_agent_lease_held", "1 while a lease is held.", registry=r)
 

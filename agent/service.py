@@ -315,6 +315,7 @@ class Agent:
         log.error("FENCING host %s: %s; destroying every managed domain", self.cfg.host, why)
         try:
             destroyed = await self.hv.destroy_all_managed()
+            self.metrics.fence_duration.observe(self._clock() - started)
         except HypervisorError as e:
             log.error("fence: listing domains failed (%s); the reconcile pass retries", e)
             destroyed = []

@@ -17,6 +17,7 @@ from hvplace.coordinator.config import CoordinatorConfig
 from hvplace.coordinator.convert import from_proto, to_proto
 from hvplace.coordinator.errors_grpc import rich_status, unexpected
 from hvplace.coordinator.operations import Operations
+from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
 from hvplace.proto import models
 from hvplace.proto.errors import HvplaceError
 from hvplace.proto.v1 import hvplace_pb2 as pb
@@ -260,11 +261,15 @@ async def start_api_server(
     *,
     auth: Authenticator | None = None,
     tls: ServerTLS | None = None,
+    rpc_metrics: RpcMetricsInterceptor | None = None,
 ) -> ApiServer:
     """Serve the four hvplace services, health and reflection on `address` (host:port).
     With `auth`, every hvplace call is authenticated and authorised (None: tests of the
-    API logic only; the daemon always passes one)."""
-    interceptors = [AuthInterceptor(auth)] if auth is not None else []
+    API logic only; the daemon always passes one). `rpc_metrics` goes first, so that the
+    calls `auth` refuses are counted too."""
+    interceptors: list[Any] = [rpc_metrics] if rpc_metrics is not None else []
+    if auth is not None:
+        interceptors.append(AuthInterceptor(auth))
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_VMServiceServicer_to_server(VMServicer(ops), server)
     pb_grpc.add_RuleServiceServicer_to_server(RuleServicer(ops), server)

@@ -96,7 +96,7 @@ class Coordinator:
                     on_fence_lost(f)
 
             store.on_fence_lost = fence_lost
-            election.on_change = lambda leading: self.metrics.leader.set(1 if leading else 0)
+            election.on_change = lambda _leading: self.metrics.set_leader(election.fence)
             planner = self.planner = Planner(store, cache, election.require_fence)
             planner.on_committed = self._observe_commit
             controller = self.controller = Controller(
@@ -156,7 +156,9 @@ class Coordinator:
             return
         assert self.backend is not None
         ops = Operations(self.backend, admission_on_create=self.admission_on_create)
-        self.api = await start_api_server(ops, self.cfg.listen, **api_security(self.cfg))
+        self.api = await start_api_server(
+            ops, self.cfg.listen, rpc_metrics=self.metrics.rpc, **api_security(self.cfg)
+        )
         self.api_port = int(self.api.port)
         log.info("gRPC API on %s (port %d)", self.cfg.listen, self.api_port)
 

@@ -1,14 +1,18 @@
 """The coordinator's Prometheus metrics, on their own registry: placement, pending reasons,
-hosts, leadership, etcd conflicts, HA headroom, rule compliance and failover durations."""
+hosts, VMs by phase, leadership and fencing token, etcd conflicts, HA headroom, rule
+compliance and time in violation, failover durations and the API's per-RPC metrics."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter as Tally
 from collections.abc import Mapping
 
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.placement import check_admission, rule_compliance
+from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
+from hvplace.coordinator.store import Fence
 from hvplace.proto.models import ClusterConfig, HostState, Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -41,6 +45,14 @@ class CoordinatorMetrics:
         )
         self.hosts = Gauge("hvplace_hosts", "Hosts by state.", ["state"], registry=r)
         self.leader = Gauge("hvplace_leader", "1 while this coordinator is the leader.", registry=r)
+        self.fencing_token = Gauge(
+            "hvplace_leader_fencing_token",
+            "The create revision of this coordinator's election key while it leads (else 0).",
+            registry=r,
+        )
+        self.vms = Gauge(
+            "hvplace_vms", "VMs by phase, as the API reports them.", ["phase"], registry=r
+        )
         self.txn_conflicts = Counter(
             "hvplace_etcd_txn_conflicts_total",
             "etcd transactions whose compares failed (someone wrote first).",
@@ -71,6 +83,13 @@ class CoordinatorMetrics:
             ["rule"],
             registry=r,
         )
+        self.rule_violation = Counter(
+            "hvplace_rule_violation_seconds",
+            "Seconds each required rule has been broken or degraded, counted between the"
+            " leader's compliance samples from the first sample that saw it so.",
+            ["rule"],
+            registry=r,
+        )
         self.failover = Histogram(
             "hvplace_failover_duration_seconds",
             "From a host's loss being noticed to its VMs' re-placement being committed.",
@@ -80,7 +99,11 @@ class CoordinatorMetrics:
         self.cache_revision = Gauge(
             "hvplace_cache_revision", "etcd revision the coordinator's cache holds.", registry=r
         )
+        self.rpc = RpcMetricsInterceptor(r)
         self._server: object | None = None
+        self._sampled_at: float | None = None
+        self._required: frozenset[str] = frozenset()
+        self._violating: frozenset[str] = frozenset()
 
     def serve(self, listen: str) -> int:
         """Expose /metrics on host:port; returns the bound port."""
@@ -100,9 +123,18 @@ class CoordinatorMetrics:
             server.server_close()  # type: ignore[attr-defined]
             self._server = None
 
+    def set_leader(self, fence: Fence | None) -> None:
+        """Leadership changed: `fence` is the one held now (None: not leading)."""
+        self.leader.set(0 if fence is None else 1)
+        self.fencing_token.set(0 if fence is None else fence.revision)
+        # Rules are sampled by the leader only: time spent as a standby is no one's to count.
+        self._sampled_at, self._violating = None, frozenset()
+
     def refresh_state(self, cache: Cache) -> None:
-        """Gauges derived from the cache: hosts by state, pending VMs by reason."""
+        """Gauges derived from the cache: hosts by state, VMs by phase, pending by reason."""
         self.cache_revision.set(cache.revision)
+        for phase, n in vms_by_phase(cache).items():
+            self.vms.labels(phase=phase).set(n)
         snap = cache.snapshot()
         states = Tally(h.state.value for h in snap.hosts.values())
         for state in HostState:
@@ -117,15 +149,34 @@ class CoordinatorMetrics:
         for code, n in reasons.items():
             self.pending.labels(reason=code).set(n)
 
-    def refresh_rules(self, cache: Cache, cluster: ClusterConfig) -> None:
-        """Compliance per rule, and the HA headroom per single-host failure."""
+    def refresh_rules(self, cache: Cache, cluster: ClusterConfig, now: float | None = None) -> None:
+        """Compliance per rule, time in violation, and the HA headroom per single-host
+        failure. `now` is a monotonic clock (tests pass their own)."""
+        now = time.monotonic() if now is None else now
         snap = cache.snapshot()
         compliance = rule_compliance(snap)
         self.rule_satisfied.clear()
         self.rule_degraded.clear()
+        required: set[str] = set()
+        violating: set[str] = set()
         for key, c in compliance.items():
             self.rule_satisfied.labels(rule=key).set(1 if c.satisfied else 0)
             self.rule_degraded.labels(rule=key).set(len(c.degraded))
+            if c.required:
+                required.add(key)
+                self.rule_violation.labels(rule=key)  # the series exists from the start
+                if not c.satisfied or c.degraded:
+                    violating.add(key)
+        # The time since the last sample goes to the rules that sample saw broken: a
+        # violation is counted from when it is first seen until a sample sees it repaired.
+        if self._sampled_at is not None:
+            elapsed = max(0.0, now - self._sampled_at)
+            for key in self._violating & required:
+                self.rule_violation.labels(rule=key).inc(elapsed)
+        for gone in self._required - required:  # deleted rules
+            self.rule_violation.remove(gone)
+        self._sampled_at = now
+        self._required, self._violating = frozenset(required), frozenset(violating)
         if len(snap.hosts) > HEADROOM_MAX_HOSTS:
             return
         result = check_admission(snap, failures=1, topology_key="host")
@@ -137,3 +188,13 @@ class CoordinatorMetrics:
         for name, host in snap.hosts.items():
             if host.state is not HostState.LOST:
                 self.ha_headroom.labels(host=name).set(0 if name in stranded else 1)
+
+
+def vms_by_phase(cache: Cache) -> Mapping[str, int]:
+    """Every phase with its count; a VM without a status yet is pending (as the API says)."""
+    counts = {phase.value: 0 for phase in Phase}
+    statuses = cache.vm_status.records
+    for key in cache.vms.records:
+        status = statuses.get(key)
+        counts[status.phase.value if status is not None else Phase.PENDING.value] += 1
+    return counts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import shlex
 import shutil
 import signal
 import string
@@ -328,7 +329,8 @@ class Lab:
                     coordinator.name,
                     None if proc is None else proc.pid,
                     is_alive(proc),
-                    f"{role} api={coordinator.api_address}",
+                    f"{role} api={coordinator.api_address}"
+                    f" metrics=http://{coordinator.metrics_address}/metrics",
                 )
             )
         try:
@@ -341,6 +343,10 @@ class Lab:
                 detail += f" {host.address}" + (" PARTITIONED" if host.partitioned else "")
             if etcd_up:
                 detail += " registered" if host.name in registered else " NOT registered"
+            # What an operator types to look at this host's libvirt from the root namespace.
+            detail += f" virsh -c {shlex.quote(host.root_side_uri)}"
+            if host.metrics_address:
+                detail += f" metrics=http://{host.metrics_address}/metrics"
             rows.append(StatusRow("host", host.name, None, None, detail))
             for record in host.processes():
                 rows.append(StatusRow(record.role, host.name, record.pid, is_alive(record), ""))

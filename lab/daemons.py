@@ -100,12 +100,15 @@ def start_etcd(settings: LabSettings, state: LabState, timeout: float = 20.0) ->
 def etcdctl(state: LabState, *args: str, timeout: float = 10.0) -> str:
     if not state.etcd_endpoints:
         raise DaemonError("the lab has no etcd")
+    # etcdctl refuses a flag and its ETCDCTL_* variable together, and `hvplace lab env`
+    # exports ETCDCTL_ENDPOINTS: the flags here say everything, the caller's shell nothing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
     out = subprocess.run(
         ["etcdctl", f"--endpoints={state.etcd_endpoints[-1]}", "--dial-timeout=2s", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, ETCDCTL_API="3"),
+        env=dict(env, ETCDCTL_API="3"),
     )
     if out.returncode != 0:
         raise DaemonError(f"etcdctl {' '.join(args)}: {out.stderr.strip()}")
@@ -234,14 +237,12 @@ def agent_config(state: LabState, host: HostRecord) -> str:
     budget = cluster_budget(state.lease_ttl)
     if host.mode == "real":
         endpoints = state.etcd_endpoints[:1]
-        metrics = f"{host.address.split('/')[0]}:{AGENT_METRICS_PORT}" if host.address else ""
         domain_type = "qemu"  # TCG: /dev/kvm here hangs Linux guests (see README)
         # Every lab host reports this machine's cores; the tiny guests idle, so overcommit
         # vCPUs as a KVM fleet does (Nova's cpu_allocation_ratio) to fit a dozen of them.
         extra = ["cpu_ratio = 8.0"]
     else:
         endpoints = state.etcd_endpoints[-1:]
-        metrics = ""
         domain_type = "auto"
         extra = []
     lines = [
@@ -250,7 +251,7 @@ def agent_config(state: LabState, host: HostRecord) -> str:
         f'libvirt_uri = "{host.libvirt_uri}"',
         f'state_dir = "{Path(host.dir) / "agent"}"',
         f'domain_type = "{domain_type}"',
-        f'metrics_listen = "{metrics}"',
+        f'metrics_listen = "{host.metrics_address or ""}"',
         f"lease_ttl = {budget.lease_ttl_s}",
         f"fence_after = {budget.fence_after_s}",
         "resync_interval_s = 5.0",
@@ -261,6 +262,14 @@ def agent_config(state: LabState, host: HostRecord) -> str:
         f'zone = "{host_zone(host.index)}"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def agent_metrics_address(host: HostRecord) -> str | None:
+    """Where the agent serves /metrics: in a netns, on the host's own address; test hosts
+    share the machine's loopback, so each gets a free port of its own."""
+    if host.mode == "real":
+        return f"{host.address.split('/')[0]}:{AGENT_METRICS_PORT}" if host.address else None
+    return f"127.0.0.1:{free_port()}"
 
 
 def host_rack(index: int) -> str:
@@ -276,6 +285,7 @@ def host_zone(index: int) -> str:
 def start_agent(settings: LabSettings, state: LabState, host: HostRecord) -> ProcessRecord:
     base = Path(host.dir)
     config = base / "agent.toml"
+    host.metrics_address = host.metrics_address or agent_metrics_address(host)
     config.write_text(agent_config(state, host))
     host.agent_config = str(config)
     argv = [*_python_module("hvplace.agent"), "--config", str(config)]

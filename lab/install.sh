@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what hvplace needs on a fresh Debian machine: the Debian packages (etcd,
-# libvirt, QEMU, busybox) and a Python virtual environment with hvplace in it.
+# libvirt, QEMU, busybox; prometheus for promtool and the dashboard test, which runs its
+# own server) and a Python virtual environment with hvplace in it.
 # Used by lab/demo.sh (the main job) and .ci/run (the tests). Idempotent.
 # Prints the venv's bin directory on its last line.
 set -euo pipefail
@@ -10,7 +11,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 PKGS="etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       libvirt-dev pkg-config qemu-system-x86 qemu-utils busybox-static iproute2 cpio
-      python3-venv python3-dev gcc procps psmisc"
+      python3-venv python3-dev gcc procps psmisc prometheus"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

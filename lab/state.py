@@ -111,6 +111,8 @@ class HostRecord:
     libvirtd: ProcessRecord | None = None
     agent: ProcessRecord | None = None
     agent_config: str | None = None
+    # host:port of the agent's /metrics (set when the agent is first started).
+    metrics_address: str | None = None
     partitioned: bool = False
 
     @property
@@ -141,6 +143,7 @@ class HostRecord:
             "libvirtd": _procj(self.libvirtd),
             "agent": _procj(self.agent),
             "agent_config": self.agent_config,
+            "metrics_address": self.metrics_address,
             "partitioned": self.partitioned,
         }
 
@@ -161,6 +164,7 @@ class HostRecord:
             libvirtd=_proc(raw.get("libvirtd")),
             agent=_proc(raw.get("agent")),
             agent_config=raw.get("agent_config"),
+            metrics_address=raw.get("metrics_address"),
             partitioned=bool(raw.get("partitioned", False)),
         )
 

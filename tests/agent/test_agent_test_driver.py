@@ -222,3 +222,25 @@ async def test_tells_systemd_ready_and_pets_the_watchdog_device(
     finally:
         os.close(reader)
         sock.close()
+
+
+async def test_fence_duration_is_observed_from_the_decision_to_every_domain_destroyed(
+    etcd: EtcdServer, test_host: Callable[..., AgentConfig], run_agent: StartAgent
+) -> None:
+    """etcd drops the agent's lease (revoked, as when it expires): the agent fences, and
+    the histogram holds one observation covering the destroys."""
+    agent = await run_agent(cfg_for(etcd, test_host, "h1"))
+    put_assignment(etcd, "h1", vm("a"))
+    put_assignment(etcd, "h1", vm("b"))
+    await eventually(
+        lambda: _states_are(agent, {"s/a": DomainState.RUNNING, "s/b": DomainState.RUNNING})
+    )
+    registry = agent.metrics.registry
+    count = "hvplace_agent_fence_duration_seconds_count"
+    assert registry.get_sample_value(count) == 0.0
+    assert agent.lease_id is not None
+    etcd.etcdctl("lease", "revoke", f"{agent.lease_id:x}")
+    await eventually(lambda: registry.get_sample_value(count) == 1.0)
+    took = registry.get_sample_value("hvplace_agent_fence_duration_seconds_sum")
+    assert took is not None and 0.0 < took < 5.0
+    assert registry.get_sample_value("hvplace_agent_fence_events_total") == 1.0
