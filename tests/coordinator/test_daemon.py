@@ -95,6 +95,7 @@ async def test_coordinator_serves_the_api_and_places(
                                 scope="acme",
                                 name="a",
                                 resources=pb.Resources(vcpus=1, memory_mib=512),
+                                image=pb.Image(kernel="/boot/vmlinuz"),
                             )
                         ],
                     )

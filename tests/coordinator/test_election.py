@@ -186,7 +186,8 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.VMServiceStub(channel)
             request = pb.CreateVMsRequest(
-                request_id="stale", vms=[pb.VM(scope="t", name="stale-write")]
+                request_id="stale",
+                vms=[pb.VM(scope="t", name="stale-write", image=pb.Image(kernel="/boot/vmlinuz"))],
             )
             with pytest.raises(grpc.RpcError) as refused:
                 stub.CreateVMs(request, timeout=10)
