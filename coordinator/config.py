@@ -17,6 +17,7 @@ from hvplace.proto.models import (
     FENCE_GRACE_S,
     AdmissionPolicy,
     ClusterConfig,
+    Image,
     validate_cluster_config,
 )
 from hvplace.proto.names import check_name
@@ -47,6 +48,12 @@ class CoordinatorConfig:
     admission_policy: str = _CLUSTER.admission_policy.value
     admission_failures: int = _CLUSTER.admission_failures
     admission_topology: str = _CLUSTER.admission_topology
+    default_image_kernel: str = ""
+    """With default_image_initrd/_cmdline/_disk: the image a VM created without one boots
+    from (ClusterConfig.default_image); unset, such a VM is refused."""
+    default_image_initrd: str = ""
+    default_image_cmdline: str = ""
+    default_image_disk: str = ""
     log_level: str = "INFO"
     leader_self_checks: bool = True
     """Step down as soon as the own clock or etcd says the session lease is gone. Off,
@@ -55,6 +62,12 @@ class CoordinatorConfig:
     alone keeps a frozen-and-woken leader from writing."""
 
     def cluster(self) -> ClusterConfig:
+        image = Image(
+            kernel=self.default_image_kernel,
+            initrd=self.default_image_initrd,
+            cmdline=self.default_image_cmdline,
+            disk=self.default_image_disk,
+        )
         return ClusterConfig(
             lease_ttl_s=self.lease_ttl_s,
             fence_after_s=self.fence_after_s,
@@ -62,6 +75,7 @@ class CoordinatorConfig:
             admission_policy=AdmissionPolicy(self.admission_policy),
             admission_failures=self.admission_failures,
             admission_topology=self.admission_topology,
+            default_image=image if image != Image() else None,
         )
 
 
@@ -74,6 +88,10 @@ _CLUSTER_KEYS = {
     "admission_policy",
     "admission_failures",
     "admission_topology",
+    "default_image_kernel",
+    "default_image_initrd",
+    "default_image_cmdline",
+    "default_image_disk",
 }
 
 

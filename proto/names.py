@@ -181,7 +181,7 @@ def check_path(value: str, what: str) -> str:
     if len(value) > MAX_PATH:
         raise InvalidInput(f"{what} {q} is {len(value)} characters; at most {MAX_PATH}")
     if not value.startswith("/"):
-        raise InvalidInput(f"{what} {q} must be an absolute path")
+        raise InvalidInput(f"{what} {q} must be absolute, starting with '/'")
     if any(seg in (".", "..") for seg in value.split("/")[1:]):
         raise InvalidInput(f"{what} {q} contains a '.' or '..' segment")
     raise InvalidInput(
