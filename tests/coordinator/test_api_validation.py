@@ -3,16 +3,22 @@ with a short reason and writes nothing; what is accepted becomes a domain libvir
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
+import libvirt
 import pytest
 from api_support import Api, running_api
+from hvplace.agent import domain_xml
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import ClusterConfig, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.etcd import EtcdServer
 
 KERNEL = "/var/cache/hvplace/guest/vmlinuz"
@@ -190,3 +196,173 @@ async def test_vm_without_image_gets_the_cluster_default(api: Api) -> None:
     assert resp.vms[1].spec.image == pb.Image(kernel=KERNEL)
     stored = json.loads(api.etcd.etcdctl("get", "--print-value-only", keyspace.vm("acme", "plain")))
     assert stored["image"]["kernel"] == KERNEL and stored["image"]["cmdline"] == "quiet"
+
+
+# --------------------------------------------------------------------------- property
+
+HOSTILE_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.text(st.characters(max_codepoint=0x9F), max_size=80),
+    st.sampled_from(
+        ["", "a\x00b", "a\x01", "..", "/../x", "x\n", "\ufffe", "\t", "<&>", "x" * 70, "é"]
+    ),
+    st.text(st.sampled_from("ab.-_/ \n\x00"), min_size=60, max_size=3000),
+)
+NAMES = st.one_of(st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True), HOSTILE_TEXT)
+PATHS = st.one_of(
+    st.sampled_from(["", KERNEL, "/boot/vmlinuz-6.1", "/a/.b/c+d@e=f~g", "/x/y.qcow2"]),
+    st.from_regex(r"(/[a-z.]{1,8}){1,4}", fullmatch=True),
+    HOSTILE_TEXT,
+)
+SIZES = st.one_of(
+    st.integers(min_value=-2, max_value=4096),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+LABEL_KEYS = st.one_of(st.sampled_from(["app", "zone", "hvplace.io/rack", "host"]), HOSTILE_TEXT)
+LABEL_VALUES = st.one_of(st.sampled_from(["db", "east", "a b", "7", ""]), HOSTILE_TEXT)
+EXPRESSIONS = st.builds(
+    pb.LabelExpression,
+    key=LABEL_KEYS,
+    operator=st.one_of(
+        st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]), NAMES
+    ),
+    values=st.one_of(
+        st.lists(LABEL_VALUES, max_size=3),
+        st.lists(st.sampled_from(["1", "-5", "99999999999999999999"]), max_size=2),
+        st.integers(min_value=60, max_value=70).map(lambda n: [f"v{i}" for i in range(n)]),
+    ),
+)
+TERMS = st.builds(pb.NodeSelectorTerm, match_expressions=st.lists(EXPRESSIONS, max_size=3))
+AFFINITY = st.builds(
+    pb.NodeAffinity,
+    required=st.lists(TERMS, max_size=2),
+    preferred=st.lists(
+        st.builds(pb.PreferredTerm, weight=st.integers(min_value=-1, max_value=101), term=TERMS),
+        max_size=2,
+    ),
+)
+VALID_EXPRESSIONS = st.one_of(
+    st.builds(
+        pb.LabelExpression,
+        key=st.sampled_from(["zone", "rack", "host"]),
+        operator=st.sampled_from(["In", "NotIn"]),
+        values=st.lists(st.sampled_from(["east", "r1", "hv1", "a b"]), min_size=1, max_size=3),
+    ),
+    st.builds(pb.LabelExpression, key=st.just("gpu"), operator=st.just("DoesNotExist")),
+    st.builds(
+        pb.LabelExpression, key=st.just("cpus"), operator=st.just("Lt"), values=st.just(["99"])
+    ),
+)
+VALID = {
+    "scope": st.just("acme"),
+    "name": st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True),
+    "labels": st.dictionaries(
+        st.sampled_from(["app", "hvplace.io/tier"]), st.sampled_from(["db", "a b"])
+    ),
+    "resources": st.builds(
+        pb.Resources,
+        vcpus=st.integers(1, 64),
+        memory_mib=st.integers(1, 4096),
+        disk_gib=st.integers(0, 100),
+    ),
+    "image": st.builds(
+        pb.Image,
+        kernel=st.sampled_from([KERNEL, "/boot/vmlinuz-6.1", "/a/.b/c+d@e=f~g"]),
+        initrd=st.sampled_from(["", "/boot/initrd.img"]),
+        cmdline=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200),
+    ),
+    "node_affinity": st.builds(
+        pb.NodeAffinity,
+        preferred=st.lists(
+            st.builds(
+                pb.PreferredTerm,
+                weight=st.integers(1, 100),
+                term=st.builds(
+                    pb.NodeSelectorTerm, match_expressions=st.lists(VALID_EXPRESSIONS, max_size=2)
+                ),
+            ),
+            max_size=2,
+        ),
+    ),
+    "ha_priority": st.sampled_from(["", "high", "off"]),
+    "description": st.text(max_size=300),
+}
+HOSTILE = {
+    "scope": NAMES,
+    "name": NAMES,
+    "labels": st.dictionaries(LABEL_KEYS, LABEL_VALUES, max_size=4),
+    "resources": st.builds(pb.Resources, vcpus=SIZES, memory_mib=SIZES, disk_gib=SIZES),
+    "image": st.builds(pb.Image, kernel=PATHS, initrd=PATHS, cmdline=HOSTILE_TEXT, disk=PATHS),
+    "node_affinity": AFFINITY,
+    "ha_priority": NAMES,
+    "description": st.one_of(HOSTILE_TEXT, st.text(max_size=1100)),
+}
+
+
+@st.composite
+def random_vms(draw: st.DrawFn) -> pb.VM:
+    """A sound VM with up to three fields replaced by random (mostly hostile) values."""
+    fields = {k: draw(v) for k, v in VALID.items()}
+    for k in draw(st.sets(st.sampled_from(sorted(HOSTILE)), max_size=3)):
+        fields[k] = draw(HOSTILE[k])
+    return pb.VM(**fields)
+
+
+async def _refused_or_defines(api: Api, conn: libvirt.virConnect, spec: pb.VM) -> str:
+    """One random create: `incorrect` with nothing written, or a VM whose stored record
+    renders to a domain libvirt's test driver defines. Returns which."""
+    before = revision(api.etcd)
+    try:
+        resp = await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[spec]))
+    except grpc.aio.AioRpcError as err:
+        details = err.details() or ""
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), details[:300])
+        assert details.startswith("incorrect: ") and len(details.encode()) <= 1500, details
+        assert revision(api.etcd) == before
+        return "refused"
+    created = resp.vms[0]
+    scope, name = created.spec.scope, created.spec.name
+    try:
+        stored = models.loads(
+            models.VM, api.etcd.etcdctl("get", "--print-value-only", keyspace.vm(scope, name))
+        )
+        assignment = models.Assignment(vm=stored, host="hv1", epoch=1)
+        if created.status.host:
+            raw = api.etcd.etcdctl(
+                "get", "--print-value-only", keyspace.assignment(created.status.host, scope, name)
+            )
+            assignment = models.loads(models.Assignment, raw)
+        xml = domain_xml.render(assignment, domain_type="test", serial_log="/tmp/hvplace-prop.log")
+        conn.defineXML(xml).undefine()
+    finally:
+        await api.vm.DeleteVM(pb.DeleteVMRequest(scope=scope, name=name))
+    return "defined"
+
+
+def test_random_requests_are_refused_or_define_in_libvirt(etcd: EtcdServer) -> None:
+    """Random strings and sizes through the real API: each request is refused as
+    `incorrect` with etcd's revision unchanged, or its VM's domain XML defines."""
+    loop = asyncio.new_event_loop()
+    conn = libvirt.open("test:///default")
+    context = running_api(etcd)
+    api = loop.run_until_complete(context.__aenter__())
+    outcomes: Counter[str] = Counter()
+    try:
+        loop.run_until_complete(api.add_host("hv1"))
+
+        @settings(
+            max_examples=150,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(spec=random_vms())
+        def one(spec: pb.VM) -> None:
+            outcomes[loop.run_until_complete(_refused_or_defines(api, conn, spec))] += 1
+
+        one()
+    finally:
+        loop.run_until_complete(context.__aexit__(None, None, None))
+        loop.close()
+        conn.close()
+    # The generator reaches both sides (it leans to hostile input).
+    assert outcomes["refused"] > 0 and outcomes["defined"] > 0, outcomes
