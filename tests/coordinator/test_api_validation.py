@@ -90,6 +90,11 @@ BAD_VMS = [
     ("huge path", vm(image=pb.Image(kernel="/" + "a" * 5000)), ("kernel",)),
     ("initrd without kernel", vm(image=pb.Image(initrd="/boot/initrd")), ("initrd",)),
     ("no image", vm(image=pb.Image()), ("image",)),
+    (
+        "9 KB of labels",
+        vm(labels={f"hvplace.io/{'k' * 50}{i:02d}": "v" * 63 for i in range(64)}),
+        ("bytes as stored",),
+    ),
     ("label key with newline", vm(labels={"app\n": "db"}), ("label key",)),
     ("label value with newline", vm(labels={"app": "db\n"}), ("label", "value")),
     ("20 KB label value", vm(labels={"app": "x" * 20_000}), ("label", "value", "...")),
