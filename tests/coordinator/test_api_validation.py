@@ -371,3 +371,15 @@ def test_random_requests_are_refused_or_define_in_libvirt(etcd: EtcdServer) -> N
         conn.close()
     # The generator reaches both sides (it leans to hostile input).
     assert outcomes["refused"] > 0 and outcomes["defined"] > 0, outcomes
+
+
+def test_any_error_message_is_capped_for_the_wire() -> None:
+    """The last bound, for messages no validator wrote (an unexpected error's text)."""
+    from hvplace.coordinator.errors_grpc import MAX_MESSAGE_BYTES, unexpected, wire_message
+
+    assert wire_message("short") == "short"
+    for text in ("é" * 5000, "x" * 5000, "\U0001f680" * 5000):
+        cut = wire_message(text)
+        assert len(cut.encode()) <= MAX_MESSAGE_BYTES and cut.endswith("...")
+        assert text.startswith(cut[:-3])
+    assert len(wire_message(str(unexpected(ValueError("v" * 100_000)))).encode()) <= 1500
