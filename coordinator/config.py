@@ -54,6 +54,8 @@ class CoordinatorConfig:
     default_image_initrd: str = ""
     default_image_cmdline: str = ""
     default_image_disk: str = ""
+    image_roots: str = ""
+    """Comma-separated directories every image path must lie under (ClusterConfig)."""
     log_level: str = "INFO"
     leader_self_checks: bool = True
     """Step down as soon as the own clock or etcd says the session lease is gone. Off,
@@ -76,6 +78,7 @@ class CoordinatorConfig:
             admission_failures=self.admission_failures,
             admission_topology=self.admission_topology,
             default_image=image if image != Image() else None,
+            image_roots=tuple(r.strip() for r in self.image_roots.split(",") if r.strip()),
         )
 
 
@@ -92,6 +95,7 @@ _CLUSTER_KEYS = {
     "default_image_initrd",
     "default_image_cmdline",
     "default_image_disk",
+    "image_roots",
 }
 
 

@@ -374,7 +374,8 @@ class Operations:
     @staticmethod
     def _with_images(vms: Sequence[VM], config: ClusterConfig) -> list[VM]:
         """Each VM with its image, or the cluster's default image; without either the
-        request is refused, as the VM could boot nowhere."""
+        request is refused, as the VM could boot nowhere. Paths outside the cluster's
+        image roots (when it has any) are refused."""
         out = []
         for vm in vms:
             if not models.has_image(vm.image):
@@ -384,6 +385,7 @@ class Operations:
                         " has no default image; give one"
                     )
                 vm = dataclasses.replace(vm, image=config.default_image)
+            models.check_image_roots(vm.image, config.image_roots, f"VM {vm.key}")
             out.append(vm)
         return out
 

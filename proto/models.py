@@ -31,6 +31,7 @@ from hvplace.proto.names import (
     check_selector_value,
     check_text,
     clip,
+    is_under,
     quote,
 )
 
@@ -51,6 +52,7 @@ MAX_EXPRESSIONS = 16
 """Expressions in one selector or node affinity term."""
 MAX_EXPRESSION_VALUES = 64
 """Values of one In / NotIn expression."""
+MAX_IMAGE_ROOTS = 16
 MAX_VM_BYTES = 8192
 """A VM spec as stored (compact JSON); a typical one is 300-500 bytes."""
 
@@ -479,6 +481,9 @@ class ClusterConfig:
     admission_topology: str = TOPOLOGY_HOST
     default_image: Image | None = None
     """The image a VM created without one boots from; without it such a VM is refused."""
+    image_roots: tuple[str, ...] = ()
+    """When set, every image path must lie under one of these directories (the image
+    store); unset, any plain absolute path outside the system trees is taken."""
 
 
 def fence_after_for(lease_ttl_s: float, failover_delay_s: float = 0.5) -> float:
@@ -554,6 +559,19 @@ def validate_image(image: Image, what: str) -> Image:
     check_cmdline(image.cmdline, f"{what} image cmdline")
     if image.initrd and not image.kernel:
         raise InvalidInput(f"{what} image has an initrd but no kernel")
+    return image
+
+
+def check_image_roots(image: Image, roots: tuple[str, ...], what: str) -> Image:
+    """With `roots`, each path of the image lies under one of them."""
+    if roots:
+        for field_name in ("kernel", "initrd", "disk"):
+            path = getattr(image, field_name)
+            if path and not any(is_under(path, r) for r in roots):
+                raise InvalidInput(
+                    f"{what} image {field_name} {quote(path)} is outside the cluster's image"
+                    f" roots ({quote(', '.join(roots))})"
+                )
     return image
 
 
@@ -715,10 +733,15 @@ def validate_cluster_config(cfg: ClusterConfig, clock_margin_s: float = 0.5) -> 
     check_int(cfg.admission_failures, "admission_failures", 1, 16)
     if cfg.admission_topology != TOPOLOGY_HOST:
         check_label_key(cfg.admission_topology, "admission_topology")
+    if len(cfg.image_roots) > MAX_IMAGE_ROOTS:
+        raise InvalidInput(f"{len(cfg.image_roots)} image_roots; at most {MAX_IMAGE_ROOTS}")
+    for root in cfg.image_roots:
+        check_path(root, "image root")
     if cfg.default_image is not None:
         validate_image(cfg.default_image, "cluster default")
         if not has_image(cfg.default_image):
             raise InvalidInput("the cluster default image names neither a kernel nor a disk")
+        check_image_roots(cfg.default_image, cfg.image_roots, "cluster default")
     return cfg
 
 

@@ -30,6 +30,9 @@ _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._ -]{0,61}[A-Za-z0-9])?)?")
 # Absolute paths of plain segments: no '.', '..' or empty segment, nothing a shell, QEMU
 # option parser or XML would read specially.
 _PATH = re.compile(r"(/(?!\.\.?(?:/|$))[A-Za-z0-9._+@=~-]+)+")
+# Trees no image may come from: devices (a host disk as an overlay's backing file would
+# hand it to the guest), kernel interfaces, runtime state and configuration.
+DENIED_PATH_ROOTS = ("/dev", "/proc", "/sys", "/run", "/var/run", "/etc")
 _NUMBER = re.compile(r"-?[0-9]{1,18}")
 # XML 1.0 refuses C0 controls but tab, LF and CR, and U+FFFE/U+FFFF (libvirt: "PCDATA
 # invalid Char value"); C1 controls and surrogates are refused too.
@@ -170,10 +173,19 @@ def check_cmdline(value: str, what: str) -> str:
     return value
 
 
+def is_under(path: str, root: str) -> bool:
+    """`path` is `root` or inside it (both plain absolute paths)."""
+    root = root.rstrip("/")
+    return path == root or path.startswith(root + "/")
+
+
 def check_path(value: str, what: str) -> str:
     """An absolute file path of plain segments (letters, digits, '.', '_', '-', '+', '@',
     '=', '~'; no '.', '..' or empty segment), at most MAX_PATH characters."""
     if isinstance(value, str) and len(value) <= MAX_PATH and _PATH.fullmatch(value):
+        root = next((r for r in DENIED_PATH_ROOTS if is_under(value, r)), None)
+        if root is not None:
+            raise InvalidInput(f"{what} {quote(value)} is under {root}, where no image may be")
         return value
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")

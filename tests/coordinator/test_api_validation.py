@@ -87,6 +87,8 @@ BAD_VMS = [
     ("NUL in kernel path", vm(image=pb.Image(kernel="/boot/vm\x00linuz")), ("kernel",)),
     ("'..' in kernel path", vm(image=pb.Image(kernel="/var/../etc/shadow")), ("kernel",)),
     ("relative disk path", vm(image=pb.Image(disk="images/base.qcow2")), ("disk",)),
+    ("host disk as base image", vm(image=pb.Image(disk="/dev/sda")), ("disk", "/dev")),
+    ("/etc/shadow as kernel", vm(image=pb.Image(kernel="/etc/shadow")), ("kernel", "/etc")),
     ("huge path", vm(image=pb.Image(kernel="/" + "a" * 5000)), ("kernel",)),
     ("initrd without kernel", vm(image=pb.Image(initrd="/boot/initrd")), ("initrd",)),
     ("no image", vm(image=pb.Image()), ("image",)),
@@ -201,6 +203,22 @@ async def test_vm_without_image_gets_the_cluster_default(api: Api) -> None:
     assert resp.vms[1].spec.image == pb.Image(kernel=KERNEL)
     stored = json.loads(api.etcd.etcdctl("get", "--print-value-only", keyspace.vm("acme", "plain")))
     assert stored["image"]["kernel"] == KERNEL and stored["image"]["cmdline"] == "quiet"
+
+
+async def test_image_roots_confine_image_paths(api: Api) -> None:
+    roots = ("/var/lib/hvplace/images", "/var/cache/hvplace/guest")
+    config = ClusterConfig(default_image=Image(kernel=KERNEL), image_roots=roots)
+    await api.client.put(keyspace.CONFIG.encode(), models.dumps(config))
+    await api.backend.fresh_view()
+    for image in (pb.Image(kernel="/boot/vmlinuz"), pb.Image(disk="/var/lib/hvplace/imagesX/b")):
+        await refused(
+            api, api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("out", image=image)])), "roots"
+        )
+    inside = pb.Image(disk="/var/lib/hvplace/images/base.qcow2")
+    resp = await api.vm.CreateVMs(
+        pb.CreateVMsRequest(vms=[vm("in", image=inside), vm("plain", image=pb.Image())])
+    )
+    assert [v.spec.image for v in resp.vms] == [inside, pb.Image(kernel=KERNEL)]
 
 
 # --------------------------------------------------------------------------- property

@@ -40,6 +40,10 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
     f.write_text('[cluster]\ndefault_image_kernel = "/boot/vmlinuz"\n')
     cfg = config.load(f, env={"HVPLACE_DEFAULT_IMAGE_CMDLINE": "console=ttyS0"})
     assert cfg.cluster().default_image == Image(kernel="/boot/vmlinuz", cmdline="console=ttyS0")
+    cfg = config.load(f, env={"HVPLACE_IMAGE_ROOTS": "/boot, /srv/images"})
+    assert cfg.cluster().image_roots == ("/boot", "/srv/images")
+    with pytest.raises(InvalidInput, match="outside the cluster's image roots"):
+        config.load(f, env={"HVPLACE_IMAGE_ROOTS": "/srv/images"})
 
 
 @pytest.mark.parametrize(

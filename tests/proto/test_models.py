@@ -332,6 +332,17 @@ def test_cluster_default_image_round_trips_and_is_validated() -> None:
     ):
         with pytest.raises(InvalidInput, match=words):
             models.validate_cluster_config(ClusterConfig(default_image=bad))
+    outside = ClusterConfig(default_image=Image(kernel="/boot/k"), image_roots=("/srv/images",))
+    with pytest.raises(InvalidInput, match="outside the cluster's image roots"):
+        models.validate_cluster_config(outside)
+    with pytest.raises(InvalidInput, match="image root"):
+        models.validate_cluster_config(ClusterConfig(image_roots=("srv",)))
+    inside = ClusterConfig(
+        default_image=Image(kernel="/srv/images/k"), image_roots=("/srv/images",)
+    )
+    assert (
+        models.loads(ClusterConfig, models.dumps(models.validate_cluster_config(inside))) == inside
+    )
     with pytest.raises(InvalidInput, match="admission_topology"):
         models.validate_cluster_config(ClusterConfig(admission_topology="rack\n"))
 

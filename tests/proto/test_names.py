@@ -46,6 +46,8 @@ ACCEPTED = [
     ("path", "/var/cache/hvplace/guest/vmlinuz"),
     ("path", "/a/.hidden/k+1@x=y~z-v_1.2"),
     ("path", "/" + "p" * 1023),
+    ("path", "/devices/x"),
+    ("path", "/var/lib/etc/x"),
 ]
 
 REFUSED = [
@@ -101,6 +103,12 @@ REFUSED = [
     ("path", "/boot/vm linuz", "plain absolute path"),
     ("path", "/boot/vm,linuz", "plain absolute path"),
     ("path", "/" + "p" * 1024, "at most 1024"),
+    ("path", "/dev/sda", "under /dev"),
+    ("path", "/etc/shadow", "under /etc"),
+    ("path", "/proc/self/mem", "under /proc"),
+    ("path", "/sys/firmware/x", "under /sys"),
+    ("path", "/var/run/libvirt/x", "under /var/run"),
+    ("path", "/dev", "under /dev"),
 ]
 
 
