@@ -401,3 +401,27 @@ def test_any_error_message_is_capped_for_the_wire() -> None:
         assert len(cut.encode()) <= MAX_MESSAGE_BYTES and cut.endswith("...")
         assert text.startswith(cut[:-3])
     assert len(wire_message(str(unexpected(ValueError("v" * 100_000)))).encode()) <= 1500
+
+
+async def test_undecodable_request_is_incorrect(api: Api) -> None:
+    """Bytes that are no valid message (bad UTF-8 in a string, a truncated field) are
+    refused as `incorrect` like any other malformed input, not UNKNOWN."""
+    good = pb.CreateVMsRequest(vms=[vm("ZZZZ")]).SerializeToString()
+    create = api.channel.unary_unary(
+        "/hvplace.v1.VMService/CreateVMs",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    for raw in (good.replace(b"ZZZZ", b"\xff\xfe\xfd\xfc"), good[:-3]):
+        await refused(api, create(raw), "malformed")
+    watch = api.channel.unary_stream(
+        "/hvplace.v1.ClusterService/WatchEvents",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+
+    async def events() -> None:
+        async for _ in watch(b"\x0a\x02\xff\xfe"):  # `kinds`, two bytes of bad UTF-8
+            pass
+
+    await refused(api, events(), "malformed")
