@@ -503,6 +503,8 @@ class Operations:
     async def list_vms(self, scope: str = "", host: str = "", phase: str = "") -> list[VMView]:
         if scope:
             check_name(scope, "scope")
+        if host:
+            check_name(host, "host name")
         if phase and phase not in {p.value for p in Phase}:
             raise InvalidInput(
                 f"phase {quote(phase)} is not one of {', '.join(p.value for p in Phase)}"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import libvirt
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from support.etcd import EtcdServer
 
 KERNEL = "/var/cache/hvplace/guest/vmlinuz"
+T = TypeVar("T")
 # The longest reason a refusal may carry: the message quotes at most ~100 characters
 # of any input, so it always fits gRPC's metadata (8 KiB soft limit).
 MAX_DETAILS = 2048
@@ -362,11 +364,14 @@ async def _refused_or_defines(api: Api, conn: libvirt.virConnect, spec: pb.VM) -
     return "defined"
 
 
-def test_random_requests_are_refused_or_define_in_libvirt(etcd: EtcdServer) -> None:
-    """Random strings and sizes through the real API: each request is refused as
-    `incorrect` with etcd's revision unchanged, or its VM's domain XML defines."""
+def run_property(
+    etcd: EtcdServer,
+    strategy: st.SearchStrategy[T],
+    check: Callable[[Api, T], Awaitable[str]],
+    examples: int,
+) -> Counter[str]:
+    """`check` on each example, on one event loop and one API (hypothesis runs sync)."""
     loop = asyncio.new_event_loop()
-    conn = libvirt.open("test:///default")
     context = running_api(etcd)
     api = loop.run_until_complete(context.__aenter__())
     outcomes: Counter[str] = Counter()
@@ -374,21 +379,104 @@ def test_random_requests_are_refused_or_define_in_libvirt(etcd: EtcdServer) -> N
         loop.run_until_complete(api.add_host("hv1"))
 
         @settings(
-            max_examples=150,
+            max_examples=examples,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
-        @given(spec=random_vms())
-        def one(spec: pb.VM) -> None:
-            outcomes[loop.run_until_complete(_refused_or_defines(api, conn, spec))] += 1
+        @given(example=strategy)
+        def one(example: T) -> None:
+            outcomes[loop.run_until_complete(check(api, example))] += 1
 
         one()
     finally:
         loop.run_until_complete(context.__aexit__(None, None, None))
         loop.close()
+    return outcomes
+
+
+def test_random_requests_are_refused_or_define_in_libvirt(etcd: EtcdServer) -> None:
+    """Random strings and sizes through the real API: each request is refused as
+    `incorrect` with etcd's revision unchanged, or its VM's domain XML defines."""
+    conn = libvirt.open("test:///default")
+    try:
+        outcomes = run_property(
+            etcd, random_vms(), lambda api, spec: _refused_or_defines(api, conn, spec), 150
+        )
+    finally:
         conn.close()
-    # The generator reaches both sides (it leans to hostile input).
+    # The generator reaches both sides.
     assert outcomes["refused"] > 0 and outcomes["defined"] > 0, outcomes
+
+
+VALID_SELECTORS = st.builds(
+    pb.LabelSelector,
+    match_labels=st.dictionaries(st.sampled_from(["app", "x.io/tier"]), st.sampled_from(["db"])),
+    match_expressions=st.lists(VALID_EXPRESSIONS, max_size=2),
+)
+VALID_RULE = {
+    "scope": st.just("acme"),
+    "name": st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True),
+    "kind": st.just("anti_affinity"),
+    "members": st.lists(
+        st.from_regex(r"m[0-9]{1,3}", fullmatch=True), min_size=2, max_size=5, unique=True
+    ),
+    "selector": VALID_SELECTORS,
+    "topology_key": st.sampled_from(["", "host", "rack", "topology.hvplace.io/zone"]),
+    "max_per_domain": st.integers(1, 5),
+    "description": st.text(max_size=200),
+}
+HOSTILE_RULE = {
+    "scope": NAMES,
+    "name": NAMES,
+    "kind": NAMES,
+    "enforcement": NAMES,
+    "weight": SIZES.map(lambda n: max(-(2**31), min(n, 2**31 - 1))),
+    "members": st.lists(NAMES, max_size=4),
+    "selector": st.builds(
+        pb.LabelSelector,
+        match_labels=st.dictionaries(LABEL_KEYS, LABEL_VALUES, max_size=3),
+        match_expressions=st.lists(EXPRESSIONS, max_size=3),
+    ),
+    "topology_key": LABEL_KEYS,
+    "max_per_domain": SIZES.map(lambda n: max(-(2**31), min(n, 2**31 - 1))),
+    "on_failure": NAMES,
+    "description": st.one_of(HOSTILE_TEXT, st.text(max_size=1100)),
+}
+
+
+@st.composite
+def random_rules(draw: st.DrawFn) -> pb.Rule:
+    fields = {k: draw(v) for k, v in VALID_RULE.items()}
+    for k in draw(st.sets(st.sampled_from(sorted(HOSTILE_RULE)), max_size=3)):
+        fields[k] = draw(HOSTILE_RULE[k])
+    return pb.Rule(**fields)
+
+
+async def _refused_or_stored(api: Api, rule: pb.Rule) -> str:
+    """One random rule: `incorrect` with nothing written, or stored as given."""
+    before = revision(api.etcd)
+    try:
+        resp = await api.rule.CreateRule(pb.CreateRuleRequest(rule=rule))
+    except grpc.aio.AioRpcError as err:
+        details = err.details() or ""
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), details[:300])
+        assert details.startswith("incorrect: ") and len(details.encode()) <= 1500, details
+        assert revision(api.etcd) == before
+        return "refused"
+    stored = resp.rule.rule
+    try:
+        assert (stored.name, list(stored.members)) == (rule.name, list(rule.members))
+        assert stored.description == rule.description
+    finally:
+        await api.rule.DeleteRule(
+            pb.DeleteRuleRequest(scope=stored.scope, name=stored.name, force=True)
+        )
+    return "stored"
+
+
+def test_random_rules_are_refused_or_stored(etcd: EtcdServer) -> None:
+    outcomes = run_property(etcd, random_rules(), _refused_or_stored, 100)
+    assert outcomes["refused"] > 0 and outcomes["stored"] > 0, outcomes
 
 
 def test_any_error_message_is_capped_for_the_wire() -> None:
