@@ -9,7 +9,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from hvplace.proto.models import Assignment
+from hvplace.proto.models import Assignment, validate_vm
 
 NAMESPACE = "https://hvplace.dev/xmlns/domain/1"
 PREFIX = "hvplace"
@@ -68,10 +68,13 @@ def render(
     disk_path: str = "",
 ) -> str:
     """The domain XML: direct kernel boot when the image has a kernel, else boot from the
-    qcow2 overlay at `disk_path`; serial console to a file; no network, no graphics."""
+    qcow2 overlay at `disk_path`; serial console to a file; no network, no graphics.
+    Raises InvalidInput for a VM that validation refuses."""
     if domain_type not in DOMAIN_TYPES:
         raise ValueError(f"domain type {domain_type!r} is not one of {DOMAIN_TYPES}")
-    vm = assignment.vm
+    # The API's own validator, again: a record that reached etcd another way must not
+    # become XML libvirt refuses (NUL, control characters) or a path it should not open.
+    vm = validate_vm(assignment.vm)
     ET.register_namespace(PREFIX, NAMESPACE)
     dom = ET.Element("domain", {"type": domain_type})
     ET.SubElement(dom, "name").text = domain_name(vm.scope, vm.name)

@@ -35,7 +35,12 @@ TXN_OPS = 120
 
 
 def vm(name: str) -> pb.VM:
-    return pb.VM(scope="bench", name=name, resources=pb.Resources(vcpus=1, memory_mib=256))
+    return pb.VM(
+        scope="bench",
+        name=name,
+        resources=pb.Resources(vcpus=1, memory_mib=256),
+        image=pb.Image(kernel="/boot/vmlinuz"),
+    )
 
 
 async def raw_puts(client: aetcd.Client, count: int) -> float:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from hvplace.coordinator.auth import Authenticator, AuthInterceptor, Role, ServerTLS
@@ -19,7 +20,8 @@ from hvplace.coordinator.errors_grpc import rich_status, unexpected
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
 from hvplace.proto import models
-from hvplace.proto.errors import HvplaceError
+from hvplace.proto.errors import HvplaceError, InvalidInput
+from hvplace.proto.names import clip
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 
@@ -228,6 +230,59 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         return await _guard(context, run())
 
 
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """What the request deserializer yields for bytes that are no valid message."""
+
+    error: str
+
+
+# grpc-stubs make the interceptor generic; the runtime class is not subscriptable.
+class _MalformedIsIncorrect(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Bytes that do not decode (bad UTF-8 in a string, a truncated field) are refused as
+    `incorrect` like any malformed input; gRPC alone would answer UNKNOWN."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def safe_decode(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except DecodeError as e:
+                return _Malformed(str(e))
+
+        def refusal(request: _Malformed) -> grpc.Status:
+            return rich_status(InvalidInput(f"malformed request: {clip(request.error)}"))
+
+        if handler.unary_unary is not None:
+            call = handler.unary_unary
+
+            async def unary(request: Any, context: Ctx) -> Any:
+                if isinstance(request, _Malformed):
+                    await context.abort_with_status(refusal(request))  # type: ignore[attr-defined]
+                return await call(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, safe_decode, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def streaming(request: Any, context: Ctx) -> AsyncIterator[Any]:
+                if isinstance(request, _Malformed):
+                    await context.abort_with_status(refusal(request))  # type: ignore[attr-defined]
+                async for item in stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, safe_decode, handler.response_serializer
+            )
+        return handler
+
+
 @dataclass
 class ApiServer:
     """A running gRPC server; `port` is the bound port (useful with port 0)."""
@@ -268,6 +323,7 @@ async def start_api_server(
     API logic only; the daemon always passes one). `rpc_metrics` goes first, so that the
     calls `auth` refuses are counted too."""
     interceptors: list[Any] = [rpc_metrics] if rpc_metrics is not None else []
+    interceptors.append(_MalformedIsIncorrect())
     if auth is not None:
         interceptors.append(AuthInterceptor(auth))
     server = grpc.aio.server(interceptors=interceptors)

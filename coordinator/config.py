@@ -17,6 +17,7 @@ from hvplace.proto.models import (
     FENCE_GRACE_S,
     AdmissionPolicy,
     ClusterConfig,
+    Image,
     validate_cluster_config,
 )
 from hvplace.proto.names import check_name
@@ -59,6 +60,14 @@ class CoordinatorConfig:
     anonymous_role: str = ""
     """The role of callers without credentials: '' refuses them (the default); a closed
     lab may say admin. Health and reflection never need credentials."""
+    default_image_kernel: str = ""
+    """With default_image_initrd/_cmdline/_disk: the image a VM created without one boots
+    from (ClusterConfig.default_image); unset, such a VM is refused."""
+    default_image_initrd: str = ""
+    default_image_cmdline: str = ""
+    default_image_disk: str = ""
+    image_roots: str = ""
+    """Comma-separated directories every image path must lie under (ClusterConfig)."""
     log_level: str = "INFO"
     leader_self_checks: bool = True
     """Step down as soon as the own clock or etcd says the session lease is gone. Off,
@@ -67,6 +76,12 @@ class CoordinatorConfig:
     alone keeps a frozen-and-woken leader from writing."""
 
     def cluster(self) -> ClusterConfig:
+        image = Image(
+            kernel=self.default_image_kernel,
+            initrd=self.default_image_initrd,
+            cmdline=self.default_image_cmdline,
+            disk=self.default_image_disk,
+        )
         return ClusterConfig(
             lease_ttl_s=self.lease_ttl_s,
             fence_after_s=self.fence_after_s,
@@ -74,6 +89,8 @@ class CoordinatorConfig:
             admission_policy=AdmissionPolicy(self.admission_policy),
             admission_failures=self.admission_failures,
             admission_topology=self.admission_topology,
+            default_image=image if image != Image() else None,
+            image_roots=tuple(r.strip() for r in self.image_roots.split(",") if r.strip()),
         )
 
 
@@ -86,6 +103,11 @@ _CLUSTER_KEYS = {
     "admission_policy",
     "admission_failures",
     "admission_topology",
+    "default_image_kernel",
+    "default_image_initrd",
+    "default_image_cmdline",
+    "default_image_disk",
+    "image_roots",
 }
 
 

@@ -15,6 +15,10 @@ from hvplace.proto.errors import HvplaceError, Reason
 
 DOMAIN = "hvplace"
 NOT_LEADER = "not_leader"
+MAX_MESSAGE_BYTES = 1500
+"""UTF-8 bytes of an error message sent to a client. It travels twice in the trailers
+(percent-encoded, and base64 in the status details): at most ~6.5 KiB, inside gRPC's
+8 KiB soft limit for metadata."""
 
 STATUS_OF_REASON: Mapping[Reason, grpc.StatusCode] = {
     Reason.INCORRECT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -71,9 +75,19 @@ def rich_status(err: HvplaceError, metadata: Mapping[str, str] | None = None) ->
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=str(err), details=[detail])
+    # A longer message would reach the client as RESOURCE_EXHAUSTED instead of the
+    # reason. Validators quote input briefly; this bound holds for every other message.
+    status = status_pb2.Status(code=code.value[0], message=wire_message(str(err)), details=[detail])
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+def wire_message(text: str) -> str:
+    """`text` cut to MAX_MESSAGE_BYTES of UTF-8, never inside a character."""
+    raw = text.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return text
+    return raw[: MAX_MESSAGE_BYTES - 3].decode(errors="ignore") + "..."
 
 
 def unexpected(exc: BaseException) -> HvplaceError:
@@ -126,9 +140,11 @@ def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
 
 __all__ = [
     "DOMAIN",
+    "MAX_MESSAGE_BYTES",
     "STATUS_OF_REASON",
     "error_from_rpc",
     "error_info",
     "rich_status",
     "unexpected",
+    "wire_message",
 ]

@@ -54,7 +54,7 @@ from hvplace.proto.models import (
     ScopePolicy,
     VMStatus,
 )
-from hvplace.proto.names import check_name
+from hvplace.proto.names import check_name, quote
 
 MAX_BATCH = 10_000
 """VMs per create request; larger batches are split by the client."""
@@ -372,6 +372,24 @@ class Operations:
             raise NotFound(f"VM {key} does not exist")
         return key
 
+    @staticmethod
+    def _with_images(vms: Sequence[VM], config: ClusterConfig) -> list[VM]:
+        """Each VM with its image, or the cluster's default image; without either the
+        request is refused, as the VM could boot nowhere. Paths outside the cluster's
+        image roots (when it has any) are refused."""
+        out = []
+        for vm in vms:
+            if not models.has_image(vm.image):
+                if config.default_image is None:
+                    raise InvalidInput(
+                        f"VM {vm.key} has no image (a kernel or a base disk) and the cluster"
+                        " has no default image; give one"
+                    )
+                vm = dataclasses.replace(vm, image=config.default_image)
+            models.check_image_roots(vm.image, config.image_roots, f"VM {vm.key}")
+            out.append(vm)
+        return out
+
     async def create_vms(self, request_id: str, vms: Sequence[VM], atomic: bool) -> CreateVMsResult:
         """Validate all, replay a retried request, check admission, place and commit in one
         fenced transaction (with the request record), or raise with the explanations."""
@@ -383,13 +401,15 @@ class Operations:
             check_name(request_id, "request id")
         for vm in vms:
             models.validate_vm(vm)
+        requested = vms
+        vms = self._with_images(vms, self.backend.view().config)
         keys = [vm.key for vm in vms]
         dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
         if dupes:
             raise InvalidInput(f"the request names {_join(dupes)} more than once")
         self._require_leader()
         fingerprint = _fingerprint(
-            "create_vms", {"atomic": atomic, "vms": [models.to_dict(vm) for vm in vms]}
+            "create_vms", {"atomic": atomic, "vms": [models.to_dict(vm) for vm in requested]}
         )
         if request_id and await self._replay(request_id, "create_vms", fingerprint):
             view = await self.backend.fresh_view()
@@ -408,6 +428,8 @@ class Operations:
             )
             for vm in vms
         ]
+        for vm in stamped:
+            models.check_vm_size(vm)
         # Admission runs on the planner's own placement of the batch, inside its commit
         # attempt: one placement per attempt, and the report matches what is committed.
         config = view.config
@@ -482,8 +504,12 @@ class Operations:
     async def list_vms(self, scope: str = "", host: str = "", phase: str = "") -> list[VMView]:
         if scope:
             check_name(scope, "scope")
+        if host:
+            check_name(host, "host name")
         if phase and phase not in {p.value for p in Phase}:
-            raise InvalidInput(f"phase {phase!r} is not one of {', '.join(p.value for p in Phase)}")
+            raise InvalidInput(
+                f"phase {quote(phase)} is not one of {', '.join(p.value for p in Phase)}"
+            )
         view = self.backend.view()
         out = []
         for key in sorted(view.vms):
@@ -834,7 +860,7 @@ class Operations:
         unknown = wanted - set(EVENT_KINDS.values())
         if unknown:
             raise InvalidInput(
-                f"event kind(s) {', '.join(sorted(unknown))} unknown; use"
+                f"event kind(s) {quote(', '.join(sorted(unknown)))} unknown; use"
                 f" {', '.join(sorted(set(EVENT_KINDS.values())))}"
             )
         async for change in self.backend.changes():

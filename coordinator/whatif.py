@@ -26,7 +26,7 @@ from hvplace.proto.models import (
     Rule,
     ScopePolicy,
 )
-from hvplace.proto.names import check_name
+from hvplace.proto.names import check_label_key, check_name, check_selector_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,8 @@ def failed_hosts(
     if topology_key or domain:
         if not (topology_key and domain):
             raise InvalidInput("a failed domain needs both a topology key and a value (rack=r1)")
+        check_label_key(topology_key, "failed domain's topology")
+        check_selector_value(domain, f"failed domain {topology_key}")
         members = sorted(
             h.name for h in snapshot.hosts.values() if h.topology(topology_key) == domain
         )

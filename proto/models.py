@@ -20,7 +20,20 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.names import check_int, check_label, check_name
+from hvplace.proto.names import (
+    check_cmdline,
+    check_int,
+    check_label,
+    check_label_key,
+    check_name,
+    check_number,
+    check_path,
+    check_selector_value,
+    check_text,
+    clip,
+    is_under,
+    quote,
+)
 
 TOPOLOGY_HOST = "host"
 """The topology key of a single host; any other key names a host label (rack, zone...)."""
@@ -33,6 +46,15 @@ MAX_LABELS = 64
 MAX_RULE_NAME = 40  # vCD limits a rule name to 40 characters (seeds/003).
 MAX_MEMBERS = 10_000
 MAX_DESCRIPTION = 1024
+MAX_TERMS = 8
+"""Required (OR-ed) and preferred node affinity terms, each."""
+MAX_EXPRESSIONS = 16
+"""Expressions in one selector or node affinity term."""
+MAX_EXPRESSION_VALUES = 64
+"""Values of one In / NotIn expression."""
+MAX_IMAGE_ROOTS = 16
+MAX_VM_BYTES = 8192
+"""A VM spec as stored (compact JSON); a typical one is 300-500 bytes."""
 
 
 class HostState(StrEnum):
@@ -457,6 +479,11 @@ class ClusterConfig:
     admission_policy: AdmissionPolicy = AdmissionPolicy.WARN
     admission_failures: int = 1
     admission_topology: str = TOPOLOGY_HOST
+    default_image: Image | None = None
+    """The image a VM created without one boots from; without it such a VM is refused."""
+    image_roots: tuple[str, ...] = ()
+    """When set, every image path must lie under one of these directories (the image
+    store); unset, any plain absolute path outside the system trees is taken."""
 
 
 def fence_after_for(lease_ttl_s: float, failover_delay_s: float = 0.5) -> float:
@@ -477,48 +504,134 @@ def _check_labels(labels: Mapping[str, str], what: str) -> None:
 
 
 def _check_expression(e: LabelExpression, what: str) -> None:
-    if not e.key:
-        raise InvalidInput(f"{what}: an expression has an empty key")
-    if e.operator in (Op.IN, Op.NOT_IN) and not e.values:
-        raise InvalidInput(f"{what}: `{e.key} {e.operator.value}` needs at least one value")
-    if e.operator in (Op.EXISTS, Op.DOES_NOT_EXIST) and e.values:
-        raise InvalidInput(f"{what}: `{e.key} {e.operator.value}` takes no values")
-    if e.operator in (Op.GT, Op.LT):
-        if len(e.values) != 1:
-            raise InvalidInput(f"{what}: `{e.key} {e.operator.value}` takes exactly one value")
-        try:
-            int(e.values[0])
-        except ValueError:
+    check_label_key(e.key, f"{what} expression")
+    about = f"{what}: `{e.key} {e.operator.value}`"
+    if e.operator in (Op.IN, Op.NOT_IN):
+        if not e.values:
+            raise InvalidInput(f"{about} needs at least one value")
+        if len(e.values) > MAX_EXPRESSION_VALUES:
             raise InvalidInput(
-                f"{what}: `{e.key} {e.operator.value}` needs an integer, got {e.values[0]!r}"
-            ) from None
+                f"{about} has {len(e.values)} values; at most {MAX_EXPRESSION_VALUES}"
+            )
+        for v in e.values:
+            check_selector_value(v, about)
+    elif e.operator in (Op.EXISTS, Op.DOES_NOT_EXIST):
+        if e.values:
+            raise InvalidInput(f"{about} takes no values")
+    else:
+        if len(e.values) != 1:
+            raise InvalidInput(f"{about} takes exactly one value, got {len(e.values)}")
+        check_number(e.values[0], about)
+
+
+def _check_expressions(exprs: tuple[LabelExpression, ...], what: str) -> None:
+    if len(exprs) > MAX_EXPRESSIONS:
+        raise InvalidInput(f"{what} has {len(exprs)} expressions; at most {MAX_EXPRESSIONS}")
+    for e in exprs:
+        _check_expression(e, what)
+
+
+def _check_selector(selector: LabelSelector, what: str) -> None:
+    _check_labels(selector.match_labels, what)
+    _check_expressions(selector.match_expressions, what)
+
+
+def _check_node_affinity(affinity: NodeAffinity, what: str) -> None:
+    for terms, kind in ((affinity.required, "required"), (affinity.preferred, "preferred")):
+        if len(terms) > MAX_TERMS:
+            raise InvalidInput(f"{what} has {len(terms)} {kind} terms; at most {MAX_TERMS}")
+    for term in affinity.required:
+        if not term.match_expressions:
+            raise InvalidInput(f"{what}: a required node affinity term is empty")
+        _check_expressions(term.match_expressions, f"{what} node affinity")
+    for p in affinity.preferred:
+        check_int(p.weight, f"{what} preferred node affinity weight", 1, 100)
+        _check_expressions(p.term.match_expressions, f"{what} node affinity")
+
+
+def validate_image(image: Image, what: str) -> Image:
+    """Paths absolute and plain, the command line printable ASCII, all bounded; an initrd
+    only with a kernel. Whether an image is given at all is the caller's rule."""
+    for field_name in ("kernel", "initrd", "disk"):
+        path = getattr(image, field_name)
+        if path:
+            check_path(path, f"{what} image {field_name}")
+    check_cmdline(image.cmdline, f"{what} image cmdline")
+    if image.initrd and not image.kernel:
+        raise InvalidInput(f"{what} image has an initrd but no kernel")
+    return image
+
+
+def check_image_roots(image: Image, roots: tuple[str, ...], what: str) -> Image:
+    """With `roots`, each path of the image lies under one of them."""
+    if roots:
+        for field_name in ("kernel", "initrd", "disk"):
+            path = getattr(image, field_name)
+            if path and not any(is_under(path, r) for r in roots):
+                raise InvalidInput(
+                    f"{what} image {field_name} {quote(path)} is outside the cluster's image"
+                    f" roots ({quote(', '.join(roots))})"
+                )
+    return image
+
+
+def has_image(image: Image) -> bool:
+    """A VM boots from a kernel or a base disk; an image with neither is no image."""
+    return bool(image.kernel or image.disk)
 
 
 def validate_vm(vm: VM) -> VM:
-    """Raise InvalidInput naming the first problem; return the VM unchanged if sound."""
+    """Raise InvalidInput naming the first problem; return the VM unchanged if sound.
+
+    Every text that reaches libvirt XML is checked here (the agent runs the same check
+    before it renders a domain), so XML 1.0 can carry it and libvirt accepts it."""
     check_name(vm.scope, "scope")
     check_name(vm.name, "VM name")
+    what = f"VM {vm.name!r}"
     if vm.uid:
-        check_name(vm.uid, "VM uid")
-    _check_labels(vm.labels, f"VM {vm.name!r}")
+        check_name(vm.uid, f"{what} uid")
+    if vm.request_id:
+        check_name(vm.request_id, f"{what} request id")
+    _check_labels(vm.labels, what)
     r = vm.resources
-    check_int(r.vcpus, f"VM {vm.name!r} vcpus", 1, MAX_VCPUS)
-    check_int(r.memory_mib, f"VM {vm.name!r} memory_mib", 1, MAX_MEMORY_MIB)
-    check_int(r.disk_gib, f"VM {vm.name!r} disk_gib", 0, MAX_DISK_GIB)
-    if len(vm.description) > MAX_DESCRIPTION:
-        raise InvalidInput(f"VM {vm.name!r} description is over {MAX_DESCRIPTION} characters")
-    for term in vm.node_affinity.required:
-        if not term.match_expressions:
-            raise InvalidInput(f"VM {vm.name!r}: a required node affinity term is empty")
+    check_int(r.vcpus, f"{what} vcpus", 1, MAX_VCPUS)
+    check_int(r.memory_mib, f"{what} memory_mib", 1, MAX_MEMORY_MIB)
+    check_int(r.disk_gib, f"{what} disk_gib", 0, MAX_DISK_GIB)
+    check_text(vm.description, f"{what} description", MAX_DESCRIPTION)
+    _check_node_affinity(vm.node_affinity, what)
+    validate_image(vm.image, what)
+    return vm
+
+
+def _size_bound(vm: VM) -> int:
+    """An upper bound of `len(dumps(vm))`: JSON escapes a character to at most 12 bytes
+    (a surrogate pair), and each label, term, expression and value adds bounded syntax."""
+    texts = [vm.scope, vm.name, vm.uid, vm.request_id, vm.description]
+    texts += [vm.image.kernel, vm.image.initrd, vm.image.cmdline, vm.image.disk]
+    texts += vm.labels.keys()
+    texts += vm.labels.values()
+    syntax = 400 + 6 * len(vm.labels)
+    terms = [*vm.node_affinity.required, *(p.term for p in vm.node_affinity.preferred)]
+    for term in terms:
+        syntax += 60
         for e in term.match_expressions:
-            _check_expression(e, f"VM {vm.name!r} node affinity")
-    for p in vm.node_affinity.preferred:
-        check_int(p.weight, f"VM {vm.name!r} preferred node affinity weight", 1, 100)
-        for e in p.term.match_expressions:
-            _check_expression(e, f"VM {vm.name!r} node affinity")
-    for path in (vm.image.kernel, vm.image.initrd, vm.image.disk):
-        if path and (not path.startswith("/") or "\x00" in path or "/../" in path + "/"):
-            raise InvalidInput(f"VM {vm.name!r}: image path {path!r} must be absolute, no '..'")
+            syntax += 60 + 3 * len(e.values)
+            texts.append(e.key)
+            texts += e.values
+    return syntax + 12 * sum(map(len, texts))
+
+
+def check_vm_size(vm: VM) -> VM:
+    """The stored spec stays small: it is written twice per VM (spec and assignment) and a
+    transaction carries up to 500 VMs within etcd's 16 MiB request limit."""
+    if _size_bound(vm) <= MAX_VM_BYTES:
+        return vm  # the common case, without encoding the record
+    size = len(dumps(vm))
+    if size > MAX_VM_BYTES:
+        raise InvalidInput(
+            f"VM {vm.name!r} spec is {size} bytes as stored; at most {MAX_VM_BYTES}: use fewer"
+            " or shorter labels, node affinity terms or values"
+        )
     return vm
 
 
@@ -530,44 +643,45 @@ def validate_rule(rule: Rule) -> Rule:
         raise InvalidInput(
             f"rule name {rule.name!r} is {len(rule.name)} characters; at most {MAX_RULE_NAME}"
         )
+    what = f"rule {rule.name!r}"
     if rule.enforcement is Enforcement.PREFERRED:
-        check_int(rule.weight, f"rule {rule.name!r} weight", 1, 100)
+        check_int(rule.weight, f"{what} weight", 1, 100)
     elif rule.weight:
-        raise InvalidInput(f"rule {rule.name!r}: weight applies only to preferred rules")
+        raise InvalidInput(f"{what}: weight applies only to preferred rules")
     if len(rule.members) > MAX_MEMBERS:
-        raise InvalidInput(f"rule {rule.name!r} has over {MAX_MEMBERS} members")
+        raise InvalidInput(f"{what} has {len(rule.members)} members; at most {MAX_MEMBERS}")
     for m in rule.members:
-        check_name(m, f"rule {rule.name!r} member")
+        check_name(m, f"{what} member")
     if len(set(rule.members)) != len(rule.members):
-        raise InvalidInput(f"rule {rule.name!r} names a member twice")
+        raise InvalidInput(f"{what} names a member twice")
+    if rule.selector is not None:
+        _check_selector(rule.selector, f"{what} selector")
     has_selector = rule.selector is not None and not rule.selector.is_empty()
     if not has_selector and len(rule.members) < 2:
         raise InvalidInput(
-            f"rule {rule.name!r} names {len(rule.members)} member(s); a rule needs at least"
+            f"{what} names {len(rule.members)} member(s); a rule needs at least"
             " two VMs or a label selector"
         )
-    if rule.selector is not None:
-        _check_labels(rule.selector.match_labels, f"rule {rule.name!r} selector")
-        for e in rule.selector.match_expressions:
-            _check_expression(e, f"rule {rule.name!r} selector")
     if rule.topology_key != TOPOLOGY_HOST:
-        check_label(rule.topology_key, "x", "topology")
-    check_int(rule.max_per_domain, f"rule {rule.name!r} max_per_domain", 1, MAX_MEMBERS)
-    check_int(rule.min_domains, f"rule {rule.name!r} min_domains", 0, MAX_MEMBERS)
+        check_label_key(rule.topology_key, f"{what} topology")
+    check_int(rule.max_per_domain, f"{what} max_per_domain", 1, MAX_MEMBERS)
+    check_int(rule.min_domains, f"{what} min_domains", 0, MAX_MEMBERS)
     if rule.kind is RuleKind.AFFINITY and (rule.max_per_domain != 1 or rule.min_domains):
-        raise InvalidInput(
-            f"rule {rule.name!r}: max_per_domain and min_domains apply to anti_affinity only"
-        )
-    if len(rule.description) > MAX_DESCRIPTION:
-        raise InvalidInput(f"rule {rule.name!r} description is over {MAX_DESCRIPTION} characters")
+        raise InvalidInput(f"{what}: max_per_domain and min_domains apply to anti_affinity only")
+    check_text(rule.description, f"{what} description", MAX_DESCRIPTION)
     return rule
 
 
 def validate_policy(policy: ScopePolicy) -> ScopePolicy:
     check_name(policy.scope, "scope")
-    check_int(policy.spread, f"scope {policy.scope!r} spread", 0, MAX_MEMBERS)
+    what = f"scope {policy.scope!r}"
+    check_int(policy.spread, f"{what} spread", 0, MAX_MEMBERS)
+    if len(policy.label_keys) > MAX_LABELS:
+        raise InvalidInput(
+            f"{what} policy names {len(policy.label_keys)} label keys; at most {MAX_LABELS}"
+        )
     for k in policy.label_keys:
-        check_label(k, "x", f"scope {policy.scope!r} label_keys")
+        check_label_key(k, f"{what} policy label")
     return policy
 
 
@@ -617,6 +731,17 @@ def validate_cluster_config(cfg: ClusterConfig, clock_margin_s: float = 0.5) -> 
             " lease_ttl_s; lower fence_after_s or raise lease_ttl_s"
         )
     check_int(cfg.admission_failures, "admission_failures", 1, 16)
+    if cfg.admission_topology != TOPOLOGY_HOST:
+        check_label_key(cfg.admission_topology, "admission_topology")
+    if len(cfg.image_roots) > MAX_IMAGE_ROOTS:
+        raise InvalidInput(f"{len(cfg.image_roots)} image_roots; at most {MAX_IMAGE_ROOTS}")
+    for root in cfg.image_roots:
+        check_path(root, "image root")
+    if cfg.default_image is not None:
+        validate_image(cfg.default_image, "cluster default")
+        if not has_image(cfg.default_image):
+            raise InvalidInput("the cluster default image names neither a kernel nor a disk")
+        check_image_roots(cfg.default_image, cfg.image_roots, "cluster default")
     return cfg
 
 
@@ -696,13 +821,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     known = {row[0] for row in plan}
     unknown = set(data) - known
     if unknown:
-        raise InvalidInput(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
+        named = quote(", ".join(sorted(map(str, unknown))))
+        raise InvalidInput(f"{cls.__name__}: unknown field(s) {named}")
     for name, _enc, dec, default in plan:
         if name in data:
             try:
                 kwargs[name] = dec(data[name])
             except (ValueError, TypeError, AttributeError) as e:
-                raise InvalidInput(f"{cls.__name__}.{name}: {e}") from None
+                raise InvalidInput(f"{cls.__name__}.{name}: {clip(str(e))}") from None
         elif default is dataclasses.MISSING:
             raise InvalidInput(f"{cls.__name__}: field {name!r} is required")
     return cls(**kwargs)
@@ -721,7 +847,7 @@ def loads(cls: type[T], raw: bytes | str) -> T:
     try:
         data = json.loads(raw)
     except ValueError as e:
-        raise InvalidInput(f"{cls.__name__}: not JSON: {e}") from None
+        raise InvalidInput(f"{cls.__name__}: not JSON: {clip(str(e))}") from None
     return from_dict(cls, data)
 
 

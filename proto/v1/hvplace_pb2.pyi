@@ -714,6 +714,8 @@ class ClusterConfig(_message.Message):
     ADMISSION_POLICY_FIELD_NUMBER: _builtins.int
     ADMISSION_FAILURES_FIELD_NUMBER: _builtins.int
     ADMISSION_TOPOLOGY_FIELD_NUMBER: _builtins.int
+    DEFAULT_IMAGE_FIELD_NUMBER: _builtins.int
+    IMAGE_ROOTS_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.float
     fence_after_s: _builtins.float
     failover_delay_s: _builtins.float
@@ -721,6 +723,14 @@ class ClusterConfig(_message.Message):
     """refuse | warn"""
     admission_failures: _builtins.int
     admission_topology: _builtins.str
+    @_builtins.property
+    def default_image(self) -> Global___Image:
+        """what a VM created without an image boots from"""
+
+    @_builtins.property
+    def image_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """when set, image paths must lie under one of these"""
+
     def __init__(
         self,
         *,
@@ -730,10 +740,12 @@ class ClusterConfig(_message.Message):
         admission_policy: _builtins.str = ...,
         admission_failures: _builtins.int = ...,
         admission_topology: _builtins.str = ...,
+        default_image: Global___Image | None = ...,
+        image_roots: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_image", b"default_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "default_image", b"default_image", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "image_roots", b"image_roots", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,6 +31,7 @@ def vm(name: str, scope: str = "acme", **labels: str) -> pb.VM:
         name=name,
         labels=labels,
         resources=pb.Resources(vcpus=1, memory_mib=512),
+        image=pb.Image(kernel="/var/cache/hvplace/guest/vmlinuz"),
     )
 
 

@@ -147,7 +147,14 @@ async def mtls(etcd: EtcdServer, pki: Path, tmp_path: Path) -> AsyncIterator[Sec
 def _vm(name: str) -> pb.CreateVMsRequest:
     return pb.CreateVMsRequest(
         request_id=f"r-{name}",
-        vms=[pb.VM(scope="acme", name=name, resources=pb.Resources(vcpus=1, memory_mib=256))],
+        vms=[
+            pb.VM(
+                scope="acme",
+                name=name,
+                resources=pb.Resources(vcpus=1, memory_mib=256),
+                image=pb.Image(kernel="/boot/vmlinuz"),
+            )
+        ],
     )
 
 
@@ -275,10 +282,24 @@ async def test_cli_with_ca_and_token_file(secured: Secured, tmp_path: Path) -> N
     assert rc == 0 and oct(token_file.stat().st_mode & 0o777) == "0o600"
     base = ["--endpoint", secured.address, "--ca", str(secured.pki / "ca.crt")]
     rc = await asyncio.to_thread(
-        cli.main, [*base, "--token-file", str(token_file), "vm", "create", "c-1", "--scope", "acme"]
+        cli.main,
+        [
+            *base,
+            "--token-file",
+            str(token_file),
+            "vm",
+            "create",
+            "c-1",
+            "--scope",
+            "acme",
+            "--kernel",
+            "/boot/vmlinuz",
+        ],
     )
     assert rc == 0 and secured.key_count() == 1
-    rc = await asyncio.to_thread(cli.main, [*base, "vm", "create", "c-2", "--scope", "acme"])
+    rc = await asyncio.to_thread(
+        cli.main, [*base, "vm", "create", "c-2", "--scope", "acme", "--kernel", "/boot/vmlinuz"]
+    )
     assert rc == cli.EXIT_ERROR and secured.key_count() == 1
 
 

@@ -72,7 +72,19 @@ async def test_cli_against_a_running_coordinator(
     api: Api, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, _ = await run(
-        capsys, api, "vm", "create", "--scope", "acme", "web", "--count", "2", "--label", "app=web"
+        capsys,
+        api,
+        "vm",
+        "create",
+        "--scope",
+        "acme",
+        "web",
+        "--count",
+        "2",
+        "--label",
+        "app=web",
+        "--kernel",
+        "/boot/vmlinuz",
     )
     assert code == 0 and "web-1" in out and "scheduled" in out
     assert out.splitlines()[0].split() == list(cli.VM_HEADERS)
@@ -110,7 +122,17 @@ async def test_cli_against_a_running_coordinator(
     assert code == 0 and "hosts feasible" in out
     # A VM no host can take is listed pending with its reason (0 feasible hosts).
     code, out, _ = await run(
-        capsys, api, "vm", "create", "--scope", "acme", "huge", "--memory", "900000"
+        capsys,
+        api,
+        "vm",
+        "create",
+        "--scope",
+        "acme",
+        "huge",
+        "--memory",
+        "900000",
+        "--kernel",
+        "/boot/vmlinuz",
     )
     assert code == 0
     code, out, _ = await run(capsys, api, "vm", "list", "--scope", "acme")

@@ -54,6 +54,7 @@ async def test_twenty_clients_one_anti_affinity_group(etcd: EtcdServer) -> None:
                                     name=name,
                                     labels={"app": "web"},
                                     resources=pb.Resources(vcpus=1, memory_mib=256),
+                                    image=pb.Image(kernel="/boot/vmlinuz"),
                                 )
                             ],
                         )

@@ -15,7 +15,7 @@ from hvplace.coordinator import config
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.store import Store
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import AdmissionPolicy
+from hvplace.proto.models import AdmissionPolicy, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer, free_port
@@ -37,6 +37,14 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
     cfg = config.load(f, env={}, overrides={"etcd_endpoints": "a:1,b:2", "session_ttl_s": 3.0})
     assert cfg.etcd_endpoints == ("a:1", "b:2") and cfg.session_ttl_s == 3.0
     assert "lease_ttl 10.0s" in config.budget_text(cfg.cluster())
+    assert cfg.cluster().default_image is None
+    f.write_text('[cluster]\ndefault_image_kernel = "/boot/vmlinuz"\n')
+    cfg = config.load(f, env={"HVPLACE_DEFAULT_IMAGE_CMDLINE": "console=ttyS0"})
+    assert cfg.cluster().default_image == Image(kernel="/boot/vmlinuz", cmdline="console=ttyS0")
+    cfg = config.load(f, env={"HVPLACE_IMAGE_ROOTS": "/boot, /srv/images"})
+    assert cfg.cluster().image_roots == ("/boot", "/srv/images")
+    with pytest.raises(InvalidInput, match="outside the cluster's image roots"):
+        config.load(f, env={"HVPLACE_IMAGE_ROOTS": "/srv/images"})
 
 
 @pytest.mark.parametrize(
@@ -52,6 +60,9 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
         ("node_name = 'Bad Name!'\n", {}, "node name"),
         ("", {"HVPLACE_LEADER_SELF_CHECKS": "maybe"}, "expected true or false"),
         ("leader_self_checks = 1\n", {}, "leader_self_checks: expected true or false"),
+        ("[cluster]\ndefault_image_kernel = 'vmlinuz'\n", {}, "must be absolute"),
+        ("", {"HVPLACE_DEFAULT_IMAGE_KERNEL": "/boot/../etc/shadow"}, "'..'"),
+        ("default_image_cmdline = 'quiet'\n", {}, "neither a kernel nor a disk"),
     ],
 )
 def test_config_errors_name_the_key(
@@ -97,6 +108,7 @@ async def test_coordinator_serves_the_api_and_places(
                                 scope="acme",
                                 name="a",
                                 resources=pb.Resources(vcpus=1, memory_mib=512),
+                                image=pb.Image(kernel="/boot/vmlinuz"),
                             )
                         ],
                     )

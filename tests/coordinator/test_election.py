@@ -188,7 +188,8 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.VMServiceStub(channel)
             request = pb.CreateVMsRequest(
-                request_id="stale", vms=[pb.VM(scope="t", name="stale-write")]
+                request_id="stale",
+                vms=[pb.VM(scope="t", name="stale-write", image=pb.Image(kernel="/boot/vmlinuz"))],
             )
             with pytest.raises(grpc.RpcError) as refused:
                 stub.CreateVMs(request, timeout=10)
@@ -246,6 +247,7 @@ def test_cli_passes_over_a_standby_but_reports_the_leaders_capacity_error(
         procs["c2"] = _start(etcd, "c2", tmp_path / "c2.log", ports["c2"])
         _wait(lambda: "ready" in (tmp_path / "c2.log").read_text())
         create = ["vm", "create", "big", "--scope", "t", "--memory", "900000", "--atomic"]
+        create += ["--kernel", "/boot/vmlinuz"]
         for order in (("c1", "c2"), ("c2", "c1")):
             endpoints = ",".join(f"127.0.0.1:{ports[n]}" for n in order)
             code = cli.main(["--endpoint", endpoints, "--timeout", "10", *create])

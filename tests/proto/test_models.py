@@ -184,3 +184,174 @@ def test_assignment_json_built_around_the_spec_is_the_same_bytes(vm: models.VM) 
     # Not the planner's shape (epoch as a string): the full decoder takes it.
     odd = models.loads_assignment(b'{"epoch":"1","host":"h","vm":' + spec + b"}", vm, spec)
     assert odd == models.Assignment(vm=vm, host="h", epoch=1)
+
+
+# --------------------------------------------------------------------------- input limits
+
+SOUND = VM(scope="a", name="b", image=Image(kernel="/boot/vmlinuz"))
+
+
+def _expr(key: str, op: Op, *values: str) -> NodeAffinity:
+    return NodeAffinity(required=(NodeSelectorTerm((LabelExpression(key, op, values),)),))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"description": "x\x00y"}, "description"),
+        ({"description": "x\x01y"}, "control character"),
+        ({"description": "d" * 1025}, "over 1024"),
+        ({"image": Image(kernel="/k", cmdline="a\x00")}, "cmdline"),
+        ({"image": Image(kernel="/k", cmdline="c" * 1025)}, "cmdline"),
+        ({"image": Image(kernel="/var/../etc/shadow")}, "image kernel"),
+        ({"image": Image(disk="base.qcow2")}, "image disk"),
+        ({"image": Image(kernel="/k", initrd="/i\n")}, "image initrd"),
+        ({"image": Image(initrd="/boot/initrd")}, "initrd but no kernel"),
+        ({"labels": {"app\n": "db"}}, "label key"),
+        ({"labels": {"app": "db\n"}}, "value"),
+        ({"labels": {f"k{i}": "v" for i in range(65)}}, "at most 64"),
+        ({"node_affinity": _expr("*Q", Op.IN, "a")}, "'*Q'"),
+        ({"node_affinity": _expr("zone", Op.IN)}, "at least one value"),
+        ({"node_affinity": _expr("zone", Op.IN, *map(str, range(65)))}, "at most 64"),
+        ({"node_affinity": _expr("zone", Op.IN, "east\n")}, "value"),
+        ({"node_affinity": _expr("zone", Op.EXISTS, "x")}, "takes no values"),
+        ({"node_affinity": _expr("cpus", Op.GT, "1", "2")}, "exactly one value"),
+        ({"node_affinity": _expr("cpus", Op.LT, "9" * 19)}, "integer"),
+        (
+            {
+                "node_affinity": NodeAffinity(
+                    required=(NodeSelectorTerm((LabelExpression("a", Op.EXISTS),)),) * 9
+                )
+            },
+            "9 required terms",
+        ),
+        (
+            {
+                "node_affinity": NodeAffinity(
+                    required=(NodeSelectorTerm((LabelExpression("a", Op.EXISTS),) * 17),)
+                )
+            },
+            "17 expressions",
+        ),
+        (
+            {
+                "node_affinity": NodeAffinity(
+                    preferred=(PreferredTerm(0, NodeSelectorTerm()),),
+                )
+            },
+            "weight",
+        ),
+        ({"uid": "u\n"}, "uid"),
+        ({"request_id": "r" * 64}, "request id"),
+    ],
+)
+def test_vm_limits(changes: dict[str, object], message: str) -> None:
+    import dataclasses
+
+    with pytest.raises(InvalidInput, match=message) as info:
+        models.validate_vm(dataclasses.replace(SOUND, **changes))  # type: ignore[arg-type]
+    assert len(info.value.message) < 500
+
+
+def test_vm_record_size_is_bounded() -> None:
+    labels = {f"hvplace.io/{'k' * 50}{i:02d}": "v" * 63 for i in range(64)}
+    fat = VM(scope="a", name="b", labels=labels, image=Image(kernel="/boot/vmlinuz"))
+    models.validate_vm(fat)  # each field within its own limit
+    with pytest.raises(InvalidInput, match="bytes as stored; at most 8192"):
+        models.check_vm_size(fat)
+    models.check_vm_size(VM_FULL)
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            Rule("a", "r", RuleKind.ANTI_AFFINITY, members=("x", "y"), topology_key="rack\n"),
+            "topology",
+        ),
+        (Rule("a", "r", RuleKind.ANTI_AFFINITY, members=("x", "y"), topology_key="*Q"), "topology"),
+        (
+            Rule(
+                "a",
+                "r",
+                RuleKind.ANTI_AFFINITY,
+                selector=LabelSelector(match_expressions=(LabelExpression("*Q", Op.EXISTS),)),
+            ),
+            "selector",
+        ),
+        (
+            Rule(
+                "a",
+                "r",
+                RuleKind.ANTI_AFFINITY,
+                selector=LabelSelector(
+                    match_expressions=(LabelExpression("app", Op.IN, tuple(map(str, range(100)))),)
+                ),
+            ),
+            "at most 64",
+        ),
+        (
+            Rule("a", "r", RuleKind.ANTI_AFFINITY, selector=LabelSelector({"app": "db\n"})),
+            "value",
+        ),
+        (
+            Rule("a", "r", RuleKind.ANTI_AFFINITY, members=("x", "y"), description="\x00"),
+            "description",
+        ),
+        (
+            Rule("a", "r", RuleKind.ANTI_AFFINITY, members=tuple(f"m{i}" for i in range(10_001))),
+            "10001 members",
+        ),
+    ],
+)
+def test_rule_limits(rule: Rule, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        models.validate_rule(rule)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [(("app\n",), "label key"), (("*Q",), "label key"), (tuple(f"k{i}" for i in range(65)), "65")],
+)
+def test_policy_label_keys(keys: tuple[str, ...], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        models.validate_policy(ScopePolicy("a", label_anti_affinity=True, label_keys=keys))
+    models.validate_policy(ScopePolicy("a", label_anti_affinity=True, label_keys=("app", "x.io/y")))
+
+
+def test_cluster_default_image_round_trips_and_is_validated() -> None:
+    cfg = ClusterConfig(default_image=Image(kernel="/boot/vmlinuz", cmdline="quiet"))
+    raw = models.dumps(models.validate_cluster_config(cfg))
+    assert models.loads(ClusterConfig, raw) == cfg
+    message = json_format.Parse(raw, pb.ClusterConfig())
+    assert message.default_image.kernel == "/boot/vmlinuz"
+    for bad, words in (
+        (Image(kernel="vmlinuz"), "absolute"),
+        (Image(cmdline="quiet"), "neither a kernel nor a disk"),
+        (Image(kernel="/k", cmdline="\x00"), "cmdline"),
+    ):
+        with pytest.raises(InvalidInput, match=words):
+            models.validate_cluster_config(ClusterConfig(default_image=bad))
+    outside = ClusterConfig(default_image=Image(kernel="/boot/k"), image_roots=("/srv/images",))
+    with pytest.raises(InvalidInput, match="outside the cluster's image roots"):
+        models.validate_cluster_config(outside)
+    with pytest.raises(InvalidInput, match="image root"):
+        models.validate_cluster_config(ClusterConfig(image_roots=("srv",)))
+    inside = ClusterConfig(
+        default_image=Image(kernel="/srv/images/k"), image_roots=("/srv/images",)
+    )
+    assert (
+        models.loads(ClusterConfig, models.dumps(models.validate_cluster_config(inside))) == inside
+    )
+    with pytest.raises(InvalidInput, match="admission_topology"):
+        models.validate_cluster_config(ClusterConfig(admission_topology="rack\n"))
+
+
+def test_decode_errors_quote_input_briefly() -> None:
+    raw = json.dumps({"key": "k", "operator": "Near" * 5000})
+    with pytest.raises(InvalidInput) as info:
+        models.loads(LabelExpression, raw)
+    assert "Near" in info.value.message and len(info.value.message) < 400
+    with pytest.raises(InvalidInput) as info:
+        models.loads(LabelExpression, json.dumps({"k" * 5000: 1}))
+    assert len(info.value.message) < 400
