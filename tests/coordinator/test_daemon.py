@@ -38,7 +38,7 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
     assert cfg.etcd_endpoints == ("a:1", "b:2") and cfg.session_ttl_s == 3.0
     assert "lease_ttl 10.0s" in config.budget_text(cfg.cluster())
     assert cfg.cluster().default_image is None
-    f.write_text('[cluster]\ndefault_image_kernel = "/boot/vmlinuz"\n')
+    f.write_text('anonymous_role = "viewer"\n[cluster]\ndefault_image_kernel = "/boot/vmlinuz"\n')
     cfg = config.load(f, env={"HVPLACE_DEFAULT_IMAGE_CMDLINE": "console=ttyS0"})
     assert cfg.cluster().default_image == Image(kernel="/boot/vmlinuz", cmdline="console=ttyS0")
     cfg = config.load(f, env={"HVPLACE_IMAGE_ROOTS": "/boot, /srv/images"})
