@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.etcd import EtcdServer
+from support.etcd import EtcdCluster, EtcdServer
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +37,14 @@ def own_etcd() -> Iterator[EtcdServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A private 3-member etcd cluster whose members the test may kill -9 and restart."""
+    cluster = EtcdCluster(3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

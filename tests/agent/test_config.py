@@ -17,7 +17,7 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     )
     env = {"HVPLACE_AGENT_LABELS": "rack=r2,zone=z1", "HVPLACE_ENDPOINT": "ignored"}
     cfg = config.load(f, env=env, overrides={"domain_type": "qemu"})
-    assert cfg.host == "hv1" and cfg.etcd_endpoints == ("10.0.0.1:2379",)
+    assert cfg.host == "hv1" and cfg.etcd_endpoints == ("http://10.0.0.1:2379",)
     assert cfg.lease_ttl == 4.0 and cfg.cpu_ratio == 8.0
     assert cfg.images == Path("/srv/images")
     assert cfg.labels == {"rack": "r2", "zone": "z1"}  # environment over file

@@ -29,15 +29,27 @@ def etcd_binary() -> str:
 
 
 class EtcdServer:
-    """One etcd member with its own data dir; `kill()`/`start()` keep the data."""
+    """One etcd member with its own data dir; `kill()`/`start()` keep the data. Alone it
+    is a one-member cluster; `EtcdCluster` makes several share an initial cluster."""
 
-    def __init__(self, data_dir: Path | None = None) -> None:
+    def __init__(self, data_dir: Path | None = None, name: str = "hvplace-test") -> None:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="hvplace-etcd-"))
+        self.name = name
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.initial_cluster = f"{name}={self.peer_url}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "etcd.log"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     @property
     def endpoint(self) -> str:
@@ -47,13 +59,13 @@ class EtcdServer:
     def url(self) -> str:
         return f"http://{self.endpoint}"
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 15.0, wait: bool = True) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         cmd = [
             etcd_binary(),
             "--name",
-            "hvplace-test",
+            self.name,
             "--data-dir",
             str(self.data_dir / "data"),
             "--listen-client-urls",
@@ -65,7 +77,7 @@ class EtcdServer:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"hvplace-test={peer}",
+            self.initial_cluster,
             "--initial-cluster-state",
             "new",
             # hvplace commits a batch of VMs in one transaction (3 keys per VM); etcd's
@@ -84,6 +96,11 @@ class EtcdServer:
         env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+        if wait:
+            self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -135,3 +152,61 @@ class EtcdServer:
             timeout=30,
         )
         return out.stdout.decode()
+
+
+class EtcdCluster:
+    """Several etcd members on loopback, each its own process and data dir, each
+    killed and restarted by PID; `close()` stops every one and removes their dirs."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="hvplace-etcd-cluster-"))
+        self.members = [EtcdServer(self.base / f"m{i}", name=f"m{i}") for i in range(1, size + 1)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.data_dir.mkdir(parents=True, exist_ok=True)
+            m.log_path = m.data_dir / "etcd.log"
+            m.initial_cluster = initial
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def start(self, timeout: float = 30.0) -> None:
+        # Members wait for a quorum before they report healthy: start all, then wait.
+        for m in self.members:
+            m.start(wait=False)
+        for m in self.members:
+            m.wait_healthy(timeout)
+
+    def member_on_port(self, port: int) -> EtcdServer:
+        return next(m for m in self.members if m.client_port == port)
+
+    def etcdctl(self, *args: str) -> str:
+        """etcdctl against every live member (it fails over itself)."""
+        live = [m.url for m in self.members if m.proc is not None and m.proc.poll() is None]
+        out = subprocess.run(
+            ["etcdctl", f"--endpoints={','.join(live)}", *args],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, ETCDCTL_API="3"),
+            timeout=30,
+        )
+        return out.stdout.decode()
+
+    def close(self) -> None:
+        for m in self.members:
+            m.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def members_connected_from(cluster: EtcdCluster, pid: int | None = None) -> list[EtcdServer]:
+    """The members process `pid` (this one by default) holds an established TCP
+    connection to, on their client port: which member a client is using."""
+    import psutil
+
+    ports = {
+        c.raddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.status == psutil.CONN_ESTABLISHED
+    }
+    return [m for m in cluster.members if m.client_port in ports]
