@@ -35,7 +35,13 @@ REQUIRE_LEADER = (("hasleader", "true"),)
 """etcd's `WithRequireLeader`: a member cut off from its cluster's leader ends our watch or
 keepalive stream with UNAVAILABLE instead of keeping it open and silent, so we move on."""
 
-_MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_MOVE_ON = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    # etcd answers "context deadline exceeded" with UNKNOWN when our deadline ran out
+    # inside the member (waiting for its leader, say).
+    grpc.StatusCode.UNKNOWN,
+)
 """Failures of the member rather than of the request: try another member."""
 
 

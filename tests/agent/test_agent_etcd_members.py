@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from agent.conftest import eventually, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
@@ -27,14 +29,22 @@ def _assign(cluster: EtcdCluster, host: str, name: str) -> None:
     cluster.etcdctl("put", keyspace.assignment(host, "s", name), dumps(record).decode())
 
 
+@pytest.mark.parametrize("role", ["follower", "leader"])
 async def test_killing_the_member_in_use_fences_nothing(
-    etcd_cluster: EtcdCluster, test_host: Callable[..., AgentConfig], run_agent: StartAgent
+    role: str,
+    etcd_cluster: EtcdCluster,
+    test_host: Callable[..., AgentConfig],
+    run_agent: StartAgent,
 ) -> None:
-    """kill -9 of the member the agent is connected to: the lease is renewed through
-    another member (same lease, no fence, the domain keeps running), and the assignment
-    watch resumes there (a new assignment starts with no resync to catch it)."""
+    """kill -9 of the member the agent is connected to, raft's leader or a follower: the
+    lease is renewed through another member (same lease, no fence, the domain keeps
+    running), and the assignment watch resumes there (a new assignment starts with no
+    resync to catch it). The leader's death costs an election (~1.5 s here), inside the
+    default fence window (fence_after 3 s minus a 0.75 s renewal interval)."""
+    leader = etcd_cluster.leader()
+    members = sorted(etcd_cluster.members, key=lambda m: (m is leader) == (role == "follower"))
     cfg = dataclasses.replace(
-        test_host("h1", etcd_endpoints=tuple(etcd_cluster.endpoints)),
+        test_host("h1", etcd_endpoints=tuple(m.endpoint for m in members)),
         resync_interval_s=600.0,  # only the watch can bring the second assignment
     )
     agent = await run_agent(cfg)
@@ -46,6 +56,7 @@ async def test_killing_the_member_in_use_fences_nothing(
     in_use = await eventually(lambda: members_connected_from(etcd_cluster))
     assert len(in_use) == 1, f"the agent talks to {len(in_use)} members"
     victim = in_use[0]
+    assert (victim is leader) == (role == "leader")
     killed_at = time.monotonic()
     victim.kill()
 

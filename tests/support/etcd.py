@@ -178,6 +178,17 @@ class EtcdCluster:
         for m in self.members:
             m.wait_healthy(timeout)
 
+    def leader(self) -> EtcdServer:
+        """The member raft elected, as the members report it."""
+        import json
+
+        status = json.loads(self.etcdctl("endpoint", "status", "-w", "json"))
+        leader_id = status[0]["Status"]["leader"]
+        for s in status:
+            if s["Status"]["header"]["member_id"] == leader_id:
+                return self.member_on_port(int(s["Endpoint"].rsplit(":", 1)[1]))
+        raise AssertionError(f"no member leads: {status}")
+
     def member_on_port(self, port: int) -> EtcdServer:
         return next(m for m in self.members if m.client_port == port)
 
