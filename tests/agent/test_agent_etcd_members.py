@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from agent.conftest import eventually, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
