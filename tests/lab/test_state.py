@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hvplace.lab import daemons
 from hvplace.lab.processes import ProcessRecord
-from hvplace.lab.state import HostRecord, LabSettings, LabState, load_state
+from hvplace.lab.state import EtcdMemberRecord, HostRecord, LabSettings, LabState, load_state
 
 
 def test_names_fit_interface_limits() -> None:
@@ -52,10 +52,20 @@ def test_state_round_trips_through_its_file(tmp_path: Path) -> None:
 
 def test_agent_in_a_netns_uses_the_bridge_address_of_etcd() -> None:
     state = LabState(prefix="hvlab", subnet="10.213.0.0/24", mode="real", lease_ttl=4.0)
-    state.etcd_endpoints = ["http://10.213.0.1:2379", "http://127.0.0.1:2379"]
+    state.etcd_members = [
+        EtcdMemberRecord(
+            name=f"etcd{i}",
+            dir="/d",
+            client_urls=[f"http://10.213.0.1:{port}", f"http://127.0.0.1:{port}"],
+            peer_url="http://127.0.0.1:1",
+        )
+        for i, port in ((1, 2379), (2, 2479))
+    ]
     host = HostRecord(name="h1", index=1, mode="real", dir="/d", libvirt_uri="qemu:///system")
     config = daemons.agent_config(state, host)
-    assert 'etcd_endpoints = ["http://10.213.0.1:2379"]' in config
+    assert 'etcd_endpoints = ["http://10.213.0.1:2379", "http://10.213.0.1:2479"]' in config
+    coordinator = daemons.coordinator_config(state, "c1", "127.0.0.1:1", "127.0.0.1:2")
+    assert 'etcd_endpoints = ["http://127.0.0.1:2379", "http://127.0.0.1:2479"]' in coordinator
     assert "lease_ttl = 4.0" in config
 
 
