@@ -35,6 +35,8 @@ REQUIRE_LEADER = (("hasleader", "true"),)
 """etcd's `WithRequireLeader`: a member cut off from its cluster's leader ends our watch or
 keepalive stream with UNAVAILABLE instead of keeping it open and silent, so we move on."""
 
+_PAUSE_S = 0.02
+
 _MOVE_ON = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -231,6 +233,7 @@ class EtcdClient:
         self._current = 0
         self._metadata: tuple[tuple[str, str], ...] = ()
         self.failovers = 0
+        self._failing: set[int] = set()
 
     @property
     def current(self) -> Endpoint:
@@ -249,12 +252,14 @@ class EtcdClient:
             return
         self._current = (index + 1) % len(self.endpoints)
         self.failovers += 1
-        log.warning(
-            "etcd member %s failed (%s); using %s",
-            self.endpoints[index],
-            why[:200],
-            self.endpoints[self._current],
-        )
+        if index not in self._failing:  # once per outage, not once per retry
+            self._failing.add(index)
+            log.warning(
+                "etcd member %s failed (%s); using %s",
+                self.endpoints[index],
+                why[:200],
+                self.endpoints[self._current],
+            )
 
     async def run(
         self,
@@ -263,23 +268,23 @@ class EtcdClient:
         timeout_s: float,
         idempotent: bool = True,
     ) -> T:
-        """`attempt(member, seconds)` on the current member, then on the others while the
-        member is at fault and `timeout_s` lasts. A call that is not idempotent moves on only
-        when the failed member never received it."""
+        """`attempt(member, seconds)` on the current member, then on the next ones in turn
+        while the member is at fault and `timeout_s` lasts (a leader election makes every
+        member refuse for a moment: going round again finds the one that answers first).
+        A call that is not idempotent moves on only when the failed member never got it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        n = len(self.endpoints)
-        order = [(self._current + k) % n for k in range(n)]
+        several = len(self.endpoints) > 1
         last = "no member tried"
-        for k, index in enumerate(order):
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            final = k == n - 1
+        while (left := deadline - loop.time()) > 0:
+            index = self._current
             # Leave time for another member should this one hang rather than refuse.
-            budget = left if final or not idempotent else left / 2
+            budget = max(left / 2, min(left, 0.2)) if idempotent and several else left
+            started = loop.time()
             try:
-                return await attempt(self._member(index), budget)
+                result = await attempt(self._member(index), budget)
+                self._failing.discard(index)
+                return result
             except grpc.aio.AioRpcError as e:
                 last = f"{self.endpoints[index]}: {_error_text(e)}"
                 if e.code() not in _MOVE_ON:
@@ -292,6 +297,9 @@ class EtcdClient:
                 self.member_failed(index, "timeout")
                 if not idempotent:
                     break
+            if loop.time() - started < _PAUSE_S and self._current in self._failing:
+                # A refused connection fails at once: do not spin over dead members.
+                await asyncio.sleep(min(_PAUSE_S, max(0.0, deadline - loop.time())))
         raise Unavailable(f"etcd: {last}")
 
     async def unary(
