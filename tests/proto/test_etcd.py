@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from hvplace.proto.etcd import (
     parse_endpoint,
     parse_endpoints,
 )
-from support.etcd import EtcdCluster, EtcdServer, members_connected_from
+from support.etcd import EtcdCerts, EtcdCluster, EtcdServer, make_certs, members_connected_from
 
 K = "/hvplace/v1/test/"
 
@@ -226,3 +226,38 @@ async def test_kill_the_leader_in_use(etcd_cluster: EtcdCluster) -> None:
     finally:
         await client.close()
     print(f"kill -9 of the leader in use -> lease renewed through another in {renewed_s:.3f}s")
+
+
+@pytest.fixture
+def tls_etcd(tmp_path: Path) -> Iterator[tuple[EtcdServer, EtcdCerts]]:
+    """A member that serves only TLS and wants a client certificate from our CA."""
+    certs = make_certs(tmp_path / "certs")
+    server = EtcdServer(tls=certs)
+    try:
+        server.start()
+        yield server, certs
+    finally:
+        server.close()
+
+
+async def test_https_with_ca_cert_and_key(tls_etcd: tuple[EtcdServer, EtcdCerts]) -> None:
+    """The TLS settings both daemons take (etcd_ca, etcd_cert, etcd_key) reach a member
+    that requires client certificates, by name; without the client certificate, or over
+    plain http, it refuses, and the error says which member."""
+    server, certs = tls_etcd
+    url = f"https://localhost:{server.client_port}"
+    full = EtcdTLS(ca=certs.ca, cert=certs.client_cert, key=certs.client_key)
+    client = EtcdClient([url], tls=full)
+    try:
+        await client.put(_put("tls", "1"), timeout_s=5)
+        got = await client.range(rpc.RangeRequest(key=(K + "tls").encode()), timeout_s=5)
+        assert got.kvs[0].value == b"1"
+    finally:
+        await client.close()
+    for endpoint, tls in ((url, EtcdTLS(ca=certs.ca)), (url.replace("https", "http"), None)):
+        refused = EtcdClient([endpoint], tls=tls)
+        try:
+            with pytest.raises(Unavailable, match=f"localhost:{server.client_port}"):
+                await refused.range(rpc.RangeRequest(key=b"x"), timeout_s=1)
+        finally:
+            await refused.close()

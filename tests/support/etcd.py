@@ -6,10 +6,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 INSTALL_HINT = "apt-get install -y etcd-server etcd-client"
@@ -28,12 +30,53 @@ def etcd_binary() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class EtcdCerts:
+    """A throwaway CA, a server certificate for localhost/127.0.0.1 and a client one."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certs(directory: Path) -> EtcdCerts:
+    """With openssl: a CA, then server and client certificates it signs (EC keys, 1 day)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=hvplace-test-ca")  # fmt: skip
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        ext = directory / f"{name}.ext"
+        ext.write_text(f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN=hvplace-test-{name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", str(ext))  # fmt: skip
+    return EtcdCerts(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+    )
+
+
 class EtcdServer:
     """One etcd member with its own data dir; `kill()`/`start()` keep the data. Alone it
     is a one-member cluster; `EtcdCluster` makes several share an initial cluster."""
 
-    def __init__(self, data_dir: Path | None = None, name: str = "hvplace-test") -> None:
+    def __init__(
+        self, data_dir: Path | None = None, name: str = "hvplace-test", tls: EtcdCerts | None = None
+    ) -> None:
         self._own_dir = data_dir is None
+        self.tls = tls
+        self.extra_args: list[str] = []
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="hvplace-etcd-"))
         self.name = name
         self.client_port = free_port()
@@ -57,7 +100,7 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     def start(self, timeout: float = 15.0, wait: bool = True) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -87,6 +130,8 @@ class EtcdServer:
             "4096",
             "--max-request-bytes",
             str(16 * 1024 * 1024),
+            *self._tls_args(),
+            *self.extra_args,
             "--log-level",
             "warn",
             "--logger",
@@ -99,6 +144,23 @@ class EtcdServer:
         if wait:
             self.wait_healthy(timeout)
 
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            f"--cert-file={self.tls.server_cert}",
+            f"--key-file={self.tls.server_key}",
+            f"--trusted-ca-file={self.tls.ca}",
+            "--client-cert-auth",
+        ]
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
+        return context
+
     def wait_healthy(self, timeout: float = 15.0) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -106,7 +168,9 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                with urllib.request.urlopen(
+                    self.url + "/health", timeout=1, context=self._ssl()
+                ) as r:
                     if b'"health":"true"' in r.read():
                         return
             except OSError:
@@ -158,7 +222,7 @@ class EtcdCluster:
     """Several etcd members on loopback, each its own process and data dir, each
     killed and restarted by PID; `close()` stops every one and removes their dirs."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, election_timeout_ms: int | None = None) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="hvplace-etcd-cluster-"))
         self.members = [EtcdServer(self.base / f"m{i}", name=f"m{i}") for i in range(1, size + 1)]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -166,6 +230,11 @@ class EtcdCluster:
             m.data_dir.mkdir(parents=True, exist_ok=True)
             m.log_path = m.data_dir / "etcd.log"
             m.initial_cluster = initial
+            if election_timeout_ms is not None:
+                m.extra_args = [
+                    f"--election-timeout={election_timeout_ms}",
+                    f"--heartbeat-interval={max(10, election_timeout_ms // 10)}",
+                ]
 
     @property
     def endpoints(self) -> list[str]:
