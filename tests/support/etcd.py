@@ -144,6 +144,13 @@ class EtcdServer:
         if wait:
             self.wait_healthy(timeout)
 
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1, context=self._ssl()) as r:
+                return b'"health":"true"' in r.read()
+        except OSError:
+            return False
+
     def _tls_args(self) -> list[str]:
         if self.tls is None:
             return []
@@ -241,11 +248,39 @@ class EtcdCluster:
         return [m.endpoint for m in self.members]
 
     def start(self, timeout: float = 30.0) -> None:
-        # Members wait for a quorum before they report healthy: start all, then wait.
-        for m in self.members:
-            m.start(wait=False)
-        for m in self.members:
-            m.wait_healthy(timeout)
+        """Start every member, then wait (members wait for a quorum before they report
+        healthy). A port taken between picking and binding it (other tests run beside
+        these) restarts the whole first start on fresh ports."""
+        for attempt in range(3):
+            for m in self.members:
+                m.start(wait=False)
+            try:
+                self._wait_healthy(timeout)
+                return
+            except RuntimeError as e:
+                if "address already in use" not in str(e) or attempt == 2:
+                    raise
+            for m in self.members:
+                m.stop()
+                shutil.rmtree(m.data_dir / "data", ignore_errors=True)
+                m.client_port, m.peer_port = free_port(), free_port()
+            initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+            for m in self.members:
+                m.initial_cluster = initial
+
+    def _wait_healthy(self, timeout: float) -> None:
+        """Until every member is healthy; at once when one has exited."""
+        deadline = time.monotonic() + timeout
+        waiting = list(self.members)
+        while waiting:
+            for m in waiting:
+                assert m.proc is not None
+                if m.proc.poll() is not None:
+                    raise RuntimeError(f"{m.name} exited with {m.proc.returncode}: {m.log_tail()}")
+            waiting = [m for m in waiting if not m.healthy()]
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(f"{waiting[0].name} not healthy in {timeout}s")
+            time.sleep(0.05)
 
     def leader(self) -> EtcdServer:
         """The member raft elected, as the members report it."""
