@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from hvplace.lab import hosts
-from hvplace.lab.processes import ProcessRecord, is_alive, spawn_detached, tail
+from hvplace.lab.processes import ProcessRecord, is_alive, kill9, spawn_detached, tail, wait_gone
 from hvplace.lab.state import (
     CoordinatorRecord,
     EtcdMemberRecord,
@@ -87,9 +88,25 @@ def start_etcd(
 ) -> None:
     """Debian's etcd, `members` of them, each its own process with its data in the state
     dir. A restart (members already recorded) starts the dead ones (or member `only`)
-    again on the same URLs and data, and saves each PID as soon as it is known."""
-    if not state.etcd_members:
-        plan_etcd(settings, state, members)
+    again on the same URLs and data. Each PID is saved as soon as it is known."""
+    first = not state.etcd_members
+    for attempt in range(3 if first else 1):
+        if first:
+            plan_etcd(settings, state, members)
+        started = _spawn_etcd(settings, state, only)
+        try:
+            _wait_healthy(started, timeout)
+            return
+        except DaemonError as e:
+            # A port picked free can be taken before etcd binds it (other labs and tests
+            # run beside this one): a first start tries again on fresh ports.
+            if not first or attempt == 2 or "address already in use" not in str(e):
+                raise
+        wait_gone([m.process.pid for m in started if m.process and kill9(m.process)])
+        shutil.rmtree(settings.state_dir / "etcd", ignore_errors=True)
+
+
+def _spawn_etcd(settings: LabSettings, state: LabState, only: int | None) -> list[EtcdMemberRecord]:
     cluster = ",".join(f"{m.name}={m.peer_url}" for m in state.etcd_members)
     several = len(state.etcd_members) > 1
     started = []
@@ -119,25 +136,33 @@ def start_etcd(
         member.process = spawn_detached(member.name, argv, data / "etcd.log")
         state.save(settings)
         started.append(member)
-    # Members wait for a quorum before they report healthy: start them all, then wait.
+    return started
+
+
+def _healthy(member: EtcdMemberRecord) -> bool:
+    try:
+        with urllib.request.urlopen(member.loopback_url + "/health", timeout=1) as reply:
+            return b'"health":"true"' in reply.read()
+    except OSError:
+        return False
+
+
+def _wait_healthy(members: list[EtcdMemberRecord], timeout: float) -> None:
+    """Until every member is healthy (members wait for a quorum: all were started first);
+    at once when one has exited."""
     deadline = time.monotonic() + timeout
-    for member in started:
-        _wait_healthy(member, deadline, timeout)
-
-
-def _wait_healthy(member: EtcdMemberRecord, deadline: float, timeout: float) -> None:
-    assert member.process is not None
-    while time.monotonic() < deadline:
-        if not is_alive(member.process):
-            raise DaemonError(f"{member.name} exited: {tail(member.process.log)}")
-        try:
-            with urllib.request.urlopen(member.loopback_url + "/health", timeout=1) as reply:
-                if b'"health":"true"' in reply.read():
-                    return
-        except OSError:
-            pass
+    waiting = list(members)
+    while waiting:
+        for member in waiting:
+            assert member.process is not None
+            if not is_alive(member.process):
+                raise DaemonError(f"{member.name} exited: {tail(member.process.log)}")
+        waiting = [m for m in waiting if not _healthy(m)]
+        if waiting and time.monotonic() > deadline:
+            late = waiting[0]
+            assert late.process is not None
+            raise DaemonError(f"{late.name} not healthy after {timeout}s: {tail(late.process.log)}")
         time.sleep(0.05)
-    raise DaemonError(f"{member.name} not healthy after {timeout}s: {tail(member.process.log)}")
 
 
 def live_etcd_urls(state: LabState) -> list[str]:
