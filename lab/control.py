@@ -452,7 +452,7 @@ class Lab:
         state = self.state()
         chosen = self._etcd_members(state, member)
         if all(is_alive(m.process) for m in chosen):
-            raise LabError("etcd is running; kill it first")
+            raise LabError(f"{', '.join(m.name for m in chosen)} running; kill it first")
         daemons.start_etcd(self.settings, state, only=member)
         state.save(self.settings)
         pids = [str(m.process.pid) for m in chosen if m.process is not None]
