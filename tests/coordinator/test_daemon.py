@@ -51,6 +51,11 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
         ("node_name = 'Bad Name!'\n", {}, "node name"),
         ("", {"HVPLACE_LEADER_SELF_CHECKS": "maybe"}, "expected true or false"),
         ("leader_self_checks = 1\n", {}, "leader_self_checks: expected true or false"),
+        ("etcd_endpoints = ['ftp://e:1']\n", {}, "scheme must be http or https"),
+        ("etcd_endpoints = ['e:1', 'bad_name:2']\n", {}, "etcd endpoint 'bad_name:2'"),
+        ("etcd_endpoints = ['http://e:1', 'https://f:1']\n", {}, "mix http:// and https://"),
+        ("etcd_ca = '/ca.pem'\n", {}, "the etcd endpoints must be https://"),
+        ("etcd_endpoints = ['https://e:1']\netcd_key = '/k'\n", {}, "give both or neither"),
     ],
 )
 def test_config_errors_name_the_key(
