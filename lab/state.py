@@ -277,7 +277,7 @@ class LabState:
             lease_ttl=None if ttl is None else float(ttl),
             bridge=raw.get("bridge"),
             created_dirs=[str(d) for d in raw.get("created_dirs", [])],
-            etcd_members=[EtcdMemberRecord.from_json(m) for m in raw.get("etcd_members", [])],
+            etcd_members=_etcd_members(raw),
             coordinators=[CoordinatorRecord.from_json(c) for c in raw.get("coordinators", [])],
             hosts={str(name): HostRecord.from_json(h) for name, h in raw.get("hosts", {}).items()},
             guest_image={str(k): str(v) for k, v in raw.get("guest_image", {}).items()},
@@ -308,9 +308,31 @@ class LabState:
         os.replace(tmp, settings.state_file)
 
 
+def _etcd_members(raw: Mapping[str, Any]) -> list[EtcdMemberRecord]:
+    """The members; a state file written before labs had several reads as one member,
+    so `down` still finds its etcd."""
+    if "etcd_members" in raw:
+        return [EtcdMemberRecord.from_json(m) for m in raw["etcd_members"]]
+    urls = [str(u) for u in raw.get("etcd_endpoints", [])]
+    if not urls:
+        return []
+    return [
+        EtcdMemberRecord(
+            name="etcd",
+            dir="",  # load_state knows the state dir: <state dir>/etcd
+            client_urls=urls,
+            peer_url=str(raw.get("etcd_peer", "")),
+            process=_proc(raw.get("etcd")),
+        )
+    ]
+
+
 def load_state(settings: LabSettings) -> LabState | None:
     try:
         raw = json.loads(settings.state_file.read_text())
     except FileNotFoundError:
         return None
-    return LabState.from_json(raw)
+    state = LabState.from_json(raw)
+    for member in state.etcd_members:
+        member.dir = member.dir or str(settings.state_dir / "etcd")
+    return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -73,3 +74,23 @@ def test_test_node_is_valid_xml() -> None:
     node = ET.fromstring(daemons.test_node_xml("h1", cpus=8, memory_mib=1024))
     assert node.findtext("cpu/active") == "8"
     assert node.findtext("memory") == str(1024 * 1024)
+
+
+def test_a_state_file_from_before_several_etcd_members_still_names_its_etcd(
+    settings: LabSettings,
+) -> None:
+    """`down` after an upgrade must still find the etcd an older `up` started."""
+    old = {
+        "prefix": settings.prefix,
+        "subnet": str(settings.subnet),
+        "mode": "test",
+        "etcd": {"role": "etcd", "pid": 4242, "start_time": 1, "log": "/x/etcd.log"},
+        "etcd_endpoints": ["http://127.0.0.1:2379"],
+        "etcd_peer": "http://127.0.0.1:2380",
+    }
+    settings.state_dir.mkdir(parents=True)
+    settings.state_file.write_text(json.dumps(old))
+    state = load_state(settings)
+    assert state is not None and state.etcd is not None and state.etcd.pid == 4242
+    assert state.etcd_urls(bridge=False) == ["http://127.0.0.1:2379"]
+    assert state.etcd_members[0].dir == str(settings.state_dir / "etcd")
