@@ -12,6 +12,7 @@ from typing import Any
 
 from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
+from hvplace.proto.etcd import EtcdTLS, parse_endpoints
 from hvplace.proto.models import (
     ClusterConfig,
     Ratios,
@@ -29,6 +30,10 @@ DOMAIN_TYPES = ("auto", "kvm", "qemu")
 class AgentConfig:
     host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    # For https:// endpoints: etcd's CA (default: the system's), a client cert and key.
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = Path("/var/lib/hvplace-agent")
     # Where qcow2 overlays live (its disk is the host's disk capacity); default <state_dir>/images.
@@ -53,6 +58,10 @@ class AgentConfig:
     metrics_listen: str = "127.0.0.1:9464"
     watchdog_device: str = ""
     log_level: str = "INFO"
+
+    @property
+    def etcd_tls(self) -> EtcdTLS:
+        return EtcdTLS(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
 
     @property
     def images(self) -> Path:
@@ -107,6 +116,7 @@ def load(
 
 def validate(cfg: AgentConfig) -> AgentConfig:
     check_name(cfg.host, "host name")
+    cfg.etcd_tls.check(parse_endpoints(cfg.etcd_endpoints))
     for k, v in cfg.labels.items():
         check_label(k, v, "host label")
     if cfg.domain_type not in DOMAIN_TYPES:

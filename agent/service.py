@@ -56,7 +56,9 @@ class Agent:
             guest_cache_dir=cfg.guest_cache_dir,
             probe_timeout_s=cfg.kvm_probe_timeout_s,
         )
-        self.store = store or EtcdStore(cfg.etcd_endpoints, cfg.host, cfg.etcd_timeout_s)
+        self.store = store or EtcdStore(
+            cfg.etcd_endpoints, cfg.host, cfg.etcd_timeout_s, tls=cfg.etcd_tls
+        )
         self.metrics = AgentMetrics()
         self._clock = clock
         self._stopping = asyncio.Event()

@@ -5,17 +5,16 @@ It writes only `hosts/<host>` and `domains/<host>/...`, both on its lease (keysp
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aetcd
+from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.etcd_channel import RECONNECT_OPTIONS
+from hvplace.proto.etcd import Compacted, EtcdClient, EtcdTLS
 from hvplace.proto.models import Assignment, ClusterConfig, DomainStatus, HostInfo, dumps, loads
 
 log = logging.getLogger(__name__)
@@ -34,96 +33,86 @@ class Assignments:
     invalid: dict[str, str] = field(default_factory=dict)
 
 
-def _split_endpoint(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.removeprefix("http://").rpartition(":")
-    return host or "127.0.0.1", int(port or 2379)
+def _prefix(prefix: str) -> tuple[bytes, bytes]:
+    return prefix.encode(), keyspace.prefix_end(prefix).encode()
 
 
 class EtcdStore:
-    """One aetcd client; every unary call is bounded by `timeout_s` so a frozen etcd
-    never stalls the agent (the lease keeper measures that stall and fences)."""
+    """The agent's keys over hvplace.proto.etcd's client (every configured member, moving
+    to another when one fails). Every call is bounded by `timeout_s`, failover included,
+    so a frozen etcd never stalls the agent (the lease keeper measures that and fences)."""
 
-    def __init__(self, endpoints: tuple[str, ...], host: str, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        host: str,
+        timeout_s: float = 2.0,
+        *,
+        tls: EtcdTLS | None = None,
+    ) -> None:
         self.host = host
-        self._endpoints = endpoints
         self._timeout = timeout_s
-        self._next = 0
-        self._client: Any = None
-
-    def _make_client(self) -> Any:
-        host, port = _split_endpoint(self._endpoints[self._next % len(self._endpoints)])
-        return aetcd.Client(
-            host=host,
-            port=port,
-            timeout=math.ceil(self._timeout),
-            options=dict(RECONNECT_OPTIONS),
-        )
-
-    async def _bounded(self, coro: Any) -> Any:
-        if self._client is None:
-            self._client = self._make_client()
-        try:
-            return await asyncio.wait_for(coro(self._client), self._timeout)
-        except (TimeoutError, aetcd.ClientError) as e:
-            raise StoreError(f"etcd: {type(e).__name__} {e}".strip()) from None
-
-    async def rotate(self) -> None:
-        """After failures: a fresh client on the next endpoint."""
-        old, self._client = self._client, None
-        self._next += 1
-        if old is not None:
-            try:
-                await asyncio.wait_for(old.close(), self._timeout)
-            except Exception:
-                log.debug("closing an etcd client failed", exc_info=True)
+        self.etcd = EtcdClient(endpoints, tls=tls)
 
     async def close(self) -> None:
-        old, self._client = self._client, None
-        if old is not None:
-            try:
-                await asyncio.wait_for(old.close(), self._timeout)
-            except Exception:
-                log.debug("closing the etcd client failed", exc_info=True)
+        await self.etcd.close()
+
+    async def _do(self, what: str, call: Any) -> Any:
+        try:
+            return await call
+        except Unavailable as e:
+            raise StoreError(f"{what}: {e.message}") from None
 
     # -- lease -------------------------------------------------------------------------
 
     async def grant(self, ttl_s: float) -> int:
-        lease = await self._bounded(lambda c: c.lease(max(1, math.ceil(ttl_s))))
-        return int(lease.id)
+        req = rpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl_s)))
+        resp = await self._do(
+            "etcd lease grant", self.etcd.lease_grant(req, timeout_s=self._timeout)
+        )
+        if resp.error:
+            raise StoreError(f"etcd refused a lease: {resp.error}")
+        return int(resp.ID)
 
     async def keepalive(self, lease_id: int, timeout_s: float) -> int:
         """The lease's remaining TTL after a renewal; 0 means etcd no longer has it."""
-        if self._client is None:
-            self._client = self._make_client()
-        client = self._client
-        try:
-            reply = await asyncio.wait_for(client.refresh_lease(lease_id), timeout_s)
-        except (TimeoutError, aetcd.ClientError) as e:
-            raise StoreError(f"etcd lease renewal: {type(e).__name__} {e}".strip()) from None
-        return int(reply.TTL) if reply is not None else 0
+        return int(
+            await self._do("etcd lease renewal", self.etcd.keepalive(lease_id, timeout_s=timeout_s))
+        )
 
     async def revoke(self, lease_id: int) -> None:
-        await self._bounded(lambda c: c.revoke_lease(lease_id))
+        req = rpc.LeaseRevokeRequest(ID=lease_id)
+        await self._do("etcd lease revoke", self.etcd.lease_revoke(req, timeout_s=self._timeout))
 
     # -- own keys ----------------------------------------------------------------------
 
+    async def _put(self, key: str, value: bytes, lease_id: int) -> None:
+        req = rpc.PutRequest(key=key.encode(), value=value, lease=lease_id)
+        await self._do(f"etcd put {key}", self.etcd.put(req, timeout_s=self._timeout))
+
+    async def _range(self, key: str, *, prefix: bool) -> Any:
+        start, end = _prefix(key) if prefix else (key.encode(), b"")
+        req = rpc.RangeRequest(key=start, range_end=end)
+        return await self._do(f"etcd get {key}", self.etcd.range(req, timeout_s=self._timeout))
+
     async def put_host(self, info: HostInfo, lease_id: int) -> None:
-        key = keyspace.host(self.host).encode()
-        await self._bounded(lambda c: c.put(key, dumps(info), lease=lease_id))
+        await self._put(keyspace.host(self.host), dumps(info), lease_id)
 
     async def put_domain(self, status: DomainStatus, lease_id: int) -> None:
-        key = keyspace.domain(self.host, status.scope, status.name).encode()
-        await self._bounded(lambda c: c.put(key, dumps(status), lease=lease_id))
+        await self._put(
+            keyspace.domain(self.host, status.scope, status.name), dumps(status), lease_id
+        )
 
     async def delete_domain(self, scope: str, name: str) -> None:
-        key = keyspace.domain(self.host, scope, name).encode()
-        await self._bounded(lambda c: c.delete(key))
+        key = keyspace.domain(self.host, scope, name)
+        req = rpc.DeleteRangeRequest(key=key.encode())
+        await self._do(f"etcd delete {key}", self.etcd.delete_range(req, timeout_s=self._timeout))
 
     async def domain_keys(self) -> dict[str, DomainStatus]:
         prefix = keyspace.domains_of(self.host)
-        rng = await self._bounded(lambda c: c.get_prefix(prefix.encode()))
+        rng = await self._range(prefix, prefix=True)
         out: dict[str, DomainStatus] = {}
-        for kv in rng:
+        for kv in rng.kvs:
             scope, name = keyspace.split(kv.key.decode(), prefix)[:2]
             try:
                 out[f"{scope}/{name}"] = loads(DomainStatus, kv.value)
@@ -134,14 +123,14 @@ class EtcdStore:
     # -- reads -------------------------------------------------------------------------
 
     async def cluster_config(self) -> ClusterConfig | None:
-        got = await self._bounded(lambda c: c.get(keyspace.CONFIG.encode()))
-        return None if got is None else loads(ClusterConfig, got.value)
+        rng = await self._range(keyspace.CONFIG, prefix=False)
+        return loads(ClusterConfig, rng.kvs[0].value) if rng.kvs else None
 
     async def assignments(self) -> Assignments:
         prefix = keyspace.assignments_of(self.host)
-        rng = await self._bounded(lambda c: c.get_prefix(prefix.encode()))
-        result = Assignments(revision=int(rng.header.revision) if rng.header else 0)
-        for kv in rng:
+        rng = await self._range(prefix, prefix=True)
+        result = Assignments(revision=int(rng.header.revision))
+        for kv in rng.kvs:
             parts = keyspace.split(kv.key.decode(), prefix)
             if len(parts) != 2:
                 log.warning("ignoring odd assignment key %s", kv.key.decode())
@@ -155,22 +144,37 @@ class EtcdStore:
 
     async def watch_assignments(self) -> AsyncIterator[None]:
         """Yields once per batch of changes to this host's assignments (level-triggered:
-        the caller re-reads everything); raises StoreError when the watch breaks."""
-        if self._client is None:
-            self._client = self._make_client()
-        client = self._client
-        prefix = keyspace.assignments_of(self.host).encode()
-        try:
-            watch = await asyncio.wait_for(client.watch_prefix(prefix), self._timeout)
-        except (TimeoutError, aetcd.ClientError) as e:
-            raise StoreError(f"etcd watch: {type(e).__name__} {e}".strip()) from None
-        try:
-            async for _event in watch:
-                yield None
-        except aetcd.ClientError as e:
-            raise StoreError(f"etcd watch broke: {e}") from None
-        finally:
+        the caller re-reads everything). When the member under the watch fails, the watch
+        resumes on another from the last revision it showed, so nothing is missed; raises
+        StoreError when no member takes it."""
+        start, end = _prefix(keyspace.assignments_of(self.host))
+        revision = 0  # the last revision the watch has shown (0: none yet, start from now)
+        breaks = 0
+        while True:
             try:
-                await asyncio.wait_for(watch.cancel(), self._timeout)
-            except Exception:
-                log.debug("cancelling the assignment watch failed", exc_info=True)
+                stream = await self.etcd.watch(
+                    start, end, revision + 1 if revision else 0, timeout_s=self._timeout
+                )
+            except Compacted:
+                revision = 0  # history gone: the caller's re-read covers the gap
+                yield None
+                continue
+            except Unavailable as e:
+                raise StoreError(f"etcd watch: {e.message}") from None
+            revision = stream.revision
+            try:
+                async for batch in stream:
+                    breaks = 0
+                    revision = batch.revision
+                    if batch.events:
+                        yield None
+            except Compacted:
+                revision = 0
+                yield None
+            except Unavailable as e:
+                breaks += 1
+                if breaks > len(self.etcd.endpoints):
+                    raise StoreError(f"etcd watch broke: {e.message}") from None
+                log.info("assignment watch: %s; resuming after revision %d", e.message, revision)
+            finally:
+                await stream.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
+from hvplace.proto.etcd import EtcdTLS, parse_endpoints
 from hvplace.proto.models import (
     FENCE_GRACE_S,
     AdmissionPolicy,
@@ -31,6 +32,10 @@ _CLUSTER = ClusterConfig()
 class CoordinatorConfig:
     node_name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    # For https:// endpoints: etcd's CA (default: the system's), a client cert and key.
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
     etcd_timeout_s: float = 5.0
     listen: str = "127.0.0.1:7400"
     """The gRPC API's host:port; '' serves no API (a placement-only coordinator)."""
@@ -74,6 +79,10 @@ class CoordinatorConfig:
     only etcd's fence (every leader write compares the leader key's create revision)
     demotes a stale leader: a diagnostic setting, used by the test that proves the fence
     alone keeps a frozen-and-woken leader from writing."""
+
+    @property
+    def etcd_tls(self) -> EtcdTLS:
+        return EtcdTLS(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
 
     def cluster(self) -> ClusterConfig:
         image = Image(
@@ -161,6 +170,7 @@ def load(
 
 def validate(cfg: CoordinatorConfig) -> CoordinatorConfig:
     check_name(cfg.node_name, "node name")
+    cfg.etcd_tls.check(parse_endpoints(cfg.etcd_endpoints))
     for name in ("etcd_timeout_s", "resync_s"):
         if getattr(cfg, name) <= 0:
             raise InvalidInput(f"{name} must be positive, got {getattr(cfg, name)}")

@@ -67,7 +67,9 @@ class Coordinator:
         cfg = self.cfg
         cluster = cfg.cluster()
         log.info("hvplace-coordinator %s starting; %s", cfg.node_name, budget_text(cluster))
-        store = self.store = await Store.connect(cfg.etcd_endpoints, timeout=cfg.etcd_timeout_s)
+        store = self.store = await Store.connect(
+            cfg.etcd_endpoints, timeout=cfg.etcd_timeout_s, tls=cfg.etcd_tls
+        )
         tasks: list[asyncio.Task[Any]] = []
         try:
             cache = self.cache = Cache(store)

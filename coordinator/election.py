@@ -111,8 +111,9 @@ class Election:
 
     async def _keep(self, lease: int, renewed: float) -> None:
         period = self.ttl_s / 3
+        delay = period
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(delay)
             if self.self_checks and self.clock() - renewed >= self.ttl_s:
                 log.warning(
                     "session not renewed for %.1fs (TTL %ss): lost",
@@ -125,7 +126,10 @@ class Election:
                 ttl = await self.store.keepalive(lease, timeout_s=period)
             except Unavailable as e:
                 log.warning("session renewal failed: %s", e)
+                # The store has moved to another etcd member: try it soon, not a period later.
+                delay = min(period, 0.2)
                 continue
+            delay = period
             if ttl <= 0 and not self.self_checks:
                 log.warning(
                     "session lease %x expired in etcd; self checks off: the fence decides", lease

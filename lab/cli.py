@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ttl", type=float, help="host lease TTL in seconds for agents and coordinators"
     )
     up.add_argument(
+        "--etcd-members",
+        type=int,
+        default=1,
+        help="etcd members, each its own process (default 1; 3 survives losing one)",
+    )
+    up.add_argument(
         "--only",
         choices=("all", "etcd", "hosts"),
         default="all",
@@ -75,8 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=text).add_argument("host")
     sub.add_parser("kill-leader", help="kill -9 the leading coordinator")
-    sub.add_parser("kill-etcd", help="kill -9 etcd (its data stays)")
-    sub.add_parser("restart-etcd", help="start the killed etcd again on the same URLs")
+    for name, text in (
+        ("kill-etcd", "kill -9 etcd, every member or --member N (its data stays)"),
+        ("restart-etcd", "start the killed etcd members (or --member N) again on the same URLs"),
+    ):
+        sub.add_parser(name, help=text).add_argument(
+            "--member", type=int, help="only this member (1-based, as `status` lists them)"
+        )
     sub.add_parser("env", help='shell exports for this lab: eval "$(hvplace lab env)"')
     demo = sub.add_parser(
         "demo", help="start a real lab, place VMs under rules, kill a host, show the failover"
@@ -94,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lab = Lab(settings)
         if args.command == "up":
             mode = args.mode or ("real" if os.geteuid() == 0 else "test")
-            lab.up(args.hosts, mode, args.ttl, only=args.only)
+            lab.up(args.hosts, mode, args.ttl, only=args.only, etcd_members=args.etcd_members)
             _print_status(lab, as_json=False)
         elif args.command == "status":
             _print_status(lab, as_json=args.json)
@@ -111,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "kill-leader":
             lab.kill_leader()
         elif args.command == "kill-etcd":
-            lab.kill_etcd()
+            lab.kill_etcd(args.member)
         elif args.command == "restart-etcd":
-            lab.restart_etcd()
+            lab.restart_etcd(args.member)
         elif args.command == "demo":
             return demo.run(settings, args.replace)
         elif args.command == "env":

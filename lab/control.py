@@ -27,7 +27,7 @@ from hvplace.lab.processes import (
     pids_in_namespace,
     wait_gone,
 )
-from hvplace.lab.state import HostRecord, LabSettings, LabState, load_state
+from hvplace.lab.state import EtcdMemberRecord, HostRecord, LabSettings, LabState, load_state
 
 Only = Literal["all", "etcd", "hosts"]
 
@@ -89,6 +89,7 @@ class Lab:
         mode: str = "real",
         lease_ttl: float | None = None,
         only: Only = "all",
+        etcd_members: int = 1,
     ) -> LabState:
         """Start the lab (`only`: hosts alone, hosts and etcd, or all); on failure undo and raise."""
         if mode not in ("real", "test"):
@@ -97,6 +98,8 @@ class Lab:
             raise LabError("--hosts must be between 1 and 40")
         if only not in ("all", "etcd", "hosts"):
             raise LabError(f"only must be all, etcd or hosts, not {only!r}")
+        if not 1 <= etcd_members <= 7:
+            raise LabError("--etcd-members must be between 1 and 7")
         self._preflight(mode, only != "hosts")
         state = LabState(
             prefix=self.settings.prefix,
@@ -107,7 +110,7 @@ class Lab:
         state.save(self.settings)
         started = time.monotonic()
         try:
-            self._up(state, host_count, only)
+            self._up(state, host_count, only, etcd_members)
         except BaseException as exc:
             self.say(f"!! lab up failed: {exc}; tearing down what was made")
             self.down()
@@ -146,7 +149,7 @@ class Lab:
                     f"bridge {self.settings.bridge} already exists; run `hvplace lab down`"
                 )
 
-    def _up(self, state: LabState, host_count: int, only: Only) -> None:
+    def _up(self, state: LabState, host_count: int, only: Only, etcd_members: int = 1) -> None:
         settings = self.settings
         if state.mode == "real":
             with self.step("preparing the machine (libvirt-qemu user, bind-mount targets)"):
@@ -165,8 +168,9 @@ class Lab:
                 state.guest_image = daemons.build_guest_image()
                 state.save(settings)
         if only != "hosts":
-            with self.step("starting etcd"):
-                daemons.start_etcd(settings, state)
+            what = "etcd" if etcd_members == 1 else f"{etcd_members} etcd members"
+            with self.step(f"starting {what}"):
+                daemons.start_etcd(settings, state, members=etcd_members)
                 state.save(settings)
         for index in range(1, host_count + 1):
             host = self._new_host(state, index)
@@ -246,10 +250,10 @@ class Lab:
             for host in state.hosts.values():
                 with self.step(f"removing host {host.name}"):
                     problems += hosts.teardown(host)
-            if state.etcd is not None:
+            etcd = state.etcd_processes()
+            if etcd:
                 with self.step("stopping etcd"):
-                    kill9(state.etcd)
-                    wait_gone([state.etcd.pid])
+                    wait_gone([r.pid for r in etcd if kill9(r)])
         problems += self._sweep_network()
         if state is not None:
             for target in reversed(state.created_dirs):
@@ -308,17 +312,18 @@ class Lab:
     def status(self) -> list[StatusRow]:
         state = self.state()
         rows: list[StatusRow] = []
-        if state.etcd is not None:
+        for member in state.etcd_members:
+            proc = member.process
             rows.append(
                 StatusRow(
                     "etcd",
-                    "etcd",
-                    state.etcd.pid,
-                    is_alive(state.etcd),
-                    " ".join(state.etcd_endpoints),
+                    member.name,
+                    None if proc is None else proc.pid,
+                    is_alive(proc),
+                    " ".join(member.client_urls),
                 )
             )
-        etcd_up = is_alive(state.etcd)
+        etcd_up = any(is_alive(m.process) for m in state.etcd_members)
         leader = daemons.leader_name(state) if etcd_up else None
         for coordinator in state.coordinators:
             role = "leader" if coordinator.name == leader else "standby"
@@ -407,11 +412,11 @@ class Lab:
         return [c.api_address for c in self.state().coordinators]
 
     def etcd_endpoint(self) -> str:
-        """etcd's loopback client URL, for etcdctl and the lab's observers."""
+        """A running etcd member's loopback client URL, for the lab's observers."""
         state = self.state()
-        if not state.etcd_endpoints:
+        if not state.etcd_members:
             raise LabError("the lab has no etcd")
-        return state.etcd_endpoints[-1]
+        return daemons.live_etcd_urls(state)[0]
 
     def env(self) -> dict[str, str]:
         """What a shell needs to use this lab: `eval "$(hvplace lab env)"`."""
@@ -420,28 +425,44 @@ class Lab:
             "HVPLACE_LAB_DIR": str(self.settings.state_dir),
             "HVPLACE_ENDPOINT": ",".join(self.endpoints()),
         }
-        if state.etcd_endpoints:
+        if state.etcd_members:
             env["ETCDCTL_API"] = "3"
-            env["ETCDCTL_ENDPOINTS"] = state.etcd_endpoints[-1]
+            env["ETCDCTL_ENDPOINTS"] = ",".join(state.etcd_urls(bridge=False))
         return env
 
-    def kill_etcd(self) -> int:
-        """kill -9 etcd (its data stays: `restart-etcd` brings the same cluster back)."""
-        state = self.state()
-        if state.etcd is None or not kill9(state.etcd):
-            raise LabError("etcd is not running")
-        wait_gone([state.etcd.pid])
-        self.say(f"killed etcd (PID {state.etcd.pid})")
-        return state.etcd.pid
+    def _etcd_members(self, state: LabState, member: int | None) -> list[EtcdMemberRecord]:
+        if member is None:
+            return list(state.etcd_members)
+        if not 1 <= member <= len(state.etcd_members):
+            raise LabError(
+                f"no etcd member {member}: the lab has {len(state.etcd_members)} (1-based)"
+            )
+        return [state.etcd_members[member - 1]]
 
-    def restart_etcd(self) -> None:
-        """Start etcd again on the same URLs and data dir."""
+    def kill_etcd(self, member: int | None = None) -> list[int]:
+        """kill -9 every etcd member, or member `member` (1-based); the data stays, so
+        `restart-etcd` brings the same cluster back."""
         state = self.state()
-        if is_alive(state.etcd):
-            raise LabError("etcd is running; kill it first")
-        daemons.start_etcd(self.settings, state)
+        chosen = self._etcd_members(state, member)
+        killed = [m.process.pid for m in chosen if m.process is not None and kill9(m.process)]
+        if not killed:
+            raise LabError(
+                "etcd is not running" if member is None else f"etcd member {member} is not running"
+            )
+        wait_gone(killed)
+        self.say(f"killed {', '.join(m.name for m in chosen)} (PID {', '.join(map(str, killed))})")
+        return killed
+
+    def restart_etcd(self, member: int | None = None) -> None:
+        """Start the dead etcd members (or member `member`) again on the same URLs and data."""
+        state = self.state()
+        chosen = self._etcd_members(state, member)
+        if all(is_alive(m.process) for m in chosen):
+            raise LabError(f"{', '.join(m.name for m in chosen)} running; kill it first")
+        daemons.start_etcd(self.settings, state, only=member)
         state.save(self.settings)
-        self.say(f"etcd running again (PID {state.etcd.pid if state.etcd else '?'})")
+        pids = [str(m.process.pid) for m in chosen if m.process is not None]
+        self.say(f"etcd running again (PID {', '.join(pids)})")
 
     def kill_leader(self) -> str:
         state = self.state()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,8 +14,14 @@ import urllib.request
 from pathlib import Path
 
 from hvplace.lab import hosts
-from hvplace.lab.processes import ProcessRecord, is_alive, spawn_detached, tail
-from hvplace.lab.state import CoordinatorRecord, HostRecord, LabSettings, LabState
+from hvplace.lab.processes import ProcessRecord, is_alive, kill9, spawn_detached, tail, wait_gone
+from hvplace.lab.state import (
+    CoordinatorRecord,
+    EtcdMemberRecord,
+    HostRecord,
+    LabSettings,
+    LabState,
+)
 from hvplace.proto import keyspace
 from hvplace.proto.models import ClusterConfig, fence_after_for, validate_cluster_config
 
@@ -49,62 +56,134 @@ def _free_port_on(*addresses: str) -> int:
 # -- etcd ---------------------------------------------------------------------------
 
 
-def start_etcd(settings: LabSettings, state: LabState, timeout: float = 20.0) -> None:
-    """Debian's etcd with its data in the state dir; agents use the bridge address.
-
-    A restart (state.etcd_endpoints already set) reuses the same URLs and data."""
-    if state.etcd_endpoints and state.etcd_peer:
-        client_urls, peer = list(state.etcd_endpoints), state.etcd_peer
-    else:
-        addresses = ["127.0.0.1"]
-        if state.mode == "real":
-            addresses.insert(0, str(settings.bridge_address.ip))
+def plan_etcd(settings: LabSettings, state: LabState, members: int) -> None:
+    """Name the members and pick their URLs (each member its own ports); agents in a
+    netns reach them on the bridge address, everything else on loopback."""
+    if not 1 <= members <= 7:
+        raise DaemonError(f"--etcd-members must be between 1 and 7, not {members}")
+    addresses = ["127.0.0.1"]
+    if state.mode == "real":
+        addresses.insert(0, str(settings.bridge_address.ip))
+    state.etcd_members = []
+    for index in range(1, members + 1):
+        name = "etcd" if members == 1 else f"etcd{index}"
         client_port = _free_port_on(*addresses)
-        client_urls = [f"http://{a}:{client_port}" for a in addresses]
-        peer = f"http://127.0.0.1:{free_port()}"
-    data = settings.state_dir / "etcd"
-    argv = [
-        "etcd",
-        "--name=hvplace-lab",
-        f"--data-dir={data / 'data'}",
-        f"--listen-client-urls={','.join(client_urls)}",
-        f"--advertise-client-urls={','.join(client_urls)}",
-        f"--listen-peer-urls={peer}",
-        f"--initial-advertise-peer-urls={peer}",
-        f"--initial-cluster=hvplace-lab={peer}",
-        "--initial-cluster-state=new",
-        # Batches of 500 VMs are one transaction each (3 keys a VM).
-        "--max-txn-ops=4096",
-        "--max-request-bytes=16777216",
-        "--log-level=warn",
-        "--logger=zap",
-    ]
-    state.etcd = spawn_detached("etcd", argv, data / "etcd.log")
-    # Agents in a netns reach etcd on the bridge (first); everything else on loopback.
-    state.etcd_endpoints = client_urls
-    state.etcd_peer = peer
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not is_alive(state.etcd):
-            raise DaemonError(f"etcd exited: {tail(state.etcd.log)}")
+        state.etcd_members.append(
+            EtcdMemberRecord(
+                name=name,
+                dir=str(settings.state_dir / "etcd" / ("" if members == 1 else name)),
+                client_urls=[f"http://{a}:{client_port}" for a in addresses],
+                peer_url=f"http://127.0.0.1:{free_port()}",
+            )
+        )
+
+
+def start_etcd(
+    settings: LabSettings,
+    state: LabState,
+    timeout: float = 20.0,
+    *,
+    members: int = 1,
+    only: int | None = None,
+) -> None:
+    """Debian's etcd, `members` of them, each its own process with its data in the state
+    dir. A restart (members already recorded) starts the dead ones (or member `only`)
+    again on the same URLs and data. Each PID is saved as soon as it is known."""
+    first = not state.etcd_members
+    for attempt in range(3 if first else 1):
+        if first:
+            plan_etcd(settings, state, members)
+        started = _spawn_etcd(settings, state, only)
         try:
-            with urllib.request.urlopen(client_urls[-1] + "/health", timeout=1) as reply:
-                if b'"health":"true"' in reply.read():
-                    return
-        except OSError:
-            pass
+            _wait_healthy(started, timeout)
+            return
+        except DaemonError as e:
+            # A port picked free can be taken before etcd binds it (other labs and tests
+            # run beside this one): a first start tries again on fresh ports.
+            if not first or attempt == 2 or "address already in use" not in str(e):
+                raise
+        wait_gone([m.process.pid for m in started if m.process and kill9(m.process)])
+        shutil.rmtree(settings.state_dir / "etcd", ignore_errors=True)
+
+
+def _spawn_etcd(settings: LabSettings, state: LabState, only: int | None) -> list[EtcdMemberRecord]:
+    cluster = ",".join(f"{m.name}={m.peer_url}" for m in state.etcd_members)
+    several = len(state.etcd_members) > 1
+    started = []
+    for number, member in enumerate(state.etcd_members, start=1):
+        if (only is not None and number != only) or is_alive(member.process):
+            continue
+        data = Path(member.dir)
+        argv = [
+            "etcd",
+            f"--name={member.name}",
+            f"--data-dir={data / 'data'}",
+            f"--listen-client-urls={','.join(member.client_urls)}",
+            f"--advertise-client-urls={','.join(member.client_urls)}",
+            f"--listen-peer-urls={member.peer_url}",
+            f"--initial-advertise-peer-urls={member.peer_url}",
+            f"--initial-cluster={cluster}",
+            "--initial-cluster-state=new",
+            # Batches of 500 VMs are one transaction each (3 keys a VM).
+            "--max-txn-ops=4096",
+            "--max-request-bytes=16777216",
+            # A dead raft leader stalls etcd until the others elect (1-2x this timeout):
+            # 500 ms rather than 1 s keeps that well inside an agent's fence window (README).
+            *(["--election-timeout=500", "--heartbeat-interval=50"] if several else []),
+            "--log-level=warn",
+            "--logger=zap",
+        ]
+        member.process = spawn_detached(member.name, argv, data / "etcd.log")
+        state.save(settings)
+        started.append(member)
+    return started
+
+
+def _healthy(member: EtcdMemberRecord) -> bool:
+    try:
+        with urllib.request.urlopen(member.loopback_url + "/health", timeout=1) as reply:
+            return b'"health":"true"' in reply.read()
+    except OSError:
+        return False
+
+
+def _wait_healthy(members: list[EtcdMemberRecord], timeout: float) -> None:
+    """Until every member is healthy (members wait for a quorum: all were started first);
+    at once when one has exited."""
+    deadline = time.monotonic() + timeout
+    waiting = list(members)
+    while waiting:
+        for member in waiting:
+            assert member.process is not None
+            if not is_alive(member.process):
+                raise DaemonError(f"{member.name} exited: {tail(member.process.log)}")
+        waiting = [m for m in waiting if not _healthy(m)]
+        if waiting and time.monotonic() > deadline:
+            late = waiting[0]
+            assert late.process is not None
+            raise DaemonError(f"{late.name} not healthy after {timeout}s: {tail(late.process.log)}")
         time.sleep(0.05)
-    raise DaemonError(f"etcd not healthy after {timeout}s: {tail(state.etcd.log)}")
+
+
+def live_etcd_urls(state: LabState) -> list[str]:
+    """The loopback URLs of the members running now (all of them if none is)."""
+    live = [m.loopback_url for m in state.etcd_members if is_alive(m.process)]
+    return live or state.etcd_urls(bridge=False)
 
 
 def etcdctl(state: LabState, *args: str, timeout: float = 10.0) -> str:
-    if not state.etcd_endpoints:
+    if not state.etcd_members:
         raise DaemonError("the lab has no etcd")
     # etcdctl refuses a flag and its ETCDCTL_* variable together, and `hvplace lab env`
     # exports ETCDCTL_ENDPOINTS: the flags here say everything, the caller's shell nothing.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
     out = subprocess.run(
-        ["etcdctl", f"--endpoints={state.etcd_endpoints[-1]}", "--dial-timeout=2s", *args],
+        [
+            "etcdctl",
+            f"--endpoints={','.join(live_etcd_urls(state))}",
+            "--dial-timeout=2s",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -176,11 +255,11 @@ def cluster_budget(lease_ttl: float | None) -> ClusterConfig:
 
 
 def coordinator_config(state: LabState, name: str, api: str, metrics: str) -> str:
-    """hvplace-coordinator's TOML (coordinator/config.py): loopback etcd, its own ports."""
+    """hvplace-coordinator's TOML (coordinator/config.py): every etcd member on loopback, its own ports."""
     budget = cluster_budget(state.lease_ttl)
     lines = [
         f'node_name = "{name}"',
-        f"etcd_endpoints = {json.dumps(state.etcd_endpoints[-1:])}",
+        f"etcd_endpoints = {json.dumps(state.etcd_urls(bridge=False))}",
         f'listen = "{api}"',
         f'metrics_listen = "{metrics}"',
         # The lab's API listens on loopback only, for the machine's root.
@@ -236,13 +315,13 @@ def agent_config(state: LabState, host: HostRecord) -> str:
     etcd is on the bridge address, and the metrics port on the host's address."""
     budget = cluster_budget(state.lease_ttl)
     if host.mode == "real":
-        endpoints = state.etcd_endpoints[:1]
+        endpoints = state.etcd_urls(bridge=True)
         domain_type = "qemu"  # TCG: /dev/kvm here hangs Linux guests (see README)
         # Every lab host reports this machine's cores; the tiny guests idle, so overcommit
         # vCPUs as a KVM fleet does (Nova's cpu_allocation_ratio) to fit a dozen of them.
         extra = ["cpu_ratio = 8.0"]
     else:
-        endpoints = state.etcd_endpoints[-1:]
+        endpoints = state.etcd_urls(bridge=False)
         domain_type = "auto"
         extra = []
     lines = [

@@ -204,6 +204,41 @@ class CoordinatorRecord:
 
 
 @dataclass
+class EtcdMemberRecord:
+    """One etcd member of the lab: its own process, data dir and URLs. `client_urls`:
+    the bridge address first in a real lab (agents in a netns use it), loopback last."""
+
+    name: str
+    dir: str
+    client_urls: list[str]
+    peer_url: str
+    process: ProcessRecord | None = None
+
+    @property
+    def loopback_url(self) -> str:
+        return self.client_urls[-1]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "dir": self.dir,
+            "client_urls": list(self.client_urls),
+            "peer_url": self.peer_url,
+            "process": _procj(self.process),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> EtcdMemberRecord:
+        return cls(
+            name=str(raw["name"]),
+            dir=str(raw["dir"]),
+            client_urls=[str(u) for u in raw["client_urls"]],
+            peer_url=str(raw["peer_url"]),
+            process=_proc(raw.get("process")),
+        )
+
+
+@dataclass
 class LabState:
     """What one `lab up` made. Saved as JSON in the state dir; `down` undoes all of it."""
 
@@ -215,9 +250,8 @@ class LabState:
     # Directories created outside the state dir (bind-mount targets such as
     # /var/lib/libvirt on a machine without them); `down` removes them when empty.
     created_dirs: list[str] = field(default_factory=list)
-    etcd: ProcessRecord | None = None
-    etcd_endpoints: list[str] = field(default_factory=list)
-    etcd_peer: str = ""
+    # Every etcd member, in the order the daemons are given them.
+    etcd_members: list[EtcdMemberRecord] = field(default_factory=list)
     coordinators: list[CoordinatorRecord] = field(default_factory=list)
     hosts: dict[str, HostRecord] = field(default_factory=dict)
     # The tiny guest (kernel, initrd, cmdline) the real hosts boot; empty on test hosts.
@@ -231,9 +265,7 @@ class LabState:
             "lease_ttl": self.lease_ttl,
             "bridge": self.bridge,
             "created_dirs": list(self.created_dirs),
-            "etcd": _procj(self.etcd),
-            "etcd_endpoints": list(self.etcd_endpoints),
-            "etcd_peer": self.etcd_peer,
+            "etcd_members": [m.to_json() for m in self.etcd_members],
             "coordinators": [c.to_json() for c in self.coordinators],
             "hosts": {name: h.to_json() for name, h in self.hosts.items()},
             "guest_image": dict(self.guest_image),
@@ -249,13 +281,28 @@ class LabState:
             lease_ttl=None if ttl is None else float(ttl),
             bridge=raw.get("bridge"),
             created_dirs=[str(d) for d in raw.get("created_dirs", [])],
-            etcd=_proc(raw.get("etcd")),
-            etcd_endpoints=[str(e) for e in raw.get("etcd_endpoints", [])],
-            etcd_peer=str(raw.get("etcd_peer", "")),
+            etcd_members=_etcd_members(raw),
             coordinators=[CoordinatorRecord.from_json(c) for c in raw.get("coordinators", [])],
             hosts={str(name): HostRecord.from_json(h) for name, h in raw.get("hosts", {}).items()},
             guest_image={str(k): str(v) for k, v in raw.get("guest_image", {}).items()},
         )
+
+    @property
+    def etcd(self) -> ProcessRecord | None:
+        """The first member's process (a one-member lab's etcd)."""
+        return self.etcd_members[0].process if self.etcd_members else None
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """The first member's client URLs (bridge first in a real lab, loopback last)."""
+        return list(self.etcd_members[0].client_urls) if self.etcd_members else []
+
+    def etcd_urls(self, *, bridge: bool) -> list[str]:
+        """One client URL per member: on the bridge (agents in a netns) or on loopback."""
+        return [m.client_urls[0] if bridge else m.loopback_url for m in self.etcd_members]
+
+    def etcd_processes(self) -> list[ProcessRecord]:
+        return [m.process for m in self.etcd_members if m.process is not None]
 
     def save(self, settings: LabSettings) -> None:
         """Write atomically: a crash mid-write must not lose the record of what runs."""
@@ -265,9 +312,31 @@ class LabState:
         os.replace(tmp, settings.state_file)
 
 
+def _etcd_members(raw: Mapping[str, Any]) -> list[EtcdMemberRecord]:
+    """The members; a state file written before labs had several reads as one member,
+    so `down` still finds its etcd."""
+    if "etcd_members" in raw:
+        return [EtcdMemberRecord.from_json(m) for m in raw["etcd_members"]]
+    urls = [str(u) for u in raw.get("etcd_endpoints", [])]
+    if not urls:
+        return []
+    return [
+        EtcdMemberRecord(
+            name="etcd",
+            dir="",  # load_state knows the state dir: <state dir>/etcd
+            client_urls=urls,
+            peer_url=str(raw.get("etcd_peer", "")),
+            process=_proc(raw.get("etcd")),
+        )
+    ]
+
+
 def load_state(settings: LabSettings) -> LabState | None:
     try:
         raw = json.loads(settings.state_file.read_text())
     except FileNotFoundError:
         return None
-    return LabState.from_json(raw)
+    state = LabState.from_json(raw)
+    for member in state.etcd_members:
+        member.dir = member.dir or str(settings.state_dir / "etcd")
+    return state

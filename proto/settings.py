@@ -32,14 +32,15 @@ def coerce(name: str, kind: str, value: Any) -> Any:
     """`value` as the type named by `kind` (a dataclass field's annotation string).
 
     Raises TypeError (its text says what was expected) or ValueError; the caller words
-    the message. `etcd_endpoints` is a list of host:port (a comma-separated string from
-    the environment); `labels` a table of key = value (or "k=v,k2=v2")."""
+    the message. `etcd_endpoints` is a list of [http(s)://]host:port (a comma-separated
+    string from the environment); `labels` a table of key = value (or "k=v,k2=v2")."""
     if name == "etcd_endpoints":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple) or not value:
             raise TypeError("a non-empty list of host:port")
-        return tuple(str(v).removeprefix("http://") for v in value)
+        # Kept as written (scheme included): hvplace.proto.etcd parses and validates them.
+        return tuple(str(v).strip() for v in value)
     if name == "labels":
         if isinstance(value, str):
             pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]

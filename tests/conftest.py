@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.etcd import EtcdServer
+from support.etcd import EtcdCluster, EtcdServer
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +37,16 @@ def own_etcd() -> Iterator[EtcdServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A private 3-member etcd cluster whose members the test may kill -9 and restart,
+    with the election timeout the README recommends (500 ms: a dead leader is replaced
+    in 0.6-1.5 s, well inside an agent's default fence window)."""
+    cluster = EtcdCluster(3, election_timeout_ms=500)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

@@ -17,7 +17,7 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     )
     env = {"HVPLACE_AGENT_LABELS": "rack=r2,zone=z1", "HVPLACE_ENDPOINT": "ignored"}
     cfg = config.load(f, env=env, overrides={"domain_type": "qemu"})
-    assert cfg.host == "hv1" and cfg.etcd_endpoints == ("10.0.0.1:2379",)
+    assert cfg.host == "hv1" and cfg.etcd_endpoints == ("http://10.0.0.1:2379",)
     assert cfg.lease_ttl == 4.0 and cfg.cpu_ratio == 8.0
     assert cfg.images == Path("/srv/images")
     assert cfg.labels == {"rack": "r2", "zone": "z1"}  # environment over file
@@ -36,6 +36,11 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("domain_type = 'xen'\n", {}, "domain_type 'xen'"),
         ("host = 'a/b'\n", {}, "host name"),
         ("x = [\n", {}, "is not valid TOML"),
+        ("etcd_endpoints = ['ftp://e:1']\n", {}, "scheme must be http or https"),
+        ("etcd_endpoints = ['e:1', 'bad_name:2']\n", {}, "etcd endpoint 'bad_name:2'"),
+        ("etcd_endpoints = ['http://e:1', 'https://f:1']\n", {}, "mix http:// and https://"),
+        ("etcd_ca = '/ca.pem'\n", {}, "the etcd endpoints must be https://"),
+        ("etcd_endpoints = ['https://e:1']\netcd_key = '/k'\n", {}, "give both or neither"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
@@ -44,3 +49,15 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict[str, str], mes
     with pytest.raises(InvalidInput) as info:
         config.load(f, env=env)
     assert message in str(info.value)
+
+
+def test_etcd_endpoints_and_tls_keys(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(
+        "etcd_endpoints = ['https://etcd-1.example.org:2379', 'https://[fd00::2]']\n"
+        "etcd_ca = '/etc/hvplace/etcd-ca.pem'\n"
+    )
+    cfg = config.load(f, env={"HVPLACE_AGENT_ETCD_CERT": "/c.pem", "HVPLACE_AGENT_ETCD_KEY": "/k"})
+    assert cfg.etcd_endpoints == ("https://etcd-1.example.org:2379", "https://[fd00::2]")
+    assert cfg.etcd_tls.ca == Path("/etc/hvplace/etcd-ca.pem")
+    assert (cfg.etcd_tls.cert, cfg.etcd_tls.key) == (Path("/c.pem"), Path("/k"))

@@ -63,6 +63,11 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
         ("[cluster]\ndefault_image_kernel = 'vmlinuz'\n", {}, "must be absolute"),
         ("", {"HVPLACE_DEFAULT_IMAGE_KERNEL": "/boot/../etc/shadow"}, "'..'"),
         ("default_image_cmdline = 'quiet'\n", {}, "neither a kernel nor a disk"),
+        ("etcd_endpoints = ['ftp://e:1']\n", {}, "scheme must be http or https"),
+        ("etcd_endpoints = ['e:1', 'bad_name:2']\n", {}, "etcd endpoint 'bad_name:2'"),
+        ("etcd_endpoints = ['http://e:1', 'https://f:1']\n", {}, "mix http:// and https://"),
+        ("etcd_ca = '/ca.pem'\n", {}, "the etcd endpoints must be https://"),
+        ("etcd_endpoints = ['https://e:1']\netcd_key = '/k'\n", {}, "give both or neither"),
     ],
 )
 def test_config_errors_name_the_key(

@@ -16,17 +16,19 @@ from support.labs import LabFactory, assert_nothing_left
 
 @pytest.fixture
 def make_lab(tmp_path: Path) -> Iterator[LabFactory]:
-    """`make_lab(hosts, mode, ttl)` starts a lab; it is removed (and checked) after the test."""
+    """`make_lab(hosts, mode, ttl, etcd_members)` starts a lab; it is removed (and checked) after the test."""
     labs: list[tuple[Lab, LabState]] = []
 
-    def make(hosts: int, mode: str = "real", ttl: float | None = None) -> Lab:
+    def make(
+        hosts: int, mode: str = "real", ttl: float | None = None, etcd_members: int = 1
+    ) -> Lab:
         if mode == "real" and os.geteuid() != 0:
             pytest.fail(
                 "end-to-end tests with real QEMU need root: sudo bash .ci/run -m e2e",
                 pytrace=False,
             )
         lab = Lab(scratch_settings(tmp_path / f"lab{len(labs)}", prefix="hve"))
-        lab.up(hosts, mode, ttl)
+        lab.up(hosts, mode, ttl, etcd_members=etcd_members)
         labs.append((lab, lab.state()))
         return lab
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 from hvplace.lab import daemons
 from hvplace.lab.processes import ProcessRecord
-from hvplace.lab.state import HostRecord, LabSettings, LabState, load_state
+from hvplace.lab.state import EtcdMemberRecord, HostRecord, LabSettings, LabState, load_state
 
 
 def test_names_fit_interface_limits() -> None:
@@ -52,10 +53,20 @@ def test_state_round_trips_through_its_file(tmp_path: Path) -> None:
 
 def test_agent_in_a_netns_uses_the_bridge_address_of_etcd() -> None:
     state = LabState(prefix="hvlab", subnet="10.213.0.0/24", mode="real", lease_ttl=4.0)
-    state.etcd_endpoints = ["http://10.213.0.1:2379", "http://127.0.0.1:2379"]
+    state.etcd_members = [
+        EtcdMemberRecord(
+            name=f"etcd{i}",
+            dir="/d",
+            client_urls=[f"http://10.213.0.1:{port}", f"http://127.0.0.1:{port}"],
+            peer_url="http://127.0.0.1:1",
+        )
+        for i, port in ((1, 2379), (2, 2479))
+    ]
     host = HostRecord(name="h1", index=1, mode="real", dir="/d", libvirt_uri="qemu:///system")
     config = daemons.agent_config(state, host)
-    assert 'etcd_endpoints = ["http://10.213.0.1:2379"]' in config
+    assert 'etcd_endpoints = ["http://10.213.0.1:2379", "http://10.213.0.1:2479"]' in config
+    coordinator = daemons.coordinator_config(state, "c1", "127.0.0.1:1", "127.0.0.1:2")
+    assert 'etcd_endpoints = ["http://127.0.0.1:2379", "http://127.0.0.1:2479"]' in coordinator
     assert "lease_ttl = 4.0" in config
 
 
@@ -63,3 +74,23 @@ def test_test_node_is_valid_xml() -> None:
     node = ET.fromstring(daemons.test_node_xml("h1", cpus=8, memory_mib=1024))
     assert node.findtext("cpu/active") == "8"
     assert node.findtext("memory") == str(1024 * 1024)
+
+
+def test_a_state_file_from_before_several_etcd_members_still_names_its_etcd(
+    settings: LabSettings,
+) -> None:
+    """`down` after an upgrade must still find the etcd an older `up` started."""
+    old = {
+        "prefix": settings.prefix,
+        "subnet": str(settings.subnet),
+        "mode": "test",
+        "etcd": {"role": "etcd", "pid": 4242, "start_time": 1, "log": "/x/etcd.log"},
+        "etcd_endpoints": ["http://127.0.0.1:2379"],
+        "etcd_peer": "http://127.0.0.1:2380",
+    }
+    settings.state_dir.mkdir(parents=True)
+    settings.state_file.write_text(json.dumps(old))
+    state = load_state(settings)
+    assert state is not None and state.etcd is not None and state.etcd.pid == 4242
+    assert state.etcd_urls(bridge=False) == ["http://127.0.0.1:2379"]
+    assert state.etcd_members[0].dir == str(settings.state_dir / "etcd")

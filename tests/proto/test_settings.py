@@ -12,7 +12,7 @@ from hvplace.proto.errors import InvalidInput
 @pytest.mark.parametrize(
     ("name", "kind", "value", "expected"),
     [
-        ("etcd_endpoints", "tuple[str, ...]", "http://a:1, b:2", ("a:1", "b:2")),
+        ("etcd_endpoints", "tuple[str, ...]", "http://a:1, b:2", ("http://a:1", "b:2")),
         ("etcd_endpoints", "tuple[str, ...]", ["c:3"], ("c:3",)),
         ("labels", "Mapping[str, str]", "rack=r1, zone=z", {"rack": "r1", "zone": "z"}),
         ("labels", "Mapping[str, str]", {"rack": 1}, {"rack": "1"}),

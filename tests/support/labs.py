@@ -19,7 +19,7 @@ def assert_nothing_left(lab: Lab, state: LabState) -> None:
     settings = lab.settings
     pids = [p.pid for h in state.hosts.values() for p in h.processes()]
     pids += [c.process.pid for c in state.coordinators if c.process is not None]
-    pids += [state.etcd.pid] if state.etcd is not None else []
+    pids += [p.pid for p in state.etcd_processes()]
     assert not [pid for pid in pids if pid_alive(pid)], "lab processes still running"
     for host in state.hosts.values():
         if host.netns_inode is not None:
