@@ -147,6 +147,9 @@ class HostInfo:
     domain_type: str = ""
     agent_version: str = ""
     started_at: float = 0.0
+    # Why the agent cannot use libvirt ("" while it can): the host is then `degraded`.
+    hypervisor_error: str = ""
+    hypervisor_error_since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,6 +112,8 @@ class HostInfo(_message.Message):
     DOMAIN_TYPE_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
+    HYPERVISOR_ERROR_FIELD_NUMBER: _builtins.int
+    HYPERVISOR_ERROR_SINCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     reserved_memory_mib: _builtins.int
     address: _builtins.str
@@ -120,6 +122,9 @@ class HostInfo(_message.Message):
     """kvm | qemu | test"""
     agent_version: _builtins.str
     started_at: _builtins.float
+    hypervisor_error: _builtins.str
+    """why libvirt is unusable; empty while it answers"""
+    hypervisor_error_since: _builtins.float
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -139,10 +144,12 @@ class HostInfo(_message.Message):
         domain_type: _builtins.str = ...,
         agent_version: _builtins.str = ...,
         started_at: _builtins.float = ...,
+        hypervisor_error: _builtins.str = ...,
+        hypervisor_error_since: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "ratios", b"ratios"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "capacity", b"capacity", "domain_type", b"domain_type", "labels", b"labels", "libvirt_uri", b"libvirt_uri", "name", b"name", "ratios", b"ratios", "reserved_memory_mib", b"reserved_memory_mib", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "capacity", b"capacity", "domain_type", b"domain_type", "hypervisor_error", b"hypervisor_error", "hypervisor_error_since", b"hypervisor_error_since", "labels", b"labels", "libvirt_uri", b"libvirt_uri", "name", b"name", "ratios", b"ratios", "reserved_memory_mib", b"reserved_memory_mib", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
