@@ -47,6 +47,7 @@ class CoordinatorConfig:
     admission_policy: str = _CLUSTER.admission_policy.value
     admission_failures: int = _CLUSTER.admission_failures
     admission_topology: str = _CLUSTER.admission_topology
+    max_start_attempts: int = _CLUSTER.max_start_attempts
     log_level: str = "INFO"
     leader_self_checks: bool = True
     """Step down as soon as the own clock or etcd says the session lease is gone. Off,
@@ -62,6 +63,7 @@ class CoordinatorConfig:
             admission_policy=AdmissionPolicy(self.admission_policy),
             admission_failures=self.admission_failures,
             admission_topology=self.admission_topology,
+            max_start_attempts=self.max_start_attempts,
         )
 
 
@@ -74,6 +76,7 @@ _CLUSTER_KEYS = {
     "admission_policy",
     "admission_failures",
     "admission_topology",
+    "max_start_attempts",
 }
 
 

@@ -40,6 +40,9 @@ class HostState(StrEnum):
     CORDONED = "cordoned"
     DRAINING = "draining"
     LOST = "lost"
+    # Derived, never written: registered, but its agent cannot use libvirt
+    # (HostInfo.hypervisor_error). Takes nothing new; its VMs are not moved.
+    DEGRADED = "degraded"
 
 
 class HAPriority(StrEnum):
@@ -162,6 +165,15 @@ class HostStatus:
     since: float = 0.0
 
 
+def host_state(info: HostInfo | None, status: HostStatus | None) -> HostState:
+    """A registered host's state from its records: the coordinator's status, except that a
+    ready host whose agent reports libvirt unusable is `degraded` (derived each time)."""
+    state = status.state if status is not None else HostState.READY
+    if state is HostState.READY and info is not None and info.hypervisor_error:
+        return HostState.DEGRADED
+    return state
+
+
 @dataclass(frozen=True, slots=True)
 class Host:
     """The engine's view of a host: registration plus state."""
@@ -181,7 +193,7 @@ class Host:
             capacity=info.capacity,
             ratios=info.ratios,
             reserved_memory_mib=info.reserved_memory_mib,
-            state=status.state if status is not None else HostState.READY,
+            state=host_state(info, status),
         )
 
     def allocatable(self) -> Resources:
@@ -365,8 +377,21 @@ class Explanation:
 
 
 @dataclass(frozen=True, slots=True)
+class StartFailure:
+    """One host on which the VM's assignment (at `epoch`) could not be defined or started."""
+
+    host: str
+    epoch: int = 0
+    reason: str = ""
+    at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class VMStatus:
-    """Where a VM stands, written by the coordinator (placement) and read by the API."""
+    """Where a VM stands, written by the coordinator (placement) and read by the API.
+
+    `start_failures` are the hosts it failed to start on in a row (cleared once it runs,
+    or by `vm start`); at the cluster's `max_start_attempts` it stays `failed`."""
 
     scope: str
     name: str
@@ -377,6 +402,7 @@ class VMStatus:
     since: float = 0.0
     degraded: tuple[str, ...] = ()
     explanation: Explanation | None = None
+    start_failures: tuple[StartFailure, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +486,9 @@ class ClusterConfig:
     admission_policy: AdmissionPolicy = AdmissionPolicy.WARN
     admission_failures: int = 1
     admission_topology: str = TOPOLOGY_HOST
+    max_start_attempts: int = 3
+    """Hosts a VM may fail to start on in a row before it stays `failed` (vSphere's
+    restart count); `hvplace vm start` clears the count."""
 
 
 def fence_after_for(lease_ttl_s: float, failover_delay_s: float = 0.5) -> float:
@@ -620,6 +649,7 @@ def validate_cluster_config(cfg: ClusterConfig, clock_margin_s: float = 0.5) -> 
             " lease_ttl_s; lower fence_after_s or raise lease_ttl_s"
         )
     check_int(cfg.admission_failures, "admission_failures", 1, 16)
+    check_int(cfg.max_start_attempts, "max_start_attempts", 1, 100)
     return cfg
 
 

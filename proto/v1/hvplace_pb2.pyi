@@ -167,7 +167,7 @@ class HostStatus(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _builtins.str
-    """ready | cordoned | draining | lost"""
+    """ready | cordoned | draining | lost (degraded is derived, see HostInfo)"""
     reason: _builtins.str
     since: _builtins.float
     def __init__(
@@ -522,6 +522,36 @@ class Explanation(_message.Message):
 Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
 
 @_typing.final
+class StartFailure(_message.Message):
+    """One host a VM failed to start on (its assignment at `epoch`), with libvirt's message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    epoch: _builtins.int
+    reason: _builtins.str
+    at: _builtins.float
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "epoch", b"epoch", "host", b"host", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartFailure: _TypeAlias = StartFailure  # noqa: Y015
+
+@_typing.final
 class VMStatus(_message.Message):
     """At /hvplace/v1/vmstatus/<scope>/<vm>."""
 
@@ -536,6 +566,7 @@ class VMStatus(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
+    START_FAILURES_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     name: _builtins.str
     phase: _builtins.str
@@ -550,6 +581,10 @@ class VMStatus(_message.Message):
 
     @_builtins.property
     def explanation(self) -> Global___Explanation: ...
+    @_builtins.property
+    def start_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartFailure]:
+        """Hosts it failed to start on in a row; at max_start_attempts it stays failed."""
+
     def __init__(
         self,
         *,
@@ -562,10 +597,11 @@ class VMStatus(_message.Message):
         since: _builtins.float = ...,
         degraded: _abc.Iterable[_builtins.str] | None = ...,
         explanation: Global___Explanation | None = ...,
+        start_failures: _abc.Iterable[Global___StartFailure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "epoch", b"epoch", "explanation", b"explanation", "host", b"host", "name", b"name", "phase", b"phase", "reason", b"reason", "scope", b"scope", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "epoch", b"epoch", "explanation", b"explanation", "host", b"host", "name", b"name", "phase", b"phase", "reason", b"reason", "scope", b"scope", "since", b"since", "start_failures", b"start_failures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -721,6 +757,7 @@ class ClusterConfig(_message.Message):
     ADMISSION_POLICY_FIELD_NUMBER: _builtins.int
     ADMISSION_FAILURES_FIELD_NUMBER: _builtins.int
     ADMISSION_TOPOLOGY_FIELD_NUMBER: _builtins.int
+    MAX_START_ATTEMPTS_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.float
     fence_after_s: _builtins.float
     failover_delay_s: _builtins.float
@@ -728,6 +765,8 @@ class ClusterConfig(_message.Message):
     """refuse | warn"""
     admission_failures: _builtins.int
     admission_topology: _builtins.str
+    max_start_attempts: _builtins.int
+    """hosts a VM may fail to start on before it stays failed"""
     def __init__(
         self,
         *,
@@ -737,10 +776,11 @@ class ClusterConfig(_message.Message):
         admission_policy: _builtins.str = ...,
         admission_failures: _builtins.int = ...,
         admission_topology: _builtins.str = ...,
+        max_start_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "lease_ttl_s", b"lease_ttl_s", "max_start_attempts", b"max_start_attempts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
