@@ -170,3 +170,68 @@ async def _failed_with(api: Api, name: str, n: int, after: float = 0.0) -> pb.VM
     if any(f.at < after for f in st.start_failures):
         return None
     return view
+
+
+async def test_a_degraded_host_takes_no_new_vm_and_keeps_its_own(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A host whose agent reports libvirt unusable is `degraded` with the reason (host list,
+    cluster status, the hosts gauge, placement's explain) and its VMs stay where they are."""
+    from hvplace.coordinator.metrics import CoordinatorMetrics
+
+    async with running_api(etcd) as api:
+        b = api.backend
+        ctl = Controller(b.store, b.cache, b.planner, cluster_default=CLUSTER, resync_s=30)
+        task = asyncio.create_task(ctl.run(None))  # type: ignore[arg-type]
+        try:
+            await api.add_host("h1", memory_mib=4096)
+            await api.add_host("h2", memory_mib=4096)
+            spec = pb.VM(scope="acme", name="a", resources=pb.Resources(vcpus=1, memory_mib=64))
+            spec.image.CopyFrom(IMAGE)
+            created = await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[spec]))
+            home = created.vms[0].status.host
+            other = "h2" if home == "h1" else "h1"
+            # Its agent reports libvirt gone (as hvplace-agent writes it, on a lease).
+            info = b.cache.hosts.records[home]
+            down = models.HostInfo(
+                **{
+                    **{f: getattr(info, f) for f in info.__slots__},  # type: ignore[attr-defined]
+                    "hypervisor_error": "libvirt at qemu:///system unreachable: EOF",
+                    "hypervisor_error_since": time.time(),
+                }
+            )
+            lease = await api.client.lease(60)
+            await api.client.put(keyspace.host(home).encode(), models.dumps(down), lease=lease)
+            await eventually(lambda: b.cache.hosts.records[home].hypervisor_error)
+            hosts = {h.info.name: h for h in (await api.host.ListHosts(pb.Empty())).hosts}
+            assert hosts[home].status.state == "degraded"
+            assert "unreachable: EOF" in hosts[home].status.reason
+            assert hosts[other].status.state in ("", "ready")
+            status = await api.cluster.GetClusterStatus(pb.Empty())
+            assert dict(status.hosts_by_state) == {"degraded": 1, "ready": 1}
+            metrics = CoordinatorMetrics()
+            metrics.refresh_state(b.cache)
+            assert metrics.hosts.labels(state="degraded")._value.get() == 1
+            # New VMs go elsewhere; with the other host full, explain names the state.
+            spec.name = "b"
+            created = await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[spec]))
+            assert created.vms[0].status.host == other
+            spec.name = "big"
+            spec.resources.memory_mib = 4040  # free on the other: 4032
+            created = await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[spec]))
+            assert created.vms[0].status.phase == "pending"
+            assert "host degraded" in created.vms[0].status.reason
+            # Its VM is not moved for it, and carries the host's reason.
+            await asyncio.sleep(1.0)
+            view = await get(api, "a")
+            assert view.status.host == home and b.cache.assignments.records["acme/a"].host == home
+            assert "degraded" in view.status.reason
+            # Recovered: ready again, with no one writing a status.
+            await api.client.put(keyspace.host(home).encode(), models.dumps(info), lease=lease)
+            await eventually(lambda: not b.cache.hosts.records[home].hypervisor_error)
+            hosts = {h.info.name: h for h in (await api.host.ListHosts(pb.Empty())).hosts}
+            assert hosts[home].status.state in ("", "ready")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
