@@ -34,6 +34,8 @@ from hvplace.proto.models import (
     DomainState,
     DomainStatus,
     HostInfo,
+    dumps,
+    loads,
 )
 
 PARALLEL_STARTS = 2
@@ -106,6 +108,7 @@ class Agent:
         # Why libvirt is unusable ("" while it answers); reported in HostInfo.
         self.hypervisor_error = ""
         self._hypervisor_since = 0.0
+        self._hv_open = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: MetricsServer | None = None
         self._watchdog: watchdog.WatchdogDevice | None = None
@@ -118,10 +121,32 @@ class Agent:
         """Open libvirt, read the timing budget (refusing an unsafe one), then run until shutdown."""
         self._loop = asyncio.get_running_loop()
         try:
-            await self.hv.open()
             self.hv.on_event(self._on_domain_event)
+            try:
+                await self.hv.open()
+                self._hv_open = True
+            except HypervisorUnavailable as e:
+                # libvirtd is down as this agent starts: keep the host registered, as
+                # degraded, from the last record, so that its running guests are not
+                # re-placed (they run on without libvirtd); open again in the monitor.
+                saved = self._saved_host_info()
+                if saved is None:
+                    raise
+                log.error("libvirt unusable at start (%s); registering degraded", e.message)
+                self.hypervisor_error = e.message
+                self._hypervisor_since = time.time()
+                self.metrics.hypervisor_up.set(0)
             await self._load_cluster_config()
-            self.info = await self._host_info()
+            if self._hv_open:
+                self.info = await self._host_info()
+            else:
+                assert saved is not None
+                self.info = dataclasses.replace(
+                    saved,
+                    started_at=time.time(),
+                    hypervisor_error=self.hypervisor_error,
+                    hypervisor_error_since=self._hypervisor_since,
+                )
             log.info(
                 "agent %s on %s (domain type %s): lease_ttl %.1fs, fence_after %.1fs, capacity %s",
                 self.cfg.host,
@@ -242,6 +267,17 @@ class Agent:
     def _lease_file(self) -> Any:
         return self.cfg.state_dir / "lease.json"
 
+    def _host_file(self) -> Any:
+        return self.cfg.state_dir / "host.json"
+
+    def _saved_host_info(self) -> HostInfo | None:
+        """The host record of the previous run (capacity needs libvirt to be measured)."""
+        try:
+            info = loads(HostInfo, self._host_file().read_bytes())
+        except (OSError, InvalidInput):
+            return None
+        return info if info.name == self.cfg.host else None
+
     async def _previous_lease(self) -> int | None:
         """A lease a previous run of this agent still holds: reusing it keeps the host
         key from flapping across a restart."""
@@ -272,6 +308,7 @@ class Agent:
         try:
             self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
             self._lease_file().write_text(json.dumps({"host": self.cfg.host, "lease_id": lease}))
+            self._host_file().write_bytes(dumps(self.info))
         except OSError as e:
             log.warning("cannot save the lease id: %s", e)
         self._stale_status = set(await self.store.domain_keys())
@@ -334,7 +371,10 @@ class Agent:
         delay = first
         while not self._stopping.is_set():
             try:
-                await self.hv.ping(HYPERVISOR_PING_TIMEOUT_S)
+                if self._hv_open:
+                    await self.hv.ping(HYPERVISOR_PING_TIMEOUT_S)
+                else:
+                    await self._open_late()
             except HypervisorError as e:
                 await self._hypervisor_down(e.message)
                 await asyncio.sleep(delay)
@@ -344,6 +384,19 @@ class Agent:
             if self.hypervisor_error:
                 await self._hypervisor_up()
             await asyncio.sleep(HYPERVISOR_PING_S)
+
+    async def _open_late(self) -> None:
+        """Open libvirt that was down at start, then measure the host afresh."""
+        try:
+            await asyncio.wait_for(self.hv.open(), HYPERVISOR_PING_TIMEOUT_S * 10)
+        except TimeoutError:
+            raise HypervisorUnavailable("libvirt did not answer while opening") from None
+        self._hv_open = True
+        fresh = await self._host_info()
+        if self.info is not None:
+            fresh = dataclasses.replace(fresh, started_at=self.info.started_at)
+        self.info = fresh
+        log.warning("libvirt opened on %s (domain type %s)", self.cfg.host, self.hv.domain_type)
 
     async def _hypervisor_down(self, why: str) -> None:
         if not self.hypervisor_error:
@@ -484,6 +537,9 @@ class Agent:
 
     async def sync(self) -> bool:
         """One level-triggered pass over this host; True when an action failed."""
+        if not self._hv_open:
+            # Down since the agent started: nothing to compare against yet.
+            raise HypervisorUnavailable(self.hypervisor_error or "libvirt not opened yet")
         gen, fenced = self._fence_gen, self.fenced
         may_start = self._may_start and not fenced
         desired: dict[str, Assignment] = {}

@@ -1,7 +1,8 @@
 """libvirtd killed on a real lab host (issue 9, case 7): the agent reports it within
 seconds, the coordinator shows the host `degraded` with the reason and places nothing
-new there, nothing is fenced, moved or destroyed (the guest's QEMU keeps its PID), and the
-host recovers by itself once libvirtd is back."""
+new there, nothing is fenced, moved or destroyed (the guest's QEMU keeps its PID), an
+agent restarted meanwhile keeps the host registered as degraded, and the host recovers
+by itself once libvirtd is back."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hvplace.lab import hosts, observe, workload
+from hvplace.lab import daemons, hosts, observe, workload
 from hvplace.lab.control import Lab, scratch_settings
-from hvplace.lab.processes import kill_pid, pid_alive, spawn_detached, wait_gone
+from hvplace.lab.processes import kill9, kill_pid, pid_alive, spawn_detached, tail, wait_gone
 from lab.conftest import require_root
 from support.labs import assert_nothing_left
 
@@ -34,7 +35,10 @@ def test_killed_libvirtd_degrades_the_host_and_recovers(tmp_path: Path) -> None:
     lab = Lab(scratch_settings(tmp_path / "lab", prefix="hvd"))
     final = None
     try:
-        lab.up(2, "real")
+        # A lease TTL of 10 s: the agent restarted below must be back inside it (a Python
+        # start on this loaded 2-core machine takes several seconds), else the host is
+        # lost and failover rightly moves its VM.
+        lab.up(2, "real", lease_ttl=10)
         etcd = lab.etcd_endpoint()
         image = workload.image_args(lab.state())
         workload.hvplace(lab, "vm", "create", "g1", "--memory", "96", *image)
@@ -72,6 +76,33 @@ def test_killed_libvirtd_degrades_the_host_and_recovers(tmp_path: Path) -> None:
         vm = json.loads(workload.hvplace(lab, "--json", "vm", "get", "default/g1"))
         assert "degraded" in vm["status"]["reason"]
 
+        # The agent restarts while libvirtd is down (kill -9, started again): it keeps the
+        # host registered, degraded, from its last record, so nothing is re-placed.
+        before = down.registered[name].started_at
+        assert kill9(host.agent)
+        t2 = time.monotonic()
+        daemons.start_agent(lab.settings, state, host)
+        state.save(lab.settings)
+        try:
+            again = observe.wait_for(
+                etcd,
+                lambda c: (
+                    (i := c.registered.get(name)) is not None
+                    and i.started_at > before
+                    and bool(i.hypervisor_error)
+                ),
+                30,
+                "restarted agent registered degraded",
+            )
+        except observe.ObserveError as e:
+            raise AssertionError(f"{e}; agent log: {tail(Path(host.dir) / 'agent.log')}") from None
+        print(
+            json.dumps({"agent_restart_registered_s": round(time.monotonic() - t2, 2)}),
+            file=sys.stderr,
+        )
+        assert not again.lost(name) and again.host_of("default/g1") == name
+        assert hosts.qemu_pids(host) == qemu
+
         # libvirtd back (same binary, same namespaces): the host is ready again by itself.
         reaped = [sys.executable, "-m", "hvplace.lab.reaper", "libvirtd"]
         host.libvirtd = spawn_detached(
@@ -95,6 +126,9 @@ def test_killed_libvirtd_degrades_the_host_and_recovers(tmp_path: Path) -> None:
         assert row.get("status", {}).get("state", "ready") == "ready"
         final = lab.state()
     finally:
+        if "host" in locals():  # kept for a failure's post-mortem (`down` removes the lab)
+            for log in Path(host.dir).glob("*.log"):
+                (tmp_path / log.name).write_bytes(log.read_bytes())
         assert lab.down() == []
         wait_gone(qemu if "qemu" in locals() else [], 10)
     if final is not None:
