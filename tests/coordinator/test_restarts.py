@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -193,12 +194,10 @@ async def test_a_degraded_host_takes_no_new_vm_and_keeps_its_own(
             other = "h2" if home == "h1" else "h1"
             # Its agent reports libvirt gone (as hvplace-agent writes it, on a lease).
             info = b.cache.hosts.records[home]
-            down = models.HostInfo(
-                **{
-                    **{f: getattr(info, f) for f in info.__slots__},  # type: ignore[attr-defined]
-                    "hypervisor_error": "libvirt at qemu:///system unreachable: EOF",
-                    "hypervisor_error_since": time.time(),
-                }
+            down = dataclasses.replace(
+                info,
+                hypervisor_error="libvirt at qemu:///system unreachable: EOF",
+                hypervisor_error_since=time.time(),
             )
             lease = await api.client.lease(60)
             await api.client.put(keyspace.host(home).encode(), models.dumps(down), lease=lease)
