@@ -294,6 +294,8 @@ class LibvirtHypervisor:
 
         loop = asyncio.get_running_loop()
         self._ping = loop.run_in_executor(self._ping_pool, ping)
+        # A ping that outlives its timeout is awaited by nobody: retrieve its outcome.
+        self._ping.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             await asyncio.wait_for(asyncio.shield(self._ping), timeout_s)
         except TimeoutError:
