@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -133,8 +134,11 @@ async def test_a_vm_failing_everywhere_stops_after_three_hosts_and_vm_start_retr
         spec.image.CopyFrom(IMAGE)
         await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[spec]))
         await eventually(lambda: _is(api, "good", "running"))
+        put_at = time.monotonic()
         put_poison(etcd, "bad")
         view = await eventually(lambda: _failed_with(api, "bad", 3), within=30)
+        took = {"poison_failed_on_3_hosts_s": round(time.monotonic() - put_at, 2)}
+        print(json.dumps(took), file=sys.stderr)
         failures = view.status.start_failures
         hosts = [f.host for f in failures]
         assert len(set(hosts)) == 3, f"three different hosts: {hosts}"
