@@ -141,8 +141,15 @@ class Agent:
                 self.info = await self._host_info()
             else:
                 assert saved is not None
+                # Only the measured capacity is the saved one; the rest is this config's.
                 self.info = dataclasses.replace(
                     saved,
+                    labels=self.cfg.labels,
+                    ratios=self.cfg.ratios,
+                    reserved_memory_mib=self.cfg.reserved_memory_mib,
+                    address=self.cfg.address,
+                    libvirt_uri=self.cfg.libvirt_uri,
+                    agent_version=AGENT_VERSION,
                     started_at=time.time(),
                     hypervisor_error=self.hypervisor_error,
                     hypervisor_error_since=self._hypervisor_since,
