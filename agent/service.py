@@ -587,7 +587,7 @@ class Agent:
                 raise result  # HypervisorUnavailable: the host's fault, not the VM's
         if the_plan.actions:
             actual = await self.hv.list_managed()
-        self._remember_failures(desired, errors, skip=set(unreadable) | set(the_plan.rejected))
+        self._forget_successes(errors)
         await self._report(desired, actual, errors)
         return bool(errors.keys() - unreadable.keys() - the_plan.rejected.keys() - held.keys())
 
@@ -604,25 +604,21 @@ class Agent:
                 held[key] = failure.message
         return held
 
-    def _remember_failures(
-        self, desired: dict[str, Assignment], errors: dict[str, str], skip: set[str]
-    ) -> None:
-        now = self._clock()
-        for key, message in errors.items():
-            a = desired.get(key)
-            if key in skip or a is None:
-                continue
-            prev = self._failures.get(key)
-            if prev is not None and (prev.uid, prev.epoch) == (a.vm.uid, a.epoch):
-                if prev.retry_at > now:
-                    continue  # held this pass, not tried again
-                attempts = prev.attempts + 1
-            else:
-                attempts = 1
-            first, cap = RETRY_FAILED_S
-            wait = min(cap, first * 2 ** (attempts - 1))
-            self._failures[key] = _Failure(a.vm.uid, a.epoch, message, attempts, now + wait)
-            log.warning("VM %s failed here (%d time(s)); next try in %.0fs", key, attempts, wait)
+    def _note_failure(self, key: str, a: Assignment | None, message: str) -> None:
+        """Hold this assignment back after a failure, at once: a pass that is cut short
+        later (libvirt gone) must not leave it to be retried on every trigger."""
+        if a is None:
+            return  # a leftover domain's cleanup: retried each pass, nothing to place
+        prev = self._failures.get(key)
+        same = prev is not None and (prev.uid, prev.epoch) == (a.vm.uid, a.epoch)
+        attempts = prev.attempts + 1 if prev is not None and same else 1
+        first, cap = RETRY_FAILED_S
+        wait = min(cap, first * 2 ** (attempts - 1))
+        self._failures[key] = _Failure(a.vm.uid, a.epoch, message, attempts, self._clock() + wait)
+        log.warning("VM %s failed here (%d time(s)); next try in %.0fs", key, attempts, wait)
+
+    def _forget_successes(self, errors: dict[str, str]) -> None:
+        """After a whole pass: what did not fail this time is no longer held."""
         for key in [k for k in self._failures if k not in errors]:
             del self._failures[key]
 
@@ -641,12 +637,14 @@ class Agent:
             self.metrics.reconcile_errors.inc()
             errors[action.key] = e.message
             log.error("%s %s failed: %s", action.kind.value, action.key, e.message)
+            self._note_failure(action.key, action.assignment, e.message)
             return
         except Exception as e:
             # Whatever else one VM's action raises fails that VM, never the agent.
             self.metrics.reconcile_errors.inc()
             errors[action.key] = f"{action.kind.value}: {type(e).__name__}: {e}"
             log.exception("%s %s failed", action.kind.value, action.key)
+            self._note_failure(action.key, action.assignment, errors[action.key])
             return
         log.info("%s %s (%s)", action.kind.value, action.key, action.reason)
         if action.kind is ActionKind.START and (self.fenced or self._fence_gen != gen):
