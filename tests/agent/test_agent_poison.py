@@ -41,6 +41,9 @@ async def test_poison_assignments_fail_only_their_vm(
     assert "PCDATA invalid Char value 1" in ctl.last_error  # libvirt's own message
     await eventually(lambda: _running(etcd, "good"))
     assert all(not t.done() for t in agent._tasks), "no agent task died"
+    text = agent.metrics.exposition().decode()
+    assert "hvplace_agent_hypervisor_up 1.0" in text  # a bad spec is no libvirt outage
+    assert agent.health() == (True, "ok") and not agent.hypervisor_error
     put_assignment(etcd, "h1", vm("later"))
     await eventually(lambda: _running(etcd, "later"))
     states = await _states(agent)
