@@ -34,7 +34,12 @@ EventCallback = Callable[[str], None]
 
 
 class HypervisorError(Unavailable):
-    """A libvirt or qemu-img call failed; the message is libvirt's."""
+    """A libvirt or qemu-img call failed for one domain; the message is libvirt's."""
+
+
+class HypervisorUnavailable(HypervisorError):
+    """The connection to libvirt is unusable (libvirtd down or not answering): a fault of
+    the host, never of the VM the call was for."""
 
 
 class Hypervisor(Protocol):
@@ -51,6 +56,7 @@ class Hypervisor(Protocol):
     async def destroy(self, domain: str) -> None: ...
     async def undefine(self, domain: str) -> None: ...
     async def destroy_all_managed(self) -> list[str]: ...
+    async def ping(self, timeout_s: float) -> None: ...
     def on_event(self, callback: EventCallback) -> None: ...
 
 
@@ -135,12 +141,54 @@ class LibvirtHypervisor:
         self._callback_ids: list[int] = []
         # Enough threads that a slow graceful stop never holds up a fence's destroys.
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="libvirt")
+        self._ping_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="libvirt-ping"
+        )
+        self._ping: asyncio.Future[None] | None = None
 
     # -- plumbing ---------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, fn: Callable[..., T], *args: Any, what: str = "") -> T:
+        """Run a blocking call on the pool; whatever it raises comes back typed: a
+        HypervisorUnavailable when the connection is gone, else a HypervisorError with
+        the message (libvirt-python also raises ValueError, TypeError... on bad input:
+        one VM's spec must never take the agent down)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
+        return await loop.run_in_executor(self._pool, self._guarded, fn, what, args)
+
+    def _guarded(self, fn: Callable[..., T], what: str, args: tuple[Any, ...]) -> T:
+        try:
+            return fn(*args)
+        except HypervisorUnavailable:
+            raise
+        except HypervisorError as e:
+            if not self._alive():  # the connection died under the call: not the VM's fault
+                raise HypervisorUnavailable(
+                    f"libvirt at {self.uri} unreachable: {e.message}"
+                ) from None
+            raise
+        except InvalidInput:
+            raise
+        except libvirt.libvirtError as e:
+            message = f"{what}: {e}" if what else str(e)
+            if not self._alive():
+                raise HypervisorUnavailable(
+                    f"libvirt at {self.uri} unreachable: {message}"
+                ) from None
+            raise HypervisorError(message) from None
+        except Exception as e:
+            name = what or getattr(fn, "__name__", "libvirt call").lstrip("_")
+            raise HypervisorError(f"{name}: {type(e).__name__}: {e}") from None
+
+    def _alive(self) -> bool:
+        """Whether the connection still works (after a call failed: theirs or ours?)."""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
 
     def _connection(self) -> Any:
         """The open connection, reopened if libvirtd went away. test:/// state lives in
@@ -160,7 +208,9 @@ class LibvirtHypervisor:
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as e:
-                raise HypervisorError(f"cannot connect to libvirt at {self.uri}: {e}") from None
+                raise HypervisorUnavailable(
+                    f"cannot connect to libvirt at {self.uri}: {e}"
+                ) from None
             if not self.uri.startswith("test:"):
                 # Keepalive makes a dead libvirtd visible within seconds (needs the event loop).
                 with contextlib.suppress(libvirt.libvirtError):
@@ -194,11 +244,11 @@ class LibvirtHypervisor:
     async def open(self) -> None:
         _ensure_event_loop()
         libvirt.registerErrorHandler(_quiet_error_handler, None)
-        await self._call(self._connection)
+        await self._call(self._connection, what="connecting")
         for d in (self._images, self._consoles, self._state_dir):
             d.mkdir(parents=True, exist_ok=True)
         if self.domain_type == "auto":
-            self.domain_type = await self._call(self._resolve_auto)
+            self.domain_type = await self._call(self._resolve_auto, what="probing kvm")
 
     async def close(self) -> None:
         def close() -> None:
@@ -211,8 +261,10 @@ class LibvirtHypervisor:
                 with contextlib.suppress(libvirt.libvirtError):
                     conn.close()
 
-        await self._call(close)
+        with contextlib.suppress(HypervisorError):
+            await self._call(close, what="closing")
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._ping_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- facts ------------------------------------------------------------------------
 
@@ -224,7 +276,32 @@ class LibvirtHypervisor:
                 cpus=int(info[2]), memory_mib=int(info[1]), hostname=conn.getHostname()
             )
 
-        return await self._call(facts)
+        return await self._call(facts, what="reading node facts")
+
+    async def ping(self, timeout_s: float) -> None:
+        """One cheap round trip to libvirtd (reconnecting if needed), on its own thread so
+        that a hung libvirtd cannot starve the pool; raises HypervisorUnavailable."""
+        pending = self._ping
+        if pending is not None and not pending.done():
+            # The previous ping still waits: libvirtd does not answer.
+            raise HypervisorUnavailable(f"libvirt at {self.uri} is not answering")
+
+        def ping() -> None:
+            try:
+                self._connection().getLibVersion()
+            except libvirt.libvirtError as e:
+                raise HypervisorUnavailable(f"libvirt at {self.uri} unreachable: {e}") from None
+
+        loop = asyncio.get_running_loop()
+        self._ping = loop.run_in_executor(self._ping_pool, ping)
+        # A ping that outlives its timeout is awaited by nobody: retrieve its outcome.
+        self._ping.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ping), timeout_s)
+        except TimeoutError:
+            raise HypervisorUnavailable(
+                f"libvirt at {self.uri} did not answer within {timeout_s:.1f}s"
+            ) from None
 
     def _observe(self, dom: Any) -> Observed | None:
         try:
@@ -263,14 +340,11 @@ class LibvirtHypervisor:
         return out
 
     async def list_managed(self) -> dict[str, Observed]:
-        try:
-            return await self._call(self._list_managed)
-        except libvirt.libvirtError as e:
-            raise HypervisorError(f"listing domains: {e}") from None
+        return await self._call(self._list_managed, what="listing domains")
 
     async def domain_id(self, domain: str) -> int:
         """The running domain's ID (-1 when off): a restart of the agent must not change it."""
-        return int(await self._call(lambda: self._lookup(domain).ID()))
+        return int(await self._call(lambda: self._lookup(domain).ID(), what=f"ID of {domain}"))
 
     async def qemu_pid(self, domain: str) -> int | None:
         """The QEMU process of a running domain, from libvirt's pid file (qemu:/// only)."""
@@ -333,7 +407,8 @@ class LibvirtHypervisor:
         return name
 
     async def define(self, assignment: Assignment) -> str:
-        return await self._call(self._define, assignment)
+        name = domain_xml.domain_name(assignment.vm.scope, assignment.vm.name)
+        return await self._call(self._define, assignment, what=f"defining {name}")
 
     def _start(self, domain: str) -> None:
         try:
@@ -347,7 +422,7 @@ class LibvirtHypervisor:
             raise HypervisorError(f"starting {domain}: {e}") from None
 
     async def start(self, domain: str) -> None:
-        await self._call(self._start, domain)
+        await self._call(self._start, domain, what=f"starting {domain}")
 
     def _destroy(self, domain: str) -> None:
         try:
@@ -357,7 +432,7 @@ class LibvirtHypervisor:
                 raise HypervisorError(f"destroying {domain}: {e}") from None
 
     async def destroy(self, domain: str) -> None:
-        await self._call(self._destroy, domain)
+        await self._call(self._destroy, domain, what=f"destroying {domain}")
 
     def _stop(self, domain: str, timeout_s: float) -> None:
         """ACPI shutdown, then destroy when the guest ignores it for `timeout_s`."""
@@ -377,7 +452,7 @@ class LibvirtHypervisor:
         self._destroy(domain)
 
     async def stop(self, domain: str, timeout_s: float) -> None:
-        await self._call(self._stop, domain, timeout_s)
+        await self._call(self._stop, domain, timeout_s, what=f"stopping {domain}")
 
     def _undefine(self, domain: str) -> None:
         try:
@@ -392,7 +467,7 @@ class LibvirtHypervisor:
             self.overlay_path(domain).unlink()
 
     async def undefine(self, domain: str) -> None:
-        await self._call(self._undefine, domain)
+        await self._call(self._undefine, domain, what=f"undefining {domain}")
 
     def _destroy_all_managed(self) -> list[str]:
         destroyed = []
@@ -406,7 +481,7 @@ class LibvirtHypervisor:
         return destroyed
 
     async def destroy_all_managed(self) -> list[str]:
-        return await self._call(self._destroy_all_managed)
+        return await self._call(self._destroy_all_managed, what="fence")
 
     # -- domain type probe ------------------------------------------------------------
 

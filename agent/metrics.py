@@ -49,6 +49,12 @@ class AgentMetrics:
         )
         self.fenced = Gauge("hvplace_agent_fenced", "1 while fenced.", registry=r)
         self.lease_held = Gauge("hvplace_agent_lease_held", "1 while a lease is held.", registry=r)
+        self.hypervisor_up = Gauge(
+            "hvplace_agent_hypervisor_up",
+            "1 while libvirt answers; 0 while it is unusable (the host is degraded).",
+            registry=r,
+        )
+        self.hypervisor_up.set(1)
 
     def set_domains(self, counts: dict[DomainState, int]) -> None:
         for state in DomainState:

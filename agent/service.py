@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -16,7 +17,12 @@ from typing import Any
 import psutil
 from hvplace.agent import capacity, reconcile, watchdog
 from hvplace.agent.config import AgentConfig, cluster_config
-from hvplace.agent.hypervisor import Hypervisor, HypervisorError, LibvirtHypervisor
+from hvplace.agent.hypervisor import (
+    Hypervisor,
+    HypervisorError,
+    HypervisorUnavailable,
+    LibvirtHypervisor,
+)
 from hvplace.agent.metrics import AgentMetrics, MetricsServer
 from hvplace.agent.reconcile import ActionKind
 from hvplace.agent.store import EtcdStore, StoreError
@@ -28,10 +34,32 @@ from hvplace.proto.models import (
     DomainState,
     DomainStatus,
     HostInfo,
+    dumps,
+    loads,
 )
 
 PARALLEL_STARTS = 2
 """Domains started at once; QEMU under TCG takes 0.5-2.5 s to come up on a busy host."""
+RETRY_FAILED_S = (10.0, 300.0)
+"""A VM whose define/start failed is retried (same assignment) after 10 s, doubling to 5 min:
+libvirt refusing a spec is rarely transient, and the coordinator moves it elsewhere."""
+HYPERVISOR_PING_S = 1.0
+"""How often the agent checks that libvirtd answers (a dead one closes the socket at once)."""
+HYPERVISOR_PING_TIMEOUT_S = 3.0
+HYPERVISOR_RETRY_S = (0.5, 5.0)
+"""Reconnect backoff while libvirtd is down: bounded, so recovery is seen within 5 s."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Failure:
+    """The last failure of one assignment (uid, epoch) on this host, and when to try again."""
+
+    uid: str
+    epoch: int
+    message: str
+    attempts: int
+    retry_at: float
+
 
 log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
@@ -77,6 +105,12 @@ class Agent:
         self._written: dict[str, DomainStatus] = {}
         self._stale_status: set[str] = set()
         self._since: dict[str, tuple[DomainState, float]] = {}
+        # VMs whose define/start libvirt refused, held back until their retry time.
+        self._failures: dict[str, _Failure] = {}
+        # Why libvirt is unusable ("" while it answers); reported in HostInfo.
+        self.hypervisor_error = ""
+        self._hypervisor_since = 0.0
+        self._hv_open = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: MetricsServer | None = None
         self._watchdog: watchdog.WatchdogDevice | None = None
@@ -89,10 +123,39 @@ class Agent:
         """Open libvirt, read the timing budget (refusing an unsafe one), then run until shutdown."""
         self._loop = asyncio.get_running_loop()
         try:
-            await self.hv.open()
             self.hv.on_event(self._on_domain_event)
+            try:
+                await self.hv.open()
+                self._hv_open = True
+            except HypervisorUnavailable as e:
+                # libvirtd is down as this agent starts: keep the host registered, as
+                # degraded, from the last record, so that its running guests are not
+                # re-placed (they run on without libvirtd); open again in the monitor.
+                saved = self._saved_host_info()
+                if saved is None:
+                    raise
+                log.error("libvirt unusable at start (%s); registering degraded", e.message)
+                self.hypervisor_error = e.message
+                self._hypervisor_since = time.time()
+                self.metrics.hypervisor_up.set(0)
             await self._load_cluster_config()
-            self.info = await self._host_info()
+            if self._hv_open:
+                self.info = await self._host_info()
+            else:
+                assert saved is not None
+                # Only the measured capacity is the saved one; the rest is this config's.
+                self.info = dataclasses.replace(
+                    saved,
+                    labels=self.cfg.labels,
+                    ratios=self.cfg.ratios,
+                    reserved_memory_mib=self.cfg.reserved_memory_mib,
+                    address=self.cfg.address,
+                    libvirt_uri=self.cfg.libvirt_uri,
+                    agent_version=AGENT_VERSION,
+                    started_at=time.time(),
+                    hypervisor_error=self.hypervisor_error,
+                    hypervisor_error_since=self._hypervisor_since,
+                )
             log.info(
                 "agent %s on %s (domain type %s): lease_ttl %.1fs, fence_after %.1fs, capacity %s",
                 self.cfg.host,
@@ -120,6 +183,7 @@ class Agent:
             self._spawn(self._watch_loop())
             self._spawn(self._resync_ticker())
             self._spawn(self._systemd_watchdog())
+            self._spawn(self._hypervisor_monitor())
             self._trigger()
             stop = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -168,6 +232,8 @@ class Agent:
             return False, "fenced: lease lost"
         if self.lease_id is None:
             return False, "no lease"
+        if self.hypervisor_error:
+            return False, f"degraded: {self.hypervisor_error}"
         return True, "ok"
 
     # -- registration and lease ------------------------------------------------------
@@ -210,6 +276,17 @@ class Agent:
     def _lease_file(self) -> Any:
         return self.cfg.state_dir / "lease.json"
 
+    def _host_file(self) -> Any:
+        return self.cfg.state_dir / "host.json"
+
+    def _saved_host_info(self) -> HostInfo | None:
+        """The host record of the previous run (capacity needs libvirt to be measured)."""
+        try:
+            info = loads(HostInfo, self._host_file().read_bytes())
+        except (OSError, InvalidInput):
+            return None
+        return info if info.name == self.cfg.host else None
+
     async def _previous_lease(self) -> int | None:
         """A lease a previous run of this agent still holds: reusing it keeps the host
         key from flapping across a restart."""
@@ -240,6 +317,7 @@ class Agent:
         try:
             self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
             self._lease_file().write_text(json.dumps({"host": self.cfg.host, "lease_id": lease}))
+            self._host_file().write_bytes(dumps(self.info))
         except OSError as e:
             log.warning("cannot save the lease id: %s", e)
         self._stale_status = set(await self.store.domain_keys())
@@ -291,6 +369,81 @@ class Agent:
             if self._watchdog is not None:
                 self._watchdog.pet()
             await asyncio.sleep(max(0.0, self.renew_interval_s - (self._clock() - sent)))
+
+    # -- libvirt health ---------------------------------------------------------------
+
+    async def _hypervisor_monitor(self) -> None:
+        """Ping libvirtd; while it is unusable say so in the host record (the coordinator
+        marks the host degraded) and retry with a bounded backoff. Nothing is fenced or
+        destroyed for it: QEMU guests run on without libvirtd."""
+        first, cap = HYPERVISOR_RETRY_S
+        delay = first
+        while not self._stopping.is_set():
+            try:
+                if self._hv_open:
+                    await self.hv.ping(HYPERVISOR_PING_TIMEOUT_S)
+                else:
+                    await self._open_late()
+            except HypervisorError as e:
+                await self._hypervisor_down(e.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap)
+                continue
+            delay = first
+            if self.hypervisor_error:
+                await self._hypervisor_up()
+            await asyncio.sleep(HYPERVISOR_PING_S)
+
+    async def _open_late(self) -> None:
+        """Open libvirt that was down at start, then measure the host afresh."""
+        try:
+            await asyncio.wait_for(self.hv.open(), HYPERVISOR_PING_TIMEOUT_S * 10)
+        except TimeoutError:
+            raise HypervisorUnavailable("libvirt did not answer while opening") from None
+        self._hv_open = True
+        fresh = await self._host_info()
+        if self.info is not None:
+            fresh = dataclasses.replace(fresh, started_at=self.info.started_at)
+        self.info = fresh
+        log.warning("libvirt opened on %s (domain type %s)", self.cfg.host, self.hv.domain_type)
+
+    async def _hypervisor_down(self, why: str) -> None:
+        if not self.hypervisor_error:
+            log.error("libvirt unusable on %s: %s; the host is degraded", self.cfg.host, why)
+            self._hypervisor_since = time.time()
+        if self.hypervisor_error != why:
+            self.hypervisor_error = why
+            self.metrics.hypervisor_up.set(0)
+            await self._put_host_info()
+
+    async def _hypervisor_up(self) -> None:
+        log.warning(
+            "libvirt on %s answers again after %.1fs",
+            self.cfg.host,
+            time.time() - self._hypervisor_since,
+        )
+        self.hypervisor_error = ""
+        self._hypervisor_since = 0.0
+        self.metrics.hypervisor_up.set(1)
+        await self._put_host_info()
+        self._trigger()
+
+    async def _put_host_info(self) -> None:
+        """Re-register with the hypervisor's health (on the lease held now, if any)."""
+        if self.info is None:
+            return
+        self.info = dataclasses.replace(
+            self.info,
+            hypervisor_error=self.hypervisor_error,
+            hypervisor_error_since=self._hypervisor_since,
+        )
+        lease = self.lease_id
+        if lease is None:
+            return  # _acquire writes self.info with the next lease
+        try:
+            await self.store.put_host(self.info, lease)
+        except StoreError as e:
+            log.warning("reporting libvirt's health: %s", e)
 
     # -- fencing ----------------------------------------------------------------------
 
@@ -374,8 +527,15 @@ class Agent:
             started = time.perf_counter()
             try:
                 failed = await self.sync()
+            except HypervisorUnavailable as e:
+                await self._hypervisor_down(e.message)
+                failed = True
             except (StoreError, HypervisorError) as e:
                 log.warning("reconcile: %s; retrying in %.1fs", e, delay)
+                failed = True
+            except Exception:
+                # A bug must not end the loop that keeps every other VM on this host.
+                log.exception("reconcile pass failed; retrying in %.1fs", delay)
                 failed = True
             self.metrics.reconcile.observe(time.perf_counter() - started)
             if failed:
@@ -387,6 +547,9 @@ class Agent:
 
     async def sync(self) -> bool:
         """One level-triggered pass over this host; True when an action failed."""
+        if not self._hv_open:
+            # Down since the agent started: nothing to compare against yet.
+            raise HypervisorUnavailable(self.hypervisor_error or "libvirt not opened yet")
         gen, fenced = self._fence_gen, self.fenced
         may_start = self._may_start and not fenced
         desired: dict[str, Assignment] = {}
@@ -406,6 +569,8 @@ class Agent:
         errors: dict[str, str] = {**unreadable, **the_plan.rejected}
         for key, message in the_plan.rejected.items():
             log.error("rejected assignment %s: %s", key, message)
+        held = self._held(desired)
+        errors.update(held)
         starts = [a for a in the_plan.actions if a.kind is ActionKind.START]
         for action in the_plan.actions:
             if action.kind is not ActionKind.START:
@@ -419,11 +584,46 @@ class Agent:
             async with slots:
                 await self._run_action(action, gen, errors)
 
-        await asyncio.gather(*(start(a) for a in starts))
+        results = await asyncio.gather(*(start(a) for a in starts), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # HypervisorUnavailable: the host's fault, not the VM's
         if the_plan.actions:
             actual = await self.hv.list_managed()
+        self._forget_successes(errors)
         await self._report(desired, actual, errors)
-        return bool(errors.keys() - unreadable.keys() - the_plan.rejected.keys())
+        return bool(errors.keys() - unreadable.keys() - the_plan.rejected.keys() - held.keys())
+
+    def _held(self, desired: dict[str, Assignment]) -> dict[str, str]:
+        """VMs whose assignment failed here and waits for its retry time: key -> message.
+        A new assignment (uid or epoch) or a gone one forgets the failure."""
+        now = self._clock()
+        held: dict[str, str] = {}
+        for key, failure in list(self._failures.items()):
+            a = desired.get(key)
+            if a is None or (a.vm.uid, a.epoch) != (failure.uid, failure.epoch):
+                del self._failures[key]
+            elif failure.retry_at > now:
+                held[key] = failure.message
+        return held
+
+    def _note_failure(self, key: str, a: Assignment | None, message: str) -> None:
+        """Hold this assignment back after a failure, at once: a pass that is cut short
+        later (libvirt gone) must not leave it to be retried on every trigger."""
+        if a is None:
+            return  # a leftover domain's cleanup: retried each pass, nothing to place
+        prev = self._failures.get(key)
+        same = prev is not None and (prev.uid, prev.epoch) == (a.vm.uid, a.epoch)
+        attempts = prev.attempts + 1 if prev is not None and same else 1
+        first, cap = RETRY_FAILED_S
+        wait = min(cap, first * 2 ** (attempts - 1))
+        self._failures[key] = _Failure(a.vm.uid, a.epoch, message, attempts, self._clock() + wait)
+        log.warning("VM %s failed here (%d time(s)); next try in %.0fs", key, attempts, wait)
+
+    def _forget_successes(self, errors: dict[str, str]) -> None:
+        """After a whole pass: what did not fail this time is no longer held."""
+        for key in [k for k in self._failures if k not in errors]:
+            del self._failures[key]
 
     async def _run_action(self, action: reconcile.Action, gen: int, errors: dict[str, str]) -> None:
         """Apply one action unless its VM already failed or a fence overtook this pass."""
@@ -434,10 +634,20 @@ class Agent:
             return
         try:
             await self._apply(action)
+        except HypervisorUnavailable:
+            raise  # the whole pass stops: nothing here is this VM's fault
         except (HypervisorError, InvalidInput) as e:
             self.metrics.reconcile_errors.inc()
             errors[action.key] = e.message
             log.error("%s %s failed: %s", action.kind.value, action.key, e.message)
+            self._note_failure(action.key, action.assignment, e.message)
+            return
+        except Exception as e:
+            # Whatever else one VM's action raises fails that VM, never the agent.
+            self.metrics.reconcile_errors.inc()
+            errors[action.key] = f"{action.kind.value}: {type(e).__name__}: {e}"
+            log.exception("%s %s failed", action.kind.value, action.key)
+            self._note_failure(action.key, action.assignment, errors[action.key])
             return
         log.info("%s %s (%s)", action.kind.value, action.key, action.reason)
         if action.kind is ActionKind.START and (self.fenced or self._fence_gen != gen):
@@ -485,7 +695,7 @@ class Agent:
             state = DomainState.FENCED
         else:
             state = DomainState.FAILED if error else DomainState.DEFINED
-        if error and obs is None:
+        if error and (obs is None or obs.state not in reconcile.ACTIVE):
             state = DomainState.FAILED
         prev = self._since.get(key)
         since = prev[1] if prev is not None and prev[0] is state else time.time()

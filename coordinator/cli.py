@@ -398,6 +398,14 @@ def cmd_vm_get(c: Client, args: argparse.Namespace) -> None:
             details.append(f"degraded: {', '.join(view.status.degraded)}")
         if view.domain.last_error:
             details.append(f"last error: {view.domain.last_error}")
+        if view.status.start_failures:
+            details.append(
+                f"failed to start on {len(view.status.start_failures)} host(s) in a row"
+                " (`hvplace vm start` clears the count and retries):"
+            )
+            details.extend(
+                f"  {f.host} (epoch {f.epoch}): {f.reason}" for f in view.status.start_failures
+            )
         if view.status.HasField("explanation"):
             details.append(_explanation_text(view.status.explanation))
         return out + "\n" + "\n".join(details)
@@ -560,7 +568,18 @@ def cmd_policy_get(c: Client, args: argparse.Namespace) -> None:
 
 def cmd_host_list(c: Client, args: argparse.Namespace) -> None:
     resp: pb.ListHostsResponse = c.call("host", "ListHosts", pb.Empty())
-    _emit(args, resp, lambda: table(HOST_HEADERS, _host_rows(resp.hosts)))
+
+    def text() -> str:
+        out = table(HOST_HEADERS, _host_rows(resp.hosts))
+        # Degraded and lost hosts say why under the table.
+        notes = [
+            f"{h.info.name}: {h.status.reason}"
+            for h in resp.hosts
+            if h.status.state in ("degraded", "lost") and h.status.reason
+        ]
+        return out + "".join(f"\n{n}" for n in notes)
+
+    _emit(args, resp, text)
 
 
 def _host_call(method: str) -> Callable[[Client, argparse.Namespace], None]:

@@ -73,6 +73,7 @@ class CoordinatorConfig:
     default_image_disk: str = ""
     image_roots: str = ""
     """Comma-separated directories every image path must lie under (ClusterConfig)."""
+    max_start_attempts: int = _CLUSTER.max_start_attempts
     log_level: str = "INFO"
     leader_self_checks: bool = True
     """Step down as soon as the own clock or etcd says the session lease is gone. Off,
@@ -100,6 +101,7 @@ class CoordinatorConfig:
             admission_topology=self.admission_topology,
             default_image=image if image != Image() else None,
             image_roots=tuple(r.strip() for r in self.image_roots.split(",") if r.strip()),
+            max_start_attempts=self.max_start_attempts,
         )
 
 
@@ -117,6 +119,7 @@ _CLUSTER_KEYS = {
     "default_image_cmdline",
     "default_image_disk",
     "image_roots",
+    "max_start_attempts",
 }
 
 

@@ -13,10 +13,11 @@ from hvplace.coordinator import cache as kinds
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.metrics import CoordinatorMetrics
 from hvplace.coordinator.planner import Outcome, Planner
+from hvplace.coordinator.restarts import Restarts
 from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
 from hvplace.proto import keyspace, models
 from hvplace.proto.errors import Busy, Unavailable
-from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus
+from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus, Phase
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ HOSTS = "hosts"
 PENDING = "pending"
 """Work item: place every VM that has no assignment."""
 METRICS = "metrics"
+RESTARTS = "restarts"
+"""Work item: VMs whose start failed on their host (coordinator/restarts.py)."""
 
 # What a change can unblock or require.
 _TRIGGERS: dict[str, tuple[str, ...]] = {
@@ -67,6 +70,7 @@ class Controller:
         self._fence: Fence | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self.failovers = 0
+        self.restarts = Restarts(store, cache, planner, wall=wall)
 
     def enqueue(self, item: str) -> None:
         self._queue.add(item)
@@ -75,6 +79,8 @@ class Controller:
     def _on_change(self, change: Change) -> None:
         for item in _TRIGGERS.get(change.kind, ()):
             self.enqueue(item)
+        if self.restarts.notice(change):
+            self.enqueue(RESTARTS)
         if change.kind != kinds.OTHER:
             self._queue.add(METRICS)
 
@@ -85,7 +91,8 @@ class Controller:
         try:
             await self.cache.fresh()
             await self._ensure_cluster_config()
-            for item in (HOSTS, PENDING, METRICS):
+            self.restarts.resync()
+            for item in (HOSTS, PENDING, METRICS, RESTARTS):
                 self.enqueue(item)
             backoff = 0.1
             while True:
@@ -124,7 +131,8 @@ class Controller:
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.resync_s)
-            for item in (HOSTS, PENDING, METRICS):
+            self.restarts.resync()
+            for item in (HOSTS, PENDING, METRICS, RESTARTS):
                 self.enqueue(item)
 
     async def sync(self, item: str) -> None:
@@ -132,6 +140,8 @@ class Controller:
             await self.sync_hosts()
         elif item == PENDING:
             await self.sync_pending()
+        elif item == RESTARTS:
+            await self.restarts.sync()
         elif item == METRICS and self.metrics is not None:
             self.metrics.refresh_state(self.cache)
 
@@ -226,8 +236,15 @@ class Controller:
     # ------------------------------------------------------------------ pending
 
     def unassigned(self) -> list[VM]:
+        """VMs to place; a VM `failed` after its start attempts waits for `vm start`."""
         assigned = self.cache.assignments.records
-        return [vm for key, vm in sorted(self.cache.vms.records.items()) if key not in assigned]
+        statuses = self.cache.vm_status.records
+        return [
+            vm
+            for key, vm in sorted(self.cache.vms.records.items())
+            if key not in assigned
+            and ((st := statuses.get(key)) is None or st.phase is not Phase.FAILED)
+        ]
 
     async def sync_pending(self) -> None:
         """Place every VM without an assignment, in batches; those that cannot be placed
@@ -259,7 +276,7 @@ class Controller:
         self.metrics.placements.labels(result="placed").inc(len(plan.assignments))
 
 
-_ORDER = {HOSTS: 0, PENDING: 1, METRICS: 2}
+_ORDER = {HOSTS: 0, RESTARTS: 1, PENDING: 2, METRICS: 3}
 
 
 async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:

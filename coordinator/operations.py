@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hvplace.coordinator import whatif
+from hvplace.coordinator import phases, whatif
 from hvplace.coordinator.placement import (
     AdmissionResult,
     Plan,
@@ -48,16 +48,21 @@ from hvplace.proto.models import (
     HostStatus,
     Phase,
     Power,
+    ReasonCount,
     RequestRecord,
     Resources,
     Rule,
     ScopePolicy,
     VMStatus,
+    host_state,
 )
 from hvplace.proto.names import check_name, quote
 
 MAX_BATCH = 10_000
 """VMs per create request; larger batches are split by the client."""
+
+START_FAILED = "start_failed"
+"""Reason code in `explain` for a VM that failed to start where it was placed."""
 
 ADMISSION_NOTE = (
     "the cluster could not re-place these VMs after that failure with every required rule"
@@ -362,7 +367,26 @@ class Operations:
 
     def _vm_view(self, view: ClusterView, key: str) -> VMView:
         vm = view.vms[key]
-        return VMView(spec=vm, status=view.vm_status.get(key), domain=view.domains.get(key))
+        status = view.vm_status.get(key)
+        derived = self._phase(view, key)
+        if status is not None and (status.phase, status.reason) != (
+            derived.phase,
+            derived.reason,
+        ):
+            status = dataclasses.replace(status, phase=derived.phase, reason=derived.reason)
+        return VMView(spec=vm, status=status, domain=view.domains.get(key))
+
+    @staticmethod
+    def _phase(view: ClusterView, key: str) -> phases.Derived:
+        """The phase users read, derived from the records now (never stored as such)."""
+        a = view.assignments.get(key)
+        return phases.derive(
+            view.vms[key],
+            view.vm_status.get(key),
+            a,
+            view.domains.get(key),
+            view.hosts.get(a.host) if a is not None else None,
+        )
 
     def _find_vm(self, view: ClusterView, scope: str, name: str) -> str:
         check_name(scope, "scope")
@@ -520,7 +544,7 @@ class Operations:
             placed = view.snapshot.placements.get(key, status.host if status else "")
             if host and placed != host:
                 continue
-            if phase and (status.phase.value if status else Phase.PENDING.value) != phase:
+            if phase and self._phase(view, key).phase.value != phase:
                 continue
             out.append(self._vm_view(view, key))
         return out
@@ -567,6 +591,11 @@ class Operations:
                     a = models.loads(Assignment, current[0])
                     compares.append((akey, current[1]))
                     puts.append((akey, models.dumps(dataclasses.replace(a, vm=vm))))
+            if power is Power.RUNNING:
+                reset = await self._retry_failed(scope, name)
+                if reset is not None:
+                    compares.append(reset[0])
+                    puts.append(reset[1])
             if await self.backend.commit(compares, puts):
                 view = await self.backend.fresh_view()
                 if vm.key in view.vms:
@@ -574,10 +603,51 @@ class Operations:
                 return VMView(spec=vm)
         raise Busy(f"VM {scope}/{name} kept changing; retry")
 
+    async def _retry_failed(
+        self, scope: str, name: str
+    ) -> tuple[tuple[str, int], tuple[str, bytes]] | None:
+        """`vm start` on a VM with start failures: the operator's retry clears the count
+        (vSphere's restart count); a `failed` VM goes back to pending and is placed
+        again. The (compare, put) of the status record, or None when there is nothing."""
+        skey = keyspace.vm_status(scope, name)
+        found = await self.backend.get(skey)
+        if found is None:
+            return None
+        status = models.loads(VMStatus, found[0])
+        if not status.start_failures and status.phase is not Phase.FAILED:
+            return None
+        tried = ", ".join(f.host for f in status.start_failures) or "-"
+        reason = f"retry requested by an operator (had failed to start on {tried})"
+        if status.phase is Phase.FAILED:
+            reset = dataclasses.replace(
+                status,
+                phase=Phase.PENDING,
+                reason=reason,
+                host="",
+                since=time.time(),
+                start_failures=(),
+                explanation=None,
+            )
+        else:
+            reset = dataclasses.replace(status, start_failures=())
+        return (skey, found[1]), (skey, models.dumps(reset))
+
     async def explain_vm(self, scope: str, name: str) -> Explanation:
         view = self.backend.view()
         key = self._find_vm(view, scope, name)
-        return explain(view.snapshot, view.vms[key])
+        why = explain(view.snapshot, view.vms[key])
+        status = view.vm_status.get(key)
+        derived = self._phase(view, key)
+        if derived.phase is Phase.FAILED or (status is not None and status.start_failures):
+            # Placement alone does not say why a VM is not running: its start failures do.
+            failed = {f.host for f in status.start_failures} if status is not None else set()
+            row = ReasonCount(
+                code=START_FAILED,
+                message=f"{derived.phase.value}: {derived.reason}",
+                hosts=len(failed),
+            )
+            why = dataclasses.replace(why, reasons=(row, *why.reasons))
+        return why
 
     # ------------------------------------------------------------------ rules
 
@@ -590,7 +660,6 @@ class Operations:
                 continue
             named.discard(vm.name)
             host = view.snapshot.placements.get(key, "")
-            status = view.vm_status.get(key)
             domain = ""
             if host and host in view.snapshot.hosts:
                 domain = view.snapshot.hosts[host].topology(rule.topology_key) or ""
@@ -599,7 +668,7 @@ class Operations:
                     name=vm.name,
                     host=host,
                     domain=domain,
-                    phase=status.phase.value if status else Phase.PENDING.value,
+                    phase=self._phase(view, key).phase.value,
                 )
             )
         # Named members not created yet are listed so the operator sees the whole rule.
@@ -741,6 +810,14 @@ class Operations:
     def _host_view(self, view: ClusterView, name: str) -> HostView:
         info = view.hosts.get(name) or HostInfo(name=name)
         status = view.host_status.get(name)
+        if name in view.hosts and host_state(info, status) is HostState.DEGRADED:
+            # Derived from the agent's report, shown where the state is read.
+            status = HostStatus(
+                name=name,
+                state=HostState.DEGRADED,
+                reason=f"libvirt unusable: {info.hypervisor_error}",
+                since=info.hypervisor_error_since,
+            )
         host = view.snapshot.hosts.get(name) or Host.from_records(info, status)
         on_host = sorted(k for k, h in view.snapshot.placements.items() if h == name)
         used = Resources(
@@ -813,8 +890,7 @@ class Operations:
         lead = self.backend.leadership()
         hosts_by_state: Counter[str] = Counter()
         for name in set(view.hosts) | set(view.host_status):
-            status = view.host_status.get(name)
-            state = status.state.value if status else HostState.READY.value
+            state = host_state(view.hosts.get(name), view.host_status.get(name)).value
             if name not in view.hosts:
                 state = HostState.LOST.value
             hosts_by_state[state] += 1
@@ -822,7 +898,7 @@ class Operations:
         pending_by_reason: Counter[str] = Counter()
         for key in view.vms:
             vm_status = view.vm_status.get(key)
-            phase = vm_status.phase.value if vm_status else Phase.PENDING.value
+            phase = self._phase(view, key).phase.value
             vms_by_phase[phase] += 1
             if phase == Phase.PENDING.value:
                 e = vm_status.explanation if vm_status else None

@@ -248,8 +248,13 @@ class Planner:
                 compares.append(Compare.unchanged(*old_key))
             host = plan.assignments.get(key)
             previous = cache.vm_status.records.get(key)
+            # Start failures stay with the VM until it runs (coordinator/restarts.py).
+            failures = previous.start_failures if previous is not None else ()
             if host is not None:
-                epoch = (old.epoch if old is not None else 0) + 1
+                # Epochs only grow, also past an assignment that was taken back (a VM
+                # that failed everywhere keeps its last epoch in its status).
+                floor = previous.epoch if previous is not None else 0
+                epoch = max(old.epoch if old is not None else 0, floor) + 1
                 if old is not None and old.host == host:
                     epoch = old.epoch
                 new_key = keyspace.assignment(host, vm.scope, vm.name)
@@ -271,6 +276,7 @@ class Planner:
                     epoch=epoch,
                     since=now,
                     degraded=tuple(plan.degraded.get(key, ())),
+                    start_failures=failures,
                 )
             elif key not in plan.pending:
                 continue  # placed already and left where it is: nothing to write
@@ -285,6 +291,7 @@ class Planner:
                     epoch=old.epoch if old is not None else 0,
                     since=now,
                     explanation=why,
+                    start_failures=failures,
                 )
                 if (
                     previous is not None

@@ -62,6 +62,9 @@ class HostState(StrEnum):
     CORDONED = "cordoned"
     DRAINING = "draining"
     LOST = "lost"
+    # Derived, never written: registered, but its agent cannot use libvirt
+    # (HostInfo.hypervisor_error). Takes nothing new; its VMs are not moved.
+    DEGRADED = "degraded"
 
 
 class HAPriority(StrEnum):
@@ -169,6 +172,9 @@ class HostInfo:
     domain_type: str = ""
     agent_version: str = ""
     started_at: float = 0.0
+    # Why the agent cannot use libvirt ("" while it can): the host is then `degraded`.
+    hypervisor_error: str = ""
+    hypervisor_error_since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +185,15 @@ class HostStatus:
     state: HostState = HostState.READY
     reason: str = ""
     since: float = 0.0
+
+
+def host_state(info: HostInfo | None, status: HostStatus | None) -> HostState:
+    """A registered host's state from its records: the coordinator's status, except that a
+    ready host whose agent reports libvirt unusable is `degraded` (derived each time)."""
+    state = status.state if status is not None else HostState.READY
+    if state is HostState.READY and info is not None and info.hypervisor_error:
+        return HostState.DEGRADED
+    return state
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +215,7 @@ class Host:
             capacity=info.capacity,
             ratios=info.ratios,
             reserved_memory_mib=info.reserved_memory_mib,
-            state=status.state if status is not None else HostState.READY,
+            state=host_state(info, status),
         )
 
     def allocatable(self) -> Resources:
@@ -384,8 +399,21 @@ class Explanation:
 
 
 @dataclass(frozen=True, slots=True)
+class StartFailure:
+    """One host on which the VM's assignment (at `epoch`) could not be defined or started."""
+
+    host: str
+    epoch: int = 0
+    reason: str = ""
+    at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class VMStatus:
-    """Where a VM stands, written by the coordinator (placement) and read by the API."""
+    """Where a VM stands, written by the coordinator (placement) and read by the API.
+
+    `start_failures` are the hosts it failed to start on in a row (cleared once it runs,
+    or by `vm start`); at the cluster's `max_start_attempts` it stays `failed`."""
 
     scope: str
     name: str
@@ -396,6 +424,7 @@ class VMStatus:
     since: float = 0.0
     degraded: tuple[str, ...] = ()
     explanation: Explanation | None = None
+    start_failures: tuple[StartFailure, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +513,9 @@ class ClusterConfig:
     image_roots: tuple[str, ...] = ()
     """When set, every image path must lie under one of these directories (the image
     store); unset, any plain absolute path outside the system trees is taken."""
+    max_start_attempts: int = 3
+    """Hosts a VM may fail to start on in a row before it stays `failed` (vSphere's
+    restart count); `hvplace vm start` clears the count."""
 
 
 def fence_after_for(lease_ttl_s: float, failover_delay_s: float = 0.5) -> float:
@@ -742,6 +774,7 @@ def validate_cluster_config(cfg: ClusterConfig, clock_margin_s: float = 0.5) -> 
         if not has_image(cfg.default_image):
             raise InvalidInput("the cluster default image names neither a kernel nor a disk")
         check_image_roots(cfg.default_image, cfg.image_roots, "cluster default")
+    check_int(cfg.max_start_attempts, "max_start_attempts", 1, 100)
     return cfg
 
 

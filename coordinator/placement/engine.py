@@ -165,6 +165,8 @@ def _message(code: str, group: ConstraintGroup | None, vm: VM, most_free: int) -
         return "host draining"
     if code == reasons.HOST_LOST:
         return "host lost"
+    if code == reasons.HOST_DEGRADED:
+        return "host degraded (libvirt unusable)"
     if code == reasons.NODE_AFFINITY:
         return f"node affinity mismatch (requires {_affinity_text(vm.node_affinity)})"
     if code == reasons.INSUFFICIENT_MEMORY:

@@ -7,6 +7,7 @@ from typing import Final
 HOST_CORDONED: Final = "host_cordoned"
 HOST_DRAINING: Final = "host_draining"
 HOST_LOST: Final = "host_lost"
+HOST_DEGRADED: Final = "host_degraded"
 NODE_AFFINITY: Final = "node_affinity"
 TOPOLOGY_LABEL_MISSING: Final = "topology_label_missing"
 ANTI_AFFINITY: Final = "anti_affinity"
@@ -34,6 +35,7 @@ ALL_CODES: Final = (
     HOST_CORDONED,
     HOST_DRAINING,
     HOST_LOST,
+    HOST_DEGRADED,
     NO_HOSTS,
     ATOMIC_BATCH,
     HA_OFF,

@@ -112,6 +112,8 @@ class HostInfo(_message.Message):
     DOMAIN_TYPE_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
+    HYPERVISOR_ERROR_FIELD_NUMBER: _builtins.int
+    HYPERVISOR_ERROR_SINCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     reserved_memory_mib: _builtins.int
     address: _builtins.str
@@ -120,6 +122,9 @@ class HostInfo(_message.Message):
     """kvm | qemu | test"""
     agent_version: _builtins.str
     started_at: _builtins.float
+    hypervisor_error: _builtins.str
+    """why libvirt is unusable; empty while it answers"""
+    hypervisor_error_since: _builtins.float
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -139,10 +144,12 @@ class HostInfo(_message.Message):
         domain_type: _builtins.str = ...,
         agent_version: _builtins.str = ...,
         started_at: _builtins.float = ...,
+        hypervisor_error: _builtins.str = ...,
+        hypervisor_error_since: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "ratios", b"ratios"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "capacity", b"capacity", "domain_type", b"domain_type", "labels", b"labels", "libvirt_uri", b"libvirt_uri", "name", b"name", "ratios", b"ratios", "reserved_memory_mib", b"reserved_memory_mib", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "capacity", b"capacity", "domain_type", b"domain_type", "hypervisor_error", b"hypervisor_error", "hypervisor_error_since", b"hypervisor_error_since", "labels", b"labels", "libvirt_uri", b"libvirt_uri", "name", b"name", "ratios", b"ratios", "reserved_memory_mib", b"reserved_memory_mib", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,7 +167,7 @@ class HostStatus(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _builtins.str
-    """ready | cordoned | draining | lost"""
+    """ready | cordoned | draining | lost (degraded is derived, see HostInfo)"""
     reason: _builtins.str
     since: _builtins.float
     def __init__(
@@ -515,6 +522,36 @@ class Explanation(_message.Message):
 Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
 
 @_typing.final
+class StartFailure(_message.Message):
+    """One host a VM failed to start on (its assignment at `epoch`), with libvirt's message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    epoch: _builtins.int
+    reason: _builtins.str
+    at: _builtins.float
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "epoch", b"epoch", "host", b"host", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartFailure: _TypeAlias = StartFailure  # noqa: Y015
+
+@_typing.final
 class VMStatus(_message.Message):
     """At /hvplace/v1/vmstatus/<scope>/<vm>."""
 
@@ -529,6 +566,7 @@ class VMStatus(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
+    START_FAILURES_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     name: _builtins.str
     phase: _builtins.str
@@ -543,6 +581,10 @@ class VMStatus(_message.Message):
 
     @_builtins.property
     def explanation(self) -> Global___Explanation: ...
+    @_builtins.property
+    def start_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartFailure]:
+        """Hosts it failed to start on in a row; at max_start_attempts it stays failed."""
+
     def __init__(
         self,
         *,
@@ -555,10 +597,11 @@ class VMStatus(_message.Message):
         since: _builtins.float = ...,
         degraded: _abc.Iterable[_builtins.str] | None = ...,
         explanation: Global___Explanation | None = ...,
+        start_failures: _abc.Iterable[Global___StartFailure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "epoch", b"epoch", "explanation", b"explanation", "host", b"host", "name", b"name", "phase", b"phase", "reason", b"reason", "scope", b"scope", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "epoch", b"epoch", "explanation", b"explanation", "host", b"host", "name", b"name", "phase", b"phase", "reason", b"reason", "scope", b"scope", "since", b"since", "start_failures", b"start_failures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -716,6 +759,7 @@ class ClusterConfig(_message.Message):
     ADMISSION_TOPOLOGY_FIELD_NUMBER: _builtins.int
     DEFAULT_IMAGE_FIELD_NUMBER: _builtins.int
     IMAGE_ROOTS_FIELD_NUMBER: _builtins.int
+    MAX_START_ATTEMPTS_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.float
     fence_after_s: _builtins.float
     failover_delay_s: _builtins.float
@@ -723,6 +767,8 @@ class ClusterConfig(_message.Message):
     """refuse | warn"""
     admission_failures: _builtins.int
     admission_topology: _builtins.str
+    max_start_attempts: _builtins.int
+    """hosts a VM may fail to start on before it stays failed"""
     @_builtins.property
     def default_image(self) -> Global___Image:
         """what a VM created without an image boots from"""
@@ -742,10 +788,11 @@ class ClusterConfig(_message.Message):
         admission_topology: _builtins.str = ...,
         default_image: Global___Image | None = ...,
         image_roots: _abc.Iterable[_builtins.str] | None = ...,
+        max_start_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["default_image", b"default_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "default_image", b"default_image", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "image_roots", b"image_roots", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "default_image", b"default_image", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "image_roots", b"image_roots", "lease_ttl_s", b"lease_ttl_s", "max_start_attempts", b"max_start_attempts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

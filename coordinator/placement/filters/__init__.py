@@ -19,13 +19,15 @@ _STATE_CODES = {
     HostState.CORDONED: reasons.HOST_CORDONED,
     HostState.DRAINING: reasons.HOST_DRAINING,
     HostState.LOST: reasons.HOST_LOST,
+    HostState.DEGRADED: reasons.HOST_DEGRADED,
 }
 
 FILTER_ORDER = ("host_state", "node_affinity", "rules", "capacity")
 
 
 def host_state(index: ClusterIndex, pos: int) -> str | None:
-    """Cordoned, draining and lost hosts take nothing new."""
+    """Cordoned, draining, lost and degraded hosts (libvirt unusable: a start there
+    would fail) take nothing new."""
     if index.ready[pos]:
         return None
     return _STATE_CODES[index.state[pos]]
