@@ -714,6 +714,7 @@ class ClusterConfig(_message.Message):
     ADMISSION_POLICY_FIELD_NUMBER: _builtins.int
     ADMISSION_FAILURES_FIELD_NUMBER: _builtins.int
     ADMISSION_TOPOLOGY_FIELD_NUMBER: _builtins.int
+    WATCHDOG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.float
     fence_after_s: _builtins.float
     failover_delay_s: _builtins.float
@@ -721,6 +722,8 @@ class ClusterConfig(_message.Message):
     """refuse | warn"""
     admission_failures: _builtins.int
     admission_topology: _builtins.str
+    watchdog_timeout_s: _builtins.float
+    """A host's watchdog resets it this long after its agent's last pet (SPEC §4)."""
     def __init__(
         self,
         *,
@@ -730,10 +733,11 @@ class ClusterConfig(_message.Message):
         admission_policy: _builtins.str = ...,
         admission_failures: _builtins.int = ...,
         admission_topology: _builtins.str = ...,
+        watchdog_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "lease_ttl_s", b"lease_ttl_s", "watchdog_timeout_s", b"watchdog_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
