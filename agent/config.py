@@ -17,7 +17,6 @@ from hvplace.proto.models import (
     Ratios,
     fence_after_for,
     validate_cluster_config,
-    watchdog_timeout_for,
 )
 from hvplace.proto.names import check_label, check_name
 
@@ -56,7 +55,7 @@ class AgentConfig:
     # Armed, it resets the host unless the agent pets it, which it does only while its
     # lease is fresh: a dead or hung agent's guests end before they are re-placed.
     watchdog_device: str = ""
-    # The device timeout to set; default (and maximum) the cluster's watchdog_timeout_s.
+    # The device timeout to set; default (and maximum) the cluster's watchdog timeout.
     watchdog_timeout_s: float | None = None
     log_level: str = "INFO"
 
@@ -129,9 +128,10 @@ def validate(cfg: AgentConfig) -> AgentConfig:
 
 def cluster_config(record: ClusterConfig | None, cfg: AgentConfig) -> ClusterConfig:
     """The timing budget in force: etcd's record if there is one, else the agent's own
-    lease_ttl/fence_after/watchdog_timeout_s (fence_after and the watchdog timeout derived
-    from lease_ttl when only that is given), else the defaults. Raises InvalidInput when the
-    budget is unsafe, or the agent's watchdog timeout exceeds it: the agent refuses to run."""
+    lease_ttl/fence_after/watchdog_timeout_s (fence_after derived from lease_ttl when only
+    that is given; the watchdog timeout, when not given, is the budget's largest safe one),
+    else the defaults. Raises InvalidInput when the budget is unsafe, or the agent's
+    watchdog timeout exceeds it: the agent refuses to run."""
     if record is None:
         base = ClusterConfig()
         ttl = cfg.lease_ttl if cfg.lease_ttl is not None else base.lease_ttl_s
@@ -142,21 +142,17 @@ def cluster_config(record: ClusterConfig | None, cfg: AgentConfig) -> ClusterCon
                 if cfg.lease_ttl is None
                 else fence_after_for(ttl, base.failover_delay_s)
             )
-        watchdog = cfg.watchdog_timeout_s
-        if watchdog is None:
-            watchdog = (
-                base.watchdog_timeout_s
-                if cfg.lease_ttl is None and cfg.fence_after is None
-                else watchdog_timeout_for(ttl, fence, base.failover_delay_s)
-            )
         record = dataclasses.replace(
-            base, lease_ttl_s=ttl, fence_after_s=fence, watchdog_timeout_s=watchdog
+            base,
+            lease_ttl_s=ttl,
+            fence_after_s=fence,
+            watchdog_timeout_s=cfg.watchdog_timeout_s or 0.0,
         )
     budget = validate_cluster_config(record)
-    if cfg.watchdog_timeout_s is not None and cfg.watchdog_timeout_s > budget.watchdog_timeout_s:
+    if cfg.watchdog_timeout_s is not None and cfg.watchdog_timeout_s > budget.watchdog_s:
         raise InvalidInput(
             f"unsafe timing budget: the agent's watchdog_timeout_s {cfg.watchdog_timeout_s}"
-            f" exceeds the cluster's {budget.watchdog_timeout_s}: a dead agent's guests could"
+            f" exceeds the cluster's {budget.watchdog_s}: a dead agent's guests could"
             " still run when the coordinator re-places them"
         )
     return budget
@@ -164,6 +160,4 @@ def cluster_config(record: ClusterConfig | None, cfg: AgentConfig) -> ClusterCon
 
 def watchdog_timeout(cfg: AgentConfig, budget: ClusterConfig) -> float:
     """The timeout the agent sets on its watchdog device."""
-    return (
-        cfg.watchdog_timeout_s if cfg.watchdog_timeout_s is not None else budget.watchdog_timeout_s
-    )
+    return cfg.watchdog_timeout_s if cfg.watchdog_timeout_s is not None else budget.watchdog_s

@@ -110,11 +110,11 @@ class Agent:
                 planned = watchdog.device_timeout(
                     self.cfg.watchdog_device, watchdog_timeout(self.cfg, self.cluster)
                 )
-                if planned > self.cluster.watchdog_timeout_s:
+                if planned > self.cluster.watchdog_s:
                     raise InvalidInput(
                         f"unsafe timing budget: watchdog {self.cfg.watchdog_device} counts whole"
-                        f" seconds: {planned:g}s exceeds the cluster's watchdog_timeout_s"
-                        f" {self.cluster.watchdog_timeout_s}"
+                        f" seconds: {planned:g}s exceeds the cluster's watchdog timeout"
+                        f" {self.cluster.watchdog_s}s"
                     )
             elif self.cfg.libvirt_uri.startswith("qemu"):
                 log.warning(
@@ -349,12 +349,12 @@ class Agent:
         while not self._may_arm(timeout):  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         device = await asyncio.to_thread(watchdog.WatchdogDevice, path, timeout)
-        if device.timeout_s > self.cluster.watchdog_timeout_s:
+        if device.timeout_s > self.cluster.watchdog_s:
             # Left armed (no magic close): resetting the host is the safe way out.
             device.close()
             raise InvalidInput(
                 f"watchdog {path} runs with a {device.timeout_s:g}s timeout, above the"
-                f" cluster's watchdog_timeout_s {self.cluster.watchdog_timeout_s}"
+                f" cluster's watchdog timeout {self.cluster.watchdog_s}s"
             )
         self._watchdog = device
         self._petter = watchdog.Petter(device, min(0.2, device.timeout_s / 5), self._may_pet)

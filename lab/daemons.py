@@ -16,12 +16,7 @@ from hvplace.lab import hosts
 from hvplace.lab.processes import ProcessRecord, is_alive, spawn_detached, tail
 from hvplace.lab.state import CoordinatorRecord, HostRecord, LabSettings, LabState
 from hvplace.proto import keyspace
-from hvplace.proto.models import (
-    ClusterConfig,
-    fence_after_for,
-    validate_cluster_config,
-    watchdog_timeout_for,
-)
+from hvplace.proto.models import ClusterConfig, fence_after_for, validate_cluster_config
 
 
 class DaemonError(RuntimeError):
@@ -169,17 +164,12 @@ def _python_module(module: str) -> list[str]:
 
 
 def cluster_budget(lease_ttl: float | None) -> ClusterConfig:
-    """The lab's timing budget: the defaults, or a lease TTL with fence_after and the
-    watchdog timeout derived from it."""
+    """The lab's timing budget: the defaults, or a lease TTL with fence_after derived from
+    it; the watchdog timeout is the largest safe one either way."""
     if lease_ttl is None:
         return ClusterConfig()
-    fence = fence_after_for(lease_ttl)
     return validate_cluster_config(
-        ClusterConfig(
-            lease_ttl_s=lease_ttl,
-            fence_after_s=fence,
-            watchdog_timeout_s=watchdog_timeout_for(lease_ttl, fence),
-        )
+        ClusterConfig(lease_ttl_s=lease_ttl, fence_after_s=fence_after_for(lease_ttl))
     )
 
 
@@ -198,7 +188,7 @@ def coordinator_config(state: LabState, name: str, api: str, metrics: str) -> st
         f"lease_ttl_s = {budget.lease_ttl_s}",
         f"fence_after_s = {budget.fence_after_s}",
         f"failover_delay_s = {budget.failover_delay_s}",
-        f"watchdog_timeout_s = {budget.watchdog_timeout_s}",
+        f"watchdog_timeout_s = {budget.watchdog_s}",
         # The lab is small: warn rather than refuse creates that a failure could strand.
         'admission_policy = "warn"',
     ]
@@ -252,7 +242,7 @@ def agent_config(state: LabState, host: HostRecord) -> str:
         # The host's watchdog stand-in (lab/watchdog.py), as /dev/watchdog in production.
         extra += [
             f'watchdog_device = "{host.watchdog_fifo}"',
-            f"watchdog_timeout_s = {budget.watchdog_timeout_s}",
+            f"watchdog_timeout_s = {budget.watchdog_s}",
         ]
     else:
         endpoints = state.etcd_endpoints[-1:]
@@ -296,7 +286,7 @@ def start_agent(settings: LabSettings, state: LabState, host: HostRecord) -> Pro
     argv = [*_python_module("hvplace.agent"), "--config", str(config)]
     if host.mode == "real":
         if not is_alive(host.watchdog):
-            timeout = cluster_budget(state.lease_ttl).watchdog_timeout_s
+            timeout = cluster_budget(state.lease_ttl).watchdog_s
             host.watchdog = hosts.start_watchdog(host, timeout)
             state.save(settings)
         argv = hosts.inside(host, argv)

@@ -58,8 +58,8 @@ def serve(fifo: Path, timeout_s: float, netns_inode: int, keep: set[int]) -> Non
         wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not select.select([fd], [], [], wait)[0]:
             if deadline is not None and time.monotonic() >= deadline:
-                killed = reset(netns_inode, keep)
-                say(f"FIRED: not petted for {timeout_s}s; reset the host: killed {killed}")
+                say(f"FIRED: not petted for {timeout_s}s; resetting the host")
+                say(f"reset: killed {reset(netns_inode, keep)}")
                 deadline, magic = None, False
             continue
         data = os.read(fd, 4096)

@@ -459,7 +459,15 @@ class ClusterConfig:
     admission_topology: str = TOPOLOGY_HOST
     # The longest a host's watchdog may run unpetted before it resets the host: a dead
     # or hung agent's guests end at most fence_after_s + this after its last renewal.
-    watchdog_timeout_s: float = 2.0
+    # 0 (and records written before it existed): the largest safe value, `watchdog_s`.
+    watchdog_timeout_s: float = 0.0
+
+    @property
+    def watchdog_s(self) -> float:
+        """The watchdog timeout in force."""
+        return self.watchdog_timeout_s or watchdog_timeout_for(
+            self.lease_ttl_s, self.fence_after_s, self.failover_delay_s
+        )
 
 
 CLOCK_MARGIN_S = 0.5
@@ -636,15 +644,16 @@ def validate_cluster_config(
             f" + failover_delay_s {cfg.failover_delay_s}, and fence_after_s must be below"
             " lease_ttl_s; lower fence_after_s or raise lease_ttl_s"
         )
-    if not 0 < cfg.watchdog_timeout_s <= 600:
+    if not 0 <= cfg.watchdog_timeout_s <= 600:
         raise InvalidInput(
-            f"watchdog_timeout_s {cfg.watchdog_timeout_s} must be above 0 and at most 600 seconds"
+            f"watchdog_timeout_s {cfg.watchdog_timeout_s} must be between 0 (derived) and 600"
+            " seconds"
         )
-    reset_by = cfg.fence_after_s + cfg.watchdog_timeout_s + clock_margin_s
+    reset_by = cfg.fence_after_s + cfg.watchdog_s + clock_margin_s
     if reset_by > cfg.lease_ttl_s + cfg.failover_delay_s + 1e-9:
         raise InvalidInput(
             f"unsafe timing budget: a dead agent's host resets up to fence_after_s"
-            f" {cfg.fence_after_s} + watchdog_timeout_s {cfg.watchdog_timeout_s} + clock margin"
+            f" {cfg.fence_after_s} + watchdog_timeout_s {cfg.watchdog_s} + clock margin"
             f" {clock_margin_s} = {reset_by:g}s after its last renewal, later than the"
             f" {cfg.lease_ttl_s + cfg.failover_delay_s:g}s (lease_ttl_s + failover_delay_s)"
             " after which its VMs may be re-placed; lower watchdog_timeout_s to at most"

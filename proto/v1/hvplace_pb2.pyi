@@ -723,7 +723,9 @@ class ClusterConfig(_message.Message):
     admission_failures: _builtins.int
     admission_topology: _builtins.str
     watchdog_timeout_s: _builtins.float
-    """A host's watchdog resets it this long after its agent's last pet (SPEC §4)."""
+    """A host's watchdog resets it this long after its agent's last pet (SPEC §4);
+    0: the largest safe value for the budget.
+    """
     def __init__(
         self,
         *,
