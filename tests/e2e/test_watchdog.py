@@ -97,8 +97,9 @@ def test_kill_9_of_the_agent_alone_never_runs_a_vm_twice(make_lab: LabFactory) -
 
 
 def test_agent_restarted_inside_the_window_adopts_its_guests(make_lab: LabFactory) -> None:
-    """A 10 s lease leaves a 4 s watchdog: room for a Python agent to come back."""
-    lab, keys, before, victim = start(make_lab, ttl=10.0)
+    """A 20 s lease leaves an 8 s watchdog: room for a Python agent to come back on a
+    loaded 2-core machine (one that came back later would rightly find its host reset)."""
+    lab, keys, before, victim = start(make_lab, ttl=20.0)
     host = lab.state().hosts[victim]
     qemus = hosts.qemu_pids(host)
     staying = [k for k in keys if before.host_of(k) == victim]
