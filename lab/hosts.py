@@ -179,7 +179,7 @@ def virsh(host: HostRecord, *args: str, timeout: float = 60.0) -> subprocess.Com
     return run_inside(host, ["virsh", "-c", "qemu:///system", *args], timeout=timeout)
 
 
-def start_libvirt(host: HostRecord, timeout: float = 30.0) -> tuple[ProcessRecord, ProcessRecord]:
+def start_libvirt(host: HostRecord, timeout: float = 60.0) -> tuple[ProcessRecord, ProcessRecord]:
     """virtlogd then libvirtd in the foreground (detached), so their PIDs are known at once."""
     base = Path(host.dir)
     virtlogd = spawn_detached("virtlogd", inside(host, ["virtlogd"]), base / "virtlogd.log")
@@ -192,9 +192,7 @@ def start_libvirt(host: HostRecord, timeout: float = 30.0) -> tuple[ProcessRecor
         if not is_alive(libvirtd):
             kill9(virtlogd)
             raise HostError(f"host {host.name}: libvirtd exited: {tail(libvirtd.log)}")
-        if (base / "run" / "libvirt" / "libvirt-sock").exists() and virsh(
-            host, "version", timeout=10
-        ).returncode == 0:
+        if (base / "run" / "libvirt" / "libvirt-sock").exists() and _answers(host):
             return virtlogd, libvirtd
         if time.monotonic() > deadline:
             raise HostError(
@@ -222,6 +220,15 @@ def start_watchdog(host: HostRecord, timeout_s: float) -> ProcessRecord:
             raise HostError(f"host {host.name}: watchdog stand-in failed: {tail(record.log)}")
         time.sleep(0.02)
     return record
+
+
+def _answers(host: HostRecord) -> bool:
+    """libvirtd answers `virsh version`; a slow answer (its first QEMU probe on a loaded
+    machine) is not an error but a retry, until start_libvirt's deadline."""
+    try:
+        return virsh(host, "version", timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def stray_pids(host: HostRecord) -> list[int]:
