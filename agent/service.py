@@ -246,7 +246,14 @@ class Agent:
 
     async def _acquire(self) -> None:
         try:
-            self.cluster = cluster_config(await self.store.cluster_config(), self.cfg)
+            budget = cluster_config(await self.store.cluster_config(), self.cfg)
+            armed = self._watchdog
+            if armed is not None and armed.timeout_s > budget.watchdog_s:
+                raise InvalidInput(
+                    f"the armed watchdog's {armed.timeout_s:g}s exceeds its watchdog timeout"
+                    f" {budget.watchdog_s}s"
+                )
+            self.cluster = budget
         except InvalidInput as e:
             log.error("cluster config is unsafe; keeping the previous budget: %s", e)
         sent = self._clock()

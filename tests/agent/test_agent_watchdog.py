@@ -113,6 +113,14 @@ async def test_a_frozen_etcd_stops_the_pets_until_the_fence_is_confirmed(
         return found is not None and found.state is DomainState.RUNNING
 
     await eventually(web_running, 10)
+    # libvirt slow to destroy (1.5 s): the fence stays unconfirmed, and unpetted, that long.
+    destroy = agent.hv.destroy_all_managed
+
+    async def slow_destroy() -> list[str]:
+        await asyncio.sleep(1.5)
+        return await destroy()
+
+    agent.hv.destroy_all_managed = slow_destroy  # type: ignore[method-assign]
     confirmed: list[float] = []
     verify = agent._verify_fenced
 
@@ -129,7 +137,9 @@ async def test_a_frozen_etcd_stops_the_pets_until_the_fence_is_confirmed(
         last_renewal = agent._last_ack_sent
         assert not await web_running()
         # No pet from fence_after past the last renewal until nothing ran any more.
-        assert fifo.between(last_renewal + agent.cluster.fence_after_s + 0.01, confirmed[0]) == []
+        stale = last_renewal + agent.cluster.fence_after_s
+        assert confirmed[0] - stale > 1.4
+        assert fifo.between(stale + 0.01, confirmed[0]) == []
         # Then the host is safe to keep: pets resume while the agent stays fenced.
         await eventually(lambda: fifo.between(confirmed[0], time.monotonic()), 2)
         assert agent.fenced
@@ -203,3 +213,22 @@ async def test_refuses_a_watchdog_slower_than_the_budget(
     missing = test_host("h1", etcd_endpoints=(etcd.endpoint,), watchdog_device=str(tmp_path / "x"))
     with pytest.raises(InvalidInput, match="modprobe softdog"):
         await Agent(missing).run()
+
+
+async def test_keeps_its_budget_when_a_new_record_is_shorter_than_the_armed_watchdog(
+    etcd: EtcdServer,
+    test_host: Callable[..., AgentConfig],
+    run_agent: StartAgent,
+    fifo: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent: Agent = await run_agent(config(etcd, test_host, fifo, **FAST))
+    await eventually(lambda: agent._watchdog is not None, 5)
+    before = agent.cluster
+    shorter = ClusterConfig(lease_ttl_s=2, fence_after_s=1, watchdog_timeout_s=0.5)
+    etcd.etcdctl("put", keyspace.CONFIG, dumps(shorter).decode())
+    # The lease revoked: the agent fences, registers again and re-reads the record.
+    etcd.etcdctl("lease", "revoke", f"{agent.lease_id:x}")
+    await eventually(lambda: agent.fence_count == 1 and agent.lease_id is not None, 10)
+    assert agent.cluster == before
+    assert "the armed watchdog's 1s exceeds its watchdog timeout 0.5s" in caplog.text
