@@ -56,7 +56,12 @@ class AgentConfig:
     stop_timeout_s: float = 10.0
     etcd_timeout_s: float = 2.0
     metrics_listen: str = "127.0.0.1:9464"
+    # The host's watchdog (/dev/watchdog: softdog or hardware; the lab's stand-in FIFO).
+    # Armed, it resets the host unless the agent pets it, which it does only while its
+    # lease is fresh: a dead or hung agent's guests end before they are re-placed.
     watchdog_device: str = ""
+    # The device timeout to set; default (and maximum) the cluster's watchdog timeout.
+    watchdog_timeout_s: float | None = None
     log_level: str = "INFO"
 
     @property
@@ -124,6 +129,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     for name in ("resync_interval_s", "stop_timeout_s", "etcd_timeout_s", "kvm_probe_timeout_s"):
         if getattr(cfg, name) <= 0:
             raise InvalidInput(f"{name} must be positive")
+    if cfg.watchdog_timeout_s is not None and not 0 < cfg.watchdog_timeout_s <= 600:
+        raise InvalidInput("watchdog_timeout_s must be above 0 and at most 600 seconds")
     if cfg.reserved_memory_mib < 0:
         raise InvalidInput("reserved_memory_mib must not be negative")
     return cfg
@@ -131,8 +138,10 @@ def validate(cfg: AgentConfig) -> AgentConfig:
 
 def cluster_config(record: ClusterConfig | None, cfg: AgentConfig) -> ClusterConfig:
     """The timing budget in force: etcd's record if there is one, else the agent's own
-    lease_ttl/fence_after (fence_after derived from lease_ttl when only that is given),
-    else the defaults. Raises InvalidInput when the budget is unsafe: the agent refuses to run."""
+    lease_ttl/fence_after/watchdog_timeout_s (fence_after derived from lease_ttl when only
+    that is given; the watchdog timeout, when not given, is the budget's largest safe one),
+    else the defaults. Raises InvalidInput when the budget is unsafe, or the agent's
+    watchdog timeout exceeds it: the agent refuses to run."""
     if record is None:
         base = ClusterConfig()
         ttl = cfg.lease_ttl if cfg.lease_ttl is not None else base.lease_ttl_s
@@ -143,5 +152,22 @@ def cluster_config(record: ClusterConfig | None, cfg: AgentConfig) -> ClusterCon
                 if cfg.lease_ttl is None
                 else fence_after_for(ttl, base.failover_delay_s)
             )
-        record = dataclasses.replace(base, lease_ttl_s=ttl, fence_after_s=fence)
-    return validate_cluster_config(record)
+        record = dataclasses.replace(
+            base,
+            lease_ttl_s=ttl,
+            fence_after_s=fence,
+            watchdog_timeout_s=cfg.watchdog_timeout_s or 0.0,
+        )
+    budget = validate_cluster_config(record)
+    if cfg.watchdog_timeout_s is not None and cfg.watchdog_timeout_s > budget.watchdog_s:
+        raise InvalidInput(
+            f"unsafe timing budget: the agent's watchdog_timeout_s {cfg.watchdog_timeout_s}"
+            f" exceeds the cluster's {budget.watchdog_s}: a dead agent's guests could"
+            " still run when the coordinator re-places them"
+        )
+    return budget
+
+
+def watchdog_timeout(cfg: AgentConfig, budget: ClusterConfig) -> float:
+    """The timeout the agent sets on its watchdog device."""
+    return cfg.watchdog_timeout_s if cfg.watchdog_timeout_s is not None else budget.watchdog_s

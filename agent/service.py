@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 from hvplace.agent import capacity, reconcile, watchdog
-from hvplace.agent.config import AgentConfig, cluster_config
+from hvplace.agent.config import AgentConfig, cluster_config, watchdog_timeout
 from hvplace.agent.hypervisor import (
     Hypervisor,
     HypervisorError,
@@ -113,7 +113,13 @@ class Agent:
         self._hv_open = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: MetricsServer | None = None
+        # The host's watchdog (SPEC §4): armed once pets are safe, petted by a thread
+        # while `_may_pet()`; `_fence_verified` says a fence left no domain active.
         self._watchdog: watchdog.WatchdogDevice | None = None
+        self._petter: watchdog.Petter | None = None
+        self._started_at = 0.0
+        self._lease_reused = False
+        self._fence_verified = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_done = False
 
@@ -166,7 +172,20 @@ class Agent:
                 self.info.capacity,
             )
             if self.cfg.watchdog_device:
-                self._watchdog = watchdog.WatchdogDevice(self.cfg.watchdog_device)
+                planned = watchdog.device_timeout(
+                    self.cfg.watchdog_device, watchdog_timeout(self.cfg, self.cluster)
+                )
+                if planned > self.cluster.watchdog_s:
+                    raise InvalidInput(
+                        f"unsafe timing budget: watchdog {self.cfg.watchdog_device} counts whole"
+                        f" seconds: {planned:g}s exceeds the cluster's watchdog timeout"
+                        f" {self.cluster.watchdog_s}s"
+                    )
+            elif self.cfg.libvirt_uri.startswith("qemu"):
+                log.warning(
+                    "no watchdog_device: if this agent dies, its guests run on while the"
+                    " coordinator re-places them (SPEC §4; see the README on fencing)"
+                )
             if self.cfg.metrics_listen:
                 self._server = MetricsServer(self.metrics, self.health)
                 try:
@@ -176,8 +195,9 @@ class Agent:
                     self._server = None
             # The budget is measured from the agent's start until the first renewal:
             # domains adopted from a previous agent are fenced if etcd stays unreachable.
-            self._last_ack_sent = self._clock()
+            self._last_ack_sent = self._started_at = self._clock()
             self._spawn(self._lease_loop())
+            self._spawn(self._arm_watchdog())
             self._spawn(self._fence_monitor())
             self._spawn(self._reconcile_worker())
             self._spawn(self._watch_loop())
@@ -195,7 +215,8 @@ class Agent:
             await self._cleanup()
 
     async def shutdown(self) -> None:
-        """Idempotent; domains are left running (a restarted agent adopts them)."""
+        """Idempotent; domains are left running (a restarted agent adopts them) under the
+        armed watchdog, which resets the host unless an agent is back within its window."""
         self._stopping.set()
 
     async def _cleanup(self) -> None:
@@ -208,8 +229,7 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop()
-        if self._watchdog is not None:
-            self._watchdog.close()
+        await self._release_watchdog()
         await self.store.close()
         await self.hv.close()
         log.info("agent %s stopped", self.cfg.host)
@@ -305,12 +325,23 @@ class Agent:
 
     async def _acquire(self) -> None:
         try:
-            self.cluster = cluster_config(await self.store.cluster_config(), self.cfg)
+            budget = cluster_config(await self.store.cluster_config(), self.cfg)
+            armed = self._watchdog
+            if armed is not None and armed.timeout_s > budget.watchdog_s:
+                raise InvalidInput(
+                    f"the armed watchdog's {armed.timeout_s:g}s exceeds its watchdog timeout"
+                    f" {budget.watchdog_s}s"
+                )
+            self.cluster = budget
         except InvalidInput as e:
             log.error("cluster config is unsafe; keeping the previous budget: %s", e)
         sent = self._clock()
         lease = None if self.fence_count else await self._previous_lease()
-        if lease is None:
+        if lease is not None:
+            # Still alive in etcd: the coordinator has re-placed nothing, so pets based
+            # on it are safe at once (see _arm_watchdog).
+            self._lease_reused = True
+        else:
             lease = await self.store.grant(self.cluster.lease_ttl_s)
         assert self.info is not None
         await self.store.put_host(self.info, lease)
@@ -331,7 +362,8 @@ class Agent:
             log.warning("new lease %x held: assignments will be re-read before any start", lease)
         self.fenced = False
         self.metrics.fenced.set(0)
-        self._may_start = True
+        # Nothing starts on a host whose watchdog is configured but not armed yet.
+        self._may_start = not self.cfg.watchdog_device or self._watchdog is not None
         self.registered.set()
         systemd.notify("READY=1")
         log.info("host %s registered on lease %x", self.cfg.host, lease)
@@ -366,8 +398,6 @@ class Agent:
                 continue
             self._last_ack_sent = sent
             self.metrics.lease_renew.observe(self._clock() - sent)
-            if self._watchdog is not None:
-                self._watchdog.pet()
             await asyncio.sleep(max(0.0, self.renew_interval_s - (self._clock() - sent)))
 
     # -- libvirt health ---------------------------------------------------------------
@@ -445,6 +475,93 @@ class Agent:
         except StoreError as e:
             log.warning("reporting libvirt's health: %s", e)
 
+    # -- the host's watchdog ------------------------------------------------------------
+
+    def _may_pet(self) -> bool:
+        """Called from the petter thread. Pets keep the host (and its guests) alive, so
+        only while the lease is fresh -- its last renewal younger than fence_after: a dead
+        or hung agent's host resets by fence_after + watchdog_timeout after it, before the
+        coordinator may re-place -- or while fenced with no managed domain left active."""
+        if self.fenced:
+            return self._fence_verified
+        return (
+            self.lease_id is not None
+            and self._clock() - self._last_ack_sent < self.cluster.fence_after_s
+        )
+
+    def _may_arm(self, timeout: float) -> bool:
+        return (
+            self._may_pet()
+            and not self.fenced
+            and (self._lease_reused or self._clock() - self._started_at >= timeout)
+        )
+
+    async def _arm_watchdog(self) -> None:
+        """Open the device once pets are safe. Opening a running watchdog counts as a pet,
+        and one armed by a previous agent may still be counting down on guests whose lease
+        has expired: so arm at once only on a lease still alive in etcd (reused), else
+        only once a whole timeout has passed since this agent started (that countdown is
+        over). Until armed, nothing is started."""
+        path = self.cfg.watchdog_device
+        if not path:
+            await self._stopping.wait()
+            return
+        timeout = watchdog_timeout(self.cfg, self.cluster)
+        # Conditions on the clock and the lease's age: polled.
+        while not self._may_arm(timeout):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        device = await asyncio.to_thread(watchdog.WatchdogDevice, path, timeout)
+        if device.timeout_s > self.cluster.watchdog_s:
+            # Left armed (no magic close): resetting the host is the safe way out.
+            device.close()
+            raise InvalidInput(
+                f"watchdog {path} runs with a {device.timeout_s:g}s timeout, above the"
+                f" cluster's watchdog timeout {self.cluster.watchdog_s}s"
+            )
+        self._watchdog = device
+        self._petter = watchdog.Petter(device, min(0.2, device.timeout_s / 5), self._may_pet)
+        self._petter.start()
+        log.info(
+            "watchdog %s armed: %gs timeout, petted while the lease is fresh (fence_after %gs)",
+            path,
+            device.timeout_s,
+            self.cluster.fence_after_s,
+        )
+        if self.lease_id is not None and not self.fenced:
+            self._may_start = True
+            self._trigger()
+        await self._stopping.wait()
+
+    async def _release_watchdog(self) -> None:
+        """On a clean stop: disarm (magic 'V') only when no managed domain is active, so
+        nothing is left to fence; else leave it armed: guests run on for a restarted
+        agent to adopt, and the host resets before they are re-placed if none comes."""
+        petter, device = self._petter, self._watchdog
+        if petter is not None:
+            petter.stop()
+        if device is None:
+            return
+        try:
+            active = [
+                o.domain
+                for o in (await self.hv.list_managed()).values()
+                if o.state in reconcile.ACTIVE
+            ]
+        except HypervisorError as e:
+            active = [f"(unknown: {e})"]
+        if active:
+            device.close()
+            log.warning(
+                "watchdog %s left armed over %d running guest(s): an agent back within"
+                " %gs adopts them, else the host resets before they are re-placed",
+                device.path,
+                len(active),
+                device.timeout_s,
+            )
+        else:
+            device.disarm()
+            log.info("watchdog %s disarmed: no guest runs here", device.path)
+
     # -- fencing ----------------------------------------------------------------------
 
     async def _fence_monitor(self) -> None:
@@ -453,11 +570,36 @@ class Agent:
             silent = self._clock() - self._last_ack_sent
             if not self.fenced and silent >= self.cluster.fence_after_s:
                 await self._fence(f"lease not renewed for {silent:.2f}s")
+            elif self.fenced and not self._fence_verified and self._watchdog is not None:
+                # The watchdog stays unpetted until the fence is confirmed.
+                await self._verify_fenced()
+                await asyncio.sleep(0.5)
+
+    async def _verify_fenced(self) -> bool:
+        """Destroy what is still active; True (and pets resume) when nothing is."""
+        try:
+            await self.hv.destroy_all_managed()
+            left = [
+                o.domain
+                for o in (await self.hv.list_managed()).values()
+                if o.state in reconcile.ACTIVE
+            ]
+        except HypervisorError as e:
+            left = [f"(libvirt: {e})"]
+        if left:
+            log.error(
+                "fence not confirmed (%s): the watchdog is not petted and resets the host",
+                ", ".join(left),
+            )
+            return False
+        self._fence_verified = self.fenced
+        return True
 
     async def _fence(self, why: str) -> None:
         """SPEC §4: destroy every managed domain; start none until a new lease is held."""
         if self.fenced:
             return
+        self._fence_verified = False  # before `fenced`: the petter thread reads both
         self.fenced = True
         self._fence_gen += 1
         self._may_start = False
@@ -481,6 +623,8 @@ class Agent:
             self._clock() - started,
             ", ".join(destroyed) or "none",
         )
+        if self._watchdog is not None:
+            await self._verify_fenced()
         if old is not None:
             self._spawn(self._revoke(old))
         self._trigger()
@@ -651,7 +795,9 @@ class Agent:
             return
         log.info("%s %s (%s)", action.kind.value, action.key, action.reason)
         if action.kind is ActionKind.START and (self.fenced or self._fence_gen != gen):
-            # A fence landed while this start was in flight: undo it.
+            # A fence landed while this start was in flight: undo it (and hold the
+            # watchdog's pets until the fence monitor confirms nothing runs).
+            self._fence_verified = False
             await self.hv.destroy(self._domain_of(action))
 
     @staticmethod

@@ -11,7 +11,13 @@ host with the most rule members, and measures from the kill:
   violations    samples in which running VMs broke a required anti-affinity rule
   duplicates    samples in which one VM ran on two hosts
 
-Run: sudo python bench/failover.py --ttl 5 --json   (and --ttl 2)
+`--fail agent` kill -9s only the agent of that host (its libvirtd and QEMUs live on): the
+host's watchdog must end its guests before they are re-placed; it adds
+
+  reset_s       until libvirt showed none of the host's VMs running there any more
+                (the watchdog stand-in killed the host's QEMUs and libvirtd)
+
+Run: sudo python bench/failover.py --ttl 5 --json   (and --ttl 2, and --fail agent)
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hvplace.lab import observe, workload
 from hvplace.lab.control import Lab, scratch_settings
 from hvplace.lab.observe import ClusterState
+from hvplace.lab.processes import kill9
 from hvplace.lab.state import LabState
 from support.sampler import EtcdSampler, LibvirtSampler, Sampler
 
@@ -51,7 +58,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         sampler.start()
         time.sleep(1.0)  # a second of samples before the failure
         killed_at = time.time()
-        lab.kill_host(victim)
+        if args.fail == "agent":
+            kill9(state.hosts[victim].agent)
+        else:
+            lab.kill_host(victim)
 
         def reassigned(s: ClusterState) -> bool:
             return s.lost(victim) and all(
@@ -70,6 +80,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             running_at = sampler.first_all_running(moving, killed_at, victim)
         time.sleep(1.0)  # and a second after
         sampler.stop()
+        gone_at = next(
+            (
+                smp.at
+                for smp in sampler.samples
+                if smp.at > killed_at and not set(moving) & smp.running.get(victim, frozenset())
+            ),
+            float("nan"),
+        )
         duplicates = sampler.duplicates()
         violations = sampler.violations(ran.rules, ran.vms, before.host_labels())
         budget = lab_budget(state)
@@ -78,10 +96,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "ttl_s": budget["lease_ttl_s"],
             "fence_after_s": budget["fence_after_s"],
             "failover_delay_s": budget["failover_delay_s"],
+            "watchdog_timeout_s": budget["watchdog_timeout_s"],
+            "fail": args.fail,
             "hosts": args.hosts,
             "vms": len(keys),
             "killed_host": victim,
             "moved_vms": len(moving),
+            "reset_s": round(gone_at - killed_at, 2),
             "detect_s": round(detect, 2),
             "reassigned_s": round(reassigned_at - killed_at, 2),
             "running_s": round((running_at or float("nan")) - killed_at, 2),
@@ -106,6 +127,7 @@ def lab_budget(state: LabState) -> dict[str, float]:
         "lease_ttl_s": budget.lease_ttl_s,
         "fence_after_s": budget.fence_after_s,
         "failover_delay_s": budget.failover_delay_s,
+        "watchdog_timeout_s": budget.watchdog_s,
     }
 
 
@@ -114,6 +136,12 @@ def main() -> int:
     parser.add_argument("--ttl", type=float, default=5.0, help="host lease TTL (default 5 s)")
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--mode", choices=("real", "test"), help="default: real as root")
+    parser.add_argument(
+        "--fail",
+        choices=("host", "agent"),
+        default="host",
+        help="kill the whole host (default) or only its agent",
+    )
     parser.add_argument("--keep", action="store_true", help="leave the lab running")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()

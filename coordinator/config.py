@@ -50,6 +50,7 @@ class CoordinatorConfig:
     lease_ttl_s: float = _CLUSTER.lease_ttl_s
     fence_after_s: float = _CLUSTER.fence_after_s
     failover_delay_s: float = _CLUSTER.failover_delay_s
+    watchdog_timeout_s: float = _CLUSTER.watchdog_timeout_s
     admission_policy: str = _CLUSTER.admission_policy.value
     admission_failures: int = _CLUSTER.admission_failures
     admission_topology: str = _CLUSTER.admission_topology
@@ -96,6 +97,7 @@ class CoordinatorConfig:
             lease_ttl_s=self.lease_ttl_s,
             fence_after_s=self.fence_after_s,
             failover_delay_s=self.failover_delay_s,
+            watchdog_timeout_s=self.watchdog_timeout_s,
             admission_policy=AdmissionPolicy(self.admission_policy),
             admission_failures=self.admission_failures,
             admission_topology=self.admission_topology,
@@ -111,6 +113,7 @@ _CLUSTER_KEYS = {
     "lease_ttl_s",
     "fence_after_s",
     "failover_delay_s",
+    "watchdog_timeout_s",
     "admission_policy",
     "admission_failures",
     "admission_topology",
@@ -222,8 +225,12 @@ def budget_text(cluster: ClusterConfig) -> str:
     """The fencing time budget, as printed at start (SPEC §5.6)."""
     return (
         f"timing budget: lease_ttl {cluster.lease_ttl_s}s, agents fence after"
-        f" {cluster.fence_after_s}s (+{FENCE_GRACE_S}s to destroy domains), the coordinator"
-        f" re-places {cluster.failover_delay_s}s after a lease expires: a lost host's VMs are"
+        f" {cluster.fence_after_s}s (+{FENCE_GRACE_S}s to destroy domains) and stop petting"
+        f" their host's watchdog then (a dead agent's host resets within"
+        f" {cluster.fence_after_s + cluster.watchdog_s}s: watchdog_timeout"
+        f" {cluster.watchdog_s}s{'' if cluster.watchdog_timeout_s else ' (derived)'}),"
+        " the coordinator re-places"
+        f" {cluster.failover_delay_s}s after a lease expires: a lost host's VMs are"
         f" reassigned within {cluster.lease_ttl_s + cluster.failover_delay_s}s;"
         f" admission {cluster.admission_policy.value} for {cluster.admission_failures}"
         f" {cluster.admission_topology} failure(s)"

@@ -246,7 +246,8 @@ def _python_module(module: str) -> list[str]:
 
 
 def cluster_budget(lease_ttl: float | None) -> ClusterConfig:
-    """The lab's timing budget: the defaults, or a lease TTL with fence_after derived from it."""
+    """The lab's timing budget: the defaults, or a lease TTL with fence_after derived from
+    it; the watchdog timeout is the largest safe one either way."""
     if lease_ttl is None:
         return ClusterConfig()
     return validate_cluster_config(
@@ -271,6 +272,7 @@ def coordinator_config(state: LabState, name: str, api: str, metrics: str) -> st
         f"lease_ttl_s = {budget.lease_ttl_s}",
         f"fence_after_s = {budget.fence_after_s}",
         f"failover_delay_s = {budget.failover_delay_s}",
+        f"watchdog_timeout_s = {budget.watchdog_s}",
         # The lab is small: warn rather than refuse creates that a failure could strand.
         'admission_policy = "warn"',
     ]
@@ -320,6 +322,11 @@ def agent_config(state: LabState, host: HostRecord) -> str:
         # Every lab host reports this machine's cores; the tiny guests idle, so overcommit
         # vCPUs as a KVM fleet does (Nova's cpu_allocation_ratio) to fit a dozen of them.
         extra = ["cpu_ratio = 8.0"]
+        # The host's watchdog stand-in (lab/watchdog.py), as /dev/watchdog in production.
+        extra += [
+            f'watchdog_device = "{host.watchdog_fifo}"',
+            f"watchdog_timeout_s = {budget.watchdog_s}",
+        ]
     else:
         endpoints = state.etcd_urls(bridge=False)
         domain_type = "auto"
@@ -369,6 +376,10 @@ def start_agent(settings: LabSettings, state: LabState, host: HostRecord) -> Pro
     host.agent_config = str(config)
     argv = [*_python_module("hvplace.agent"), "--config", str(config)]
     if host.mode == "real":
+        if not is_alive(host.watchdog):
+            timeout = cluster_budget(state.lease_ttl).watchdog_s
+            host.watchdog = hosts.start_watchdog(host, timeout)
+            state.save(settings)
         argv = hosts.inside(host, argv)
     host.agent = spawn_detached("agent", argv, base / "agent.log")
     return host.agent

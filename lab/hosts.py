@@ -179,7 +179,7 @@ def virsh(host: HostRecord, *args: str, timeout: float = 60.0) -> subprocess.Com
     return run_inside(host, ["virsh", "-c", "qemu:///system", *args], timeout=timeout)
 
 
-def start_libvirt(host: HostRecord, timeout: float = 30.0) -> tuple[ProcessRecord, ProcessRecord]:
+def start_libvirt(host: HostRecord, timeout: float = 60.0) -> tuple[ProcessRecord, ProcessRecord]:
     """virtlogd then libvirtd in the foreground (detached), so their PIDs are known at once."""
     base = Path(host.dir)
     virtlogd = spawn_detached("virtlogd", inside(host, ["virtlogd"]), base / "virtlogd.log")
@@ -192,15 +192,43 @@ def start_libvirt(host: HostRecord, timeout: float = 30.0) -> tuple[ProcessRecor
         if not is_alive(libvirtd):
             kill9(virtlogd)
             raise HostError(f"host {host.name}: libvirtd exited: {tail(libvirtd.log)}")
-        if (base / "run" / "libvirt" / "libvirt-sock").exists() and virsh(
-            host, "version", timeout=10
-        ).returncode == 0:
+        if (base / "run" / "libvirt" / "libvirt-sock").exists() and _answers(host):
             return virtlogd, libvirtd
         if time.monotonic() > deadline:
             raise HostError(
                 f"host {host.name}: libvirtd not answering after {timeout}s: {tail(libvirtd.log)}"
             )
         time.sleep(0.1)
+
+
+def start_watchdog(host: HostRecord, timeout_s: float) -> ProcessRecord:
+    """The host's watchdog stand-in (lab/watchdog.py), outside the host's namespaces so
+    that it outlives whatever it kills; returns once its FIFO has a reader."""
+    assert host.netns_inode is not None and host.supervisor is not None
+    fifo = host.watchdog_fifo
+    fifo.unlink(missing_ok=True)
+    argv = [
+        sys.executable, "-m", "hvplace.lab.watchdog", "--fifo", str(fifo),
+        "--timeout", str(timeout_s), "--netns-inode", str(host.netns_inode),
+        "--keep", str(host.supervisor.pid),
+    ]  # fmt: skip
+    record = spawn_detached("watchdog", argv, Path(host.dir) / "watchdog.log")
+    deadline = time.monotonic() + 10.0
+    while "watchdog on" not in tail(record.log):
+        if not is_alive(record) or time.monotonic() > deadline:
+            kill9(record)
+            raise HostError(f"host {host.name}: watchdog stand-in failed: {tail(record.log)}")
+        time.sleep(0.02)
+    return record
+
+
+def _answers(host: HostRecord) -> bool:
+    """libvirtd answers `virsh version`; a slow answer (its first QEMU probe on a loaded
+    machine) is not an error but a retry, until start_libvirt's deadline."""
+    try:
+        return virsh(host, "version", timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def stray_pids(host: HostRecord) -> list[int]:
@@ -225,12 +253,13 @@ def qemu_pids(host: HostRecord) -> list[int]:
 
 
 def crash(host: HostRecord) -> list[int]:
-    """kill -9 the agent, libvirtd, virtlogd and every QEMU of the host, as a power cut would.
+    """kill -9 the agent, libvirtd, virtlogd, the watchdog and every QEMU of the host, as a
+    power cut would (a new watchdog comes with the next agent).
 
     The supervisor and the network stay, so the host can be started again.
     """
     killed: list[int] = []
-    for record in (host.agent, host.libvirtd, host.virtlogd):
+    for record in (host.watchdog, host.agent, host.libvirtd, host.virtlogd):
         if kill9(record):
             assert record is not None
             killed.append(record.pid)

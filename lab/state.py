@@ -114,6 +114,8 @@ class HostRecord:
     # host:port of the agent's /metrics (set when the agent is first started).
     metrics_address: str | None = None
     partitioned: bool = False
+    # The stand-in for the host's watchdog (lab/watchdog.py); real hosts only.
+    watchdog: ProcessRecord | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -145,6 +147,7 @@ class HostRecord:
             "agent_config": self.agent_config,
             "metrics_address": self.metrics_address,
             "partitioned": self.partitioned,
+            "watchdog": _procj(self.watchdog),
         }
 
     @classmethod
@@ -166,13 +169,22 @@ class HostRecord:
             agent_config=raw.get("agent_config"),
             metrics_address=raw.get("metrics_address"),
             partitioned=bool(raw.get("partitioned", False)),
+            watchdog=_proc(raw.get("watchdog")),
         )
 
     def processes(self) -> list[ProcessRecord]:
-        """The recorded processes, the agent first (it must not see its libvirtd go first)."""
+        """The recorded processes: the watchdog first (it must not fire on a half-removed
+        host), then the agent (it must not see its libvirtd go first)."""
         return [
-            p for p in (self.agent, self.libvirtd, self.virtlogd, self.supervisor) if p is not None
+            p
+            for p in (self.watchdog, self.agent, self.libvirtd, self.virtlogd, self.supervisor)
+            if p is not None
         ]
+
+    @property
+    def watchdog_fifo(self) -> Path:
+        """The watchdog stand-in's FIFO: the agent's `watchdog_device`."""
+        return Path(self.dir) / "watchdog"
 
 
 @dataclass

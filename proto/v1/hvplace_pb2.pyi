@@ -760,6 +760,7 @@ class ClusterConfig(_message.Message):
     DEFAULT_IMAGE_FIELD_NUMBER: _builtins.int
     IMAGE_ROOTS_FIELD_NUMBER: _builtins.int
     MAX_START_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    WATCHDOG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     lease_ttl_s: _builtins.float
     fence_after_s: _builtins.float
     failover_delay_s: _builtins.float
@@ -769,6 +770,10 @@ class ClusterConfig(_message.Message):
     admission_topology: _builtins.str
     max_start_attempts: _builtins.int
     """hosts a VM may fail to start on before it stays failed"""
+    watchdog_timeout_s: _builtins.float
+    """A host's watchdog resets it this long after its agent's last pet (SPEC §4);
+    0: the largest safe value for the budget.
+    """
     @_builtins.property
     def default_image(self) -> Global___Image:
         """what a VM created without an image boots from"""
@@ -789,10 +794,11 @@ class ClusterConfig(_message.Message):
         default_image: Global___Image | None = ...,
         image_roots: _abc.Iterable[_builtins.str] | None = ...,
         max_start_attempts: _builtins.int = ...,
+        watchdog_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["default_image", b"default_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "default_image", b"default_image", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "image_roots", b"image_roots", "lease_ttl_s", b"lease_ttl_s", "max_start_attempts", b"max_start_attempts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_failures", b"admission_failures", "admission_policy", b"admission_policy", "admission_topology", b"admission_topology", "default_image", b"default_image", "failover_delay_s", b"failover_delay_s", "fence_after_s", b"fence_after_s", "image_roots", b"image_roots", "lease_ttl_s", b"lease_ttl_s", "max_start_attempts", b"max_start_attempts", "watchdog_timeout_s", b"watchdog_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

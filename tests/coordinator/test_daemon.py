@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
     cfg = config.load(f, env={}, overrides={"etcd_endpoints": "a:1,b:2", "session_ttl_s": 3.0})
     assert cfg.etcd_endpoints == ("a:1", "b:2") and cfg.session_ttl_s == 3.0
     assert "lease_ttl 10.0s" in config.budget_text(cfg.cluster())
+    assert "watchdog_timeout 4.0s (derived)" in config.budget_text(cfg.cluster())
     assert cfg.cluster().default_image is None
     f.write_text('anonymous_role = "viewer"\n[cluster]\ndefault_image_kernel = "/boot/vmlinuz"\n')
     cfg = config.load(f, env={"HVPLACE_DEFAULT_IMAGE_CMDLINE": "console=ttyS0"})
@@ -55,6 +58,8 @@ def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
         ("session_ttl_s = 'x'\n", {}, "session_ttl_s: expected"),
         ("", {"HVPLACE_RESYNC_S": "soon"}, "HVPLACE_RESYNC_S"),
         ("[cluster]\nfence_after_s = 6\n", {}, "unsafe timing budget"),
+        ("[cluster]\nwatchdog_timeout_s = 2.5\n", {}, "lower watchdog_timeout_s to at most 2"),
+        ("", {"HVPLACE_WATCHDOG_TIMEOUT_S": "-1"}, "watchdog_timeout_s -1.0 must be between"),
         ("admission_policy = 'maybe'\n", {}, "admission_policy 'maybe'"),
         ("listen = 'nowhere'\n", {}, "listen 'nowhere' must be host:port"),
         ("node_name = 'Bad Name!'\n", {}, "node name"),
@@ -78,6 +83,22 @@ def test_config_errors_name_the_key(
     with pytest.raises(InvalidInput) as info:
         config.load(f, env=env)
     assert message in str(info.value)
+
+
+def test_coordinator_refuses_to_start_with_a_watchdog_too_slow_to_fence(tmp_path: Path) -> None:
+    """A dead agent's host would reset 3 + 3 + 0.5 s after its last renewal, after its VMs
+    may be re-placed (5 + 0.5 s): the coordinator says so and does not start."""
+    f = tmp_path / "c.toml"
+    f.write_text("[cluster]\nlease_ttl_s = 5\nfence_after_s = 3\nwatchdog_timeout_s = 3\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "hvplace.coordinator", "--config", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "unsafe timing budget" in out.stderr
+    assert "lower watchdog_timeout_s to at most 2" in out.stderr
 
 
 async def test_coordinator_serves_the_api_and_places(

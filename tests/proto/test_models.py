@@ -152,6 +152,44 @@ def test_unsafe_timing_budget_is_refused() -> None:
         models.validate_cluster_config(ClusterConfig(lease_ttl_s=5, fence_after_s=4.9))
 
 
+@pytest.mark.parametrize(
+    ("ttl", "fence", "watchdog", "safe"),
+    [
+        (5, 3, 2.0, True),  # the defaults: the host resets by 5.5 s, as re-placement may start
+        (5, 3, 2.01, False),
+        (2, 1, 1.0, True),
+        (2, 1, 1.5, False),
+        (10, 6, 4.0, True),
+        (10, 6, 5.0, False),
+        (5, 3, 0.0, True),  # 0: derived, 2 s
+        (5, 3, -1.0, False),
+    ],
+)
+def test_the_watchdog_timeout_is_part_of_the_budget(
+    ttl: float, fence: float, watchdog: float, safe: bool
+) -> None:
+    """A dead agent's last pet comes up to fence_after after its last renewal; its host
+    resets watchdog_timeout later, which must precede lease_ttl + failover_delay (0.5 s)
+    less the clock margin (0.5 s)."""
+    budget = ClusterConfig(lease_ttl_s=ttl, fence_after_s=fence, watchdog_timeout_s=watchdog)
+    if safe:
+        models.validate_cluster_config(budget)
+    else:
+        with pytest.raises(InvalidInput, match="watchdog_timeout_s"):
+            models.validate_cluster_config(budget)
+
+
+@pytest.mark.parametrize(("ttl", "expected"), [(2, 1.0), (3, 1.0), (5, 2.0), (10, 4.0), (30, 12.0)])
+def test_derived_watchdog_timeout_is_the_largest_safe_whole_second(
+    ttl: float, expected: float
+) -> None:
+    fence = models.fence_after_for(ttl)
+    assert models.watchdog_timeout_for(ttl, fence) == expected
+    models.validate_cluster_config(
+        ClusterConfig(lease_ttl_s=ttl, fence_after_s=fence, watchdog_timeout_s=expected)
+    )
+
+
 def test_generated_code_is_fresh() -> None:
     assert stale_files() == [], "run: python -m hvplace.proto.generate"
 
