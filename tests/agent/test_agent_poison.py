@@ -7,9 +7,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from agent.conftest import domain_status, eventually, put_assignment, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
+from hvplace.proto.errors import InvalidInput
 from hvplace.proto.models import DomainState, Image
 from support.etcd import EtcdServer
 
@@ -28,17 +30,19 @@ async def _states(agent: Agent) -> dict[str, DomainState]:
 async def test_poison_assignments_fail_only_their_vm(
     etcd: EtcdServer, test_host: Callable[..., AgentConfig], run_agent: StartAgent
 ) -> None:
-    """A NUL in the kernel command line (ValueError inside libvirt-python) and a control
-    character libvirt's XML parser refuses: each VM is `failed` with the message, the VM
-    beside them runs, and the agent's loop goes on (a later assignment still starts)."""
+    """A NUL in the kernel command line and a control character XML cannot carry (the
+    agent's own validator refuses both before libvirt sees them; libvirt-python would
+    raise ValueError, its XML parser "PCDATA invalid Char value 1"): each VM is `failed`
+    with the message, the VM beside them runs, and the agent's loop goes on (a later
+    assignment still starts)."""
     agent = await run_agent(_cfg(etcd, test_host, "h1"))
     put_assignment(etcd, "h1", vm("good"))
     put_assignment(etcd, "h1", vm("nul", image=NUL_IMAGE))
     put_assignment(etcd, "h1", vm("ctl", description="bell \x01 here"))
     nul = await eventually(lambda: _failed(etcd, "nul"))
-    assert "null" in nul.last_error and nul.epoch == 1 and nul.uid == "uid-nul"
+    assert "'\\x00'" in nul.last_error and nul.epoch == 1 and nul.uid == "uid-nul"
     ctl = await eventually(lambda: _failed(etcd, "ctl"))
-    assert "PCDATA invalid Char value 1" in ctl.last_error  # libvirt's own message
+    assert "control character '\\x01'" in ctl.last_error
     await eventually(lambda: _running(etcd, "good"))
     assert all(not t.done() for t in agent._tasks), "no agent task died"
     text = agent.metrics.exposition().decode()
@@ -70,7 +74,7 @@ async def test_a_failed_vm_is_not_retried_in_a_hot_loop(
     assert agent.metrics.reconcile_errors._value.get() - before <= 1
     put_assignment(etcd, "h1", vm("nul", image=NUL_IMAGE), epoch=2)
     st = await eventually(lambda: (s := _failed(etcd, "nul")) and s.epoch == 2 and s)
-    assert "null" in st.last_error
+    assert "'\\x00'" in st.last_error
 
 
 def _failed(etcd: EtcdServer, name: str) -> Any:
@@ -86,7 +90,8 @@ def _running(etcd: EtcdServer, name: str) -> Any:
 async def test_hypervisor_turns_any_exception_into_a_hypervisor_error(
     test_host: Callable[..., AgentConfig],
 ) -> None:
-    """libvirt-python raises ValueError on a NUL; the adapter returns it typed, with the call."""
+    """libvirt-python raises ValueError on a NUL; the adapter returns it typed, with the
+    call (raw XML here: a record with a NUL never gets past the agent's validator)."""
     from hvplace.agent.hypervisor import HypervisorError, HypervisorUnavailable, LibvirtHypervisor
     from hvplace.proto.models import Assignment
 
@@ -97,14 +102,16 @@ async def test_hypervisor_turns_any_exception_into_a_hypervisor_error(
     await hv.open()
     try:
         bad = Assignment(vm=vm("nul", image=NUL_IMAGE), host="h1", epoch=1)
-        try:
+        with pytest.raises(InvalidInput, match="contains"):
             await hv.define(bad)
+        try:
+            await hv._call(hv._conn.defineXML, "<domain>\x00</domain>", what="defining raw")
         except HypervisorUnavailable:
             raise AssertionError("a bad spec is not the connection's fault") from None
         except HypervisorError as e:
-            assert "defining hv-s.nul-" in e.message and "ValueError" in e.message
+            assert "defining raw" in e.message and "ValueError" in e.message
         else:
-            raise AssertionError("defined a domain with a NUL in its command line")
+            raise AssertionError("defined a domain with a NUL in its XML")
         await hv.ping(1.0)  # the connection is fine
         assert await hv.list_managed() == {}
     finally:

@@ -78,7 +78,8 @@ async def phase(api: Api, name: str) -> str:
 
 
 def put_poison(etcd: EtcdServer, name: str) -> None:
-    """A spec libvirt refuses (PCDATA invalid Char value 1), written as no API would."""
+    """A spec no host can define (a control character XML cannot carry: the agent's
+    validator refuses it, libvirt would too), written as no API would."""
     vm = VM(
         scope="acme",
         name=name,
@@ -142,7 +143,7 @@ async def test_a_vm_failing_everywhere_stops_after_three_hosts_and_vm_start_retr
         failures = view.status.start_failures
         hosts = [f.host for f in failures]
         assert len(set(hosts)) == 3, f"three different hosts: {hosts}"
-        assert all("PCDATA invalid Char value 1" in f.reason for f in failures)
+        assert all("control character" in f.reason for f in failures)
         for h in hosts:
             assert h in view.status.reason
         assert "max_start_attempts is 3" in view.status.reason
@@ -155,7 +156,7 @@ async def test_a_vm_failing_everywhere_stops_after_three_hosts_and_vm_start_retr
         listed = await api.vm.ListVMs(pb.ListVMsRequest(phase="failed"))
         assert [v.spec.name for v in listed.vms] == ["bad"]
         why = await api.vm.ExplainVM(pb.VMRef(scope="acme", name="bad"))
-        assert why.reasons[0].code == "start_failed" and "PCDATA" in why.reasons[0].message
+        assert why.reasons[0].code == "start_failed" and "control character" in why.reasons[0].message
         # The good VM never moved and still runs.
         assert await phase(api, "good") == "running"
 
