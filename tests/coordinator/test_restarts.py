@@ -156,7 +156,9 @@ async def test_a_vm_failing_everywhere_stops_after_three_hosts_and_vm_start_retr
         listed = await api.vm.ListVMs(pb.ListVMsRequest(phase="failed"))
         assert [v.spec.name for v in listed.vms] == ["bad"]
         why = await api.vm.ExplainVM(pb.VMRef(scope="acme", name="bad"))
-        assert why.reasons[0].code == "start_failed" and "control character" in why.reasons[0].message
+        assert (
+            why.reasons[0].code == "start_failed" and "control character" in why.reasons[0].message
+        )
         # The good VM never moved and still runs.
         assert await phase(api, "good") == "running"
 
