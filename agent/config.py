@@ -12,7 +12,7 @@ from typing import Any
 
 from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.etcd import EtcdTLS, parse_endpoints
+from hvplace.proto.etcd import EtcdAuth, EtcdTLS, parse_endpoints
 from hvplace.proto.models import (
     ClusterConfig,
     Ratios,
@@ -34,6 +34,9 @@ class AgentConfig:
     etcd_ca: Path | None = None
     etcd_cert: Path | None = None
     etcd_key: Path | None = None
+    # etcd's user authentication (`hvplace etcd add-agent` / `init-auth` create the users).
+    etcd_user: str = ""
+    etcd_password_file: Path | None = None
     libvirt_uri: str = "qemu:///system"
     state_dir: Path = Path("/var/lib/hvplace-agent")
     # Where qcow2 overlays live (its disk is the host's disk capacity); default <state_dir>/images.
@@ -67,6 +70,10 @@ class AgentConfig:
     @property
     def etcd_tls(self) -> EtcdTLS:
         return EtcdTLS(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
+
+    @property
+    def etcd_auth(self) -> EtcdAuth:
+        return EtcdAuth(user=self.etcd_user, password_file=self.etcd_password_file)
 
     @property
     def images(self) -> Path:
@@ -122,6 +129,7 @@ def load(
 def validate(cfg: AgentConfig) -> AgentConfig:
     check_name(cfg.host, "host name")
     cfg.etcd_tls.check(parse_endpoints(cfg.etcd_endpoints))
+    cfg.etcd_auth.check()
     for k, v in cfg.labels.items():
         check_label(k, v, "host label")
     if cfg.domain_type not in DOMAIN_TYPES:

@@ -85,7 +85,11 @@ class Agent:
             probe_timeout_s=cfg.kvm_probe_timeout_s,
         )
         self.store = store or EtcdStore(
-            cfg.etcd_endpoints, cfg.host, cfg.etcd_timeout_s, tls=cfg.etcd_tls
+            cfg.etcd_endpoints,
+            cfg.host,
+            cfg.etcd_timeout_s,
+            tls=cfg.etcd_tls,
+            auth=cfg.etcd_auth,
         )
         self.metrics = AgentMetrics()
         self._clock = clock

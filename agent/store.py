@@ -14,7 +14,7 @@ from typing import Any
 from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.etcd import Compacted, EtcdClient, EtcdTLS
+from hvplace.proto.etcd import Compacted, EtcdAuth, EtcdClient, EtcdTLS
 from hvplace.proto.models import Assignment, ClusterConfig, DomainStatus, HostInfo, dumps, loads
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ class EtcdStore:
         timeout_s: float = 2.0,
         *,
         tls: EtcdTLS | None = None,
+        auth: EtcdAuth | None = None,
     ) -> None:
         self.host = host
         self._timeout = timeout_s
-        self.etcd = EtcdClient(endpoints, tls=tls)
+        self.etcd = EtcdClient(endpoints, tls=tls, auth=auth)
 
     async def close(self) -> None:
         await self.etcd.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.etcd import EtcdTLS, parse_endpoints
+from hvplace.proto.etcd import EtcdAuth, EtcdTLS, parse_endpoints
 from hvplace.proto.models import (
     FENCE_GRACE_S,
     AdmissionPolicy,
@@ -36,6 +36,9 @@ class CoordinatorConfig:
     etcd_ca: Path | None = None
     etcd_cert: Path | None = None
     etcd_key: Path | None = None
+    # etcd's user authentication (`hvplace etcd add-agent` / `init-auth` create the users).
+    etcd_user: str = ""
+    etcd_password_file: Path | None = None
     etcd_timeout_s: float = 5.0
     listen: str = "127.0.0.1:7400"
     """The gRPC API's host:port; '' serves no API (a placement-only coordinator)."""
@@ -85,6 +88,10 @@ class CoordinatorConfig:
     @property
     def etcd_tls(self) -> EtcdTLS:
         return EtcdTLS(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
+
+    @property
+    def etcd_auth(self) -> EtcdAuth:
+        return EtcdAuth(user=self.etcd_user, password_file=self.etcd_password_file)
 
     def cluster(self) -> ClusterConfig:
         image = Image(
@@ -177,6 +184,7 @@ def load(
 def validate(cfg: CoordinatorConfig) -> CoordinatorConfig:
     check_name(cfg.node_name, "node name")
     cfg.etcd_tls.check(parse_endpoints(cfg.etcd_endpoints))
+    cfg.etcd_auth.check()
     for name in ("etcd_timeout_s", "resync_s"):
         if getattr(cfg, name) <= 0:
             raise InvalidInput(f"{name} must be positive, got {getattr(cfg, name)}")

@@ -68,7 +68,7 @@ class Coordinator:
         cluster = cfg.cluster()
         log.info("hvplace-coordinator %s starting; %s", cfg.node_name, budget_text(cluster))
         store = self.store = await Store.connect(
-            cfg.etcd_endpoints, timeout=cfg.etcd_timeout_s, tls=cfg.etcd_tls
+            cfg.etcd_endpoints, timeout=cfg.etcd_timeout_s, tls=cfg.etcd_tls, auth=cfg.etcd_auth
         )
         tasks: list[asyncio.Task[Any]] = []
         try:

@@ -13,7 +13,7 @@ from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Busy, Interrupted, Unavailable
 from hvplace.proto.etcd import Compacted as Compacted
-from hvplace.proto.etcd import EtcdClient, EtcdTLS
+from hvplace.proto.etcd import EtcdAuth, EtcdClient, EtcdTLS
 from hvplace.proto.etcd import WatchBatch as WatchBatch
 from hvplace.proto.etcd import WatchEvent as WatchEvent
 from hvplace.proto.etcd import WatchStream as WatchStream
@@ -104,9 +104,10 @@ class Store:
         *,
         timeout: float,  # noqa: ASYNC109
         tls: EtcdTLS | None = None,
+        auth: EtcdAuth | None = None,
     ) -> Store:
         """Every member in `endpoints`; calls move to another member when one fails."""
-        return cls(EtcdClient(endpoints, tls=tls), timeout)
+        return cls(EtcdClient(endpoints, tls=tls, auth=auth), timeout)
 
     async def close(self) -> None:
         await self.etcd.close()

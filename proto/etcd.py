@@ -1,8 +1,9 @@
 """Both daemons' one seam to etcd's gRPC API: the member list, a channel per member, and
 moving to another member when the one in use fails (leases and watches carry over).
 
-TLS (`https://` endpoints with `EtcdTLS` files) is built here; an auth token would be
-added to `EtcdClient._metadata`, which every call already sends.
+TLS (`https://` endpoints with `EtcdTLS` files) and etcd's user authentication
+(`EtcdAuth`: a user and a password file; the token etcd issues rides on every call and is
+renewed when etcd says it is invalid or expired) are built here.
 """
 
 from __future__ import annotations
@@ -155,6 +156,40 @@ class EtcdTLS:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdAuth:
+    """etcd's user authentication: `user` and the file holding its password (read at
+    each login, so a changed password needs no restart)."""
+
+    user: str = ""
+    password_file: Path | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.user)
+
+    def check(self) -> None:
+        if bool(self.user) != (self.password_file is not None):
+            raise InvalidInput("etcd_user and etcd_password_file go together")
+
+    def password(self) -> str:
+        assert self.password_file is not None
+        try:
+            text = self.password_file.read_text().strip()
+        except OSError as e:
+            raise InvalidInput(f"etcd_password_file {self.password_file}: {e.strerror}") from None
+        if not text:
+            raise InvalidInput(f"etcd_password_file {self.password_file} is empty")
+        return text
+
+
+def _token_refused(e: grpc.aio.AioRpcError) -> bool:
+    """etcd refused the auth token (expired, or issued by a member that lost it)."""
+    return e.code() == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in (
+        e.details() or ""
+    )
+
+
 class Compacted(Exception):
     """The watch's start revision was compacted away; the caller must relist."""
 
@@ -204,6 +239,7 @@ class Member:
         self.kv: Any = rpc.KVStub(self.channel)
         self.lease: Any = rpc.LeaseStub(self.channel)
         self.watch: Any = rpc.WatchStub(self.channel)
+        self.auth: Any = rpc.AuthStub(self.channel)
 
 
 def _error_text(e: grpc.aio.AioRpcError) -> str:
@@ -224,10 +260,20 @@ class EtcdClient:
     fails (UNAVAILABLE, DEADLINE_EXCEEDED). Each call is bounded by its own timeout,
     failover included; errors surface as `Unavailable`."""
 
-    def __init__(self, endpoints: Sequence[str | Endpoint], *, tls: EtcdTLS | None = None) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str | Endpoint],
+        *,
+        tls: EtcdTLS | None = None,
+        auth: EtcdAuth | None = None,
+    ) -> None:
         self.endpoints = parse_endpoints([str(e) for e in endpoints])
         tls = tls or EtcdTLS()
         tls.check(self.endpoints)
+        self._auth = auth if auth is not None and auth.configured else None
+        if self._auth is not None:
+            self._auth.check()
+        self.logins = 0
         self._credentials = tls.credentials() if self.endpoints[0].secure else None
         self._members: list[Member | None] = [None] * len(self.endpoints)
         self._current = 0
@@ -276,17 +322,25 @@ class EtcdClient:
         deadline = loop.time() + timeout_s
         several = len(self.endpoints) > 1
         last = "no member tried"
+        relogged = False
         while (left := deadline - loop.time()) > 0:
             index = self._current
             # Leave time for another member should this one hang rather than refuse.
             budget = max(left / 2, min(left, 0.2)) if idempotent and several else left
             started = loop.time()
             try:
+                if self._auth is not None and not self._metadata:
+                    await self._login(self._member(index), budget)
                 result = await attempt(self._member(index), budget)
                 self._failing.discard(index)
                 return result
             except grpc.aio.AioRpcError as e:
                 last = f"{self.endpoints[index]}: {_error_text(e)}"
+                if self._auth is not None and _token_refused(e) and not relogged:
+                    # A refused token was not applied: log in again and retry, once.
+                    relogged = True
+                    self._metadata = ()
+                    continue
                 if e.code() not in _MOVE_ON:
                     raise Unavailable(f"etcd: {last}") from None
                 self.member_failed(index, _error_text(e))
@@ -301,6 +355,20 @@ class EtcdClient:
                 # A refused connection fails at once: do not spin over dead members.
                 await asyncio.sleep(min(_PAUSE_S, max(0.0, deadline - loop.time())))
         raise Unavailable(f"etcd: {last}")
+
+    async def _login(self, member: Member, seconds: float) -> None:
+        assert self._auth is not None
+        try:
+            reply = await member.auth.Authenticate(
+                rpc.AuthenticateRequest(name=self._auth.user, password=self._auth.password()),
+                timeout=seconds,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _MOVE_ON:
+                raise
+            raise Unavailable(f"etcd refused user {self._auth.user!r}: {_error_text(e)}") from None
+        self._metadata = (("token", str(reply.token)),)
+        self.logins += 1
 
     async def unary(
         self,

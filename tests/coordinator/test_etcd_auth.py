@@ -5,16 +5,27 @@ credentials."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from aetcd import rpc
-from hvplace.coordinator import cli
+from agent.conftest import eventually, node_xml
+from hvplace.agent.config import AgentConfig
+from hvplace.agent.service import Agent
+from hvplace.agent.store import EtcdStore, StoreError
+from hvplace.coordinator import cli, config
+from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.etcd_auth import EtcdAdmin, add_agent, init_auth
 from hvplace.proto import keyspace
-from support.etcd import EtcdServer
+from hvplace.proto.errors import Unavailable
+from hvplace.proto.etcd import EtcdAuth, EtcdClient
+from hvplace.proto.models import HostInfo
+from hvplace.proto.v1 import hvplace_pb2 as pb
+from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+from support.etcd import EtcdServer, free_port
 
 
 @pytest.fixture
@@ -117,3 +128,112 @@ async def test_cli_bootstraps_and_issues_a_hosts_credentials(
         cli.main, ["etcd", "add-agent", "bad/name", *base, "--password-file", str(d / "x")]
     )
     assert code == cli.EXIT_ERROR and not (d / "x").exists()
+
+
+# ---------------------------------------------------------------- the daemons as users
+
+
+@pytest.fixture
+def auth_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A private etcd with auth on (tokens expire after 1 s idle), and password files."""
+    server = EtcdServer()
+    server.extra_args = ["--auth-token-ttl", "1"]
+    server.start()
+    try:
+        base = ["--etcd", server.endpoint, "--root-password-file", str(tmp_path / "root")]
+        assert cli.main(["etcd", "init-auth", *base, "--coordinator-password-file",
+                         str(tmp_path / "coordinator")]) == 0  # fmt: skip
+        for host in ("hv1", "hv2"):
+            assert cli.main(["etcd", "add-agent", host, *base, "--password-file",
+                             str(tmp_path / host)]) == 0  # fmt: skip
+        yield server
+    finally:
+        server.close()
+
+
+async def test_client_logs_in_again_when_etcd_expires_its_token(
+    auth_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    client = EtcdClient([auth_etcd.endpoint], auth=EtcdAuth("agent-hv1", tmp_path / "hv1"))
+    try:
+        request = rpc.RangeRequest(key=keyspace.CONFIG.encode())
+        await client.range(request, timeout_s=5)
+        assert client.logins == 1
+        await asyncio.sleep(2.5)  # idle past the token's TTL: etcd forgets it
+        await client.range(request, timeout_s=5)
+        assert client.logins == 2
+        wrong = EtcdClient([auth_etcd.endpoint], auth=EtcdAuth("agent-hv1", tmp_path / "hv2"))
+        with pytest.raises(Unavailable, match="etcd refused user 'agent-hv1'"):
+            await wrong.range(request, timeout_s=5)
+        await wrong.close()
+    finally:
+        await client.close()
+
+
+async def test_coordinator_and_agent_run_as_their_etcd_users(
+    auth_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A whole coordinator (user `coordinator`) places a VM that an agent (user
+    `agent-hv1`) runs; the same agent credentials cannot register another host."""
+    cfg = config.CoordinatorConfig(
+        node_name="c1",
+        etcd_endpoints=(auth_etcd.endpoint,),
+        etcd_user="coordinator",
+        etcd_password_file=tmp_path / "coordinator",
+        listen=f"127.0.0.1:{free_port()}",
+        metrics_listen="",
+        session_ttl_s=2,
+        anonymous_role="admin",
+    )
+    node = tmp_path / "hv1-node.xml"
+    node.write_text(node_xml())
+    agent_cfg = AgentConfig(
+        host="hv1",
+        libvirt_uri=f"test://{node}",
+        state_dir=tmp_path / "hv1-state",
+        etcd_endpoints=(auth_etcd.endpoint,),
+        etcd_user="agent-hv1",
+        etcd_password_file=tmp_path / "hv1",
+        metrics_listen="",
+        resync_interval_s=1.0,
+    )
+    agent = Agent(agent_cfg)
+    task = asyncio.ensure_future(agent.run())
+    try:
+        async with Coordinator(cfg) as c:
+            await eventually(lambda: c.election is not None and c.election.is_leader)
+            await asyncio.wait_for(agent.registered.wait(), 15)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{c.api_port}") as ch:
+                vms = pb_grpc.VMServiceStub(ch)
+                await eventually(lambda: c.cache is not None and "hv1" in c.cache.hosts.records)
+                await vms.CreateVMs(
+                    pb.CreateVMsRequest(
+                        request_id="r1",
+                        vms=[pb.VM(scope="acme", name="web-1",
+                                   resources=pb.Resources(vcpus=1, memory_mib=256),
+                                   image=pb.Image(kernel="/boot/vmlinuz"))],
+                    )
+                )  # fmt: skip
+
+                async def running() -> bool:
+                    view = await vms.GetVM(pb.VMRef(scope="acme", name="web-1"))
+                    return bool(view.status.phase == "running")
+
+                await eventually(running, within=20)
+            await c.shutdown()
+        # The agent's user may write only hv1's keys: etcd refuses hv2's registration.
+        imposter = EtcdStore(
+            (auth_etcd.endpoint,), "hv2", 2.0,
+            auth=EtcdAuth("agent-hv1", tmp_path / "hv1"),
+        )  # fmt: skip
+        try:
+            lease = await imposter.grant(5)
+            with pytest.raises(StoreError, match="permission denied"):
+                await imposter.put_host(HostInfo(name="hv2"), lease)
+        finally:
+            await imposter.close()
+        assert not task.done(), "the agent died"
+    finally:
+        await agent.shutdown()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 15)
