@@ -29,6 +29,8 @@ def exposure(unit: str) -> float:
     [
         # An unprivileged dynamic user that only talks TCP: "OK" in systemd's words.
         ("hvplace-coordinator.service", 2.0),
+        # Root (libvirtd's socket and /dev/watchdog are root's) without capabilities.
+        ("hvplace-agent.service", 2.5),
     ],
 )
 def test_unit_exposure(unit: str, limit: float) -> None:
@@ -39,3 +41,11 @@ def test_coordinator_runs_unprivileged() -> None:
     text = (UNITS / "hvplace-coordinator.service").read_text()
     for line in ("DynamicUser=yes", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n"):
         assert line in text
+
+
+def test_agent_keeps_its_guests_and_its_watchdog() -> None:
+    text = (UNITS / "hvplace-agent.service").read_text()
+    # Hardening must not take away what fencing and adoption need.
+    for line in ("KillMode=process", "DeviceAllow=/dev/watchdog rw", "CapabilityBoundingSet=\n"):
+        assert line in text
+    assert "PrivateDevices=yes" not in text  # it would hide /dev/watchdog
