@@ -10,13 +10,14 @@ import time
 from collections.abc import Callable
 
 from hvplace.coordinator import cache as kinds
+from hvplace.coordinator import failure
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.metrics import CoordinatorMetrics
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
 from hvplace.proto import keyspace, models
-from hvplace.proto.errors import Busy, Unavailable
-from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus
+from hvplace.proto.errors import Busy, Conflict, Unavailable
+from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus, Phase, VMStatus
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Controller:
         self._queue: set[str] = set()
         self._wake = asyncio.Event()
         self._fence: Fence | None = None
+        self._office = 0.0  # when this leader took office (wall clock)
         self._timers: set[asyncio.TimerHandle] = set()
         self.failovers = 0
 
@@ -80,6 +82,7 @@ class Controller:
 
     async def run(self, fence: Fence) -> None:
         self._fence = fence
+        self._office = self.wall()
         remove = self.cache.add_listener(self._on_change)
         resync = asyncio.create_task(self._resync_loop(), name="hvplace-resync")
         try:
@@ -149,36 +152,55 @@ class Controller:
     # ------------------------------------------------------------------ hosts
 
     async def sync_hosts(self) -> None:
-        """Mark hosts whose registration is gone `lost`, returning ones `ready`, then
-        re-place the VMs of lost hosts once `failover_delay_s` has passed."""
+        """Derive host states from the records: an unregistered host that assignments or
+        statuses name goes `lost` when failure.lost_at says; a lost host registered again
+        goes `ready`. Then re-place the VMs of lost hosts once `failover_delay_s` passed."""
         cache = self.cache
         now = self.wall()
+        ttl = cache.cluster_config().lease_ttl_s
         writes: dict[str, bytes] = {}
         compares: list[Compare] = []
-        for name in sorted(cache.departed):
-            status = cache.host_status.records.get(name)
-            if status is None or status.state is not HostState.LOST:
-                lost = HostStatus(
-                    name=name, state=HostState.LOST, reason="lease expired", since=now
-                )
-                writes[keyspace.host_status(name)] = models.dumps(lost)
-                compares.append(
-                    Compare.unchanged(
-                        keyspace.host_status(name), cache.host_status.revs.get(name, 0)
-                    )
-                )
-                log.warning("host %s lost: its registration lease expired", name)
-        for name in sorted(cache.hosts.records):
-            status = cache.host_status.records.get(name)
-            if status is not None and status.state is HostState.LOST:
-                back = HostStatus(
+        wait = None
+        due = failure.lost_at(
+            cache.unregistered(),
+            cache.host_status.records,
+            cache.gone_at,
+            office_since=self._office,
+            lease_ttl_s=ttl,
+        )
+        for name, at in sorted(due.items()):
+            if at > now:
+                wait = at - now if wait is None else min(wait, at - now)
+                continue
+            seen = name in cache.gone_at
+            reason = (
+                "lease expired"
+                if seen
+                else f"not registered for {ttl:g}s after this coordinator took office"
+            )
+            lost = HostStatus(name=name, state=HostState.LOST, reason=reason, since=at)
+            writes[keyspace.host_status(name)] = models.dumps(lost)
+            compares.append(
+                Compare.unchanged(keyspace.host_status(name), cache.host_status.revs.get(name, 0))
+            )
+            # The registration must still be absent when this commits.
+            compares.append(Compare.absent(keyspace.host(name)))
+            log.warning("host %s lost: %s", name, reason)
+        if wait is not None:
+            self._later(wait, HOSTS)
+        back: list[str] = []
+        for name, status in cache.host_status.records.items():
+            if status.state is HostState.LOST and name in cache.hosts.records:
+                ready = HostStatus(
                     name=name, state=HostState.READY, reason="registered again", since=now
                 )
-                writes[keyspace.host_status(name)] = models.dumps(back)
+                writes[keyspace.host_status(name)] = models.dumps(ready)
                 compares.append(
                     Compare.unchanged(keyspace.host_status(name), cache.host_status.revs[name])
                 )
+                back.append(name)
                 log.info("host %s is back", name)
+        writes.update(self._returned_vms(back, now))
         if writes:
             rev = await self.store.commit(compares, writes, fence=self._fence)
             if not rev:
@@ -186,11 +208,36 @@ class Controller:
             await cache.wait_for_revision(rev)
         await self._failover()
 
+    def _returned_vms(self, hosts: list[str], now: float) -> dict[str, bytes]:
+        """Statuses of VMs that kept their assignment on a host that is back (HA `off`:
+        never restarted elsewhere): its agent starts them again, and the API says so."""
+        if not hosts:
+            return {}
+        back = set(hosts)
+        writes: dict[str, bytes] = {}
+        for key, a in self.cache.assignments.records.items():
+            if a.host not in back:
+                continue
+            status = self.cache.vm_status.records.get(key)
+            if status is None or status.phase is not Phase.PENDING:
+                continue
+            scheduled = VMStatus(
+                scope=a.vm.scope,
+                name=a.vm.name,
+                phase=Phase.SCHEDULED,
+                reason=f"host {a.host} is back",
+                host=a.host,
+                epoch=a.epoch,
+                since=now,
+            )
+            writes[keyspace.vm_status(a.vm.scope, a.vm.name)] = models.dumps(scheduled)
+        return writes
+
     async def _failover(self) -> None:
         cache = self.cache
         delay = cache.cluster_config().failover_delay_s
         now = self.wall()
-        with_vms = {a.host for a in cache.assignments.records.values()}
+        with_vms = cache.assigned_hosts
         due: list[str] = []
         wait = None
         for name, status in cache.host_status.records.items():
@@ -207,7 +254,13 @@ class Controller:
             self._later(wait, HOSTS)
         if not due:
             return
-        outcome = await self.planner.replace_lost(sorted(due))
+        try:
+            outcome = await self.planner.replace_lost(sorted(due))
+        except Conflict as e:
+            # A host registered again before the failover committed: it keeps its VMs.
+            log.info("failover of %s not committed: %s", ", ".join(sorted(due)), e)
+            self.enqueue(HOSTS)
+            return
         self._observe(outcome)
         plan = outcome.plan
         if plan.assignments:
