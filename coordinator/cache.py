@@ -137,6 +137,9 @@ class Cache:
         # Assignments per host, kept in step with `assignments`: which hosts the records
         # name, without a pass over every VM.
         self.assigned_hosts: dict[str, int] = {}
+        # VM key -> host of its assignment, in step with `assignments`: the snapshot's
+        # placements are a copy of it, not a pass over every assignment.
+        self.placements: dict[str, str] = {}
         self.relists = 0
         self._snapshot: Snapshot | None = None
         self._advanced = asyncio.Condition()
@@ -195,6 +198,7 @@ class Cache:
         for name, table in fresh._tables().items():
             setattr(self, _ATTR[name], table)
         self.assigned_hosts = fresh.assigned_hosts
+        self.placements = fresh.placements
         self.config, self.config_rev = fresh.config, fresh.config_rev
         for name, info in old_hosts.items():
             if name not in self.hosts.records:
@@ -292,6 +296,7 @@ class Cache:
                     table.pop(name)
                     if kind == ASSIGNMENTS:
                         self._count(host, -1)
+                        self.placements.pop(name, None)
                 return None
             if kind == ASSIGNMENTS:
                 spec = self._batch_specs.get(name)
@@ -313,6 +318,7 @@ class Cache:
                 if before is not None:
                     self._count(before.host, -1)
                 self._count(a.host, 1)
+                self.placements[name] = a.host
                 self.assignments.put(name, a, mod_revision)
                 return a
             d = models.loads(DomainStatus, value)
@@ -422,8 +428,9 @@ class Cache:
                 revision=self.revision,
                 infos=self.host_infos(),
                 statuses=self.host_status.records,
-                vms=self.vms.records.values(),
-                assignments=self.assignments.records.values(),
+                vms=self.vms.records,
+                assignments=(),
+                placements=self.placements,
                 rules=self.rules.records.values(),
                 policies=self.policies.records.values(),
                 alive=self.hosts.records,

@@ -26,6 +26,7 @@ HOSTS = "hosts"
 PENDING = "pending"
 """Work item: place every VM that has no assignment."""
 METRICS = "metrics"
+METRICS_EVERY_S = 1.0
 
 # What a change can unblock or require.
 _TRIGGERS: dict[str, tuple[str, ...]] = {
@@ -67,6 +68,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._fence: Fence | None = None
         self._office = 0.0  # when this leader took office (wall clock)
+        self._metrics_due = False
         self._timers: set[asyncio.TimerHandle] = set()
         self.failovers = 0
 
@@ -77,12 +79,16 @@ class Controller:
     def _on_change(self, change: Change) -> None:
         for item in _TRIGGERS.get(change.kind, ()):
             self.enqueue(item)
-        if change.kind != kinds.OTHER:
-            self._queue.add(METRICS)
+        if change.kind != kinds.OTHER and not self._metrics_due:
+            # Gauges at most once a second: a burst of changes (a failover) would
+            # otherwise rebuild them after every batch of watch events.
+            self._metrics_due = True
+            self._later(METRICS_EVERY_S, METRICS)
 
     async def run(self, fence: Fence) -> None:
         self._fence = fence
         self._office = self.wall()
+        self._metrics_due = False
         remove = self.cache.add_listener(self._on_change)
         resync = asyncio.create_task(self._resync_loop(), name="hvplace-resync")
         try:
@@ -135,8 +141,10 @@ class Controller:
             await self.sync_hosts()
         elif item == PENDING:
             await self.sync_pending()
-        elif item == METRICS and self.metrics is not None:
-            self.metrics.refresh_state(self.cache)
+        elif item == METRICS:
+            self._metrics_due = False
+            if self.metrics is not None:
+                self.metrics.refresh_state(self.cache)
 
     async def _ensure_cluster_config(self) -> None:
         if self.cache.config is not None:
@@ -280,7 +288,8 @@ class Controller:
 
     def unassigned(self) -> list[VM]:
         assigned = self.cache.assignments.records
-        return [vm for key, vm in sorted(self.cache.vms.records.items()) if key not in assigned]
+        todo = [(key, vm) for key, vm in self.cache.vms.records.items() if key not in assigned]
+        return [vm for _key, vm in sorted(todo, key=lambda kv: kv[0])]
 
     async def sync_pending(self) -> None:
         """Place every VM without an assignment, in batches; those that cannot be placed
