@@ -253,7 +253,10 @@ class Controller:
                 continue
             if name not in with_vms:
                 continue
-            left = status.since + delay - now
+            # A registration seen to go again after the host was marked lost (it came back
+            # and went) restarts the delay.
+            since = max(status.since, cache.gone_at.get(name, 0.0))
+            left = since + delay - now
             if left > 0:
                 wait = left if wait is None else min(wait, left)
             else:
