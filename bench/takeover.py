@@ -9,6 +9,8 @@ JSON line, timed from the kill:
 Goal: both within the leader's session TTL + 0.5 s (the session lease must expire first).
 
     python bench/takeover.py --json [--hosts 10000] [--vms 100000] [--session-ttl 5]
+
+TAKEOVER_LOG=FILE appends both coordinators' logs (and the kill's time) to FILE.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -38,6 +41,7 @@ async def child(endpoint: str, name: str, ttl: float) -> None:
     from hvplace.coordinator.config import CoordinatorConfig
     from hvplace.coordinator.daemon import Coordinator
 
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(name)s %(message)s")
     cfg = CoordinatorConfig(
         node_name=name,
         etcd_endpoints=(endpoint,),
@@ -61,7 +65,7 @@ def spawn(endpoint: str, name: str, ttl: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, __file__, "--child", endpoint, "--name", name, "--session-ttl", str(ttl)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=open(os.environ.get("TAKEOVER_LOG", os.devnull), "a"),
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
@@ -127,6 +131,8 @@ def main() -> int:
         ready = wait_event(standby, "ready")
         time.sleep(3.0)  # the leader's first passes; the standby follows the watch
         killed_at = time.time()
+        logging.basicConfig(level=logging.INFO)
+        logging.getLogger("takeover").info("kill at %.3f", killed_at)
         leader.send_signal(signal.SIGKILL)
         leader.wait()
         placed_s = asyncio.run(probe(etcd.endpoint, killed_at, 60))
