@@ -4,6 +4,7 @@ capacity returns; a host whose lease expires goes lost and its VMs are re-placed
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -16,7 +17,7 @@ from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.store import Store
 from hvplace.proto import keyspace, models
-from hvplace.proto.models import ClusterConfig, HostState, Phase
+from hvplace.proto.models import ClusterConfig, HAPriority, HostState, Phase
 from support.etcd import EtcdServer
 
 FAST = ClusterConfig(lease_ttl_s=2, fence_after_s=1, failover_delay_s=0.5)
@@ -161,3 +162,23 @@ async def test_failover_leaving_a_vm_pending_takes_its_assignment_back(etcd: Etc
         again = cache.assignments.records["acme/a"]
         assert again.host == "hv1" and again.epoch == 2
         assert cache.vm_status.records["acme/a"].phase is Phase.SCHEDULED
+
+
+async def test_an_ha_off_vm_waits_for_its_host_and_is_scheduled_when_it_returns(
+    etcd: EtcdServer,
+) -> None:
+    """HA `off`: never restarted elsewhere. Its assignment stays with its lost host (the
+    one host allowed to run it), and when that host is back the API says scheduled."""
+    async with controlling(etcd) as (store, cache, _ctl):
+        await register(store, host("hv1"), ttl=2)
+        spec = dataclasses.replace(vm("solo"), ha_priority=HAPriority.OFF)
+        await store.put(keyspace.vm("acme", "solo"), models.dumps(spec))
+        await until(lambda: "acme/solo" in cache.assignments.records)
+        await register(store, host("hv2"))  # room elsewhere, which HA off must not use
+        await until(lambda: cache.vm_status.records["acme/solo"].phase is Phase.PENDING, 10)
+        assert cache.assignments.records["acme/solo"].host == "hv1"  # kept: HA off
+        assert "HA priority off" in cache.vm_status.records["acme/solo"].reason
+        await register(store, host("hv1"))
+        await until(lambda: cache.vm_status.records["acme/solo"].phase is Phase.SCHEDULED, 10)
+        status = cache.vm_status.records["acme/solo"]
+        assert status.host == "hv1" and status.epoch == 1
