@@ -18,11 +18,23 @@ host's watchdog must end its guests before they are re-placed; it adds
                 (the watchdog stand-in killed the host's QEMUs and libvirtd)
 
 Run: sudo python bench/failover.py --ttl 5 --json   (and --ttl 2, and --fail agent)
+
+At scale, `--mode test --hosts 200 --fail-rack`: a rack of 20 hosts holding ~800 VMs
+fails at once. The rack is 20 real hvplace-agent processes (test:///), killed -9 together;
+20 more real agents and 160 hosts of bench/hostsim.py (one process registering hosts on
+leases and reporting the domains of their assignments through the agents' etcd keys)
+receive the VMs; two real coordinators as in the lab. 40 VMs a host are written
+straight into etcd (as bench/scale.py does). From the kill:
+
+  reassigned_s  until every VM of the rack was assigned elsewhere (max VMStatus.since)
+  running_s     until every one was reported running by its new host (max
+                DomainStatus.since); running_real_s: those on real agents
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -31,6 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hvplace.lab import observe, workload
 from hvplace.lab.control import Lab, scratch_settings
@@ -119,6 +132,226 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             lab.down()
 
 
+REAL_AGENTS = 40
+"""Real agent processes (test:///) in the rack benchmark: the failed rack and one more."""
+
+
+def run_rack(args: argparse.Namespace) -> dict[str, object]:
+    import subprocess
+
+    if args.mode != "test":
+        raise SystemExit("--fail-rack runs on test:/// hosts: give --mode test")
+    rack = args.rack_size
+    real = min(args.real_agents, args.hosts)
+    if real < rack + 1:
+        raise SystemExit(f"--hosts must be at least {rack + 1}")
+    tmp = Path(tempfile.mkdtemp(prefix="hvplace-bench-rack-"))
+    lab = Lab(scratch_settings(tmp / "lab", prefix="hvr"), out=sys.stderr)
+    sim: subprocess.Popen[str] | None = None
+    try:
+        started = time.monotonic()
+        lab.up(real, "test", args.ttl)
+        state = lab.state()
+        etcd = lab.etcd_endpoint()
+        budget = lab_budget(state)
+        sim_count = args.hosts - real
+        if sim_count:
+            sim = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("hostsim.py")),
+                    "--endpoint", etcd,
+                    "--first", str(real + 1),
+                    "--count", str(sim_count),
+                    "--ttl", str(budget["lease_ttl_s"]),
+                    "--rack-size", str(rack),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            assert sim.stdout is not None
+            if sim.stdout.readline().strip() != "ready":
+                raise SystemExit("the host simulator did not start")
+        real_names = [h.name for h in state.hosts.values()]
+        failed = real_names[:rack]
+        from hostsim import sim_name
+
+        names = real_names + [sim_name(i) for i in range(real + 1, args.hosts + 1)]
+
+        async def scenario() -> tuple[dict[str, str], list[str], dict[str, object]]:
+            keys = await _load(etcd, names, args.vms_per_host)
+            print(f"loaded {len(keys)} VMs on {len(names)} hosts", file=sys.stderr)
+            moving = sorted(k for k, h in keys.items() if h in failed)
+            await _wait_running(etcd, set(keys), 300)
+            print(f"all running after {time.monotonic() - started:.0f}s", file=sys.stderr)
+            agents = [state.hosts[name].agent for name in failed]
+            killed_at = time.time()
+            for record in agents:  # the whole rack at once (kill -9 of every agent)
+                kill9(record)
+            kill_spread = time.time() - killed_at
+            result = await _measure(etcd, moving, set(failed), killed_at, 120)
+            result["kill_spread_s"] = round(kill_spread, 3)
+            return keys, moving, result
+
+        keys, moving, result = asyncio.run(scenario())
+        goal = budget["lease_ttl_s"] + 1.0
+        return {
+            "mode": "test",
+            "hosts": len(names),
+            "real_agents": real,
+            "simulated_hosts": sim_count,
+            "vms": len(keys),
+            "failed_hosts": len(failed),
+            "moved_vms": len(moving),
+            **{k: v for k, v in budget.items()},
+            **result,
+            "goal_s": goal,
+            "within_goal": bool(result["reassigned_s"] <= goal),  # type: ignore[operator]
+        }
+    finally:
+        if sim is not None:
+            sim.kill()
+            sim.wait()
+        if not args.keep:
+            lab.down()
+
+
+async def _load(endpoint: str, hosts: list[str], per_host: int) -> dict[str, str]:
+    """`per_host` VMs on every host, spec + assignment + status, as the planner writes."""
+    from hvplace.coordinator.store import Store
+    from hvplace.proto import keyspace, models
+    from hvplace.proto.models import VM, Assignment, Image, Phase, Resources, VMStatus
+
+    store = await Store.connect([endpoint], timeout=30)
+    where: dict[str, str] = {}
+    puts: dict[str, bytes] = {}
+    now = time.time()
+    for i, host in enumerate(hosts):
+        for j in range(per_host):
+            n = i * per_host + j
+            vm = VM(
+                scope="bench",
+                name=f"vm{n:05d}",
+                uid=f"u{n:05d}",
+                labels={"app": f"app{n % 50}"},
+                resources=Resources(vcpus=1, memory_mib=1024, disk_gib=0),
+                image=Image(kernel="/var/cache/hvplace/guest/vmlinuz"),
+                created_at=now,
+            )
+            puts[keyspace.vm(vm.scope, vm.name)] = models.dumps(vm)
+            puts[keyspace.assignment(host, vm.scope, vm.name)] = models.dumps(
+                Assignment(vm=vm, host=host, epoch=1)
+            )
+            status = VMStatus(
+                scope=vm.scope, name=vm.name, phase=Phase.SCHEDULED, host=host, epoch=1, since=now
+            )
+            puts[keyspace.vm_status(vm.scope, vm.name)] = models.dumps(status)
+            where[vm.key] = host
+            if len(puts) >= 900:
+                await store.commit([], puts, fence=None)
+                puts = {}
+    if puts:
+        await store.commit([], puts, fence=None)
+    await store.close()
+    return where
+
+
+async def _domains(store: object) -> dict[str, list[object]]:
+    from hvplace.coordinator.store import Store
+    from hvplace.proto import keyspace, models
+    from hvplace.proto.models import DomainStatus
+
+    assert isinstance(store, Store)
+    out: dict[str, list[object]] = {}
+    kvs, _rev = await store.list_prefix(keyspace.DOMAINS)
+    for kv in kvs:
+        d = models.loads(DomainStatus, kv.value)
+        out.setdefault(f"{d.scope}/{d.name}", []).append(d)
+    return out
+
+
+async def _wait_running(endpoint: str, keys: set[str], limit_s: float) -> None:
+    from hvplace.coordinator.store import Store
+    from hvplace.proto.models import DomainState, DomainStatus
+
+    store = await Store.connect([endpoint], timeout=30)
+    deadline = time.monotonic() + limit_s
+    try:
+        while True:
+            doms = await _domains(store)
+            running = {
+                k
+                for k, ds in doms.items()
+                if any(isinstance(d, DomainStatus) and d.state is DomainState.RUNNING for d in ds)
+            }
+            if keys <= running:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{len(keys - running)} VMs not running after {limit_s}s")
+            await asyncio.sleep(1.0)
+    finally:
+        await store.close()
+
+
+async def _measure(
+    endpoint: str, moving: list[str], failed: set[str], killed_at: float, limit_s: float
+) -> dict[str, object]:
+    from hvplace.coordinator.store import Store
+    from hvplace.proto import keyspace, models
+    from hvplace.proto.models import DomainState, DomainStatus, HostStatus, Phase, VMStatus
+
+    store = await Store.connect([endpoint], timeout=30)
+    deadline = time.monotonic() + limit_s
+    try:
+        while True:  # every moved VM assigned off the rack
+            kvs, _rev = await store.list_prefix(keyspace.VM_STATUS)
+            statuses = {
+                f"{s.scope}/{s.name}": s for s in (models.loads(VMStatus, kv.value) for kv in kvs)
+            }
+            done = [statuses[k] for k in moving if statuses[k].host not in failed]
+            if len(done) == len(moving) and all(s.phase is Phase.SCHEDULED for s in done):
+                break
+            if time.monotonic() > deadline:
+                pending = sum(1 for k in moving if statuses[k].phase is Phase.PENDING)
+                raise SystemExit(f"not reassigned after {limit_s}s ({pending} pending)")
+            await asyncio.sleep(0.2)
+        new_host = {k: statuses[k].host for k in moving}
+        while True:  # and reported running there, at the new epoch
+            doms = await _domains(store)
+            found: dict[str, DomainStatus] = {}
+            for k in moving:
+                for d in doms.get(k, []):
+                    if (
+                        isinstance(d, DomainStatus)
+                        and d.host == new_host[k]
+                        and d.state is DomainState.RUNNING
+                        and d.epoch >= 2
+                    ):
+                        found[k] = d
+            if len(found) == len(moving):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{len(moving) - len(found)} moved VMs not running")
+            await asyncio.sleep(0.2)
+        lost = []
+        for name in sorted(failed):
+            kv = await store.get(keyspace.host_status(name))
+            if kv is not None:
+                lost.append(models.loads(HostStatus, kv.value).since)
+        on_real = [d.since for d in found.values() if not d.host.startswith("s")]
+        return {
+            "detect_s": round(min(lost) - killed_at, 2) if lost else None,
+            "detect_last_s": round(max(lost) - killed_at, 2) if lost else None,
+            "reassigned_s": round(max(statuses[k].since for k in moving) - killed_at, 2),
+            "running_s": round(max(d.since for d in found.values()) - killed_at, 2),
+            "running_real_s": round(max(on_real) - killed_at, 2) if on_real else None,
+            "moved_to_real_agents": len(on_real),
+            "hosts_receiving": len(set(new_host.values())),
+        }
+    finally:
+        await store.close()
+
+
 def lab_budget(state: LabState) -> dict[str, float]:
     from hvplace.lab.daemons import cluster_budget
 
@@ -144,7 +377,15 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="leave the lab running")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--fail-rack", action="store_true", help="kill a whole rack at once")
+    parser.add_argument("--rack-size", type=int, default=20)
+    parser.add_argument("--real-agents", type=int, default=REAL_AGENTS)
+    parser.add_argument("--vms-per-host", type=int, default=40)
     args = parser.parse_args()
+    if args.fail_rack:
+        result = run_rack(args)
+        print(json.dumps(result) if args.json else result)
+        return 0 if result["within_goal"] else 1
     result = run(args)
     if args.json:
         print(json.dumps(result))

@@ -114,8 +114,9 @@ class Cache:
     """The coordinator's in-memory copy of the keyspace. Reads are synchronous and
     consistent with `revision`; `start()` lists, then a task follows the watch."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock
         self.revision = 0
         self.hosts: Table[HostInfo] = Table()
         self.host_status: Table[HostStatus] = Table()
@@ -130,6 +131,15 @@ class Cache:
         # A host whose registration (lease) is gone keeps its last HostInfo here, so the
         # engine still sees it, as lost, with the VMs assigned to it.
         self.departed: dict[str, HostInfo] = {}
+        # When this process saw a host's registration deleted (its clock): evidence that
+        # the lease had expired by then. A host found absent without a delete has none.
+        self.gone_at: dict[str, float] = {}
+        # Assignments per host, kept in step with `assignments`: which hosts the records
+        # name, without a pass over every VM.
+        self.assigned_hosts: dict[str, int] = {}
+        # VM key -> host of its assignment, in step with `assignments`: the snapshot's
+        # placements are a copy of it, not a pass over every assignment.
+        self.placements: dict[str, str] = {}
         self.relists = 0
         self._snapshot: Snapshot | None = None
         self._advanced = asyncio.Condition()
@@ -187,6 +197,8 @@ class Cache:
         old_hosts = self.hosts.records
         for name, table in fresh._tables().items():
             setattr(self, _ATTR[name], table)
+        self.assigned_hosts = fresh.assigned_hosts
+        self.placements = fresh.placements
         self.config, self.config_rev = fresh.config, fresh.config_rev
         for name, info in old_hosts.items():
             if name not in self.hosts.records:
@@ -194,6 +206,7 @@ class Cache:
         for name in list(self.departed):
             if name in self.hosts.records:
                 del self.departed[name]
+                self.gone_at.pop(name, None)
         self._snapshot = None
         self.relists += 1
         log.info(
@@ -281,6 +294,9 @@ class Cache:
                 current = table.records.get(name)
                 if current is not None and current.host == host:
                     table.pop(name)
+                    if kind == ASSIGNMENTS:
+                        self._count(host, -1)
+                        self.placements.pop(name, None)
                 return None
             if kind == ASSIGNMENTS:
                 spec = self._batch_specs.get(name)
@@ -298,6 +314,11 @@ class Cache:
                 if shared is not None and a.vm is not shared and shared == a.vm:
                     # One VM object for the spec and its assignment's copy (memory).
                     a = Assignment(vm=shared, host=a.host, epoch=a.epoch)
+                before = self.assignments.records.get(name)
+                if before is not None:
+                    self._count(before.host, -1)
+                self._count(a.host, 1)
+                self.placements[name] = a.host
                 self.assignments.put(name, a, mod_revision)
                 return a
             d = models.loads(DomainStatus, value)
@@ -309,6 +330,7 @@ class Cache:
             gone = table.pop(name)
             if kind == HOSTS and gone is not None:
                 self.departed[name] = gone
+                self.gone_at[name] = self.clock()
             return None
         hinted = self._expected.pop(key, None)
         rec: object = (
@@ -321,8 +343,16 @@ class Cache:
             self._batch_specs[name] = (value, rec)  # type: ignore[assignment]
         elif kind == HOSTS:
             self.departed.pop(name, None)
+            self.gone_at.pop(name, None)
         table.put(name, rec, mod_revision)
         return rec
+
+    def _count(self, host: str, delta: int) -> None:
+        n = self.assigned_hosts.get(host, 0) + delta
+        if n > 0:
+            self.assigned_hosts[host] = n
+        else:
+            self.assigned_hosts.pop(host, None)
 
     def _notify(self, change: Change) -> None:
         for q in list(self._subscribers):
@@ -375,10 +405,20 @@ class Cache:
     def alive(self) -> set[str]:
         return set(self.hosts.records)
 
+    def unregistered(self) -> set[str]:
+        """Hosts that records name (assignments, statuses, a registration seen to go) and
+        that have no registration now: lost, or about to be (level-triggered)."""
+        named = set(self.assigned_hosts) | set(self.host_status.records) | set(self.departed)
+        return {n for n in named if n not in self.hosts.records}
+
     def host_infos(self) -> list[HostInfo]:
-        """Registered hosts and departed ones (whose VMs are still assigned to them)."""
+        """Registered hosts, then unregistered ones that records name: with their last
+        registration when this process saw one, else a bare name (no capacity)."""
         infos = list(self.hosts.records.values())
-        infos.extend(i for n, i in self.departed.items() if n not in self.hosts.records)
+        named = set(self.departed) | set(self.assigned_hosts)
+        for name in sorted(n for n in named if n not in self.hosts.records):
+            info = self.departed.get(name)
+            infos.append(info if info is not None else HostInfo(name=name))
         return infos
 
     def snapshot(self) -> Snapshot:
@@ -388,8 +428,9 @@ class Cache:
                 revision=self.revision,
                 infos=self.host_infos(),
                 statuses=self.host_status.records,
-                vms=self.vms.records.values(),
-                assignments=self.assignments.records.values(),
+                vms=self.vms.records,
+                assignments=(),
+                placements=self.placements,
                 rules=self.rules.records.values(),
                 policies=self.policies.records.values(),
                 alive=self.hosts.records,

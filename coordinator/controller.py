@@ -10,14 +10,15 @@ import time
 from collections.abc import Callable
 
 from hvplace.coordinator import cache as kinds
+from hvplace.coordinator import failure
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.metrics import CoordinatorMetrics
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.restarts import Restarts
 from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
 from hvplace.proto import keyspace, models
-from hvplace.proto.errors import Busy, Unavailable
-from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus, Phase
+from hvplace.proto.errors import Busy, Conflict, Unavailable
+from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus, Phase, VMStatus
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ PENDING = "pending"
 METRICS = "metrics"
 RESTARTS = "restarts"
 """Work item: VMs whose start failed on their host (coordinator/restarts.py)."""
+METRICS_EVERY_S = 1.0
 
 # What a change can unblock or require.
 _TRIGGERS: dict[str, tuple[str, ...]] = {
@@ -68,6 +70,8 @@ class Controller:
         self._queue: set[str] = set()
         self._wake = asyncio.Event()
         self._fence: Fence | None = None
+        self._office = 0.0  # when this leader took office (wall clock)
+        self._metrics_due = False
         self._timers: set[asyncio.TimerHandle] = set()
         self.failovers = 0
         self.restarts = Restarts(store, cache, planner, wall=wall)
@@ -81,11 +85,16 @@ class Controller:
             self.enqueue(item)
         if self.restarts.notice(change):
             self.enqueue(RESTARTS)
-        if change.kind != kinds.OTHER:
-            self._queue.add(METRICS)
+        if change.kind != kinds.OTHER and not self._metrics_due:
+            # Gauges at most once a second: a burst of changes (a failover) would
+            # otherwise rebuild them after every batch of watch events.
+            self._metrics_due = True
+            self._later(METRICS_EVERY_S, METRICS)
 
     async def run(self, fence: Fence) -> None:
         self._fence = fence
+        self._office = self.wall()
+        self._metrics_due = False
         remove = self.cache.add_listener(self._on_change)
         resync = asyncio.create_task(self._resync_loop(), name="hvplace-resync")
         try:
@@ -142,8 +151,10 @@ class Controller:
             await self.sync_pending()
         elif item == RESTARTS:
             await self.restarts.sync()
-        elif item == METRICS and self.metrics is not None:
-            self.metrics.refresh_state(self.cache)
+        elif item == METRICS:
+            self._metrics_due = False
+            if self.metrics is not None:
+                self.metrics.refresh_state(self.cache)
 
     async def _ensure_cluster_config(self) -> None:
         if self.cache.config is not None:
@@ -159,36 +170,55 @@ class Controller:
     # ------------------------------------------------------------------ hosts
 
     async def sync_hosts(self) -> None:
-        """Mark hosts whose registration is gone `lost`, returning ones `ready`, then
-        re-place the VMs of lost hosts once `failover_delay_s` has passed."""
+        """Derive host states from the records: an unregistered host that assignments or
+        statuses name goes `lost` when failure.lost_at says; a lost host registered again
+        goes `ready`. Then re-place the VMs of lost hosts once `failover_delay_s` passed."""
         cache = self.cache
         now = self.wall()
+        ttl = cache.cluster_config().lease_ttl_s
         writes: dict[str, bytes] = {}
         compares: list[Compare] = []
-        for name in sorted(cache.departed):
-            status = cache.host_status.records.get(name)
-            if status is None or status.state is not HostState.LOST:
-                lost = HostStatus(
-                    name=name, state=HostState.LOST, reason="lease expired", since=now
-                )
-                writes[keyspace.host_status(name)] = models.dumps(lost)
-                compares.append(
-                    Compare.unchanged(
-                        keyspace.host_status(name), cache.host_status.revs.get(name, 0)
-                    )
-                )
-                log.warning("host %s lost: its registration lease expired", name)
-        for name in sorted(cache.hosts.records):
-            status = cache.host_status.records.get(name)
-            if status is not None and status.state is HostState.LOST:
-                back = HostStatus(
+        wait = None
+        due = failure.lost_at(
+            cache.unregistered(),
+            cache.host_status.records,
+            cache.gone_at,
+            office_since=self._office,
+            lease_ttl_s=ttl,
+        )
+        for name, at in sorted(due.items()):
+            if at > now:
+                wait = at - now if wait is None else min(wait, at - now)
+                continue
+            seen = name in cache.gone_at
+            reason = (
+                "lease expired"
+                if seen
+                else f"not registered for {ttl:g}s after this coordinator took office"
+            )
+            lost = HostStatus(name=name, state=HostState.LOST, reason=reason, since=at)
+            writes[keyspace.host_status(name)] = models.dumps(lost)
+            compares.append(
+                Compare.unchanged(keyspace.host_status(name), cache.host_status.revs.get(name, 0))
+            )
+            # The registration must still be absent when this commits.
+            compares.append(Compare.absent(keyspace.host(name)))
+            log.warning("host %s lost: %s", name, reason)
+        if wait is not None:
+            self._later(wait, HOSTS)
+        back: list[str] = []
+        for name, status in cache.host_status.records.items():
+            if status.state is HostState.LOST and name in cache.hosts.records:
+                ready = HostStatus(
                     name=name, state=HostState.READY, reason="registered again", since=now
                 )
-                writes[keyspace.host_status(name)] = models.dumps(back)
+                writes[keyspace.host_status(name)] = models.dumps(ready)
                 compares.append(
                     Compare.unchanged(keyspace.host_status(name), cache.host_status.revs[name])
                 )
+                back.append(name)
                 log.info("host %s is back", name)
+        writes.update(self._returned_vms(back, now))
         if writes:
             rev = await self.store.commit(compares, writes, fence=self._fence)
             if not rev:
@@ -196,11 +226,36 @@ class Controller:
             await cache.wait_for_revision(rev)
         await self._failover()
 
+    def _returned_vms(self, hosts: list[str], now: float) -> dict[str, bytes]:
+        """Statuses of VMs that kept their assignment on a host that is back (HA `off`:
+        never restarted elsewhere): its agent starts them again, and the API says so."""
+        if not hosts:
+            return {}
+        back = set(hosts)
+        writes: dict[str, bytes] = {}
+        for key, a in self.cache.assignments.records.items():
+            if a.host not in back:
+                continue
+            status = self.cache.vm_status.records.get(key)
+            if status is None or status.phase is not Phase.PENDING:
+                continue
+            scheduled = VMStatus(
+                scope=a.vm.scope,
+                name=a.vm.name,
+                phase=Phase.SCHEDULED,
+                reason=f"host {a.host} is back",
+                host=a.host,
+                epoch=a.epoch,
+                since=now,
+            )
+            writes[keyspace.vm_status(a.vm.scope, a.vm.name)] = models.dumps(scheduled)
+        return writes
+
     async def _failover(self) -> None:
         cache = self.cache
         delay = cache.cluster_config().failover_delay_s
         now = self.wall()
-        with_vms = {a.host for a in cache.assignments.records.values()}
+        with_vms = cache.assigned_hosts
         due: list[str] = []
         wait = None
         for name, status in cache.host_status.records.items():
@@ -208,7 +263,10 @@ class Controller:
                 continue
             if name not in with_vms:
                 continue
-            left = status.since + delay - now
+            # A registration seen to go again after the host was marked lost (it came back
+            # and went) restarts the delay.
+            since = max(status.since, cache.gone_at.get(name, 0.0))
+            left = since + delay - now
             if left > 0:
                 wait = left if wait is None else min(wait, left)
             else:
@@ -217,7 +275,13 @@ class Controller:
             self._later(wait, HOSTS)
         if not due:
             return
-        outcome = await self.planner.replace_lost(sorted(due))
+        try:
+            outcome = await self.planner.replace_lost(sorted(due))
+        except Conflict as e:
+            # A host registered again before the failover committed: it keeps its VMs.
+            log.info("failover of %s not committed: %s", ", ".join(sorted(due)), e)
+            self.enqueue(HOSTS)
+            return
         self._observe(outcome)
         plan = outcome.plan
         if plan.assignments:
@@ -239,12 +303,13 @@ class Controller:
         """VMs to place; a VM `failed` after its start attempts waits for `vm start`."""
         assigned = self.cache.assignments.records
         statuses = self.cache.vm_status.records
-        return [
-            vm
-            for key, vm in sorted(self.cache.vms.records.items())
+        todo = [
+            (key, vm)
+            for key, vm in self.cache.vms.records.items()
             if key not in assigned
             and ((st := statuses.get(key)) is None or st.phase is not Phase.FAILED)
         ]
+        return [vm for _key, vm in sorted(todo, key=lambda kv: kv[0])]
 
     async def sync_pending(self) -> None:
         """Place every VM without an assignment, in batches; those that cannot be placed

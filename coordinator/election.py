@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from hvplace.coordinator.store import Compare, Fence, Store
+from hvplace.coordinator.store import Compare, Fence, Store, WatchBatch, WatchStream
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Interrupted, Unavailable
 
@@ -142,20 +142,44 @@ class Election:
             renewed = self.clock()
 
     async def _wait_turn(self, fence: Fence) -> bool:
-        """Wait until no candidate key older than ours remains; False if the session went."""
+        """Wait until no candidate key older than ours remains; False if the session went.
+
+        A watch on the election keys wakes us as soon as the leader's key goes (etcd's
+        election waits on its predecessor's delete the same way), so a standby takes
+        over at the expiry of the leader's lease, not up to a poll period later; the
+        poll stays as a fallback if the watch breaks."""
         poll = min(0.25, self.ttl_s / 10)
-        while not self._lost.is_set():
-            first = await self.store.first_created(keyspace.ELECTION)
-            if first is not None and first.key == fence.key:
-                return True
-            self.leader = first.value.decode() if first is not None else ""
-            before = await self.store.last_created_before(keyspace.ELECTION, fence.revision)
-            if before is None and first is not None and first.key != fence.key:
-                return False  # our key is gone (lease expired): start a new session
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(poll):
-                    await self._lost.wait()
-        return False
+        stream: WatchStream | None = None
+        with contextlib.suppress(Unavailable, TimeoutError):
+            stream = await self.store.watch(keyspace.ELECTION, fence.revision + 1)
+        lost = asyncio.ensure_future(self._lost.wait())
+        changed: asyncio.Future[WatchBatch] | None = None
+        try:
+            while not self._lost.is_set():
+                first = await self.store.first_created(keyspace.ELECTION)
+                if first is not None and first.key == fence.key:
+                    return True
+                self.leader = first.value.decode() if first is not None else ""
+                before = await self.store.last_created_before(keyspace.ELECTION, fence.revision)
+                if before is None and first is not None and first.key != fence.key:
+                    return False  # our key is gone (lease expired): start a new session
+                if stream is not None and changed is None:
+                    changed = asyncio.ensure_future(anext(stream))
+                waiting: set[asyncio.Future[Any]] = {lost, *([changed] if changed else [])}
+                done, _ = await asyncio.wait(waiting, timeout=1.0 if changed else poll)
+                if changed is not None and changed in done:
+                    if changed.exception() is not None:
+                        stream = None  # broken: poll from now on
+                    changed = None
+            return False
+        finally:
+            lost.cancel()
+            if changed is not None:
+                changed.cancel()
+                with contextlib.suppress(BaseException):
+                    await changed
+            if stream is not None:
+                await stream.close()
 
     async def _lead(self, fence: Fence) -> None:
         self.terms += 1

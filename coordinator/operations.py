@@ -810,7 +810,15 @@ class Operations:
     def _host_view(self, view: ClusterView, name: str) -> HostView:
         info = view.hosts.get(name) or HostInfo(name=name)
         status = view.host_status.get(name)
-        if name in view.hosts and host_state(info, status) is HostState.DEGRADED:
+        if name not in view.hosts and (status is None or status.state is not HostState.LOST):
+            # Named by assignments, not registered: lost, whether or not the leader has
+            # recorded it yet (it does within one lease TTL of taking office).
+            status = HostStatus(
+                name=name,
+                state=HostState.LOST,
+                reason="not registered; the leader marks it lost within one lease TTL",
+            )
+        elif name in view.hosts and host_state(info, status) is HostState.DEGRADED:
             # Derived from the agent's report, shown where the state is read.
             status = HostStatus(
                 name=name,
@@ -836,12 +844,13 @@ class Operations:
 
     def _find_host(self, view: ClusterView, name: str) -> None:
         check_name(name, "host name")
-        if name not in view.hosts and name not in view.host_status:
+        known = name in view.hosts or name in view.host_status or name in view.snapshot.hosts
+        if not known:
             raise NotFound(f"host {name} is not registered")
 
     async def list_hosts(self) -> list[HostView]:
         view = self.backend.view()
-        names = sorted(set(view.hosts) | set(view.host_status))
+        names = sorted(set(view.hosts) | set(view.host_status) | set(view.snapshot.hosts))
         return [self._host_view(view, n) for n in names]
 
     async def get_host(self, name: str) -> HostView:
@@ -889,7 +898,7 @@ class Operations:
         view = self.backend.view()
         lead = self.backend.leadership()
         hosts_by_state: Counter[str] = Counter()
-        for name in set(view.hosts) | set(view.host_status):
+        for name in set(view.hosts) | set(view.host_status) | set(view.snapshot.hosts):
             state = host_state(view.hosts.get(name), view.host_status.get(name)).value
             if name not in view.hosts:
                 state = HostState.LOST.value

@@ -18,7 +18,7 @@ from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Fence, Store
 from hvplace.proto import keyspace, models
 from hvplace.proto.errors import Busy, Conflict
-from hvplace.proto.models import VM, Assignment, Phase, VMStatus
+from hvplace.proto.models import VM, Assignment, HAPriority, Phase, VMStatus
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,27 @@ class Planner:
         return outcome.plan
 
     async def replace_lost(self, lost_hosts: Collection[str]) -> Outcome:
-        """Re-place the VMs of `lost_hosts` by HA priority; those that cannot be placed
-        keep their assignment (the host may come back) and go pending with the reason."""
+        """Re-place the VMs of `lost_hosts` by HA priority. One that cannot be placed goes
+        pending with the reason AND loses its assignment in the same transaction, so a
+        returning host finds nothing to start; it is placed anew (a newer epoch) when
+        capacity returns. HA `off` VMs keep theirs: they come back with their host.
+        The transaction also requires every lost host to be still unregistered: one that
+        registered again may already have read its assignments and started them.
+        Raises Conflict when one did."""
+        lost = set(lost_hosts)
 
         def compute(snap: Snapshot) -> tuple[Plan, Sequence[VM]]:
-            plan = replace_lost(snap, lost_hosts)
+            plan = replace_lost(snap, lost)
             keys = [*plan.assignments, *plan.pending]
             return plan, [snap.vms[k] for k in keys if k in snap.vms]
 
-        return await self.commit_with(compute, write_specs=False, atomic=False)
+        return await self.commit_with(
+            compute,
+            write_specs=False,
+            atomic=False,
+            extra_compares=[Compare.absent(keyspace.host(h)) for h in sorted(lost)],
+            unassign_from=lost,
+        )
 
     def _snapshot(self) -> Snapshot:
         """The cache's snapshot with the placements of plans still in flight laid over
@@ -137,6 +149,7 @@ class Planner:
         atomic: bool,
         extra_puts: Mapping[str, bytes] | None = None,
         extra_compares: Sequence[Compare] = (),
+        unassign_from: Collection[str] = (),
     ) -> Outcome:
         """Compute and commit one plan, retrying conflicts against fresh state.
 
@@ -152,7 +165,7 @@ class Planner:
                 if atomic and plan.pending:
                     return Outcome(plan, 0)
                 compares, puts, deletes, statuses, records = self._writes(
-                    snap, plan, vms, write_specs
+                    snap, plan, vms, write_specs, unassign_from
                 )
                 puts.update(extra_puts or {})
                 compares.extend(extra_compares)
@@ -216,7 +229,12 @@ class Planner:
                 raise Conflict(f"{c.key} was changed by a concurrent request")
 
     def _writes(
-        self, snap: Snapshot, plan: Plan, vms: Sequence[VM], write_specs: bool
+        self,
+        snap: Snapshot,
+        plan: Plan,
+        vms: Sequence[VM],
+        write_specs: bool,
+        unassign_from: Collection[str] = (),
     ) -> tuple[list[Compare], dict[str, bytes], list[str], dict[str, VMStatus], dict[str, object]]:
         cache = self.cache
         now = self.clock()
@@ -282,13 +300,22 @@ class Planner:
                 continue  # placed already and left where it is: nothing to write
             else:
                 why = plan.pending[key]
+                host_kept = old.host if old is not None else ""
+                if (
+                    old is not None
+                    and old_key is not None
+                    and old.host in unassign_from
+                    and vm.ha_priority is not HAPriority.OFF
+                ):
+                    deletes.append(old_key[0])
+                    host_kept = ""
                 status = VMStatus(
                     scope=vm.scope,
                     name=vm.name,
                     phase=Phase.PENDING,
                     reason=why.summary(),
-                    host=old.host if old is not None else "",
-                    epoch=old.epoch if old is not None else 0,
+                    host=host_kept,
+                    epoch=old.epoch if old is not None else (previous.epoch if previous else 0),
                     since=now,
                     explanation=why,
                     start_failures=failures,

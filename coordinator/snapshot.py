@@ -42,17 +42,20 @@ class Snapshot:
         revision: int,
         infos: Iterable[HostInfo],
         statuses: Mapping[str, HostStatus],
-        vms: Iterable[VM],
+        vms: Iterable[VM] | Mapping[str, VM],
         assignments: Iterable[Assignment],
         rules: Iterable[Rule],
         policies: Iterable[ScopePolicy],
         alive: Iterable[str] | None = None,
+        placements: Mapping[str, str] | None = None,
     ) -> Snapshot:
         """Build from the records as read from etcd.
 
         `alive`, when given, names the hosts whose registration (lease) exists now; a
         registered host missing from it is treated as lost even before the coordinator
-        has written its `lost` status.
+        has written its `lost` status. `vms` keyed by VM key and `placements` (VM key ->
+        host, instead of `assignments`) are copied as they are: a cache that keeps them
+        so spares a pass over every VM per revision.
         """
         alive_set = None if alive is None else set(alive)
         hosts: dict[str, Host] = {}
@@ -71,8 +74,12 @@ class Snapshot:
         return cls(
             revision=revision,
             hosts=hosts,
-            vms={vm.key: vm for vm in vms},
-            placements={a.vm.key: a.host for a in assignments},
+            vms=dict(vms) if isinstance(vms, Mapping) else {vm.key: vm for vm in vms},
+            placements=(
+                dict(placements)
+                if placements is not None
+                else {a.vm.key: a.host for a in assignments}
+            ),
             rules={r.key: r for r in rules},
             policies={p.scope: p for p in policies},
         )

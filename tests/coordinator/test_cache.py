@@ -145,3 +145,58 @@ async def test_expected_writes_are_taken_as_written_and_only_when_the_bytes_matc
         assert cache.vms.records["acme/theirs"] is not theirs
         cache.forget([key_theirs])
         assert not cache._expected
+
+
+async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relists(
+    own_etcd: EtcdServer,
+) -> None:
+    """The per-host counts and VM -> host map the cache keeps in step with assignments
+    (level-triggered lost detection and the snapshot read them) match a fresh listing
+    after a move (new key put, old key deleted in one transaction) and a relist."""
+    async with running(own_etcd) as (store, cache):
+        spec = vm("a")
+        a1 = Assignment(vm=spec, host="hv1", epoch=1)
+        await store.put(keyspace.vm("acme", "a"), models.dumps(spec))
+        await store.put(keyspace.assignment("hv1", "acme", "a"), models.dumps(a1))
+        await cache.fresh()
+        assert cache.assigned_hosts == {"hv1": 1} and cache.placements == {"acme/a": "hv1"}
+        assert cache.unregistered() == {"hv1"}  # named, never registered
+        assert [i.name for i in cache.host_infos()] == ["hv1"]
+        a2 = Assignment(vm=spec, host="hv2", epoch=2)
+        await store.commit(
+            [],
+            {keyspace.assignment("hv2", "acme", "a"): models.dumps(a2)},
+            [keyspace.assignment("hv1", "acme", "a")],
+            fence=None,
+        )
+        await cache.fresh()
+        assert cache.assigned_hosts == {"hv2": 1} and cache.placements == {"acme/a": "hv2"}
+        assert cache.snapshot().placements == {"acme/a": "hv2"}
+        # A relist (after compaction) rebuilds the same from scratch.
+        await cache.close()
+        await store.put(keyspace.vm("acme", "b"), models.dumps(vm("b")))
+        await store.put(
+            keyspace.assignment("hv3", "acme", "b"),
+            models.dumps(Assignment(vm=vm("b"), host="hv3", epoch=1)),
+        )
+        now = await store.delete(keyspace.assignment("hv2", "acme", "a"))
+        await store.compact(now)
+        cache._task = asyncio.create_task(cache._follow())
+        await until(lambda: cache.relists >= 2)
+        assert cache.assigned_hosts == {"hv3": 1} and cache.placements == {"acme/b": "hv3"}
+        assert cache.unregistered() == {"hv3"}
+
+
+async def test_a_deleted_registration_is_dated_a_relisted_absence_is_not(
+    etcd: EtcdServer,
+) -> None:
+    async with running(etcd) as (store, cache):
+        lease = await register(store, host("hv1"))
+        await cache.fresh()
+        before = cache.clock()
+        await store.revoke(lease)
+        await cache.fresh()
+        assert cache.gone_at["hv1"] >= before
+        await register(store, host("hv1"))
+        await cache.fresh()
+        assert "hv1" not in cache.gone_at

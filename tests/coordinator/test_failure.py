@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from hvplace.coordinator.failure import replace_lost
+import pytest
+from hvplace.coordinator.failure import lost_at, replace_lost
 from hvplace.coordinator.placement import reasons
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto.models import (
     VM,
     HAPriority,
     Host,
+    HostState,
+    HostStatus,
     LabelExpression,
     NodeAffinity,
     NodeSelectorTerm,
@@ -148,3 +151,28 @@ def test_degraded_affinity_member_does_not_pull_the_others_after_it() -> None:
     assert plan.assignments == {"t/a": "h1", "t/b": "h2", "t/c": "h2", "t/d": "h1"}
     assert plan.degraded == {"t/b": ("t/together",), "t/c": ("t/together",)}
     assert not plan.pending
+
+
+LOST = HostStatus("gone", HostState.LOST, "lease expired", since=5.0)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "seen_gone", "expected"),
+    [
+        # Seen deleted by this process's watch: lost from that moment.
+        ({}, {"gone": 103.0}, {"gone": 103.0}),
+        # Seen deleted before this leader took office (as a standby): still evidence.
+        ({}, {"gone": 90.0}, {"gone": 90.0}),
+        # Found absent (a late start, a relist): one lease TTL after taking office.
+        ({}, {}, {"gone": 105.0}),
+        # A status that is not `lost` (cordoned) changes nothing.
+        ({"gone": HostStatus("gone", HostState.CORDONED)}, {}, {"gone": 105.0}),
+        # Marked lost already (maybe by a previous leader): nothing more to declare.
+        ({"gone": LOST}, {}, {}),
+    ],
+)
+def test_lost_at_is_derived_from_records_and_the_term(
+    statuses: dict[str, HostStatus], seen_gone: dict[str, float], expected: dict[str, float]
+) -> None:
+    got = lost_at(["gone"], statuses, seen_gone, office_since=100.0, lease_ttl_s=5.0)
+    assert got == expected

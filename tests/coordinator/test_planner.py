@@ -196,3 +196,36 @@ async def test_pipelined_fenced_commits_never_overbook_or_break_a_rule(etcd: Etc
         assert max(per_host.values()) <= 4196
         assert max(dbs.values()) == 1 and len(dbs) == 10
         assert not planner._inflight
+
+
+async def test_failover_never_commits_once_the_lost_host_registered_again(
+    etcd: EtcdServer,
+) -> None:
+    """The returning agent reads its assignments right after it registers: a failover
+    planned while the host was away must not commit after that registration, or the
+    VM would run on the returning host (old assignment) and on its new one."""
+    async with running(etcd) as (store, cache):
+        lease = await register(store, host("hv1"))
+        await cache.fresh()
+        planner = Planner(store, cache)
+        await planner.place_and_commit([vm("a")], atomic=False)
+        await store.revoke(lease)
+        await register(store, host("hv2"))
+        await cache.fresh()
+        assert cache.assignments.records["acme/a"].host == "hv1"
+        real = store.commit
+        raced = False
+
+        async def returning_commit(*args, **kwargs):  # type: ignore[no-untyped-def]
+            nonlocal raced
+            if not raced:
+                raced = True  # hv1's agent registers between the plan and its commit
+                await register(store, host("hv1"))
+            return await real(*args, **kwargs)
+
+        store.commit = returning_commit  # type: ignore[method-assign]
+        with pytest.raises(Conflict):
+            await planner.replace_lost(["hv1"])
+        kv = await store.get(keyspace.assignment("hv1", "acme", "a"))
+        assert kv is not None  # still hv1's: it may be running there already
+        assert await store.get(keyspace.assignment("hv2", "acme", "a")) is None

@@ -8,8 +8,9 @@ import urllib.request
 
 import pytest
 from hvplace.lab import cli as lab_cli
-from hvplace.lab import observe, workload
+from hvplace.lab import daemons, observe, workload
 from hvplace.lab.control import Lab
+from hvplace.lab.processes import kill9
 from hvplace.lab.state import LabSettings
 
 
@@ -116,3 +117,87 @@ def test_lab_commands_work_after_eval_lab_env(
         assert lab.kill_leader() in ("c1", "c2")
     finally:
         assert lab.down() == []
+
+
+def test_a_returning_host_never_starts_a_vm_failover_left_pending(settings: LabSettings) -> None:
+    """Issue 9 case 6 on test:/// hosts: three hosts, an anti-affinity group of three
+    (on_failure block), one host killed: its VM goes pending AND unassigned. When the
+    host comes back, its agent must not start the VM from the old assignment while the
+    API says pending; the VM is placed again (a newer epoch) and the status says so."""
+    lab = Lab(settings)
+    try:
+        lab.up(3, "test", lease_ttl=2.0)
+        workload.hvplace(
+            lab, "rule", "create", "trio", "--kind", "anti-affinity", "--selector", "app=db",
+            "--on-failure", "block",
+        )  # fmt: skip
+        workload.hvplace(
+            lab, "vm", "create", "db", "--count", "3", "--label", "app=db",
+            *workload.image_args(lab.state()),
+        )  # fmt: skip
+        keys = ["default/db-1", "default/db-2", "default/db-3"]
+        etcd = lab.etcd_endpoint()
+        before = observe.wait_for(etcd, workload.all_running(keys), 30, "all three running")
+        victim = before.host_of("default/db-1")
+        assert victim is not None
+        old_epoch = before.vm_status["default/db-1"].epoch
+        lab.kill_host(victim)
+        pending = observe.wait_for(
+            etcd,
+            lambda s: s.vm_status["default/db-1"].phase.value == "pending",
+            30,
+            "db-1 pending",
+        )
+        assert pending.assignments.get("default/db-1", []) == []  # taken back
+        assert pending.vm_status["default/db-1"].reason
+        lab.start_host(victim)
+
+        def truthful(s: observe.ClusterState) -> bool:
+            """Never: a domain running from an assignment the coordinator took back."""
+            status = s.vm_status["default/db-1"]
+            for d in s.domains.get("default/db-1", []):
+                if d.state.value == "running":
+                    assert d.epoch > old_epoch, f"started from the old assignment: {d}"
+                    assert status.phase.value != "pending", f"runs while pending: {d}"
+            return status.phase.value != "pending" and s.running_on("default/db-1") == [victim]
+
+        after = observe.wait_for(etcd, truthful, 30, "db-1 placed again on its host")
+        assert after.vm_status["default/db-1"].epoch == old_epoch + 1
+        assert after.host_of("default/db-1") == victim
+    finally:
+        assert lab.down() == []
+    assert not settings.state_dir.exists()
+
+
+def test_a_host_dying_while_no_coordinator_runs_is_found_lost(settings: LabSettings) -> None:
+    """Issue 9 case 3 on test:/// hosts: both coordinators killed, a host killed, its
+    lease expires unseen; a coordinator started afterwards derives `lost` from the
+    records and re-places the VMs (they ran `scheduled` on a vanished host forever)."""
+    lab = Lab(settings)
+    try:
+        lab.up(3, "test", lease_ttl=2.0)
+        workload.hvplace(
+            lab, "vm", "create", "web", "--count", "3", *workload.image_args(lab.state()),
+        )  # fmt: skip
+        keys = ["default/web-1", "default/web-2", "default/web-3"]
+        etcd = lab.etcd_endpoint()
+        before = observe.wait_for(etcd, workload.all_running(keys), 30, "all running")
+        state = lab.state()
+        for c in state.coordinators:
+            assert kill9(c.process)
+        victim = before.host_of("default/web-1")
+        assert victim is not None
+        moving = [k for k in keys if before.host_of(k) == victim]
+        lab.kill_host(victim)
+        observe.wait_for(etcd, lambda s: victim not in s.registered, 30, f"{victim}'s lease gone")
+        daemons.start_coordinator(settings, lab.state(), "late")
+        after = observe.wait_for(
+            etcd,
+            lambda s: s.lost(victim) and workload.all_running(keys)(s),
+            60,
+            "the VMs of the dead host re-placed by the late coordinator",
+        )
+        assert all(after.host_of(k) not in (None, victim) for k in moving)
+    finally:
+        assert lab.down() == []
+    assert not settings.state_dir.exists()
