@@ -166,7 +166,7 @@ class Report:
                     str(len(f.affected)),
                     recovery,
                     f"{f.budget_s:.1f}s",
-                    "LATE " + f.detail if f.late else "ok",
+                    ("LATE " if f.late else "ok ") + f.detail,
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
@@ -480,8 +480,6 @@ class Campaign:
         """The fault's affected VMs are where a held fault should leave them: running
         once away from the failed host, or pending/failed with a reason."""
         records = sample.records
-        if records is None:
-            return False
         where = sample.where()
         for key in fault.affected:
             if not vm_ok(key, where, records):
@@ -554,8 +552,6 @@ class Campaign:
         on_hosts = set().union(*(f.affected for f in faults if f.kind in HOST_KINDS))
         disrupted: set[str] = set()
         for s in samples:
-            if s.records is None:
-                continue
             where = s.where()
             disrupted |= {k for k in self.created - self.poison if not vm_ok(k, where, s.records)}
         for fault in faults:
@@ -581,9 +577,6 @@ class Campaign:
             return 0.0
         last_bad: int | None = None
         for i, s in enumerate(window):
-            if s.records is None:
-                last_bad = i
-                continue
             where = s.where()
             bad = any(not vm_ok(k, where, s.records) for k in fault.affected)
             if held and fault.kind in HOST_KINDS:

@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,12 +270,13 @@ def rule_violations(
     return found
 
 
-def vm_ok(key: str, where: Where, records: Records) -> bool:
-    """Running on exactly one host, or not running and pending/failed with a reason."""
+def vm_ok(key: str, where: Where, records: Records | None) -> bool:
+    """Running on exactly one host, or not running and pending/failed with a reason (with
+    etcd unreadable, running once is all that can be known)."""
     hosts = set(where.get(key, ()))
     if len(hosts) == 1:
         return True
-    status = records.status.get(key)
+    status = records.status.get(key) if records is not None else None
     return (
         not hosts
         and status is not None
@@ -307,10 +309,13 @@ class Virsh:
 
     MARK = "__hvplace_checker__"
 
-    def __init__(self, uri: str, timeout: float = 2.0) -> None:
+    RETRY_S = 1.0
+
+    def __init__(self, uri: str, timeout: float = 0.5) -> None:
         self.uri = uri
         self.timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
+        self._retry_at = 0.0
 
     def _start(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -323,7 +328,16 @@ class Virsh:
         return proc
 
     def active(self) -> list[str] | None:
-        """Names of the active domains, None when libvirtd did not answer."""
+        """Names of the active domains, None when libvirtd did not answer (after a failure
+        it is asked again only a second later: the QEMU processes still show what runs)."""
+        if time.monotonic() < self._retry_at:
+            return None
+        listed = self._active()
+        if listed is None:
+            self._retry_at = time.monotonic() + self.RETRY_S
+        return listed
+
+    def _active(self) -> list[str] | None:
         proc = self._proc if self._proc is not None and self._proc.poll() is None else None
         proc = proc or self._start()
         assert proc.stdin is not None and proc.stdout is not None
@@ -418,6 +432,7 @@ class Checker:
         self.host_labels: dict[str, dict[str, str]] = {}  # kept after a host deregisters
         self.records: Records | None = None
         self._virsh: dict[str, Virsh] = {}
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="checker-virsh")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checker", daemon=True)
@@ -429,6 +444,7 @@ class Checker:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True)
         for session in self._virsh.values():
             session.close()
         self._virsh.clear()
@@ -474,9 +490,11 @@ class Checker:
         real = {h.name: h for h in lab.hosts.values() if h.mode == "real"}
         if real:
             inodes = {h.netns_inode: h.name for h in real.values() if h.netns_inode is not None}
+            # Every host's libvirtd at once: one slow host must not stretch the sample.
+            asked = {name: self._pool.submit(self._virsh_of(h).active) for name, h in real.items()}
             procs = qemu_guests(inodes)
-            for name, real_host in real.items():
-                listed = self._virsh_of(real_host).active()
+            for name in real:
+                listed = asked[name].result()
                 if listed is None:
                     unreachable.add(name)
                 names = set(listed or ()) | procs.get(name, set())
