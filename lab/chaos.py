@@ -496,6 +496,8 @@ class Campaign:
             return now >= fault.early_repair_at
         if now >= fault.deadline + self.blocked_s(fault, now):
             return True
+        if fault.kind == "poison_vm":
+            return False  # watched for its whole budget: "pending" at first proves little
         sample = self.checker.latest()
         return sample is not None and self.recovered(fault, sample)
 
