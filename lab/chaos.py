@@ -277,7 +277,7 @@ class Campaign:
             return False
         if not all(is_alive(c.process) for c in state.coordinators):
             return False
-        if not set(state.hosts) <= records.registered:
+        if not set(state.hosts) <= records.registered or not records.candidates:
             return False
         where = sample.where()
         return all(len(set(where.get(k, ()))) == 1 for k in self.created - self.poison)
@@ -302,7 +302,14 @@ class Campaign:
                 second = self.pick(exclude=group)
                 if second is not None:
                     group.append(second)
-            self.run_group([g for g in group if g is not None])
+            try:
+                self.run_group([g for g in group if g is not None])
+            except LabError as exc:
+                # A fault that could not be injected (no leader to kill...): noted, and the
+                # campaign goes on; what left the lab so is in the report already.
+                self.report.problems.append(f"fault not injected: {exc}")
+                self.say(f"!! fault not injected: {exc}")
+                self.revive()
         self.report.elapsed_s = time.monotonic() - started
         return self.report
 

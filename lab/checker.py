@@ -121,6 +121,7 @@ class Records:
     reported: dict[str, set[str]] = field(default_factory=dict)  # host -> VMs it reports running
     lease_ttl_s: float = 5.0
     failover_delay_s: float = 0.5
+    candidates: int = 0  # keys under election/: a leader exists when there is one
 
     @property
     def registered(self) -> set[str]:
@@ -132,8 +133,11 @@ def parse_records(kvs: Mapping[str, bytes], at: float) -> Records:
     for key, raw in kvs.items():
         rest = key.removeprefix(ROOT)
         kind, _, path = rest.partition("/")
+        if kind == "election":
+            out.candidates += 1
+            continue
         try:
-            value = json.loads(raw) if kind != "election" else None
+            value = json.loads(raw)
         except ValueError:
             continue
         if kind == "vms" and isinstance(value, dict):
