@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from hvplace.lab import daemons, workload
-from hvplace.lab.checker import Checker, Records, Sample, leftovers, vm_ok
+from hvplace.lab.checker import Checker, Episode, Records, Sample, leftovers, vm_ok
 from hvplace.lab.control import Lab, LabError, scratch_settings
 from hvplace.lab.daemons import DaemonError, cluster_budget
 from hvplace.lab.hosts import HostError
@@ -634,20 +634,25 @@ class Campaign:
             return None
         return window[last_bad + 1].at - fault.started_at
 
+    def describe(self, episode: Episode) -> str:
+        """The episode, its length and the faults under way when it began."""
+        during = [
+            f"{f.index} {f.kind} {f.target}".rstrip()
+            for f in self.report.faults
+            if f.started_at <= episode.first_at <= (f.ended_at or time.time())
+        ]
+        return (
+            f"{episode.detail} for {episode.last_at - episode.first_at + self.checker.interval:.1f}s"
+            f" ({episode.samples} samples from t+{episode.first_at - self.t0:.1f}s),"
+            f" during fault {', '.join(during) or 'none'}"
+        )
+
     def finish(self) -> None:
         """Invariants over every sample, and no VM lost at the end."""
         report = self.report
         findings = self.checker.findings
-        report.duplicates = [
-            f"{e.detail} ({e.samples} samples from t+{e.first_at - self.t0:.1f}s)"
-            for e in findings.episodes
-            if e.kind == "duplicate"
-        ]
-        report.violations = [
-            f"{e.detail} ({e.samples} samples from t+{e.first_at - self.t0:.1f}s)"
-            for e in findings.episodes
-            if e.kind == "violation"
-        ]
+        report.duplicates = [self.describe(e) for e in findings.episodes if e.kind == "duplicate"]
+        report.violations = [self.describe(e) for e in findings.episodes if e.kind == "violation"]
         sample = self.checker.latest()
         records = sample.records if sample is not None else None
         if sample is None or records is None:
