@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from hvplace.lab import daemons, workload
-from hvplace.lab.checker import Checker, Episode, Records, Sample, leftovers, vm_ok
+from hvplace.lab.checker import Checker, Episode, Sample, leftovers, vm_ok
 from hvplace.lab.control import Lab, LabError, scratch_settings
 from hvplace.lab.daemons import DaemonError, cluster_budget
 from hvplace.lab.hosts import HostError
@@ -247,16 +247,6 @@ class Campaign:
 
     # -- reading the checker ---------------------------------------------------------
 
-    def records(self) -> Records:
-        deadline = time.monotonic() + 30
-        while True:
-            sample = self.checker.latest()
-            if sample is not None and sample.records is not None:
-                return sample.records
-            if time.monotonic() > deadline:
-                raise ChaosError("the checker has read no record from etcd for 30 s")
-            time.sleep(0.1)
-
     def wait(self, what: str, cond: Callable[[Sample], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -302,8 +292,12 @@ class Campaign:
                 second = self.pick(exclude=group)
                 if second is not None:
                     group.append(second)
+            chosen = [g for g in group if g is not None]
+            if not chosen:
+                self.report.problems.append("no fault could be chosen")
+                break
             try:
-                self.run_group([g for g in group if g is not None])
+                self.run_group(chosen)
             except LabError as exc:
                 # A fault that could not be injected (no leader to kill...): noted, and the
                 # campaign goes on; what left the lab so is in the report already.
@@ -608,7 +602,7 @@ class Campaign:
             held = fault.early_repair_at is None
             window_end = (fault.repaired_at or repaired) if held else (fault.ended_at or repaired)
             window = [s for s in samples if fault.started_at <= s.at <= window_end]
-            fault.recovery_s = self.recovery(fault, window, held)
+            fault.recovery_s = recovery_s(fault, window, held)
             if fault.recovery_s is None:
                 fault.late = True
                 fault.detail = fault.detail or "never recovered in its window"
@@ -616,23 +610,6 @@ class Campaign:
                 fault.late = True
                 fault.detail = f"{fault.recovery_s:.1f}s > {fault.budget_s:.1f}s " + fault.detail
             self.report.faults.append(fault)
-
-    def recovery(self, fault: Fault, window: list[Sample], held: bool) -> float | None:
-        if not fault.affected:
-            return 0.0
-        last_bad: int | None = None
-        for i, s in enumerate(window):
-            where = s.where()
-            bad = any(not vm_ok(k, where, s.records) for k in fault.affected)
-            if held and fault.kind in HOST_KINDS:
-                bad = bad or any(fault.target in where.get(k, ()) for k in fault.affected)
-            if bad:
-                last_bad = i
-        if last_bad is None:
-            return 0.0
-        if last_bad + 1 >= len(window):
-            return None
-        return window[last_bad + 1].at - fault.started_at
 
     def describe(self, episode: Episode) -> str:
         """The episode, its length and the faults under way when it began."""
@@ -667,6 +644,27 @@ class Campaign:
         times = [s.at for s in self.checker.samples]
         report.samples = len(times)
         report.max_gap_s = max((b - a for a, b in itertools.pairwise(times)), default=0)
+
+
+def recovery_s(fault: Fault, window: Sequence[Sample], held: bool) -> float | None:
+    """Seconds from the fault to the last time one of its VMs went from not ok to ok in
+    `window` (0: none was ever disrupted; None: not ok at the window's end). A held host
+    fault also wants its VMs off the failed host."""
+    if not fault.affected:
+        return 0.0
+    last_bad: int | None = None
+    for i, s in enumerate(window):
+        where = s.where()
+        bad = any(not vm_ok(k, where, s.records) for k in fault.affected)
+        if held and fault.kind in HOST_KINDS:
+            bad = bad or any(fault.target in where.get(k, ()) for k in fault.affected)
+        if bad:
+            last_bad = i
+    if last_bad is None:
+        return 0.0
+    if last_bad + 1 >= len(window):
+        return None
+    return window[last_bad + 1].at - fault.started_at
 
 
 def run_campaign(

@@ -202,3 +202,35 @@ def test_findings_group_consecutive_samples_into_episodes() -> None:
     blind = Findings()
     blind.check(Sample(0.0, twice, frozenset(), None), LABELS)
     assert [e.kind for e in blind.episodes] == ["duplicate"]
+
+
+def test_recovery_is_the_last_return_to_ok_and_late_is_never() -> None:
+    """A held host fault recovers when its VMs run once away from the failed host; a VM
+    still on it, or not ok at the end of the window, is never recovered (None: late)."""
+    from hvplace.lab.chaos import Fault, recovery_s
+
+    recs = records(
+        (keyspace.vm_status("acme", "db-2"), VMStatus("acme", "db-2", Phase.PENDING, "0/3 hosts"))
+    )
+
+    def sample(at: float, running: dict[str, set[str]]) -> Sample:
+        return Sample(at, {h: frozenset(v) for h, v in running.items()}, frozenset(), recs)
+
+    fault = Fault(1, "host_kill", "h1", started_at=10.0, budget_s=6.0, affected={"acme/db-1"})
+    moved = [
+        sample(10.1, {"h1": {"acme/db-1"}}),  # still there: the kill not yet seen
+        sample(10.2, {}),
+        sample(13.0, {"h2": {"acme/db-1"}}),
+        sample(13.1, {"h2": {"acme/db-1"}}),
+    ]
+    assert recovery_s(fault, moved, held=True) == pytest.approx(3.0)
+    # Held: running on the failed host again is not a recovery.
+    stayed = [sample(10.1, {"h1": {"acme/db-1"}}), sample(11.0, {"h1": {"acme/db-1"}})]
+    assert recovery_s(fault, stayed, held=True) is None
+    assert recovery_s(fault, stayed, held=False) == 0.0  # early repair: it never stopped
+    # Twice at the end: not ok.
+    twice = [*moved, sample(14.0, {"h1": {"acme/db-1"}, "h2": {"acme/db-1"}})]
+    assert recovery_s(fault, twice, held=True) is None
+    # Pending with a reason is an answer.
+    pending = Fault(2, "host_kill", "h1", 10.0, 6.0, affected={"acme/db-2"})
+    assert recovery_s(pending, [sample(10.5, {}), sample(11.0, {})], held=True) == 0.0
