@@ -107,8 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     chaos_p.add_argument("--seed", type=int, default=1, help="the RNG seed (default 1)")
     chaos_p.add_argument("--hosts", type=int, default=4, help="lab hosts (default 4)")
     chaos_kind = chaos_p.add_mutually_exclusive_group()
-    chaos_kind.add_argument("--real", dest="mode", action="store_const", const="real")
-    chaos_kind.add_argument("--test", dest="mode", action="store_const", const="test")
+    chaos_kind.add_argument(
+        "--real",
+        dest="mode",
+        action="store_const",
+        const="real",
+        help="namespaced hosts with QEMU guests (root; the default as root)",
+    )
+    chaos_kind.add_argument(
+        "--test", dest="mode", action="store_const", const="test", help="test:/// hosts"
+    )
     chaos_p.add_argument(
         "--kinds",
         help=f"comma-separated fault kinds ({', '.join(chaos.KINDS)}; 'all' for every one);"
