@@ -298,8 +298,9 @@ class Campaign:
                 break
             try:
                 self.run_group(chosen)
-            except LabError as exc:
-                # A fault that could not be injected (no leader to kill...): noted, and the
+            except (LabError, WorkloadError) as exc:
+                # A fault that could not be injected (no leader to kill, the API refused
+                # the poison VM while its leader changed...): noted, and the
                 # campaign goes on; what left the lab so is in the report already.
                 self.report.problems.append(f"fault not injected: {exc}")
                 self.say(f"!! fault not injected: {exc}")
