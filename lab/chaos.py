@@ -487,9 +487,18 @@ class Campaign:
             spec = ["--memory", str(1024 * 1024), "--kernel", "/vmlinuz"]  # 1 TiB
         agents = {h: r.agent for h, r in self.lab.state().hosts.items() if is_alive(r.agent)}
         self._agents_before_poison = agents
-        workload.hvplace(
-            self.lab, "vm", "create", "--scope", POISON_SCOPE, name, "--vcpus", "1", *spec
-        )
+        create = ["vm", "create", "--scope", POISON_SCOPE, name, "--vcpus", "1", *spec]
+        request = ["--request-id", uuid.uuid4().hex]  # a retry makes one VM
+        deadline = time.monotonic() + self.base_budget
+        while True:
+            try:
+                workload.hvplace(self.lab, *create, *request)
+                break
+            except WorkloadError as exc:
+                # A new leader takes a moment to serve: `unavailable` is worth a retry.
+                if "unavailable" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         key = f"{POISON_SCOPE}/{name}"
         self.created.add(key)
         self.poison.add(key)
