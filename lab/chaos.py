@@ -114,13 +114,15 @@ class Report:
         return out
 
     def worst(self) -> dict[str, float | None]:
+        """Per kind, the longest recovery; None when one never recovered in its window."""
         out: dict[str, float | None] = {}
         for f in self.faults:
-            best = out.get(f.kind)
+            if f.kind in out and out[f.kind] is None:
+                continue
             if f.recovery_s is None:
-                out.setdefault(f.kind, None)
-            elif best is None or f.recovery_s > best:
-                out[f.kind] = round(f.recovery_s, 2)
+                out[f.kind] = None
+            else:
+                out[f.kind] = round(max(f.recovery_s, out.get(f.kind) or 0.0), 2)
         return out
 
     @property
@@ -185,7 +187,7 @@ class Report:
             ("campaign errors", self.problems),
         ):
             lines.append(f"{title}: {len(items)}")
-            lines += [f"  {item}" for item in items[:20]]
+            lines += [f"  {item}" for item in items[:100]]
         return "\n".join(lines)
 
 
