@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from hvplace.lab import demo
+from hvplace.lab import chaos, demo
 from hvplace.lab.control import Lab, LabError
 from hvplace.lab.daemons import DaemonError
 from hvplace.lab.hosts import HostError
@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("heal", "restore a host's network"),
     ):
         sub.add_parser(name, help=text).add_argument("host")
+    for name, text in (
+        ("kill-agent", "kill -9 a host's agent alone (its guests keep running)"),
+        ("start-agent", "start a killed agent again"),
+        ("kill-libvirtd", "kill -9 a real host's libvirtd alone (its guests keep running)"),
+        ("start-libvirtd", "start a killed libvirtd again"),
+    ):
+        sub.add_parser(name, help=text).add_argument("host")
+    sub.add_parser("kill-coordinators", help="kill -9 every coordinator")
+    sub.add_parser(
+        "start-coordinator", help="start a killed coordinator again (a new name adds one)"
+    ).add_argument("name")
     sub.add_parser("kill-leader", help="kill -9 the leading coordinator")
     for name, text in (
         ("kill-etcd", "kill -9 etcd, every member or --member N (its data stays)"),
@@ -95,6 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--replace", action="store_true", help="take down a lab already running first"
     )
+    chaos_p = sub.add_parser(
+        "chaos",
+        help="fault campaign: a lab of its own, random faults, an independent checker",
+        description="Starts a lab of its own (its own prefix, subnet and state dir, beside"
+        " any running lab), runs the workload, injects seeded random faults one at a time"
+        " and overlapping, checks every 100 ms sample, takes the lab down. Prints a table"
+        " and one JSON line; exits 1 when an invariant broke.",
+    )
+    chaos_p.add_argument("--faults", type=int, default=10, help="how many faults (default 10)")
+    chaos_p.add_argument("--seed", type=int, default=1, help="the RNG seed (default 1)")
+    chaos_p.add_argument("--hosts", type=int, default=4, help="lab hosts (default 4)")
+    chaos_kind = chaos_p.add_mutually_exclusive_group()
+    chaos_kind.add_argument(
+        "--real",
+        dest="mode",
+        action="store_const",
+        const="real",
+        help="namespaced hosts with QEMU guests (root; the default as root)",
+    )
+    chaos_kind.add_argument(
+        "--test", dest="mode", action="store_const", const="test", help="test:/// hosts"
+    )
+    chaos_p.add_argument(
+        "--kinds",
+        help=f"comma-separated fault kinds ({', '.join(chaos.KINDS)}; 'all' for every one);"
+        " default: the kinds that pass today",
+    )
+    chaos_p.add_argument("--ttl", type=float, help="host lease TTL of the campaign's lab")
+    chaos_p.add_argument("--max-time", type=float, help="stop injecting after this many seconds")
     return parser
 
 
@@ -119,6 +159,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab.partition(args.host)
         elif args.command == "heal":
             lab.heal(args.host)
+        elif args.command == "kill-agent":
+            lab.kill_agent(args.host)
+        elif args.command == "start-agent":
+            lab.start_agent(args.host)
+        elif args.command == "kill-libvirtd":
+            lab.kill_libvirtd(args.host)
+        elif args.command == "start-libvirtd":
+            lab.start_libvirtd(args.host)
+        elif args.command == "kill-coordinators":
+            lab.kill_coordinators()
+        elif args.command == "start-coordinator":
+            lab.start_coordinator(args.name)
+        elif args.command == "chaos":
+            return _chaos(args)
         elif args.command == "kill-leader":
             lab.kill_leader()
         elif args.command == "kill-etcd":
@@ -130,10 +184,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "env":
             for key, value in lab.env().items():
                 print(f"export {key}={shlex.quote(value)}")
-    except (LabError, DaemonError, HostError, NetworkError, WorkloadError, ValueError) as exc:
+    except (
+        LabError,
+        DaemonError,
+        HostError,
+        NetworkError,
+        WorkloadError,
+        chaos.ChaosError,
+        ValueError,
+    ) as exc:
         print(f"hvplace lab: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    mode = args.mode or ("real" if os.geteuid() == 0 else "test")
+    kinds = None
+    if args.kinds:
+        kinds = list(chaos.KINDS) if args.kinds == "all" else args.kinds.split(",")
+    report = chaos.run_campaign(
+        args.faults,
+        args.seed,
+        mode,
+        hosts=args.hosts,
+        kinds=kinds,
+        lease_ttl=args.ttl,
+        max_time_s=args.max_time,
+    )
+    chaos.print_report(report, sys.stdout)
+    return 0 if report.passed else 1
 
 
 def _print_status(lab: Lab, as_json: bool) -> None:

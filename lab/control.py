@@ -20,11 +20,14 @@ from typing import Literal, TextIO
 
 from hvplace.lab import daemons, hosts, network
 from hvplace.lab.processes import (
+    ProcessRecord,
     is_alive,
     kill9,
     kill_pid,
     namespace_inode,
     pids_in_namespace,
+    spawn_detached,
+    tail,
     wait_gone,
 )
 from hvplace.lab.state import EtcdMemberRecord, HostRecord, LabSettings, LabState, load_state
@@ -476,3 +479,108 @@ class Lab:
                 self.say(f"killed leader {leader} (PID {coordinator.process.pid})")
                 return leader
         raise LabError(f"the leader {leader!r} is not a running coordinator of this lab")
+
+    # -- single processes, for the fault campaign -----------------------------------
+
+    def kill_agent(self, name: str) -> int:
+        """kill -9 the host's agent alone: its libvirtd and guests keep running."""
+        state, host = self.host(name)
+        if host.agent is None or not kill9(host.agent):
+            raise LabError(f"host {name}: no agent running")
+        wait_gone([host.agent.pid])
+        state.save(self.settings)
+        self.say(f"killed the agent of {name} (PID {host.agent.pid})")
+        return host.agent.pid
+
+    def start_agent(self, name: str) -> int:
+        """Start a killed agent again with its config (it adopts or fences its guests)."""
+        state, host = self.host(name)
+        if is_alive(host.agent):
+            raise LabError(f"host {name}: its agent is running")
+        if host.mode == "real" and not is_alive(host.supervisor):
+            raise LabError(f"host {name}: its namespaces are gone; recreate the lab")
+        record = daemons.start_agent(self.settings, state, host)
+        state.save(self.settings)
+        self.say(f"agent of {name} running again (PID {record.pid})")
+        return record.pid
+
+    def kill_libvirtd(self, name: str) -> int:
+        """kill -9 the host's libvirtd (real hosts): its QEMU guests keep running."""
+        state, host = self.host(name)
+        if host.mode != "real":
+            raise LabError(f"host {name}: a test:/// host's libvirt lives inside its agent")
+        if host.libvirtd is None or not kill9(host.libvirtd):
+            raise LabError(f"host {name}: libvirtd is not running")
+        wait_gone([host.libvirtd.pid])
+        state.save(self.settings)
+        self.say(f"killed libvirtd of {name} (PID {host.libvirtd.pid})")
+        return host.libvirtd.pid
+
+    def start_libvirtd(self, name: str, timeout: float = 30.0) -> int:
+        """Start libvirtd alone again (virtlogd still holds the running guests' logs); it
+        finds its running QEMU guests from their status files."""
+        state, host = self.host(name)
+        if host.mode != "real":
+            raise LabError(f"host {name}: a test:/// host's libvirt lives inside its agent")
+        if is_alive(host.libvirtd):
+            raise LabError(f"host {name}: libvirtd is running")
+        if not is_alive(host.virtlogd):
+            host.virtlogd, host.libvirtd = hosts.start_libvirt(host, timeout)
+        else:
+            host.libvirtd = _start_libvirtd(host, timeout)
+        state.save(self.settings)
+        self.say(f"libvirtd of {name} running again (PID {host.libvirtd.pid})")
+        return host.libvirtd.pid
+
+    def kill_coordinators(self) -> list[str]:
+        """kill -9 every coordinator: the control plane is down until `start-coordinator`."""
+        state = self.state()
+        killed: list[str] = []
+        pids: list[int] = []
+        for coordinator in state.coordinators:
+            if kill9(coordinator.process):
+                assert coordinator.process is not None
+                killed.append(coordinator.name)
+                pids.append(coordinator.process.pid)
+        wait_gone(pids)
+        self.say(f"killed coordinators {killed} (PIDs {pids})")
+        return killed
+
+    def start_coordinator(self, name: str) -> int:
+        """Start a killed coordinator again on its config and ports (a new name adds one)."""
+        state = self.state()
+        if state.etcd is None:
+            raise LabError("the lab has no etcd, hence no coordinators")
+        for coordinator in state.coordinators:
+            if coordinator.name != name:
+                continue
+            if is_alive(coordinator.process):
+                raise LabError(f"coordinator {name} is running")
+            argv = [sys.executable, "-m", "hvplace.coordinator", "--config", coordinator.config]
+            log = Path(coordinator.config).parent / "coordinator.log"
+            coordinator.process = spawn_detached(f"coordinator-{name}", argv, log)
+            state.save(self.settings)
+            self.say(f"coordinator {name} running again (PID {coordinator.process.pid})")
+            return coordinator.process.pid
+        record = daemons.start_coordinator(self.settings, state, name)
+        state.save(self.settings)
+        assert record.process is not None
+        self.say(f"coordinator {name} started (PID {record.process.pid})")
+        return record.process.pid
+
+
+def _start_libvirtd(host: HostRecord, timeout: float) -> ProcessRecord:
+    """libvirtd under the reaper inside the host, as hosts.start_libvirt starts it."""
+    base = Path(host.dir)
+    reaped = [sys.executable, "-m", "hvplace.lab.reaper", "libvirtd"]
+    record = spawn_detached("libvirtd", hosts.inside(host, reaped), base / "libvirtd.log")
+    deadline = time.monotonic() + timeout
+    while True:
+        if not is_alive(record):
+            raise LabError(f"host {host.name}: libvirtd exited: {tail(record.log)}")
+        if hosts.virsh(host, "version", timeout=10).returncode == 0:
+            return record
+        if time.monotonic() > deadline:
+            kill9(record)
+            raise LabError(f"host {host.name}: libvirtd not answering after {timeout}s")
+        time.sleep(0.1)
