@@ -70,6 +70,10 @@ class CoreBackend:
         kv = await self.store.get(key)
         return None if kv is None else (kv.value, kv.mod_revision)
 
+    async def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        kvs, _revision = await self.store.list_prefix(prefix)
+        return [(kv.key, kv.value) for kv in kvs]
+
     async def commit(
         self,
         compares: Sequence[tuple[str, int]],

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hvplace.coordinator import phases, whatif
+from hvplace.coordinator.images import Catalogue
 from hvplace.coordinator.placement import (
     AdmissionResult,
     Plan,
@@ -120,6 +121,10 @@ class Backend(Protocol):
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
         """A key's value and mod revision, read from etcd (linearizable)."""
+        ...
+
+    async def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every (key, value) under `prefix`, read from etcd (for records the cache skips)."""
         ...
 
     async def commit(
@@ -314,6 +319,7 @@ class Operations:
         # The failover simulation costs O(VMs) per create (it dominates the commit
         # benchmark); a deployment may turn it off for VM creates and keep it for rules.
         self.admission_on_create = admission_on_create
+        self.images = Catalogue(backend, self._require_leader)
 
     # ------------------------------------------------------------------ shared
 
@@ -426,7 +432,7 @@ class Operations:
         for vm in vms:
             models.validate_vm(vm)
         requested = vms
-        vms = self._with_images(vms, self.backend.view().config)
+        vms = self._with_images(await self.images.resolve(vms), self.backend.view().config)
         keys = [vm.key for vm in vms]
         dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
         if dupes:
