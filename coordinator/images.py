@@ -38,10 +38,7 @@ class Catalogue:
         return image
 
     async def get(self, name: str) -> Image:
-        found = await self.backend.get(keyspace.image(name))
-        if found is None:
-            raise NotFound(f"image {name!r} is not in the catalogue (see `hvplace image list`)")
-        return models.loads(Image, found[0])
+        return (await self._read(name))[0]
 
     async def list_all(self) -> list[Image]:
         return [
@@ -71,10 +68,12 @@ class Catalogue:
                 return
         raise Busy(f"image {name!r} kept changing while being deleted; retry")
 
-    async def resolve(self, vms: Sequence[VM]) -> list[VM]:
-        """Each VM that names only a catalogue image, with the image's files and digests;
-        other VMs unchanged. A name with files or digests beside it is refused."""
-        images: dict[str, Image] = {}
+    async def resolve(self, vms: Sequence[VM]) -> tuple[list[VM], list[tuple[str, int]]]:
+        """Each VM that names only a catalogue image, with the image's files and digests
+        (other VMs unchanged), and the (key, mod revision) of each image used: the create
+        commits only if none changed meanwhile (so a delete cannot slip in between). A
+        name with files or digests beside it is refused."""
+        images: dict[str, tuple[Image, int]] = {}
         out = []
         for vm in vms:
             image = vm.image
@@ -85,7 +84,13 @@ class Catalogue:
                         " command line too; give only the name"
                     )
                 if image.name not in images:
-                    images[image.name] = await self.get(image.name)
-                vm = dataclasses.replace(vm, image=images[image.name])
+                    images[image.name] = await self._read(image.name)
+                vm = dataclasses.replace(vm, image=images[image.name][0])
             out.append(vm)
-        return out
+        return out, [(keyspace.image(n), rev) for n, (_i, rev) in sorted(images.items())]
+
+    async def _read(self, name: str) -> tuple[Image, int]:
+        found = await self.backend.get(keyspace.image(name))
+        if found is None:
+            raise NotFound(f"image {name!r} is not in the catalogue (see `hvplace image list`)")
+        return models.loads(Image, found[0]), found[1]

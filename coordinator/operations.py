@@ -144,9 +144,11 @@ class Backend(Protocol):
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
         check: Callable[[Snapshot, Plan], None] | None = None,
+        extra_unchanged: Sequence[tuple[str, int]] = (),
     ) -> Plan:
         """Place new VMs and commit VMs, statuses and assignments with `extra_puts` in one
-        fenced transaction that also requires every `extra_absent` key to be absent.
+        fenced transaction that also requires every `extra_absent` key to be absent and
+        each `extra_unchanged` (key, mod revision) to be as read (Conflict otherwise).
         With `atomic` and a pending VM, nothing is written. `check(snapshot, plan)` runs
         on each attempt's plan before anything is written; what it raises aborts."""
         ...
@@ -432,7 +434,8 @@ class Operations:
         for vm in vms:
             models.validate_vm(vm)
         requested = vms
-        vms = self._with_images(await self.images.resolve(vms), self.backend.view().config)
+        resolved, image_revisions = await self.images.resolve(vms)
+        vms = self._with_images(resolved, self.backend.view().config)
         keys = [vm.key for vm in vms]
         dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
         if dupes:
@@ -485,7 +488,9 @@ class Operations:
         absent = [keyspace.request(request_id)] if request_id else []
         absent.extend(keyspace.vm(vm.scope, vm.name) for vm in stamped)
         try:
-            plan = await self.backend.place_and_commit(stamped, atomic, extra, absent, admission)
+            plan = await self.backend.place_and_commit(
+                stamped, atomic, extra, absent, admission, image_revisions
+            )
         except Conflict:
             # A concurrent retry of this very request won the race: answer as a replay.
             if request_id and await self._replay(request_id, "create_vms", fingerprint):

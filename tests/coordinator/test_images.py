@@ -158,6 +158,25 @@ async def test_unknown_or_mixed_image_is_refused_with_nothing_written(api: Api) 
     assert (await api.vm.ListVMs(pb.ListVMsRequest())).vms == []
 
 
+async def test_an_image_deleted_during_a_create_fails_the_create(api: Api) -> None:
+    """The create commits only if each image it copied is unchanged: a delete landing
+    between the read and the commit (forced or not) leaves no VM with a vanished image."""
+    await api.image.AddImage(TINY)
+    place_and_commit = api.backend.place_and_commit
+
+    async def after_a_concurrent_delete(*args: object, **kw: object) -> object:
+        await api.client.delete(keyspace.image("tiny").encode())
+        return await place_and_commit(*args, **kw)  # type: ignore[arg-type]
+
+    api.backend.place_and_commit = after_a_concurrent_delete  # type: ignore[method-assign,assignment]
+    await refused(
+        api.vm.CreateVMs(pb.CreateVMsRequest(vms=[by_image("web")])),
+        "conflict",
+        "/hvplace/v1/images/tiny was changed",
+    )
+    assert (await api.vm.ListVMs(pb.ListVMsRequest())).vms == []
+
+
 def run_cli(api: Api, *argv: str) -> str:
     out = io.StringIO()
     with redirect_stdout(out):
