@@ -24,6 +24,7 @@ from hvplace.proto.names import check_label, check_name
 DEFAULT_CONFIG = Path("/etc/hvplace/agent.toml")
 ENV_PREFIX = "HVPLACE_AGENT_"
 DOMAIN_TYPES = ("auto", "kvm", "qemu")
+DEFAULT_IMAGE_DIR = Path("/var/lib/hvplace/images")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,9 @@ class AgentConfig:
     # Serial console logs, one per domain; default <state_dir>/console.
     console_dir: Path | None = None
     guest_cache_dir: Path = Path("/var/cache/hvplace/guest")
+    # Where catalogue images' files are looked up (only there); default
+    # DEFAULT_IMAGE_DIR and guest_cache_dir.
+    image_dirs: tuple[Path, ...] | None = None
     domain_type: str = "auto"
     kvm_probe_timeout_s: float = 15.0
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -78,6 +82,12 @@ class AgentConfig:
     @property
     def images(self) -> Path:
         return self.images_dir or self.state_dir / "images"
+
+    @property
+    def catalogue_dirs(self) -> tuple[Path, ...]:
+        if self.image_dirs is not None:
+            return self.image_dirs
+        return (DEFAULT_IMAGE_DIR, self.guest_cache_dir)
 
     @property
     def consoles(self) -> Path:
@@ -139,6 +149,9 @@ def validate(cfg: AgentConfig) -> AgentConfig:
             raise InvalidInput(f"{name} must be positive")
     if cfg.watchdog_timeout_s is not None and not 0 < cfg.watchdog_timeout_s <= 600:
         raise InvalidInput("watchdog_timeout_s must be above 0 and at most 600 seconds")
+    for d in cfg.image_dirs or ():
+        if not d.is_absolute():
+            raise InvalidInput(f"image_dirs: {str(d)!r} is not an absolute path")
     if cfg.reserved_memory_mib < 0:
         raise InvalidInput("reserved_memory_mib must not be negative")
     return cfg

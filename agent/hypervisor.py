@@ -9,19 +9,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import libvirt
 from hvplace.agent import domain_xml
 from hvplace.agent.capacity import NodeFacts
+from hvplace.agent.images import ImageFiles
 from hvplace.agent.reconcile import Observed
 from hvplace.proto.errors import InvalidInput, Unavailable
 from hvplace.proto.models import Assignment, DomainState
@@ -126,6 +128,7 @@ class LibvirtHypervisor:
         state_dir: Path,
         guest_cache_dir: Path = Path("/var/cache/hvplace/guest"),
         probe_timeout_s: float = 15.0,
+        image_dirs: Sequence[Path] = (),
     ) -> None:
         self.uri = uri
         self._wanted_type = domain_type
@@ -135,6 +138,7 @@ class LibvirtHypervisor:
         self._state_dir = state_dir
         self._guest_cache = guest_cache_dir
         self._probe_timeout = probe_timeout_s
+        self.image_files = ImageFiles(image_dirs)
         self._conn: Any = None
         self._conn_lock = threading.Lock()
         self._callbacks: list[EventCallback] = []
@@ -379,7 +383,10 @@ class LibvirtHypervisor:
         os.replace(tmp, overlay)
 
     def _define(self, assignment: Assignment) -> str:
-        vm = assignment.vm
+        # A catalogue image's files, found in the image dirs and checked against their
+        # digests (on this worker thread: hashing a base disk can take seconds).
+        vm = self.image_files.resolve(assignment.vm)
+        assignment = dataclasses.replace(assignment, vm=vm)
         name = domain_xml.domain_name(vm.scope, vm.name)
         for what, path in (
             ("kernel", vm.image.kernel),

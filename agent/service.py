@@ -83,6 +83,7 @@ class Agent:
             state_dir=cfg.state_dir,
             guest_cache_dir=cfg.guest_cache_dir,
             probe_timeout_s=cfg.kvm_probe_timeout_s,
+            image_dirs=cfg.catalogue_dirs,
         )
         self.store = store or EtcdStore(
             cfg.etcd_endpoints,

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-SERVICES = ("VMService", "RuleService", "HostService", "ClusterService")
+SERVICES = ("VMService", "RuleService", "HostService", "ClusterService", "ImageService")
 
 
 async def _abort(context: Ctx, exc: BaseException) -> NoReturn:
@@ -230,6 +230,38 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         return await _guard(context, run())
 
 
+class ImageServicer(pb_grpc.ImageServiceServicer):
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    async def AddImage(self, request: pb.Image, context: Ctx) -> pb.Image:
+        async def run() -> pb.Image:
+            image = await self.ops.images.add(from_proto(models.Image, request))
+            return to_proto(image, pb.Image)
+
+        return await _guard(context, run())
+
+    async def GetImage(self, request: pb.ImageRef, context: Ctx) -> pb.Image:
+        async def run() -> pb.Image:
+            return to_proto(await self.ops.images.get(request.name), pb.Image)
+
+        return await _guard(context, run())
+
+    async def ListImages(self, request: pb.Empty, context: Ctx) -> pb.ListImagesResponse:
+        async def run() -> pb.ListImagesResponse:
+            images = await self.ops.images.list_all()
+            return pb.ListImagesResponse(images=[to_proto(i, pb.Image) for i in images])
+
+        return await _guard(context, run())
+
+    async def DeleteImage(self, request: pb.DeleteImageRequest, context: Ctx) -> pb.Empty:
+        async def run() -> pb.Empty:
+            await self.ops.images.delete(request.name, request.force)
+            return pb.Empty()
+
+        return await _guard(context, run())
+
+
 @dataclass(frozen=True, slots=True)
 class _Malformed:
     """What the request deserializer yields for bytes that are no valid message."""
@@ -318,7 +350,7 @@ async def start_api_server(
     tls: ServerTLS | None = None,
     rpc_metrics: RpcMetricsInterceptor | None = None,
 ) -> ApiServer:
-    """Serve the four hvplace services, health and reflection on `address` (host:port).
+    """Serve the five hvplace services, health and reflection on `address` (host:port).
     With `auth`, every hvplace call is authenticated and authorised (None: tests of the
     API logic only; the daemon always passes one). `rpc_metrics` goes first, so that the
     calls `auth` refuses are counted too."""
@@ -331,6 +363,7 @@ async def start_api_server(
     pb_grpc.add_RuleServiceServicer_to_server(RuleServicer(ops), server)
     pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops), server)
     pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(ops), server)
+    pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(ops), server)
     checker = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     package = pb.DESCRIPTOR.package

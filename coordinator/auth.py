@@ -74,6 +74,10 @@ METHOD_ROLES: Mapping[str, Role] = {
     f"{_PKG}ClusterService/WatchEvents": _V,
     f"{_PKG}ClusterService/Simulate": _V,
     f"{_PKG}ClusterService/CheckAdmission": _V,
+    f"{_PKG}ImageService/AddImage": _A,
+    f"{_PKG}ImageService/GetImage": _V,
+    f"{_PKG}ImageService/ListImages": _V,
+    f"{_PKG}ImageService/DeleteImage": _A,
 }
 """The role each RPC needs. A method missing here needs `admin` (fail closed); a test
 checks that every RPC of the proto has an entry."""

@@ -70,6 +70,10 @@ class CoreBackend:
         kv = await self.store.get(key)
         return None if kv is None else (kv.value, kv.mod_revision)
 
+    async def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        kvs, _revision = await self.store.list_prefix(prefix)
+        return [(kv.key, kv.value) for kv in kvs]
+
     async def commit(
         self,
         compares: Sequence[tuple[str, int]],
@@ -93,13 +97,17 @@ class CoreBackend:
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
         check: Callable[[Snapshot, Plan], None] | None = None,
+        extra_unchanged: Sequence[tuple[str, int]] = (),
     ) -> Plan:
         self._fence()  # refuse early on a standby
         return await self.planner.place_and_commit(
             vms,
             atomic=atomic,
             extra_puts=dict(extra_puts),
-            extra_compares=[Compare.absent(k) for k in extra_absent],
+            extra_compares=[
+                *(Compare.absent(k) for k in extra_absent),
+                *(Compare.unchanged(k, r) for k, r in extra_unchanged),
+            ],
             check=check,
         )
 

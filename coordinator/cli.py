@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import sys
@@ -147,6 +148,7 @@ _STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "rule": pb_grpc.RuleServiceStub,
     "host": pb_grpc.HostServiceStub,
     "cluster": pb_grpc.ClusterServiceStub,
+    "image": pb_grpc.ImageServiceStub,
 }
 
 
@@ -343,7 +345,11 @@ def cmd_vm_create(c: Client, args: argparse.Namespace) -> None:
         }
         if args.description:
             vm["description"] = args.description
-        if args.kernel:
+        if args.image and args.kernel:
+            raise InvalidInput("give --image or --kernel, not both")
+        if args.image:
+            vm["image"] = {"name": args.image}
+        elif args.kernel:
             vm["image"] = {"kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline}
         if args.node:
             vm["node_affinity"] = {
@@ -534,6 +540,64 @@ def cmd_rule_delete(c: Client, args: argparse.Namespace) -> None:
         "rule", "DeleteRule", pb.DeleteRuleRequest(scope=scope, name=name, force=args.force)
     )
     _emit(args, resp, lambda: f"deleted rule {scope}/{name}")
+
+
+IMAGE_HEADERS = ("NAME", "FILES", "CMDLINE")
+
+
+def _image_rows(images: Iterable[pb.Image]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for i in images:
+        files = [f"{f}={getattr(i, f)}" for f in ("kernel", "initrd", "disk") if getattr(i, f)]
+        rows.append([i.name, " ".join(files), i.cmdline or "-"])
+    return rows
+
+
+def cmd_image_add(c: Client, args: argparse.Namespace) -> None:
+    """The digests are computed here, from the files under --dir (a copy of what the
+    hosts' image directories hold); the hosts check their own copies against them."""
+    if bool(args.kernel) == bool(args.disk):
+        raise InvalidInput("give --kernel (with --initrd, --cmdline) or --disk")
+    if args.initrd and not args.kernel:
+        raise InvalidInput("--initrd goes with --kernel")
+    image = pb.Image(name=args.name, cmdline=args.cmdline)
+    for field in ("kernel", "initrd", "disk"):
+        relative = getattr(args, field)
+        if relative:
+            path = Path(args.dir) / relative
+            try:
+                with path.open("rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError as e:
+                raise InvalidInput(f"--{field} {path}: {e.strerror}") from None
+            setattr(image, field, relative)
+            setattr(image, f"{field}_sha256", digest)
+    resp: pb.Image = c.call("image", "AddImage", image)
+    _emit(args, resp, lambda: table(IMAGE_HEADERS, _image_rows([resp])))
+
+
+def cmd_image_get(c: Client, args: argparse.Namespace) -> None:
+    resp: pb.Image = c.call("image", "GetImage", pb.ImageRef(name=args.name))
+
+    def text() -> str:
+        digests = [
+            f"{f}: {getattr(resp, f)} sha256 {getattr(resp, f + '_sha256')}"
+            for f in ("kernel", "initrd", "disk")
+            if getattr(resp, f)
+        ]
+        return "\n".join([f"image {resp.name}", *digests, f"cmdline: {resp.cmdline or '-'}"])
+
+    _emit(args, resp, text)
+
+
+def cmd_image_list(c: Client, args: argparse.Namespace) -> None:
+    resp: pb.ListImagesResponse = c.call("image", "ListImages", pb.Empty())
+    _emit(args, resp, lambda: table(IMAGE_HEADERS, _image_rows(resp.images)))
+
+
+def cmd_image_delete(c: Client, args: argparse.Namespace) -> None:
+    resp = c.call("image", "DeleteImage", pb.DeleteImageRequest(name=args.name, force=args.force))
+    _emit(args, resp, lambda: f"deleted image {args.name}")
 
 
 def _policy_text(p: pb.ScopePolicy) -> str:
@@ -918,6 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ha", choices=["high", "medium", "low", "off"], default="medium", help="HA priority"
     )
     p.add_argument("--stopped", action="store_true", help="create powered off")
+    p.add_argument("--image", help="a catalogue image's name (`hvplace image list`)")
     p.add_argument("--kernel", help="direct kernel boot: kernel path on the hosts")
     p.add_argument("--initrd", default="")
     p.add_argument("--cmdline", default="")
@@ -942,6 +1007,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="", help="only VMs on this host")
     p.add_argument("--phase", default="", help="pending|scheduled|running|stopped|failed")
     p.set_defaults(func=cmd_vm_list)
+
+    image = top.add_parser("image", help="the image catalogue VMs boot from").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = image.add_parser("add", help="add an image; its files' sha256 are computed from --dir")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--kernel", default="", help="kernel, relative to the image directories")
+    p.add_argument("--initrd", default="", help="initrd, relative to the image directories")
+    p.add_argument("--cmdline", default="", help="kernel command line")
+    p.add_argument("--disk", default="", help="base disk, relative to the image directories")
+    p.add_argument(
+        "--dir", required=True, help="local copy of the hosts' image directory to hash from"
+    )
+    p.set_defaults(func=cmd_image_add)
+    p = image.add_parser("get", help="an image's files and digests")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_image_get)
+    p = image.add_parser("list", help="list images")
+    p.set_defaults(func=cmd_image_list)
+    p = image.add_parser("delete", help="delete an image (refused while VMs name it)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--force", action="store_true", help="even if VMs name it (they keep a copy)")
+    p.set_defaults(func=cmd_image_delete)
 
     rule = top.add_parser("rule", help="affinity and anti-affinity rules").add_subparsers(
         dest="cmd", required=True

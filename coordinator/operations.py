@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hvplace.coordinator import phases, whatif
+from hvplace.coordinator.images import Catalogue
 from hvplace.coordinator.placement import (
     AdmissionResult,
     Plan,
@@ -122,6 +123,10 @@ class Backend(Protocol):
         """A key's value and mod revision, read from etcd (linearizable)."""
         ...
 
+    async def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Every (key, value) under `prefix`, read from etcd (for records the cache skips)."""
+        ...
+
     async def commit(
         self,
         compares: Sequence[tuple[str, int]],
@@ -139,9 +144,11 @@ class Backend(Protocol):
         extra_puts: Sequence[tuple[str, bytes]],
         extra_absent: Sequence[str],
         check: Callable[[Snapshot, Plan], None] | None = None,
+        extra_unchanged: Sequence[tuple[str, int]] = (),
     ) -> Plan:
         """Place new VMs and commit VMs, statuses and assignments with `extra_puts` in one
-        fenced transaction that also requires every `extra_absent` key to be absent.
+        fenced transaction that also requires every `extra_absent` key to be absent and
+        each `extra_unchanged` (key, mod revision) to be as read (Conflict otherwise).
         With `atomic` and a pending VM, nothing is written. `check(snapshot, plan)` runs
         on each attempt's plan before anything is written; what it raises aborts."""
         ...
@@ -314,6 +321,7 @@ class Operations:
         # The failover simulation costs O(VMs) per create (it dominates the commit
         # benchmark); a deployment may turn it off for VM creates and keep it for rules.
         self.admission_on_create = admission_on_create
+        self.images = Catalogue(backend, self._require_leader)
 
     # ------------------------------------------------------------------ shared
 
@@ -426,7 +434,8 @@ class Operations:
         for vm in vms:
             models.validate_vm(vm)
         requested = vms
-        vms = self._with_images(vms, self.backend.view().config)
+        resolved, image_revisions = await self.images.resolve(vms)
+        vms = self._with_images(resolved, self.backend.view().config)
         keys = [vm.key for vm in vms]
         dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
         if dupes:
@@ -479,7 +488,9 @@ class Operations:
         absent = [keyspace.request(request_id)] if request_id else []
         absent.extend(keyspace.vm(vm.scope, vm.name) for vm in stamped)
         try:
-            plan = await self.backend.place_and_commit(stamped, atomic, extra, absent, admission)
+            plan = await self.backend.place_and_commit(
+                stamped, atomic, extra, absent, admission, image_revisions
+            )
         except Conflict:
             # A concurrent retry of this very request won the race: answer as a replay.
             if request_id and await self._replay(request_id, "create_vms", fingerprint):

@@ -197,6 +197,11 @@ class Lab:
                     state.save(settings)
             with self.step("waiting for the agents to register and a leader to be elected"):
                 daemons.wait_ready(state, timeout=60.0)
+            if state.guest_image:
+                with self.step(
+                    f"adding the guest image to the catalogue as {daemons.GUEST_IMAGE_NAME!r}"
+                ):
+                    daemons.register_guest_image(state, self.env())
 
     def _new_host(self, state: LabState, index: int) -> HostRecord:
         settings = self.settings

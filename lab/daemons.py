@@ -295,6 +295,29 @@ def build_guest_image(timeout: float = 600.0) -> dict[str, str]:
     return image
 
 
+GUEST_IMAGE_NAME = "tiny"
+"""The catalogue name `lab up` gives the tiny guest: `hvplace vm create web-1 --image tiny`."""
+
+
+def register_guest_image(state: LabState, env: dict[str, str]) -> None:
+    """Add the tiny guest to the image catalogue (replacing an older build's record): its
+    files relative to the guest cache directory, which is one of the agents' image_dirs."""
+    image = state.guest_image
+    kernel, initrd = Path(image["kernel"]), Path(image["initrd"])
+    cli = [*_python_module("hvplace.coordinator.cli"), "image"]
+    run_env = dict(os.environ, **env)
+    subprocess.run(
+        [*cli, "delete", GUEST_IMAGE_NAME, "--force"], capture_output=True, env=run_env, timeout=60
+    )
+    added = subprocess.run(
+        [*cli, "add", GUEST_IMAGE_NAME, "--kernel", kernel.name, "--initrd", initrd.name,
+         "--cmdline", image["cmdline"], "--dir", str(kernel.parent)],
+        capture_output=True, text=True, env=run_env, timeout=60,
+    )  # fmt: skip
+    if added.returncode != 0:
+        raise DaemonError(f"registering the guest image failed: {added.stderr.strip()[-1500:]}")
+
+
 def start_coordinator(settings: LabSettings, state: LabState, name: str) -> CoordinatorRecord:
     base = settings.state_dir / "coordinators" / name
     base.mkdir(parents=True, exist_ok=True)
@@ -327,6 +350,9 @@ def agent_config(state: LabState, host: HostRecord) -> str:
             f'watchdog_device = "{host.watchdog_fifo}"',
             f"watchdog_timeout_s = {budget.watchdog_s}",
         ]
+        if state.guest_image:  # catalogue images (the `tiny` guest) are looked up only there
+            guest_dir = Path(state.guest_image["kernel"]).parent
+            extra.append(f"image_dirs = {json.dumps(['/var/lib/hvplace/images', str(guest_dir)])}")
     else:
         endpoints = state.etcd_urls(bridge=False)
         domain_type = "auto"

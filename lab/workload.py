@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hvplace.lab.control import Lab
+from hvplace.lab.daemons import GUEST_IMAGE_NAME
 from hvplace.lab.observe import ClusterState
 from hvplace.lab.state import LabState
 
@@ -56,11 +57,11 @@ def hvplace(
 
 
 def image_args(state: LabState) -> list[str]:
-    """Boot the tiny guest; test:/// hosts never open the kernel, so any path does there."""
-    image = state.guest_image
-    if not image:
+    """Boot the tiny guest from the catalogue (`lab up` registers it); test:/// hosts
+    never open the kernel, so any host path does there."""
+    if not state.guest_image:
         return ["--kernel", "/var/cache/hvplace/guest/vmlinuz"]
-    return ["--kernel", image["kernel"], "--initrd", image["initrd"], "--cmdline", image["cmdline"]]
+    return ["--image", GUEST_IMAGE_NAME]
 
 
 def create(lab: Lab, echo: Callable[[str], None] | None = None) -> list[str]:

@@ -16,9 +16,11 @@ Values are the JSON of the records in `hvplace.proto.models` (readable with
 | /hvplace/v1/rules/<scope>/<rule>            | Rule          | coordinator (API)     | none             |
 | /hvplace/v1/policies/<scope>                | ScopePolicy   | coordinator (API)     | none             |
 | /hvplace/v1/requests/<request id>           | RequestRecord | coordinator (API)     | none             |
+| /hvplace/v1/images/<image>                  | Image         | coordinator (API)     | none             |
 
 An agent may write only `hosts/<its host>` and `domains/<its host>/` (the etcd role per
-agent in SPEC §6) and read `assignments/<its host>/` and `config`. Assignments live
+agent in SPEC §6) and read `assignments/<its host>/` and `config`. Only the API reads
+`images/`: a VM's spec carries a copy of its catalogue image's files and digests. Assignments live
 under the host so an agent watches only its own; a VM is moved by one transaction that
 deletes the old key and puts the new one with a higher epoch.
 """
@@ -39,6 +41,7 @@ DOMAINS = ROOT + "domains/"
 RULES = ROOT + "rules/"
 POLICIES = ROOT + "policies/"
 REQUESTS = ROOT + "requests/"
+IMAGES = ROOT + "images/"
 
 
 def host(name: str) -> str:
@@ -84,6 +87,10 @@ def policy(scope: str) -> str:
 
 def request(request_id: str) -> str:
     return REQUESTS + check_name(request_id, "request id")
+
+
+def image(name: str) -> str:
+    return IMAGES + check_name(name, "image name")
 
 
 def split(key: str, prefix: str) -> list[str]:

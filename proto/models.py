@@ -28,7 +28,9 @@ from hvplace.proto.names import (
     check_name,
     check_number,
     check_path,
+    check_relative_path,
     check_selector_value,
+    check_sha256,
     check_text,
     clip,
     is_under,
@@ -329,12 +331,26 @@ class NodeAffinity:
 
 @dataclass(frozen=True, slots=True)
 class Image:
-    """Direct kernel boot (kernel, initrd, cmdline) or a base disk image for a qcow2 overlay."""
+    """Direct kernel boot (kernel, initrd, cmdline) or a base disk image for a qcow2 overlay.
+
+    Without `name`: absolute host paths (under the cluster's image_roots, when set). With
+    `name`: a catalogue image (/hvplace/v1/images/<name>), its files relative to each
+    host's image directories with their sha256; a VM created with only the name gets the
+    catalogue's files and digests copied in (so its agent needs nothing else)."""
 
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
     disk: str = ""
+    name: str = ""
+    kernel_sha256: str = ""
+    initrd_sha256: str = ""
+    disk_sha256: str = ""
+
+    @property
+    def is_reference(self) -> bool:
+        """Only a catalogue image's name, to be resolved at create."""
+        return bool(self.name) and self == Image(name=self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,22 +621,56 @@ def _check_node_affinity(affinity: NodeAffinity, what: str) -> None:
         _check_expressions(p.term.match_expressions, f"{what} node affinity")
 
 
+IMAGE_FILES = ("kernel", "initrd", "disk")
+
+
 def validate_image(image: Image, what: str) -> Image:
-    """Paths absolute and plain, the command line printable ASCII, all bounded; an initrd
-    only with a kernel. Whether an image is given at all is the caller's rule."""
-    for field_name in ("kernel", "initrd", "disk"):
+    """Paths absolute and plain (relative, each with its sha256, for a catalogue image),
+    the command line printable ASCII, all bounded; an initrd only with a kernel. Whether
+    an image is given at all is the caller's rule."""
+    if image.name:
+        check_name(image.name, f"{what} image name")
+    for field_name in IMAGE_FILES:
         path = getattr(image, field_name)
-        if path:
-            check_path(path, f"{what} image {field_name}")
+        digest = getattr(image, f"{field_name}_sha256")
+        where = f"{what} image {field_name}"
+        if image.name:
+            if path:
+                check_relative_path(path, where)
+                if not digest:
+                    raise InvalidInput(f"{where} {quote(path)} has no sha256")
+            if digest:
+                check_sha256(digest, f"{where} sha256")
+                if not path:
+                    raise InvalidInput(f"{where} has a sha256 but no file")
+        else:
+            if path:
+                check_path(path, where)
+            if digest:
+                raise InvalidInput(f"{where} has a sha256, which only a catalogue image has")
     check_cmdline(image.cmdline, f"{what} image cmdline")
     if image.initrd and not image.kernel:
         raise InvalidInput(f"{what} image has an initrd but no kernel")
     return image
 
 
+def validate_catalogue_image(image: Image) -> Image:
+    """A catalogue record: named, with a kernel or a base disk, each file relative."""
+    if not image.name:
+        raise InvalidInput("an image needs a name")
+    what = f"image {image.name!r}"
+    validate_image(image, "catalogue")
+    if not has_image(image):
+        raise InvalidInput(f"{what} names neither a kernel nor a disk")
+    if image.disk and image.kernel:
+        raise InvalidInput(f"{what} names both a kernel and a disk; give one")
+    return image
+
+
 def check_image_roots(image: Image, roots: tuple[str, ...], what: str) -> Image:
-    """With `roots`, each path of the image lies under one of them."""
-    if roots:
+    """With `roots`, each path of the image lies under one of them (a catalogue image's
+    paths are relative to the hosts' image directories instead)."""
+    if roots and not image.name:
         for field_name in ("kernel", "initrd", "disk"):
             path = getattr(image, field_name)
             if path and not any(is_under(path, r) for r in roots):
@@ -663,10 +713,11 @@ def _size_bound(vm: VM) -> int:
     """An upper bound of `len(dumps(vm))`: JSON escapes a character to at most 12 bytes
     (a surrogate pair), and each label, term, expression and value adds bounded syntax."""
     texts = [vm.scope, vm.name, vm.uid, vm.request_id, vm.description]
-    texts += [vm.image.kernel, vm.image.initrd, vm.image.cmdline, vm.image.disk]
+    texts += [vm.image.kernel, vm.image.initrd, vm.image.cmdline, vm.image.disk, vm.image.name]
+    syntax_image = 3 * (64 + 20) if vm.image.name else 0  # the digests
     texts += vm.labels.keys()
     texts += vm.labels.values()
-    syntax = 400 + 6 * len(vm.labels)
+    syntax = 400 + syntax_image + 6 * len(vm.labels)
     terms = [*vm.node_affinity.required, *(p.term for p in vm.node_affinity.preferred)]
     for term in terms:
         syntax += 60

@@ -33,6 +33,10 @@ _PATH = re.compile(r"(/(?!\.\.?(?:/|$))[A-Za-z0-9._+@=~-]+)+")
 # Trees no image may come from: devices (a host disk as an overlay's backing file would
 # hand it to the guest), kernel interfaces, runtime state and configuration.
 DENIED_PATH_ROOTS = ("/dev", "/proc", "/sys", "/run", "/var/run", "/etc")
+# The same plain segments, relative: a catalogue image's file inside a host's image dirs.
+_SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._+@=~-]+"
+_RELATIVE_PATH = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _NUMBER = re.compile(r"-?[0-9]{1,18}")
 # XML 1.0 refuses C0 controls but tab, LF and CR, and U+FFFE/U+FFFF (libvirt: "PCDATA
 # invalid Char value"); C1 controls and surrogates are refused too.
@@ -200,3 +204,30 @@ def check_path(value: str, what: str) -> str:
         f"{what} {q} is not a plain absolute path: segments of letters, digits, '.', '_',"
         " '-', '+', '@', '=', '~', no empty segment or trailing '/'"
     )
+
+
+def check_relative_path(value: str, what: str) -> str:
+    """A relative file path of plain segments (as `check_path`, without the leading '/'):
+    it names a file inside a host's image directories and cannot climb out of them."""
+    if isinstance(value, str) and len(value) <= MAX_PATH and _RELATIVE_PATH.fullmatch(value):
+        return value
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    q = quote(value)
+    if len(value) > MAX_PATH:
+        raise InvalidInput(f"{what} {q} is {len(value)} characters; at most {MAX_PATH}")
+    if value.startswith("/"):
+        raise InvalidInput(f"{what} {q} must be relative to the hosts' image directories")
+    if any(seg in (".", "..") for seg in value.split("/")):
+        raise InvalidInput(f"{what} {q} contains a '.' or '..' segment")
+    raise InvalidInput(
+        f"{what} {q} is not a plain relative path: segments of letters, digits, '.', '_',"
+        " '-', '+', '@', '=', '~', no empty segment or trailing '/'"
+    )
+
+
+def check_sha256(value: str, what: str) -> str:
+    """A SHA-256 digest: 64 lower-case hex digits."""
+    if isinstance(value, str) and _SHA256.fullmatch(value):
+        return value
+    raise InvalidInput(f"{what} {quote(value)} is not a sha256: 64 lower-case hex digits")

@@ -33,7 +33,8 @@ def coerce(name: str, kind: str, value: Any) -> Any:
 
     Raises TypeError (its text says what was expected) or ValueError; the caller words
     the message. `etcd_endpoints` is a list of [http(s)://]host:port (a comma-separated
-    string from the environment); `labels` a table of key = value (or "k=v,k2=v2")."""
+    string from the environment); `image_dirs` a list of directories (comma-separated
+    likewise); `labels` a table of key = value (or "k=v,k2=v2")."""
     if name == "etcd_endpoints":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -41,6 +42,12 @@ def coerce(name: str, kind: str, value: Any) -> Any:
             raise TypeError("a non-empty list of host:port")
         # Kept as written (scheme included): hvplace.proto.etcd parses and validates them.
         return tuple(str(v).strip() for v in value)
+    if name == "image_dirs":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise TypeError("a list of directories")
+        return tuple(Path(str(v)) for v in value)
     if name == "labels":
         if isinstance(value, str):
             pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]

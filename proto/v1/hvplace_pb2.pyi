@@ -329,17 +329,29 @@ Global___NodeAffinity: _TypeAlias = NodeAffinity  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
+    """Absolute host paths, or (with `name`) a catalogue image at /hvplace/v1/images/<name>:
+    paths relative to each host's image directories, each with its sha256.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KERNEL_FIELD_NUMBER: _builtins.int
     INITRD_FIELD_NUMBER: _builtins.int
     CMDLINE_FIELD_NUMBER: _builtins.int
     DISK_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KERNEL_SHA256_FIELD_NUMBER: _builtins.int
+    INITRD_SHA256_FIELD_NUMBER: _builtins.int
+    DISK_SHA256_FIELD_NUMBER: _builtins.int
     kernel: _builtins.str
     initrd: _builtins.str
     cmdline: _builtins.str
     disk: _builtins.str
     """base image for a qcow2 overlay"""
+    name: _builtins.str
+    kernel_sha256: _builtins.str
+    initrd_sha256: _builtins.str
+    disk_sha256: _builtins.str
     def __init__(
         self,
         *,
@@ -347,10 +359,14 @@ class Image(_message.Message):
         initrd: _builtins.str = ...,
         cmdline: _builtins.str = ...,
         disk: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kernel_sha256: _builtins.str = ...,
+        initrd_sha256: _builtins.str = ...,
+        disk_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmdline", b"cmdline", "disk", b"disk", "initrd", b"initrd", "kernel", b"kernel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmdline", b"cmdline", "disk", b"disk", "disk_sha256", b"disk_sha256", "initrd", b"initrd", "initrd_sha256", b"initrd_sha256", "kernel", b"kernel", "kernel_sha256", b"kernel_sha256", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1664,3 +1680,65 @@ class SimulateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SimulateResponse: _TypeAlias = SimulateResponse  # noqa: Y015
+
+@_typing.final
+class ImageRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageRef: _TypeAlias = ImageRef  # noqa: Y015
+
+@_typing.final
+class ListImagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[Global___Image] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListImagesResponse: _TypeAlias = ListImagesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteImageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    force: _builtins.bool
+    """delete even while VMs name it (they keep their copy)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteImageRequest: _TypeAlias = DeleteImageRequest  # noqa: Y015

@@ -929,6 +929,210 @@ class HostService:
             _registered_method=True)
 
 
+class ImageServiceStub:
+    """The image catalogue: VMs name an image instead of host paths.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddImage = channel.unary_unary(
+                '/hvplace.v1.ImageService/AddImage',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.FromString,
+                _registered_method=True)
+        self.GetImage = channel.unary_unary(
+                '/hvplace.v1.ImageService/GetImage',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.ImageRef.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.FromString,
+                _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/hvplace.v1.ImageService/ListImages',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
+        self.DeleteImage = channel.unary_unary(
+                '/hvplace.v1.ImageService/DeleteImage',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DeleteImageRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.FromString,
+                _registered_method=True)
+
+
+class ImageServiceServicer:
+    """The image catalogue: VMs name an image instead of host paths.
+    """
+
+    def AddImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ImageServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddImage,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.SerializeToString,
+            ),
+            'GetImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImage,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.ImageRef.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'DeleteImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteImage,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DeleteImageRequest.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hvplace.v1.ImageService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hvplace.v1.ImageService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ImageService:
+    """The image catalogue: VMs name an image instead of host paths.
+    """
+
+    @staticmethod
+    def AddImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.ImageService/AddImage',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.ImageService/GetImage',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.ImageRef.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Image.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.ImageService/ListImages',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.ImageService/DeleteImage',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DeleteImageRequest.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ClusterServiceStub:
     """Missing associated documentation comment in .proto file."""
 

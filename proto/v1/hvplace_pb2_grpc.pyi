@@ -242,6 +242,61 @@ class HostServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_HostServiceServicer_to_server(servicer: HostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class ImageServiceStub:
+    """The image catalogue: VMs name an image instead of host paths."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ImageServiceAsyncStub: ...
+    AddImage: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.Image, _hvplace_pb2.Image]
+    GetImage: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.ImageRef, _hvplace_pb2.Image]
+    ListImages: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.Empty, _hvplace_pb2.ListImagesResponse]
+    DeleteImage: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.DeleteImageRequest, _hvplace_pb2.Empty]
+
+@_typing.type_check_only
+class ImageServiceAsyncStub(ImageServiceStub):
+    """The image catalogue: VMs name an image instead of host paths."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    AddImage: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.Image, _hvplace_pb2.Image]  # type: ignore[assignment]
+    GetImage: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.ImageRef, _hvplace_pb2.Image]  # type: ignore[assignment]
+    ListImages: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.Empty, _hvplace_pb2.ListImagesResponse]  # type: ignore[assignment]
+    DeleteImage: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.DeleteImageRequest, _hvplace_pb2.Empty]  # type: ignore[assignment]
+
+class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The image catalogue: VMs name an image instead of host paths."""
+
+    @_abc_1.abstractmethod
+    def AddImage(
+        self,
+        request: _hvplace_pb2.Image,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.Image, _abc.Awaitable[_hvplace_pb2.Image]]: ...
+
+    @_abc_1.abstractmethod
+    def GetImage(
+        self,
+        request: _hvplace_pb2.ImageRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.Image, _abc.Awaitable[_hvplace_pb2.Image]]: ...
+
+    @_abc_1.abstractmethod
+    def ListImages(
+        self,
+        request: _hvplace_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.ListImagesResponse, _abc.Awaitable[_hvplace_pb2.ListImagesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteImage(
+        self,
+        request: _hvplace_pb2.DeleteImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.Empty, _abc.Awaitable[_hvplace_pb2.Empty]]: ...
+
+def add_ImageServiceServicer_to_server(servicer: ImageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class ClusterServiceStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...

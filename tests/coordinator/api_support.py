@@ -35,6 +35,7 @@ class Api:
     rule: pb_grpc.RuleServiceStub
     host: pb_grpc.HostServiceStub
     cluster: pb_grpc.ClusterServiceStub
+    image: pb_grpc.ImageServiceStub
 
     @property
     def endpoint(self) -> str:
@@ -116,6 +117,7 @@ async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[A
             rule=pb_grpc.RuleServiceStub(channel),
             host=pb_grpc.HostServiceStub(channel),
             cluster=pb_grpc.ClusterServiceStub(channel),
+            image=pb_grpc.ImageServiceStub(channel),
         )
     finally:
         await channel.close()

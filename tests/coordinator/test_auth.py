@@ -248,6 +248,19 @@ async def test_roles_and_audit(secured: Secured, caplog: pytest.LogCaptureFixtur
     assert secured.key_count() == 1
 
 
+async def test_only_an_admin_changes_the_image_catalogue(secured: Secured) -> None:
+    image = pb.Image(name="tiny", disk="tiny.qcow2", disk_sha256="0" * 64)
+    async with secured.channel() as ch:
+        images = pb_grpc.ImageServiceStub(ch)
+        for who, role in (("victor", "viewer"), ("olga", "operator")):
+            err = await refused(images.AddImage(image, metadata=bearer(secured.tokens[who])))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert f"{who} ({role}) may not call AddImage: it needs admin" in (err.details() or "")
+        listed = await images.ListImages(pb.Empty(), metadata=bearer(secured.tokens["victor"]))
+        assert list(listed.images) == []
+    assert secured.etcd.etcdctl("get", "--prefix", "--keys-only", "/hvplace/v1/images/") == ""
+
+
 async def test_expired_and_revoked_tokens(secured: Secured) -> None:
     async with secured.channel() as ch:
         vms = pb_grpc.VMServiceStub(ch)

@@ -33,7 +33,9 @@ IMAGE = pb.Image(kernel="/boot/k", initrd="/boot/i", cmdline="console=ttyS0")
 
 
 @asynccontextmanager
-async def cluster(etcd: EtcdServer, tmp: Path, hosts: int = 3) -> AsyncIterator[Api]:
+async def cluster(
+    etcd: EtcdServer, tmp: Path, hosts: int = 3, image_dirs: tuple[Path, ...] | None = None
+) -> AsyncIterator[Api]:
     """API + controller + `hosts` agents on test:/// hosts, all stopped afterwards."""
     async with running_api(etcd) as api:
         b = api.backend
@@ -51,6 +53,7 @@ async def cluster(etcd: EtcdServer, tmp: Path, hosts: int = 3) -> AsyncIterator[
                     etcd_endpoints=(etcd.endpoint,),
                     metrics_listen="",
                     resync_interval_s=1.0,
+                    image_dirs=image_dirs,
                 )
                 agent = Agent(cfg)
                 agents.append((agent, asyncio.ensure_future(agent.run())))

@@ -3,6 +3,7 @@ no message quotes more than about 100 characters of its input."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -142,3 +143,33 @@ def test_check_int_bounds() -> None:
     for bad in (0, 11, True, "5", 2.0):
         with pytest.raises(InvalidInput):
             names.check_int(bad, "n", 1, 10)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("good", ["vmlinuz", "tiny/initrd.img", "a/b.c/d-1+x@y=z~"])
+def test_relative_image_paths(good: str) -> None:
+    assert names.check_relative_path(good, "kernel") == good
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        ("/boot/vmlinuz", "must be relative"),
+        ("../etc/shadow", "'..'"),
+        ("a/../../b", "'..'"),
+        ("./a", "'.'"),
+        ("a//b", "not a plain relative path"),
+        ("a/", "not a plain relative path"),
+        ("", "not a plain relative path"),
+        ("a b", "not a plain relative path"),
+    ],
+)
+def test_bad_relative_image_paths(bad: str, needle: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(needle)):
+        names.check_relative_path(bad, "kernel")
+
+
+def test_sha256() -> None:
+    assert names.check_sha256("a" * 64, "d") == "a" * 64
+    for bad in ("A" * 64, "a" * 63, "g" * 64, ""):
+        with pytest.raises(InvalidInput, match="not a sha256"):
+            names.check_sha256(bad, "d")
