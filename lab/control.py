@@ -498,12 +498,19 @@ class Lab:
         return host.agent.pid
 
     def start_agent(self, name: str) -> int:
-        """Start a killed agent again with its config (it adopts or fences its guests)."""
+        """Start a killed agent again with its config (it adopts or fences its guests).
+        If the host's watchdog reset it meanwhile (its libvirtd is gone too), the host
+        comes back as a rebooted one would: libvirtd first, then the agent."""
         state, host = self.host(name)
         if is_alive(host.agent):
             raise LabError(f"host {name}: its agent is running")
         if host.mode == "real" and not is_alive(host.supervisor):
             raise LabError(f"host {name}: its namespaces are gone; recreate the lab")
+        if host.mode == "real" and not is_alive(host.libvirtd):
+            kill9(host.virtlogd)
+            with self.step(f"{name} was reset by its watchdog: starting its libvirtd"):
+                host.virtlogd, host.libvirtd = hosts.start_libvirt(host)
+                state.save(self.settings)
         record = daemons.start_agent(self.settings, state, host)
         state.save(self.settings)
         self.say(f"agent of {name} running again (PID {record.pid})")
