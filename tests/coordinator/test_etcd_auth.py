@@ -29,19 +29,9 @@ from support.etcd import EtcdServer, free_port
 
 
 @pytest.fixture
-def private_etcd() -> Iterator[EtcdServer]:
+async def channel(own_etcd: EtcdServer) -> AsyncIterator[grpc.aio.Channel]:
     # Auth stays on once enabled: never on the session's shared etcd.
-    server = EtcdServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-async def channel(private_etcd: EtcdServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(private_etcd.endpoint) as ch:
+    async with grpc.aio.insecure_channel(own_etcd.endpoint) as ch:
         yield ch
 
 
@@ -107,10 +97,10 @@ async def test_agent_may_write_only_its_own_host(channel: grpc.aio.Channel) -> N
 
 
 async def test_cli_bootstraps_and_issues_a_hosts_credentials(
-    private_etcd: EtcdServer, tmp_path: Path
+    own_etcd: EtcdServer, tmp_path: Path
 ) -> None:
     d = tmp_path
-    base = ["--etcd", private_etcd.endpoint, "--root-password-file", str(d / "root")]
+    base = ["--etcd", own_etcd.endpoint, "--root-password-file", str(d / "root")]
     for _ in range(2):  # idempotent
         code = await asyncio.to_thread(
             cli.main, ["etcd", "init-auth", *base, "--coordinator-password-file", str(d / "c")]
@@ -120,7 +110,7 @@ async def test_cli_bootstraps_and_issues_a_hosts_credentials(
         cli.main, ["etcd", "add-agent", "hv7", *base, "--password-file", str(d / "hv7")]
     )
     assert code == 0 and oct((d / "hv7").stat().st_mode & 0o777) == "0o600"
-    async with grpc.aio.insecure_channel(private_etcd.endpoint) as ch:
+    async with grpc.aio.insecure_channel(own_etcd.endpoint) as ch:
         md = await login(ch, "agent-hv7", (d / "hv7").read_text().strip())
         assert await put(ch, md, keyspace.host("hv7")) == OK
         assert await put(ch, md, keyspace.host("hv1")) == DENIED
