@@ -49,3 +49,36 @@ def test_agent_keeps_its_guests_and_its_watchdog() -> None:
     for line in ("KillMode=process", "DeviceAllow=/dev/watchdog rw", "CapabilityBoundingSet=\n"):
         assert line in text
     assert "PrivateDevices=yes" not in text  # it would hide /dev/watchdog
+
+
+VENV_BIN = "/opt/hvplace/venv/bin/"
+REPO = UNITS.parent
+
+
+def test_units_start_what_the_install_installs() -> None:
+    """One install: the units start the daemons from the venv that the production install
+    (vagrant/provision/install.sh, running lab/install.sh) creates."""
+    install = (REPO / "vagrant" / "provision" / "install.sh").read_text()
+    assert "HVPLACE_VENV=/opt/hvplace/venv" in install
+    for unit, daemon in (
+        ("hvplace-agent.service", "hvplace-agent"),
+        ("hvplace-coordinator.service", "hvplace-coordinator"),
+    ):
+        text = (UNITS / unit).read_text()
+        assert f"ExecStart={VENV_BIN}{daemon} --config /etc/hvplace/" in text
+
+
+@pytest.mark.parametrize("daemon", ["agent", "coordinator"])
+def test_example_configs_are_accepted(daemon: str, tmp_path: Path) -> None:
+    import os
+    import sys
+
+    auth = tmp_path / "auth.toml"
+    auth.write_text("")
+    env = dict(os.environ, HVPLACE_AUTH_FILE=str(auth))  # the example names /etc/hvplace's
+    out = subprocess.run(
+        [sys.executable, "-m", f"hvplace.{daemon}", "--config",
+         str(UNITS / "hvplace" / f"{daemon}.toml"), "--check-config"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
