@@ -5,6 +5,8 @@ Starts etcd and an `hvplace-coordinator` process (or one in this process with
 (create → assignment committed), batched creates from concurrent clients, then raw
 batched etcd txn puts on the same etcd.
 Prints one JSON line with --json. Run: python bench/commit.py --json
+`--secure`: the API over TLS with a bearer token checked on every call (certificates made
+by openssl, the token in an auth file), as production runs it; run both for the cost.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aetcd
 import grpc
@@ -28,7 +34,7 @@ from hvplace.proto import keyspace, models
 from hvplace.proto.models import HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
-from support.etcd import EtcdServer, free_port
+from support.etcd import EtcdServer, free_port, make_certs
 
 TXN_OPS = 120
 """etcd's default --max-txn-ops is 128; a VM costs 3 puts (spec, status, assignment)."""
@@ -81,7 +87,36 @@ async def until_ready(cluster: pb_grpc.ClusterServiceStub, leader: str) -> None:
         await asyncio.sleep(0.1)
 
 
+class _Bearer(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the token to every call, as the CLI does."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return await continuation(details, request)
+
+
+def _security(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], Any]:
+    """Coordinator settings (HVPLACE_* variables) and the client channel's makings."""
+    if not args.secure:
+        return {"HVPLACE_ANONYMOUS_ROLE": "admin"}, None
+    from hvplace.coordinator import auth
+
+    certs = make_certs(work / "pki")
+    token = auth.add_token(work / "auth.toml", "bench", auth.Role.OPERATOR)
+    env = {
+        "HVPLACE_TLS_CERT": str(certs.server_cert),
+        "HVPLACE_TLS_KEY": str(certs.server_key),
+        "HVPLACE_AUTH_FILE": str(work / "auth.toml"),
+    }
+    return env, (grpc.ssl_channel_credentials(certs.ca.read_bytes()), token)
+
+
 async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
+    work = Path(tempfile.mkdtemp(prefix="hvplace-bench-"))
+    security, client_side = _security(args, work)
     etcd = EtcdServer()
     etcd.start()
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
@@ -98,7 +133,10 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
             etcd_endpoints=(etcd.endpoint,),
             listen=address,
             metrics_listen="",
-            anonymous_role="admin",
+            anonymous_role=security.get("HVPLACE_ANONYMOUS_ROLE", ""),
+            tls_cert=security.get("HVPLACE_TLS_CERT", ""),
+            tls_key=security.get("HVPLACE_TLS_KEY", ""),
+            auth_file=security.get("HVPLACE_AUTH_FILE", ""),
         )
         coordinator = Coordinator(cfg, admission_on_create=not args.no_admission)
         await coordinator.__aenter__()
@@ -109,9 +147,14 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hvplace.coordinator", "--config", "/dev/null",
             "--node-name", "bench", "--etcd", etcd.endpoint, "--listen", address,
-            "--metrics-listen", "", "--log-level", "WARNING", "--anonymous-role", "admin",
+            "--metrics-listen", "", "--log-level", "WARNING",
+            env={**os.environ, **security},
         )  # fmt: skip
-    channel = grpc.aio.insecure_channel(address)
+    if client_side is None:
+        channel = grpc.aio.insecure_channel(address)
+    else:
+        credentials, token = client_side
+        channel = grpc.aio.secure_channel(address, credentials, interceptors=[_Bearer(token)])
     stub = pb_grpc.VMServiceStub(channel)
     cluster = pb_grpc.ClusterServiceStub(channel)
     hosts_stub = pb_grpc.HostServiceStub(channel)
@@ -181,6 +224,7 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
         placements_per_s = placed / elapsed
         raw = await raw_puts(client, args.raw_keys)
         return {
+            "secure": bool(args.secure),
             "hosts": args.hosts,
             "vms": placed,
             "batch": args.batch,
@@ -209,6 +253,7 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
                 await process.wait()
         await client.close()
         etcd.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -234,6 +279,9 @@ def main() -> None:
         "--in-process",
         action="store_true",
         help="run the coordinator in this process (implied by --profile and --no-admission)",
+    )
+    parser.add_argument(
+        "--secure", action="store_true", help="API over TLS with a bearer token per call"
     )
     parser.add_argument("--json", action="store_true", help="one JSON line")
     args = parser.parse_args()
