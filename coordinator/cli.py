@@ -883,6 +883,13 @@ def _add_etcd_admin(p: argparse.ArgumentParser) -> None:
         required=True,
         help="etcd root's password (created with a new one, 0600, if absent)",
     )
+    p.add_argument(
+        "--etcd-ca",
+        default=os.environ.get("ETCDCTL_CACERT", ""),
+        help="CA of etcd's certificate, for an https:// endpoint (default: $ETCDCTL_CACERT)",
+    )
+    p.add_argument("--etcd-cert", default=os.environ.get("ETCDCTL_CERT", ""))
+    p.add_argument("--etcd-key", default=os.environ.get("ETCDCTL_KEY", ""))
 
 
 def _password(path: str) -> str:
@@ -907,10 +914,20 @@ def _etcd_admin(args: argparse.Namespace, work: Callable[[Any], Any]) -> Any:
 
     from hvplace.coordinator.etcd_auth import EtcdAdmin
 
-    target = args.etcd.split(",")[0].removeprefix("http://")
+    endpoint = args.etcd.split(",")[0]
+    target = endpoint.removeprefix("http://").removeprefix("https://")
+    secure = endpoint.startswith("https://") or bool(args.etcd_ca)
+    ca = Path(args.etcd_ca).read_bytes() if args.etcd_ca else None
+    key = Path(args.etcd_key).read_bytes() if args.etcd_key else None
+    cert = Path(args.etcd_cert).read_bytes() if args.etcd_cert else None
 
     async def run() -> Any:
-        async with grpc.aio.insecure_channel(target) as channel:
+        if secure:
+            credentials = grpc.ssl_channel_credentials(ca, key, cert)
+            channel = grpc.aio.secure_channel(target, credentials)
+        else:
+            channel = grpc.aio.insecure_channel(target)
+        async with channel:
             return await work(EtcdAdmin(channel))
 
     try:

@@ -21,11 +21,11 @@ from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.etcd_auth import EtcdAdmin, add_agent, init_auth
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Unavailable
-from hvplace.proto.etcd import EtcdAuth, EtcdClient
+from hvplace.proto.etcd import EtcdAuth, EtcdClient, EtcdTLS
 from hvplace.proto.models import HostInfo
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
-from support.etcd import EtcdServer, free_port
+from support.etcd import EtcdServer, free_port, make_certs
 
 
 @pytest.fixture
@@ -227,3 +227,29 @@ async def test_coordinator_and_agent_run_as_their_etcd_users(
         await agent.shutdown()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 15)
+
+
+async def test_cli_bootstraps_an_etcd_that_serves_tls(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "pki")
+    server = EtcdServer(tls=certs)
+    server.start()
+    try:
+        base = ["--etcd", f"https://127.0.0.1:{server.client_port}", "--etcd-ca",
+                str(certs.ca), "--etcd-cert", str(certs.client_cert), "--etcd-key",
+                str(certs.client_key), "--root-password-file", str(tmp_path / "root")]  # fmt: skip
+        init = ["etcd", "init-auth", *base, "--coordinator-password-file", str(tmp_path / "c")]
+        assert await asyncio.to_thread(cli.main, init) == 0
+        add = ["etcd", "add-agent", "hv1", *base, "--password-file", str(tmp_path / "hv1")]
+        assert await asyncio.to_thread(cli.main, add) == 0
+        client = EtcdClient(
+            [f"https://127.0.0.1:{server.client_port}"],
+            tls=EtcdTLS(ca=certs.ca, cert=certs.client_cert, key=certs.client_key),
+            auth=EtcdAuth("agent-hv1", tmp_path / "hv1"),
+        )
+        try:
+            await client.range(rpc.RangeRequest(key=keyspace.CONFIG.encode()), timeout_s=5)
+            assert client.logins == 1
+        finally:
+            await client.close()
+    finally:
+        server.close()
