@@ -547,11 +547,7 @@ class Agent:
         if device is None:
             return
         try:
-            active = [
-                o.domain
-                for o in (await self.hv.list_managed()).values()
-                if o.state in reconcile.ACTIVE
-            ]
+            active = await self._active_domains()
         except HypervisorError as e:
             active = [f"(unknown: {e})"]
         if active:
@@ -580,15 +576,16 @@ class Agent:
                 await self._verify_fenced()
                 await asyncio.sleep(0.5)
 
+    async def _active_domains(self) -> list[str]:
+        """Managed domains libvirt reports active (running or paused) right now."""
+        managed = await self.hv.list_managed()
+        return [o.domain for o in managed.values() if o.state in reconcile.ACTIVE]
+
     async def _verify_fenced(self) -> bool:
         """Destroy what is still active; True (and pets resume) when nothing is."""
         try:
             await self.hv.destroy_all_managed()
-            left = [
-                o.domain
-                for o in (await self.hv.list_managed()).values()
-                if o.state in reconcile.ACTIVE
-            ]
+            left = await self._active_domains()
         except HypervisorError as e:
             left = [f"(libvirt: {e})"]
         if left:
