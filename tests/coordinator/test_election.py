@@ -41,13 +41,16 @@ async def test_one_leader_then_failover_on_resign(etcd: EtcdServer) -> None:
     ta = asyncio.create_task(a.run())
     await until(lambda: a.is_leader)
     tb = asyncio.create_task(b.run())
-    await asyncio.sleep(0.5)
-    assert not b.is_leader and b.leader == "a"
+    # b has campaigned and sees a's key: it follows, and a's key is older than b's.
+    await until(lambda: b.leader == "a")
+    assert not b.is_leader
     with pytest.raises(Exception, match="not the leader"):
         b.require_fence()
     a.stop()
     await ta
-    await until(lambda: b.is_leader, 5)
+    # b's work starts in a task of its own: wait for it, not just for the flag.
+    await until(lambda: len(led) == 2, 5)
+    assert b.is_leader
     assert [n for n, _ in led] == ["a", "b"]
     assert led[1][1].revision > led[0][1].revision
     b.stop()
