@@ -304,7 +304,7 @@ def register_guest_image(state: LabState, env: dict[str, str]) -> None:
     files relative to the guest cache directory, which is one of the agents' image_dirs."""
     image = state.guest_image
     kernel, initrd = Path(image["kernel"]), Path(image["initrd"])
-    cli = [*_python_module("hvplace.coordinator.cli"), "image"]
+    cli = [*_python_module("hvplace.cli"), "image"]
     run_env = dict(os.environ, **env)
     subprocess.run(
         [*cli, "delete", GUEST_IMAGE_NAME, "--force"], capture_output=True, env=run_env, timeout=60

@@ -12,7 +12,6 @@ from typing import TypeVar
 import grpc
 import libvirt
 import pytest
-from api_support import Api, running_api
 from hvplace.agent import domain_xml
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.proto import keyspace, models
@@ -20,6 +19,7 @@ from hvplace.proto.models import ClusterConfig, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.api import Api, running_api
 from support.etcd import EtcdServer
 
 KERNEL = "/var/cache/hvplace/guest/vmlinuz"

@@ -16,7 +16,8 @@ import grpc
 import pytest
 from coord_support import host, register, until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hvplace.coordinator import auth, cli, config
+from hvplace.cli import main as cli
+from hvplace.coordinator import auth, config
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.coordinator.store import Store

@@ -241,7 +241,7 @@ def test_cli_passes_over_a_standby_but_reports_the_leaders_capacity_error(
 ) -> None:
     """UNAVAILABLE means "not the leader" and "no capacity" alike; only the first sends the
     CLI to the next coordinator, whichever order the endpoints come in."""
-    from hvplace.coordinator import cli
+    from hvplace.cli import main as cli
 
     ports = {"c1": free_port(), "c2": free_port()}
     procs = {"c1": _start(etcd, "c1", tmp_path / "c1.log", ports["c1"])}

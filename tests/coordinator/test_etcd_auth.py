@@ -16,7 +16,8 @@ from agent.conftest import eventually, node_xml
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.agent.store import EtcdStore, StoreError
-from hvplace.coordinator import cli, config
+from hvplace.cli import main as cli
+from hvplace.coordinator import config
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.etcd_auth import EtcdAdmin, add_agent, init_auth
 from hvplace.proto import keyspace

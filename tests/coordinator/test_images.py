@@ -15,12 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 from agent.conftest import eventually
-from api_support import Api, running_api
-from hvplace.coordinator import cli
+from hvplace.cli import main as cli
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import ClusterConfig, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
+from support.api import Api, running_api
 from support.etcd import EtcdServer
 from test_restarts import cluster, get
 

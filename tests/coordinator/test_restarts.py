@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 from agent.conftest import eventually, node_xml
-from api_support import Api, running_api
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
-from hvplace.coordinator import cli
+from hvplace.cli import main as cli
 from hvplace.coordinator.controller import Controller
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import VM, ClusterConfig, Image, Resources
 from hvplace.proto.v1 import hvplace_pb2 as pb
+from support.api import Api, running_api
 from support.etcd import EtcdServer
 
 CLUSTER = ClusterConfig(lease_ttl_s=5, fence_after_s=3, failover_delay_s=0.5)

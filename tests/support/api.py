@@ -21,6 +21,7 @@ from hvplace.coordinator.store import Fence, Store
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import AdmissionPolicy, ClusterConfig, HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+
 from support.etcd import EtcdServer
 
 
