@@ -13,13 +13,10 @@ from typing import Any
 from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.etcd import EtcdAuth, EtcdTLS, parse_endpoints
-from hvplace.proto.models import (
-    ClusterConfig,
-    Ratios,
-    fence_after_for,
-    validate_cluster_config,
-)
 from hvplace.proto.names import check_label, check_name
+from hvplace.proto.records import ClusterConfig, Ratios
+from hvplace.proto.timing import fence_after_for
+from hvplace.proto.validation import validate_cluster_config
 
 DEFAULT_CONFIG = Path("/etc/hvplace/agent.toml")
 ENV_PREFIX = "HVPLACE_AGENT_"

@@ -13,9 +13,10 @@ from typing import Any
 
 from aetcd import rpc
 from hvplace.proto import keyspace
+from hvplace.proto.codec import dumps, loads
 from hvplace.proto.errors import InvalidInput, Unavailable
 from hvplace.proto.etcd import Compacted, EtcdAuth, EtcdClient, EtcdTLS
-from hvplace.proto.models import Assignment, ClusterConfig, DomainStatus, HostInfo, dumps, loads
+from hvplace.proto.records import Assignment, ClusterConfig, DomainStatus, HostInfo
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import sys
 import time
 
 from hvplace.coordinator.store import Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import Assignment, DomainState, DomainStatus, HostInfo, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import Assignment, DomainState, DomainStatus, HostInfo, Resources
 
 
 def sim_name(index: int) -> str:
@@ -45,7 +45,7 @@ class Simulator:
                 agent_version="hostsim",
                 started_at=time.time(),
             )
-            await self.store.put(keyspace.host(name), models.dumps(info), lease=lease)
+            await self.store.put(keyspace.host(name), codec.dumps(info), lease=lease)
             self.leases[name] = lease
 
     async def keep(self) -> None:
@@ -71,7 +71,7 @@ class Simulator:
             puts, deletes = per_host.setdefault(host, ({}, []))
             domain_key = keyspace.domain(host, scope, name)
             if put:
-                a = models.loads(Assignment, value)
+                a = codec.loads(Assignment, value)
                 status = DomainStatus(
                     scope=scope,
                     name=name,
@@ -81,7 +81,7 @@ class Simulator:
                     state=DomainState.RUNNING,
                     since=now,
                 )
-                puts[domain_key] = models.dumps(status)
+                puts[domain_key] = codec.dumps(status)
             else:
                 deletes.append(domain_key)
         for host, (puts, deletes) in per_host.items():

@@ -12,7 +12,7 @@ from typing import Any
 from hvplace.cli.client import Client
 from hvplace.cli.render import emit, explanation_text, labels_text, table
 from hvplace.coordinator import whatif
-from hvplace.proto import models
+from hvplace.proto import codec
 from hvplace.proto.v1 import hvplace_pb2 as pb
 
 
@@ -64,14 +64,14 @@ def simulate_offline(args: argparse.Namespace) -> None:
     if args.json:
         out: dict[str, Any] = {
             "placements": dict(sorted(plan.assignments.items())),
-            "pending": [models.to_dict(e) for _, e in sorted(plan.pending.items())],
+            "pending": [codec.to_dict(e) for _, e in sorted(plan.pending.items())],
             "rules": {
                 k: {"satisfied": v.satisfied, "violations": list(v.violations)}
                 for k, v in compliance.items()
             },
         }
         if result is not None:
-            out["failover"] = models.to_dict(result)
+            out["failover"] = codec.to_dict(result)
         print(json.dumps(out, sort_keys=True))
         return
     by_key = {vm.key: vm for vm in cluster.vms}

@@ -14,7 +14,7 @@ from hvplace.coordinator.placement import Plan
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Fence, Store
-from hvplace.proto.models import VM
+from hvplace.proto.records import VM
 
 
 class CoreBackend:

@@ -13,9 +13,9 @@ from typing import Any, Generic, TypeVar
 
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compacted, Store, WatchStream
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace
 from hvplace.proto.errors import HvplaceError, Unavailable
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     VM,
     Assignment,
     ClusterConfig,
@@ -282,7 +282,7 @@ class Cache:
         if kind == OTHER:
             return None
         if kind == CONFIG:
-            self.config = models.loads(ClusterConfig, value) if put else None
+            self.config = codec.loads(ClusterConfig, value) if put else None
             self.config_rev = mod_revision if put else 0
             return self.config
         if kind in (ASSIGNMENTS, DOMAINS):
@@ -307,9 +307,9 @@ class Cache:
                 elif spec is not None:
                     # Written with its spec in one transaction (the planner's commits):
                     # reuse the spec just decoded instead of decoding the VM again.
-                    a = models.loads_assignment(value, spec[1], spec[0])
+                    a = codec.loads_assignment(value, spec[1], spec[0])
                 else:
-                    a = models.loads(Assignment, value)
+                    a = codec.loads(Assignment, value)
                 shared = self.vms.records.get(name)
                 if shared is not None and a.vm is not shared and shared == a.vm:
                     # One VM object for the spec and its assignment's copy (memory).
@@ -321,7 +321,7 @@ class Cache:
                 self.placements[name] = a.host
                 self.assignments.put(name, a, mod_revision)
                 return a
-            d = models.loads(DomainStatus, value)
+            d = codec.loads(DomainStatus, value)
             self.domains.put(name, d, mod_revision)
             return d
         cls = _CLASSES[kind]
@@ -334,7 +334,7 @@ class Cache:
             return None
         hinted = self._expected.pop(key, None)
         rec: object = (
-            hinted[1] if hinted is not None and hinted[0] == value else models.loads(cls, value)
+            hinted[1] if hinted is not None and hinted[0] == value else codec.loads(cls, value)
         )
         if kind == VMS:
             assigned = self.assignments.records.get(name)

@@ -14,14 +14,10 @@ from typing import Any
 from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.etcd import EtcdAuth, EtcdTLS, parse_endpoints
-from hvplace.proto.models import (
-    FENCE_GRACE_S,
-    AdmissionPolicy,
-    ClusterConfig,
-    Image,
-    validate_cluster_config,
-)
 from hvplace.proto.names import check_name
+from hvplace.proto.records import AdmissionPolicy, ClusterConfig, Image
+from hvplace.proto.timing import FENCE_GRACE_S
+from hvplace.proto.validation import validate_cluster_config
 
 DEFAULT_CONFIG = Path("/etc/hvplace/coordinator.toml")
 ENV_PREFIX = "HVPLACE_"

@@ -23,7 +23,9 @@ from hvplace.lab.state import (
     LabState,
 )
 from hvplace.proto import keyspace
-from hvplace.proto.models import ClusterConfig, fence_after_for, validate_cluster_config
+from hvplace.proto.records import ClusterConfig
+from hvplace.proto.timing import fence_after_for
+from hvplace.proto.validation import validate_cluster_config
 
 
 class DaemonError(RuntimeError):

@@ -1,6 +1,6 @@
 """Every etcd key hvplace uses, who writes it and which lease it rides on — in one place.
 
-Values are the JSON of the records in `hvplace.proto.models` (readable with
+Values are the JSON of the records in `hvplace.proto.records` (readable with
 `etcdctl get --prefix /hvplace/v1/`). Names are validated before they become keys.
 
 | key                                         | record        | writer                | lease            |

@@ -24,7 +24,7 @@ from hvplace.coordinator.placement.engine import (
 from hvplace.coordinator.placement.groups import compile_groups
 from hvplace.coordinator.placement.index import ClusterIndex
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import TOPOLOGY_HOST, VM, HAPriority, HostState, Rule
+from hvplace.proto.records import TOPOLOGY_HOST, VM, HAPriority, HostState, Rule
 
 MAX_SCENARIOS = 2000
 """Bound on the failure combinations tried when `failures` > 1 (C(1000, 2) is ~500k):

@@ -13,7 +13,8 @@ import pytest
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
-from hvplace.proto.models import VM, Assignment, DomainStatus, Image, dumps, loads
+from hvplace.proto.codec import dumps, loads
+from hvplace.proto.records import VM, Assignment, DomainStatus, Image
 from support.etcd import EtcdServer
 
 UNMANAGED_DOMAIN = """

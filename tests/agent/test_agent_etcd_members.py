@@ -12,7 +12,8 @@ from agent.conftest import eventually, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
-from hvplace.proto.models import Assignment, DomainState, dumps
+from hvplace.proto.codec import dumps
+from hvplace.proto.records import Assignment, DomainState
 from support.etcd import EtcdCluster, members_connected_from
 
 StartAgent = Callable[[AgentConfig], Any]

@@ -18,7 +18,8 @@ from agent.conftest import domain_status, get_prefix, put_assignment
 from hvplace.agent import guest_image
 from hvplace.agent.domain_xml import NAMESPACE, domain_name, parse_tag
 from hvplace.proto import keyspace
-from hvplace.proto.models import VM, ClusterConfig, DomainState, Image, Resources, dumps
+from hvplace.proto.codec import dumps
+from hvplace.proto.records import VM, ClusterConfig, DomainState, Image, Resources
 from support import libvirtd as libvirtd_support
 from support import processes
 from support.etcd import EtcdServer

@@ -20,16 +20,9 @@ from agent.conftest import (
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
+from hvplace.proto.codec import dumps, loads
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import (
-    ClusterConfig,
-    DomainState,
-    HostInfo,
-    Power,
-    Resources,
-    dumps,
-    loads,
-)
+from hvplace.proto.records import ClusterConfig, DomainState, HostInfo, Power, Resources
 from support.etcd import EtcdServer
 
 StartAgent = Callable[[AgentConfig], Any]

@@ -19,8 +19,9 @@ from agent.conftest import eventually, put_assignment, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
+from hvplace.proto.codec import dumps
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import ClusterConfig, DomainState, dumps
+from hvplace.proto.records import ClusterConfig, DomainState
 from support.etcd import EtcdServer
 
 StartAgent = Callable[[AgentConfig], Any]

@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.store import Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import VM, HostInfo, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import VM, HostInfo, Resources
 from support.etcd import EtcdServer
 
 
@@ -24,7 +24,7 @@ def vm(name: str, scope: str = "acme", memory_mib: int = 1024, **labels: str) ->
 async def register(store: Store, info: HostInfo, ttl: float = 30) -> int:
     """Register a host as its agent would: HostInfo on a lease; returns the lease."""
     lease = await store.grant(ttl)
-    await store.put(keyspace.host(info.name), models.dumps(info), lease=lease)
+    await store.put(keyspace.host(info.name), codec.dumps(info), lease=lease)
     return lease
 
 

@@ -13,7 +13,7 @@ from coord_support import until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import AdmissionPolicy
+from hvplace.proto.records import AdmissionPolicy
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from support.api import Api, running_api
 from support.etcd import EtcdServer

@@ -16,8 +16,8 @@ from hvplace.coordinator.controller import Controller
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.store import Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import ClusterConfig, HAPriority, HostState, Phase
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import ClusterConfig, HAPriority, HostState, Phase
 from support.etcd import EtcdServer
 
 FAST = ClusterConfig(lease_ttl_s=2, fence_after_s=1, failover_delay_s=0.5)
@@ -38,7 +38,7 @@ async def controlling(etcd: EtcdServer) -> AsyncIterator[tuple[Store, Cache, Con
 
 
 async def put_vm(store: Store, name: str, memory_mib: int = 1024) -> None:
-    await store.put(keyspace.vm("acme", name), models.dumps(vm(name, memory_mib=memory_mib)))
+    await store.put(keyspace.vm("acme", name), codec.dumps(vm(name, memory_mib=memory_mib)))
 
 
 async def test_writes_cluster_config_and_places_when_a_host_registers(etcd: EtcdServer) -> None:
@@ -172,7 +172,7 @@ async def test_an_ha_off_vm_waits_for_its_host_and_is_scheduled_when_it_returns(
     async with controlling(etcd) as (store, cache, _ctl):
         await register(store, host("hv1"), ttl=2)
         spec = dataclasses.replace(vm("solo"), ha_priority=HAPriority.OFF)
-        await store.put(keyspace.vm("acme", "solo"), models.dumps(spec))
+        await store.put(keyspace.vm("acme", "solo"), codec.dumps(spec))
         await until(lambda: "acme/solo" in cache.assignments.records)
         await register(store, host("hv2"))  # room elsewhere, which HA off must not use
         await until(lambda: cache.vm_status.records["acme/solo"].phase is Phase.PENDING, 10)

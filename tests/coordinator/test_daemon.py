@@ -17,7 +17,7 @@ from hvplace.coordinator import config
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.store import Store
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import AdmissionPolicy, Image
+from hvplace.proto.records import AdmissionPolicy, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer, free_port

@@ -14,8 +14,8 @@ from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.metrics import CoordinatorMetrics
 from hvplace.coordinator.store import Fence, Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import (
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import (
     Assignment,
     ClusterConfig,
     Enforcement,
@@ -30,7 +30,7 @@ from support.etcd import EtcdServer, free_port
 
 
 async def _put(store: Store, cache: Cache, key: str, record: object) -> None:
-    revision = await store.put(key, models.dumps(record))
+    revision = await store.put(key, codec.dumps(record))
     await until(lambda: cache.revision >= revision)
 
 

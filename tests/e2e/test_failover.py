@@ -22,7 +22,8 @@ from hvplace.lab import daemons, observe, workload
 from hvplace.lab.control import Lab
 from hvplace.lab.daemons import cluster_budget
 from hvplace.lab.observe import ClusterState
-from hvplace.proto.models import FENCE_GRACE_S, HostState
+from hvplace.proto.records import HostState
+from hvplace.proto.timing import FENCE_GRACE_S
 from support.labs import LabFactory
 from support.sampler import EtcdSampler, LibvirtSampler, Sampler
 

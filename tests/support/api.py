@@ -18,8 +18,8 @@ from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.store import Fence, Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import AdmissionPolicy, ClusterConfig, HostInfo, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import AdmissionPolicy, ClusterConfig, HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 
 from support.etcd import EtcdServer
@@ -58,7 +58,7 @@ class Api:
             domain_type="test",
         )
         lease = await self.client.lease(lease_ttl)
-        await self.client.put(keyspace.host(name).encode(), models.dumps(info), lease=lease)
+        await self.client.put(keyspace.host(name).encode(), codec.dumps(info), lease=lease)
 
     async def add_hosts(self, count: int, prefix: str = "hv", **kw: int) -> None:
         lease = await self.client.lease(60)
@@ -76,14 +76,14 @@ class Api:
                     ),
                     domain_type="test",
                 )
-                ops.append(t.put(keyspace.host(name).encode(), models.dumps(info), lease=lease))
+                ops.append(t.put(keyspace.host(name).encode(), codec.dumps(info), lease=lease))
             await self.client.transaction(compare=[], success=ops, failure=[])
         await self.backend.fresh_view()
 
     async def set_admission_policy(self, policy: AdmissionPolicy) -> None:
         """Write the cluster config record (as the leader does from its config file)."""
         await self.client.put(
-            keyspace.CONFIG.encode(), models.dumps(ClusterConfig(admission_policy=policy))
+            keyspace.CONFIG.encode(), codec.dumps(ClusterConfig(admission_policy=policy))
         )
         await self.backend.fresh_view()
 
