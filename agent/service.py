@@ -26,10 +26,10 @@ from hvplace.agent.hypervisor import (
 from hvplace.agent.metrics import AgentMetrics, MetricsServer
 from hvplace.agent.reconcile import ActionKind
 from hvplace.agent.store import EtcdStore, StoreError
-from hvplace.proto import systemd
 from hvplace.proto.codec import dumps, loads
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.records import Assignment, ClusterConfig, DomainState, DomainStatus, HostInfo
+from hvplace.runtime import systemd
 
 PARALLEL_STARTS = 2
 """Domains started at once; QEMU under TCG takes 0.5-2.5 s to come up on a busy host."""

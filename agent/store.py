@@ -15,8 +15,8 @@ from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.codec import dumps, loads
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.etcd import Compacted, EtcdAuth, EtcdClient, EtcdTLS
 from hvplace.proto.records import Assignment, ClusterConfig, DomainStatus, HostInfo
+from hvplace.runtime.etcd import Compacted, EtcdAuth, EtcdClient, EtcdTLS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _prefix(prefix: str) -> tuple[bytes, bytes]:
 
 
 class EtcdStore:
-    """The agent's keys over hvplace.proto.etcd's client (every configured member, moving
+    """The agent's keys over hvplace.runtime.etcd's client (every configured member, moving
     to another when one fails). Every call is bounded by `timeout_s`, failover included,
     so a frozen etcd never stalls the agent (the lease keeper measures that and fences)."""
 

@@ -4,7 +4,6 @@ items; each sync re-reads the cache, so it is idempotent; a periodic resync catc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -342,11 +341,3 @@ class Controller:
 
 
 _ORDER = {HOSTS: 0, RESTARTS: 1, PENDING: 2, METRICS: 3}
-
-
-async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

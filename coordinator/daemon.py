@@ -16,7 +16,7 @@ from hvplace.coordinator.election import Election
 from hvplace.coordinator.metrics import CoordinatorMetrics
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.store import Fence, Store
-from hvplace.proto.systemd import notify, watchdog_interval_s
+from hvplace.runtime.systemd import notify, watchdog_interval_s
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.etcd_auth import EtcdAdmin, add_agent, init_auth
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Unavailable
-from hvplace.proto.etcd import EtcdAuth, EtcdClient, EtcdTLS
 from hvplace.proto.records import HostInfo
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS
 from support.etcd import EtcdServer, free_port, make_certs
 
 
