@@ -115,7 +115,8 @@ class EtcdStore:
         rng = await self._range(prefix, prefix=True)
         out: dict[str, DomainStatus] = {}
         for kv in rng.kvs:
-            scope, name = keyspace.split(kv.key.decode(), prefix)[:2]
+            k = keyspace.classify(kv.key.decode())
+            scope, name = k.scope, k.name.split("/")[0]
             try:
                 out[f"{scope}/{name}"] = loads(DomainStatus, kv.value)
             except InvalidInput:
@@ -133,11 +134,10 @@ class EtcdStore:
         rng = await self._range(prefix, prefix=True)
         result = Assignments(revision=int(rng.header.revision))
         for kv in rng.kvs:
-            parts = keyspace.split(kv.key.decode(), prefix)
-            if len(parts) != 2:
+            key = keyspace.classify(kv.key.decode()).id
+            if key.count("/") != 1:
                 log.warning("ignoring odd assignment key %s", kv.key.decode())
                 continue
-            key = "/".join(parts)
             try:
                 result.valid[key] = loads(Assignment, kv.value)
             except InvalidInput as e:

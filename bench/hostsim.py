@@ -65,7 +65,8 @@ class Simulator:
         per_host: dict[str, tuple[dict[str, bytes], list[str]]] = {}
         now = time.time()
         for key, put, value in changes:
-            host, scope, name = key[len(keyspace.ASSIGNMENTS) :].split("/", 2)
+            k = keyspace.classify(key)
+            host, scope, name = k.host, k.scope, k.name
             if host not in self.leases:
                 continue
             puts, deletes = per_host.setdefault(host, ({}, []))

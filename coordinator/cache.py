@@ -96,17 +96,15 @@ _SIMPLE: tuple[tuple[str, str, type[Any]], ...] = (
 )
 
 
+_CACHED = frozenset({CONFIG, ASSIGNMENTS, DOMAINS} | {kind for _p, kind, _c in _SIMPLE})
+
+
 def classify(key: str) -> tuple[str, str]:
-    """(kind, name) of an etcd key; assignments and domains are named `scope/vm`."""
-    if key == keyspace.CONFIG:
-        return CONFIG, ""
-    for prefix, kind in ((keyspace.ASSIGNMENTS, ASSIGNMENTS), (keyspace.DOMAINS, DOMAINS)):
-        if key.startswith(prefix):
-            parts = key[len(prefix) :].split("/", 1)
-            return kind, parts[1] if len(parts) == 2 else ""
-    for prefix, kind, _cls in _SIMPLE:
-        if key.startswith(prefix):
-            return kind, key[len(prefix) :]
+    """(kind, name) of an etcd key (keyspace.classify); assignments and domains are named
+    `scope/vm`; what the cache does not decode (election, requests, images) is `other`."""
+    k = keyspace.classify(key)
+    if k.kind in _CACHED:
+        return k.kind.value, k.id
     return OTHER, key
 
 
@@ -286,8 +284,7 @@ class Cache:
             self.config_rev = mod_revision if put else 0
             return self.config
         if kind in (ASSIGNMENTS, DOMAINS):
-            prefix = keyspace.ASSIGNMENTS if kind == ASSIGNMENTS else keyspace.DOMAINS
-            host = key[len(prefix) :].split("/", 1)[0]
+            host = keyspace.classify(key).host
             table: Table[Any] = self.assignments if kind == ASSIGNMENTS else self.domains
             if not put:
                 # The old host's key deleted after a move must not drop the new one.

@@ -99,8 +99,9 @@ class Leadership:
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
-    """One etcd change as the cache saw it."""
+class EtcdChange:
+    """One etcd change as the cache saw it (the raw key and value; cache.Change is the
+    decoded record)."""
 
     revision: int
     type: str  # put | delete
@@ -153,7 +154,7 @@ class Backend(Protocol):
         on each attempt's plan before anything is written; what it raises aborts."""
         ...
 
-    def changes(self) -> AsyncIterator[Change]: ...
+    def changes(self) -> AsyncIterator[EtcdChange]: ...
 
 
 # --------------------------------------------------------------------------- results

@@ -236,7 +236,7 @@ def leader_name(state: LabState) -> str | None:
 
 
 def registered_hosts(state: LabState) -> list[str]:
-    return [key.removeprefix(keyspace.HOSTS) for key, _, _ in _get_prefix(state, keyspace.HOSTS)]
+    return [keyspace.classify(key).host for key, _, _ in _get_prefix(state, keyspace.HOSTS)]
 
 
 # -- coordinators and agents --------------------------------------------------------

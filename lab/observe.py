@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from hvplace.proto import codec, keyspace
+from hvplace.proto.keyspace import Kind
 from hvplace.proto.records import (
     TOPOLOGY_HOST,
     VM,
@@ -101,25 +102,26 @@ def read_cluster(endpoint: str) -> ClusterState:
     revision, kvs = read_prefix(endpoint, keyspace.ROOT)
     state = ClusterState(at=time.time(), revision=revision)
     for key, value in kvs.items():
-        if key.startswith(keyspace.HOSTS):
+        kind = keyspace.classify(key).kind
+        if kind is Kind.HOSTS:
             info = codec.loads(HostInfo, value)
             state.registered[info.name] = info
-        elif key.startswith(keyspace.VMS):
+        elif kind is Kind.VMS:
             vm = codec.loads(VM, value)
             state.vms[vm.key] = vm
-        elif key.startswith(keyspace.HOST_STATUS):
+        elif kind is Kind.HOST_STATUS:
             status = codec.loads(HostStatus, value)
             state.host_status[status.name] = status
-        elif key.startswith(keyspace.VM_STATUS):
+        elif kind is Kind.VM_STATUS:
             vm_status = codec.loads(VMStatus, value)
             state.vm_status[f"{vm_status.scope}/{vm_status.name}"] = vm_status
-        elif key.startswith(keyspace.ASSIGNMENTS):
+        elif kind is Kind.ASSIGNMENTS:
             a = codec.loads(Assignment, value)
             state.assignments.setdefault(a.vm.key, []).append(a)
-        elif key.startswith(keyspace.DOMAINS):
+        elif kind is Kind.DOMAINS:
             d = codec.loads(DomainStatus, value)
             state.domains.setdefault(f"{d.scope}/{d.name}", []).append(d)
-        elif key.startswith(keyspace.RULES):
+        elif kind is Kind.RULES:
             state.rules.append(codec.loads(Rule, value))
     return state
 
