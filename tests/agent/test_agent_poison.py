@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from agent.conftest import domain_status, eventually, put_assignment, vm
+from agent.conftest import domain_status, put_assignment, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.records import DomainState, Image
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 StartAgent = Callable[[AgentConfig], Any]
 NUL_IMAGE = Image(kernel="/boot/k", initrd="/boot/i", cmdline="console=ttyS0\x00rm -rf")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent.conftest import eventually, put_assignment, vm
+from agent.conftest import put_assignment, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
@@ -23,6 +23,7 @@ from hvplace.proto.codec import dumps
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.records import ClusterConfig, DomainState
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 StartAgent = Callable[[AgentConfig], Any]
 FAST = {"lease_ttl": 2.0, "fence_after": 1.0}  # watchdog_timeout_s derived: 1 s

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from hvplace.coordinator.cache import Cache
@@ -28,11 +29,23 @@ async def register(store: Store, info: HostInfo, ttl: float = 30) -> int:
     return lease
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 10) -> None:
-    """Poll `predicate` until true (state that moves through etcd and a watch)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - the state has no event of its own
-            await asyncio.sleep(0.05)
+@asynccontextmanager
+async def renewing(store: Store, lease: int, every_s: float = 0.3) -> AsyncIterator[None]:
+    """A live agent: `lease` renewed until the block ends; then the agent is dead, nothing
+    renews it and etcd expires it after its TTL."""
+
+    async def renew() -> None:
+        while True:
+            await store.keepalive(lease)
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @asynccontextmanager

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from coord_support import host, register, running, until, vm
+from coord_support import host, register, running, vm
 from hvplace.coordinator.cache import ASSIGNMENTS, HOSTS, RESYNC, Change
 from hvplace.proto import codec, keyspace, records
 from hvplace.proto.records import Assignment, HostState, HostStatus, Rule, RuleKind
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 
 async def test_list_then_watch_typed_records(etcd: EtcdServer) -> None:
@@ -97,7 +98,7 @@ async def test_resumes_after_etcd_restart(own_etcd: EtcdServer) -> None:
         own_etcd.kill()
         own_etcd.start()
         await store.put(keyspace.vm("acme", "b"), codec.dumps(vm("b")))
-        await until(lambda: "acme/b" in cache.vms.records, 15)
+        await eventually(lambda: "acme/b" in cache.vms.records, 15)
         assert cache.relists == 1  # resumed from its revision, no relist
 
 
@@ -115,7 +116,7 @@ async def test_relists_after_compaction(own_etcd: EtcdServer) -> None:
         await store.compact(now)
         task = asyncio.create_task(cache._follow())
         cache._task = task
-        await until(lambda: cache.relists >= 2)
+        await eventually(lambda: cache.relists >= 2)
         assert set(cache.vms.records) == {"acme/b", "acme/c"}
         assert cache.revision >= now
         assert resyncs and resyncs[0].kind == RESYNC
@@ -180,7 +181,7 @@ async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relist
         now = await store.delete(keyspace.assignment("hv2", "acme", "a"))
         await store.compact(now)
         cache._task = asyncio.create_task(cache._follow())
-        await until(lambda: cache.relists >= 2)
+        await eventually(lambda: cache.relists >= 2)
         assert cache.assigned_hosts == {"hv3": 1} and cache.placements == {"acme/b": "hv3"}
         assert cache.unregistered() == {"hv3"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from aetcd import rpc
-from agent.conftest import eventually, node_xml
+from agent.conftest import node_xml
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.agent.store import EtcdStore, StoreError
@@ -27,6 +27,7 @@ from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS
 from support.etcd import EtcdServer, free_port, make_certs
+from support.wait import eventually
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent.conftest import eventually
 from hvplace.cli import main as cli
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.proto import codec, keyspace, records
@@ -22,6 +21,7 @@ from hvplace.proto.records import ClusterConfig, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from support.api import Api, running_api
 from support.etcd import EtcdServer
+from support.wait import eventually
 from test_restarts import cluster, get
 
 

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from agent.conftest import eventually, node_xml
+from agent.conftest import node_xml
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.cli import main as cli
@@ -27,6 +27,7 @@ from hvplace.proto.records import VM, ClusterConfig, Image, Resources
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from support.api import Api, running_api
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 CLUSTER = ClusterConfig(lease_ttl_s=5, fence_after_s=3, failover_delay_s=0.5)
 IMAGE = pb.Image(kernel="/boot/k", initrd="/boot/i", cmdline="console=ttyS0")

@@ -1,8 +1,8 @@
-"""A real coordinator API in-process for tests: the daemon's store, cache, planner and
-backend (standalone: no election, so every commit compares the assignments it read; or
-`fenced`, holding a leader key as an elected coordinator does, so the planner pipelines
-its commits), Operations, gRPC on a free port; hosts are played by writing HostInfo
-records under leases, as agents do."""
+"""A real coordinator API in-process for tests, assembled as the daemon assembles it
+(daemon.api_core: planner, backend, Operations) over a store and cache: standalone (no
+election, so every commit compares the assignments it read) or `fenced` (holding a
+leader key as an elected coordinator does, so the planner pipelines its commits); gRPC
+on a free port. Hosts are played by writing HostInfo records under leases, as agents do."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import grpc
 from hvplace.coordinator.api import ApiServer, start_api_server
 from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
-from hvplace.coordinator.operations import Operations
-from hvplace.coordinator.planner import Planner
+from hvplace.coordinator.daemon import api_core
 from hvplace.coordinator.store import Fence, Store
 from hvplace.proto import codec, keyspace
 from hvplace.proto.records import AdmissionPolicy, ClusterConfig, HostInfo, Resources
@@ -104,8 +103,9 @@ async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[A
     if fenced:
         key, lease = keyspace.ELECTION + "api-test", await store.grant(60)
         fence = Fence(key, await store.put(key, b"api-test", lease=lease))
-    backend = CoreBackend(store, cache, Planner(store, cache, lambda: fence), election=None)
-    server = await start_api_server(Operations(backend), "127.0.0.1:0")
+    core = api_core(store, cache, fence=lambda: fence)
+    backend = core.backend
+    server = await start_api_server(core.operations, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         yield Api(
