@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hvplace.proto.models import HostInfo, Ratios, Resources, validate_host_info
+from hvplace.proto.records import HostInfo, Ratios, Resources
+from hvplace.proto.validation import validate_host_info
 
 GIB = 1024**3
 

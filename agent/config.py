@@ -10,16 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.etcd import EtcdAuth, EtcdTLS, parse_endpoints
-from hvplace.proto.models import (
-    ClusterConfig,
-    Ratios,
-    fence_after_for,
-    validate_cluster_config,
-)
 from hvplace.proto.names import check_label, check_name
+from hvplace.proto.records import ClusterConfig, Ratios
+from hvplace.proto.timing import fence_after_for
+from hvplace.proto.validation import validate_cluster_config
+from hvplace.runtime import settings
 
 DEFAULT_CONFIG = Path("/etc/hvplace/agent.toml")
 ENV_PREFIX = "HVPLACE_AGENT_"
@@ -28,7 +24,7 @@ DEFAULT_IMAGE_DIR = Path("/var/lib/hvplace/images")
 
 
 @dataclass(frozen=True, slots=True)
-class AgentConfig:
+class AgentConfig(settings.EtcdSettings):
     host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     # For https:// endpoints: etcd's CA (default: the system's), a client cert and key.
@@ -70,14 +66,6 @@ class AgentConfig:
     # The device timeout to set; default (and maximum) the cluster's watchdog timeout.
     watchdog_timeout_s: float | None = None
     log_level: str = "INFO"
-
-    @property
-    def etcd_tls(self) -> EtcdTLS:
-        return EtcdTLS(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
-
-    @property
-    def etcd_auth(self) -> EtcdAuth:
-        return EtcdAuth(user=self.etcd_user, password_file=self.etcd_password_file)
 
     @property
     def images(self) -> Path:
@@ -138,8 +126,7 @@ def load(
 
 def validate(cfg: AgentConfig) -> AgentConfig:
     check_name(cfg.host, "host name")
-    cfg.etcd_tls.check(parse_endpoints(cfg.etcd_endpoints))
-    cfg.etcd_auth.check()
+    cfg.check_etcd()
     for k, v in cfg.labels.items():
         check_label(k, v, "host label")
     if cfg.domain_type not in DOMAIN_TYPES:

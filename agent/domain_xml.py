@@ -9,7 +9,8 @@ import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from hvplace.proto.models import Assignment, validate_vm
+from hvplace.proto.records import Assignment
+from hvplace.proto.validation import validate_vm
 
 NAMESPACE = "https://hvplace.dev/xmlns/domain/1"
 PREFIX = "hvplace"

@@ -26,7 +26,7 @@ from hvplace.agent.capacity import NodeFacts
 from hvplace.agent.images import ImageFiles
 from hvplace.agent.reconcile import Observed
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.models import Assignment, DomainState
+from hvplace.proto.records import Assignment, DomainState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

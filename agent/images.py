@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import IMAGE_FILES, VM, Image, has_image
+from hvplace.proto.records import VM, Image
+from hvplace.proto.validation import IMAGE_FILES, has_image
 
 
 class ImageFiles:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from hvplace.proto.models import DomainState
+from hvplace.proto.records import DomainState
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 

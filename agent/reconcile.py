@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import Assignment, DomainState, Power, validate_vm
+from hvplace.proto.records import Assignment, DomainState, Power
+from hvplace.proto.validation import validate_vm
 
 
 class ActionKind(StrEnum):

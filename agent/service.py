@@ -1,4 +1,5 @@
-"""The agent daemon: lease keeper, self-fencing, the reconcile worker and status reporting.
+"""The agent daemon: the reconcile worker, libvirt health and status reporting, over the
+lease keeper (lease.py: lease, fencing, the host's watchdog).
 
 `Agent.run()` until `shutdown()`; every task is level-triggered off one `dirty` event.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -23,20 +23,14 @@ from hvplace.agent.hypervisor import (
     HypervisorUnavailable,
     LibvirtHypervisor,
 )
+from hvplace.agent.lease import LeaseKeeper
 from hvplace.agent.metrics import AgentMetrics, MetricsServer
 from hvplace.agent.reconcile import ActionKind
+from hvplace.agent.status import domain_status
 from hvplace.agent.store import EtcdStore, StoreError
-from hvplace.proto import systemd
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import (
-    Assignment,
-    ClusterConfig,
-    DomainState,
-    DomainStatus,
-    HostInfo,
-    dumps,
-    loads,
-)
+from hvplace.proto.records import Assignment, ClusterConfig, DomainState, DomainStatus, HostInfo
+from hvplace.runtime import systemd
 
 PARALLEL_STARTS = 2
 """Domains started at once; QEMU under TCG takes 0.5-2.5 s to come up on a busy host."""
@@ -96,17 +90,7 @@ class Agent:
         self._clock = clock
         self._stopping = asyncio.Event()
         self._dirty = asyncio.Event()
-        self.registered = asyncio.Event()
-        self.cluster: ClusterConfig = ClusterConfig()
         self.info: HostInfo | None = None
-        self.lease_id: int | None = None
-        self._last_ack_sent: float = 0.0
-        # Fencing: `fenced` destroys and blocks starts; `_fence_gen` lets an in-flight
-        # reconcile pass notice it was overtaken by a fence.
-        self.fenced = False
-        self._fence_gen = 0
-        self.fence_count = 0
-        self._may_start = False
         self._written: dict[str, DomainStatus] = {}
         self._stale_status: set[str] = set()
         self._since: dict[str, tuple[DomainState, float]] = {}
@@ -118,15 +102,38 @@ class Agent:
         self._hv_open = False
         self._tasks: list[asyncio.Task[None]] = []
         self._server: MetricsServer | None = None
-        # The host's watchdog (SPEC §4): armed once pets are safe, petted by a thread
-        # while `_may_pet()`; `_fence_verified` says a fence left no domain active.
-        self._watchdog: watchdog.WatchdogDevice | None = None
-        self._petter: watchdog.Petter | None = None
-        self._started_at = 0.0
-        self._lease_reused = False
-        self._fence_verified = False
+        self.lease = LeaseKeeper(
+            cfg,
+            store=self.store,
+            hv=self.hv,
+            metrics=self.metrics,
+            clock=clock,
+            stopping=self._stopping,
+            trigger=self._trigger,
+            spawn=self._spawn,
+            host_info=lambda: self.info,
+            on_lease=self._on_lease,
+        )
+        self.registered = self.lease.registered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_done = False
+
+    # The lease's state, as callers and tests read it.
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self.lease.cluster
+
+    @property
+    def lease_id(self) -> int | None:
+        return self.lease.lease_id
+
+    @property
+    def fenced(self) -> bool:
+        return self.lease.fenced
+
+    @property
+    def fence_count(self) -> int:
+        return self.lease.fence_count
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -142,7 +149,7 @@ class Agent:
                 # libvirtd is down as this agent starts: keep the host registered, as
                 # degraded, from the last record, so that its running guests are not
                 # re-placed (they run on without libvirtd); open again in the monitor.
-                saved = self._saved_host_info()
+                saved = self.lease.saved_host_info()
                 if saved is None:
                     raise
                 log.error("libvirt unusable at start (%s); registering degraded", e.message)
@@ -198,12 +205,10 @@ class Agent:
                 except OSError as e:
                     log.error("metrics on %s unavailable: %s", self.cfg.metrics_listen, e)
                     self._server = None
-            # The budget is measured from the agent's start until the first renewal:
-            # domains adopted from a previous agent are fenced if etcd stays unreachable.
-            self._last_ack_sent = self._started_at = self._clock()
-            self._spawn(self._lease_loop())
-            self._spawn(self._arm_watchdog())
-            self._spawn(self._fence_monitor())
+            self.lease.start()
+            self._spawn(self.lease.lease_loop())
+            self._spawn(self.lease.arm_watchdog())
+            self._spawn(self.lease.fence_monitor())
             self._spawn(self._reconcile_worker())
             self._spawn(self._watch_loop())
             self._spawn(self._resync_ticker())
@@ -234,7 +239,7 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop()
-        await self._release_watchdog()
+        await self.lease.release_watchdog()
         await self.store.close()
         await self.hv.close()
         log.info("agent %s stopped", self.cfg.host)
@@ -274,7 +279,7 @@ class Agent:
                 log.warning("reading the cluster config: %s; retrying", e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        self.cluster = cluster_config(record, self.cfg)
+        self.lease.cluster = cluster_config(record, self.cfg)
 
     async def _host_info(self) -> HostInfo:
         facts = await self.hv.node_facts()
@@ -293,117 +298,11 @@ class Agent:
             started_at=time.time(),
         )
 
-    @property
-    def renew_interval_s(self) -> float:
-        """Renew several times per fence budget, so one slow round trip never fences."""
-        return min(self.cluster.lease_ttl_s / 3, self.cluster.fence_after_s / 4)
-
-    def _lease_file(self) -> Any:
-        return self.cfg.state_dir / "lease.json"
-
-    def _host_file(self) -> Any:
-        return self.cfg.state_dir / "host.json"
-
-    def _saved_host_info(self) -> HostInfo | None:
-        """The host record of the previous run (capacity needs libvirt to be measured)."""
-        try:
-            info = loads(HostInfo, self._host_file().read_bytes())
-        except (OSError, InvalidInput):
-            return None
-        return info if info.name == self.cfg.host else None
-
-    async def _previous_lease(self) -> int | None:
-        """A lease a previous run of this agent still holds: reusing it keeps the host
-        key from flapping across a restart."""
-        try:
-            saved = json.loads(self._lease_file().read_text())
-            lease = int(saved["lease_id"])
-            if saved.get("host") != self.cfg.host:
-                return None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        try:
-            ttl = await self.store.keepalive(lease, self.cfg.etcd_timeout_s)
-        except StoreError:
-            return None
-        return lease if ttl > 0 else None
-
-    async def _acquire(self) -> None:
-        try:
-            budget = cluster_config(await self.store.cluster_config(), self.cfg)
-            armed = self._watchdog
-            if armed is not None and armed.timeout_s > budget.watchdog_s:
-                raise InvalidInput(
-                    f"the armed watchdog's {armed.timeout_s:g}s exceeds its watchdog timeout"
-                    f" {budget.watchdog_s}s"
-                )
-            self.cluster = budget
-        except InvalidInput as e:
-            log.error("cluster config is unsafe; keeping the previous budget: %s", e)
-        sent = self._clock()
-        lease = None if self.fence_count else await self._previous_lease()
-        if lease is not None:
-            # Still alive in etcd: the coordinator has re-placed nothing, so pets based
-            # on it are safe at once (see _arm_watchdog).
-            self._lease_reused = True
-        else:
-            lease = await self.store.grant(self.cluster.lease_ttl_s)
-        assert self.info is not None
-        await self.store.put_host(self.info, lease)
-        try:
-            self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            self._lease_file().write_text(json.dumps({"host": self.cfg.host, "lease_id": lease}))
-            self._host_file().write_bytes(dumps(self.info))
-        except OSError as e:
-            log.warning("cannot save the lease id: %s", e)
+    async def _on_lease(self) -> None:
+        """A new lease: statuses are written afresh on it; any left under this host's
+        keys from before are dropped unless still current."""
         self._stale_status = set(await self.store.domain_keys())
         self._written.clear()
-        self._last_ack_sent = sent
-        self.lease_id = lease
-        self.metrics.lease_held.set(1)
-        # Holding a lease again ends the fence; the next reconcile pass reads the
-        # assignments afresh (after this point) before anything is started.
-        if self.fenced:
-            log.warning("new lease %x held: assignments will be re-read before any start", lease)
-        self.fenced = False
-        self.metrics.fenced.set(0)
-        # Nothing starts on a host whose watchdog is configured but not armed yet.
-        self._may_start = not self.cfg.watchdog_device or self._watchdog is not None
-        self.registered.set()
-        systemd.notify("READY=1")
-        log.info("host %s registered on lease %x", self.cfg.host, lease)
-        self._trigger()
-
-    async def _lease_loop(self) -> None:
-        delay = 0.2
-        while not self._stopping.is_set():
-            lease = self.lease_id
-            if lease is None:
-                try:
-                    await self._acquire()
-                    delay = 0.2
-                except StoreError as e:
-                    log.warning("registering host %s: %s", self.cfg.host, e)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                continue
-            sent = self._clock()
-            try:
-                ttl = await self.store.keepalive(lease, self.renew_interval_s)
-            except StoreError as e:
-                self.metrics.lease_renew_failures.inc()
-                log.warning("lease renewal failed: %s", e)
-                await asyncio.sleep(0.1)
-                continue
-            if self.lease_id != lease:
-                continue  # fenced meanwhile: that lease is abandoned
-            if ttl <= 0:
-                # etcd dropped the lease: the coordinator may already be re-placing.
-                await self._fence("etcd reports the lease expired")
-                continue
-            self._last_ack_sent = sent
-            self.metrics.lease_renew.observe(self._clock() - sent)
-            await asyncio.sleep(max(0.0, self.renew_interval_s - (self._clock() - sent)))
 
     # -- libvirt health ---------------------------------------------------------------
 
@@ -472,169 +371,13 @@ class Agent:
             hypervisor_error=self.hypervisor_error,
             hypervisor_error_since=self._hypervisor_since,
         )
-        lease = self.lease_id
+        lease = self.lease.lease_id
         if lease is None:
-            return  # _acquire writes self.info with the next lease
+            return  # the lease keeper writes self.info with the next lease
         try:
             await self.store.put_host(self.info, lease)
         except StoreError as e:
             log.warning("reporting libvirt's health: %s", e)
-
-    # -- the host's watchdog ------------------------------------------------------------
-
-    def _may_pet(self) -> bool:
-        """Called from the petter thread. Pets keep the host (and its guests) alive, so
-        only while the lease is fresh -- its last renewal younger than fence_after: a dead
-        or hung agent's host resets by fence_after + watchdog_timeout after it, before the
-        coordinator may re-place -- or while fenced with no managed domain left active."""
-        if self.fenced:
-            return self._fence_verified
-        return (
-            self.lease_id is not None
-            and self._clock() - self._last_ack_sent < self.cluster.fence_after_s
-        )
-
-    def _may_arm(self, timeout: float) -> bool:
-        return (
-            self._may_pet()
-            and not self.fenced
-            and (self._lease_reused or self._clock() - self._started_at >= timeout)
-        )
-
-    async def _arm_watchdog(self) -> None:
-        """Open the device once pets are safe. Opening a running watchdog counts as a pet,
-        and one armed by a previous agent may still be counting down on guests whose lease
-        has expired: so arm at once only on a lease still alive in etcd (reused), else
-        only once a whole timeout has passed since this agent started (that countdown is
-        over). Until armed, nothing is started."""
-        path = self.cfg.watchdog_device
-        if not path:
-            await self._stopping.wait()
-            return
-        timeout = watchdog_timeout(self.cfg, self.cluster)
-        # Conditions on the clock and the lease's age: polled.
-        while not self._may_arm(timeout):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        device = await asyncio.to_thread(watchdog.WatchdogDevice, path, timeout)
-        if device.timeout_s > self.cluster.watchdog_s:
-            # Left armed (no magic close): resetting the host is the safe way out.
-            device.close()
-            raise InvalidInput(
-                f"watchdog {path} runs with a {device.timeout_s:g}s timeout, above the"
-                f" cluster's watchdog timeout {self.cluster.watchdog_s}s"
-            )
-        self._watchdog = device
-        self._petter = watchdog.Petter(device, min(0.2, device.timeout_s / 5), self._may_pet)
-        self._petter.start()
-        log.info(
-            "watchdog %s armed: %gs timeout, petted while the lease is fresh (fence_after %gs)",
-            path,
-            device.timeout_s,
-            self.cluster.fence_after_s,
-        )
-        if self.lease_id is not None and not self.fenced:
-            self._may_start = True
-            self._trigger()
-        await self._stopping.wait()
-
-    async def _release_watchdog(self) -> None:
-        """On a clean stop: disarm (magic 'V') only when no managed domain is active, so
-        nothing is left to fence; else leave it armed: guests run on for a restarted
-        agent to adopt, and the host resets before they are re-placed if none comes."""
-        petter, device = self._petter, self._watchdog
-        if petter is not None:
-            petter.stop()
-        if device is None:
-            return
-        try:
-            active = await self._active_domains()
-        except HypervisorError as e:
-            active = [f"(unknown: {e})"]
-        if active:
-            device.close()
-            log.warning(
-                "watchdog %s left armed over %d running guest(s): an agent back within"
-                " %gs adopts them, else the host resets before they are re-placed",
-                device.path,
-                len(active),
-                device.timeout_s,
-            )
-        else:
-            device.disarm()
-            log.info("watchdog %s disarmed: no guest runs here", device.path)
-
-    # -- fencing ----------------------------------------------------------------------
-
-    async def _fence_monitor(self) -> None:
-        while not self._stopping.is_set():
-            await asyncio.sleep(0.05)
-            silent = self._clock() - self._last_ack_sent
-            if not self.fenced and silent >= self.cluster.fence_after_s:
-                await self._fence(f"lease not renewed for {silent:.2f}s")
-            elif self.fenced and not self._fence_verified and self._watchdog is not None:
-                # The watchdog stays unpetted until the fence is confirmed.
-                await self._verify_fenced()
-                await asyncio.sleep(0.5)
-
-    async def _active_domains(self) -> list[str]:
-        """Managed domains libvirt reports active (running or paused) right now."""
-        managed = await self.hv.list_managed()
-        return [o.domain for o in managed.values() if o.state in reconcile.ACTIVE]
-
-    async def _verify_fenced(self) -> bool:
-        """Destroy what is still active; True (and pets resume) when nothing is."""
-        try:
-            await self.hv.destroy_all_managed()
-            left = await self._active_domains()
-        except HypervisorError as e:
-            left = [f"(libvirt: {e})"]
-        if left:
-            log.error(
-                "fence not confirmed (%s): the watchdog is not petted and resets the host",
-                ", ".join(left),
-            )
-            return False
-        self._fence_verified = self.fenced
-        return True
-
-    async def _fence(self, why: str) -> None:
-        """SPEC §4: destroy every managed domain; start none until a new lease is held."""
-        if self.fenced:
-            return
-        self._fence_verified = False  # before `fenced`: the petter thread reads both
-        self.fenced = True
-        self._fence_gen += 1
-        self._may_start = False
-        old, self.lease_id = self.lease_id, None
-        self.fence_count += 1
-        self.metrics.fence_events.inc()
-        self.metrics.fenced.set(1)
-        self.metrics.lease_held.set(0)
-        started = self._clock()
-        log.error("FENCING host %s: %s; destroying every managed domain", self.cfg.host, why)
-        try:
-            destroyed = await self.hv.destroy_all_managed()
-            self.metrics.fence_duration.observe(self._clock() - started)
-        except HypervisorError as e:
-            log.error("fence: listing domains failed (%s); the reconcile pass retries", e)
-            destroyed = []
-        log.error(
-            "FENCED host %s: destroyed %d domain(s) in %.2fs: %s",
-            self.cfg.host,
-            len(destroyed),
-            self._clock() - started,
-            ", ".join(destroyed) or "none",
-        )
-        if self._watchdog is not None:
-            await self._verify_fenced()
-        if old is not None:
-            self._spawn(self._revoke(old))
-        self._trigger()
-
-    async def _revoke(self, lease: int) -> None:
-        """Best effort, so the coordinator learns at once when etcd is reachable."""
-        with contextlib.suppress(StoreError):
-            await self.store.revoke(lease)
 
     # -- reconcile --------------------------------------------------------------------
 
@@ -696,8 +439,8 @@ class Agent:
         if not self._hv_open:
             # Down since the agent started: nothing to compare against yet.
             raise HypervisorUnavailable(self.hypervisor_error or "libvirt not opened yet")
-        gen, fenced = self._fence_gen, self.fenced
-        may_start = self._may_start and not fenced
+        gen, fenced = self.lease.fence_gen, self.lease.fenced
+        may_start = self.lease.may_start and not fenced
         desired: dict[str, Assignment] = {}
         unreadable: dict[str, str] = {}
         if not fenced:
@@ -775,7 +518,7 @@ class Agent:
         """Apply one action unless its VM already failed or a fence overtook this pass."""
         if action.key in errors:
             return
-        overtaken = self.fenced or self._fence_gen != gen
+        overtaken = self.lease.overtaken(gen)
         if action.kind in (ActionKind.DEFINE, ActionKind.START) and overtaken:
             return
         try:
@@ -796,10 +539,10 @@ class Agent:
             self._note_failure(action.key, action.assignment, errors[action.key])
             return
         log.info("%s %s (%s)", action.kind.value, action.key, action.reason)
-        if action.kind is ActionKind.START and (self.fenced or self._fence_gen != gen):
+        if action.kind is ActionKind.START and self.lease.overtaken(gen):
             # A fence landed while this start was in flight: undo it (and hold the
             # watchdog's pets until the fence monitor confirms nothing runs).
-            self._fence_verified = False
+            self.lease.unverify()
             await self.hv.destroy(self._domain_of(action))
 
     @staticmethod
@@ -834,30 +577,18 @@ class Agent:
         obs: reconcile.Observed | None,
         error: str,
     ) -> DomainStatus:
-        scope, name = key.split("/", 1)
-        if obs is not None:
-            state = obs.state
-            if self.fenced and state not in reconcile.ACTIVE:
-                state = DomainState.FENCED
-        elif self.fenced:
-            state = DomainState.FENCED
-        else:
-            state = DomainState.FAILED if error else DomainState.DEFINED
-        if error and (obs is None or obs.state not in reconcile.ACTIVE):
-            state = DomainState.FAILED
-        prev = self._since.get(key)
-        since = prev[1] if prev is not None and prev[0] is state else time.time()
-        self._since[key] = (state, since)
-        return DomainStatus(
-            scope=scope,
-            name=name,
-            host=self.cfg.host,
-            uid=a.vm.uid if a is not None else (obs.uid if obs else ""),
-            epoch=a.epoch if a is not None else (obs.epoch if obs else 0),
-            state=state,
-            since=since,
-            last_error=error,
+        status = domain_status(
+            self.cfg.host,
+            key,
+            a,
+            obs,
+            error,
+            fenced=self.fenced,
+            previous=self._since.get(key),
+            now=time.time(),
         )
+        self._since[key] = (status.state, status.since)
+        return status
 
     async def _report(
         self,
@@ -870,7 +601,7 @@ class Agent:
         for obs in actual.values():
             counts[obs.state] = counts.get(obs.state, 0) + 1
         self.metrics.set_domains(counts)
-        lease = self.lease_id
+        lease = self.lease.lease_id
         if lease is None:
             return  # nothing may be written without a lease (it would outlive us)
         keys = set(desired) | set(actual) | set(errors)

@@ -13,9 +13,10 @@ from typing import Any
 
 from aetcd import rpc
 from hvplace.proto import keyspace
+from hvplace.proto.codec import dumps, loads
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.etcd import Compacted, EtcdAuth, EtcdClient, EtcdTLS
-from hvplace.proto.models import Assignment, ClusterConfig, DomainStatus, HostInfo, dumps, loads
+from hvplace.proto.records import Assignment, ClusterConfig, DomainStatus, HostInfo
+from hvplace.runtime.etcd import Compacted, EtcdAuth, EtcdClient, EtcdTLS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def _prefix(prefix: str) -> tuple[bytes, bytes]:
 
 
 class EtcdStore:
-    """The agent's keys over hvplace.proto.etcd's client (every configured member, moving
+    """The agent's keys over hvplace.runtime.etcd's client (every configured member, moving
     to another when one fails). Every call is bounded by `timeout_s`, failover included,
     so a frozen etcd never stalls the agent (the lease keeper measures that and fences)."""
 
@@ -114,7 +115,8 @@ class EtcdStore:
         rng = await self._range(prefix, prefix=True)
         out: dict[str, DomainStatus] = {}
         for kv in rng.kvs:
-            scope, name = keyspace.split(kv.key.decode(), prefix)[:2]
+            k = keyspace.classify(kv.key.decode())
+            scope, name = k.scope, k.name.split("/")[0]
             try:
                 out[f"{scope}/{name}"] = loads(DomainStatus, kv.value)
             except InvalidInput:
@@ -132,11 +134,10 @@ class EtcdStore:
         rng = await self._range(prefix, prefix=True)
         result = Assignments(revision=int(rng.header.revision))
         for kv in rng.kvs:
-            parts = keyspace.split(kv.key.decode(), prefix)
-            if len(parts) != 2:
+            key = keyspace.classify(kv.key.decode()).id
+            if key.count("/") != 1:
                 log.warning("ignoring odd assignment key %s", kv.key.decode())
                 continue
-            key = "/".join(parts)
             try:
                 result.valid[key] = loads(Assignment, kv.value)
             except InvalidInput as e:

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hvplace.coordinator.config import CoordinatorConfig
 from hvplace.coordinator.daemon import Coordinator
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import HostInfo, Resources
+from hvplace.proto import codec, keyspace, records
+from hvplace.proto.records import HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer, free_port, make_certs
@@ -51,8 +51,8 @@ def vm(name: str) -> pb.VM:
 
 async def raw_puts(client: aetcd.Client, count: int) -> float:
     t = client.transactions
-    value = models.dumps(
-        models.VM(scope="bench", name="raw", resources=Resources(vcpus=1, memory_mib=256))
+    value = codec.dumps(
+        records.VM(scope="bench", name="raw", resources=Resources(vcpus=1, memory_mib=256))
     )
     start = time.perf_counter()
     for base in range(0, count, TXN_OPS):
@@ -169,9 +169,7 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
                     name=f"hv{i:04d}",
                     capacity=Resources(vcpus=256, memory_mib=1 << 20, disk_gib=10_000),
                 )
-                ops.append(
-                    t.put(keyspace.host(info.name).encode(), models.dumps(info), lease=lease)
-                )
+                ops.append(t.put(keyspace.host(info.name).encode(), codec.dumps(info), lease=lease))
             await client.transaction(compare=[], success=ops, failure=[])
         for _attempt in range(600):  # the coordinator's cache sees every host
             if len((await hosts_stub.ListHosts(pb.Empty())).hosts) >= args.hosts:

@@ -16,20 +16,22 @@ from collections.abc import Mapping
 
 from hvplace.coordinator.placement import Batch, place
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     VM,
     Enforcement,
     Host,
-    LabelExpression,
-    NodeAffinity,
-    NodeSelectorTerm,
-    Op,
-    PreferredTerm,
     Ratios,
     Resources,
     Rule,
     RuleKind,
     ScopePolicy,
+)
+from hvplace.proto.selectors import (
+    LabelExpression,
+    NodeAffinity,
+    NodeSelectorTerm,
+    Op,
+    PreferredTerm,
 )
 
 VMS_PER_SCOPE = 100

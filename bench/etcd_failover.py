@@ -1,6 +1,6 @@
 """How long a lease goes unrenewed when the etcd member in use is killed (kill -9).
 
-Starts a 3-member etcd on loopback, then per trial: a client (hvplace.proto.etcd, as both
+Starts a 3-member etcd on loopback, then per trial: a client (hvplace.runtime.etcd, as both
 daemons use it) renews a lease through the member it uses, that member is killed, and the
 client renews as an agent does (attempts bounded by 0.5 s, 0.1 s apart) until one
 succeeds; the member is restarted before the next trial. `--role follower` kills a
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from aetcd import rpc
 from hvplace.proto.errors import Unavailable
-from hvplace.proto.etcd import EtcdClient
+from hvplace.runtime.etcd import EtcdClient
 from support.etcd import EtcdCluster
 
 

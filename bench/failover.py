@@ -219,8 +219,8 @@ def run_rack(args: argparse.Namespace) -> dict[str, object]:
 async def _load(endpoint: str, hosts: list[str], per_host: int) -> dict[str, str]:
     """`per_host` VMs on every host, spec + assignment + status, as the planner writes."""
     from hvplace.coordinator.store import Store
-    from hvplace.proto import keyspace, models
-    from hvplace.proto.models import VM, Assignment, Image, Phase, Resources, VMStatus
+    from hvplace.proto import codec, keyspace
+    from hvplace.proto.records import VM, Assignment, Image, Phase, Resources, VMStatus
 
     store = await Store.connect([endpoint], timeout=30)
     where: dict[str, str] = {}
@@ -238,14 +238,14 @@ async def _load(endpoint: str, hosts: list[str], per_host: int) -> dict[str, str
                 image=Image(kernel="/var/cache/hvplace/guest/vmlinuz"),
                 created_at=now,
             )
-            puts[keyspace.vm(vm.scope, vm.name)] = models.dumps(vm)
-            puts[keyspace.assignment(host, vm.scope, vm.name)] = models.dumps(
+            puts[keyspace.vm(vm.scope, vm.name)] = codec.dumps(vm)
+            puts[keyspace.assignment(host, vm.scope, vm.name)] = codec.dumps(
                 Assignment(vm=vm, host=host, epoch=1)
             )
             status = VMStatus(
                 scope=vm.scope, name=vm.name, phase=Phase.SCHEDULED, host=host, epoch=1, since=now
             )
-            puts[keyspace.vm_status(vm.scope, vm.name)] = models.dumps(status)
+            puts[keyspace.vm_status(vm.scope, vm.name)] = codec.dumps(status)
             where[vm.key] = host
             if len(puts) >= 900:
                 await store.commit([], puts, fence=None)
@@ -258,21 +258,21 @@ async def _load(endpoint: str, hosts: list[str], per_host: int) -> dict[str, str
 
 async def _domains(store: object) -> dict[str, list[object]]:
     from hvplace.coordinator.store import Store
-    from hvplace.proto import keyspace, models
-    from hvplace.proto.models import DomainStatus
+    from hvplace.proto import codec, keyspace
+    from hvplace.proto.records import DomainStatus
 
     assert isinstance(store, Store)
     out: dict[str, list[object]] = {}
     kvs, _rev = await store.list_prefix(keyspace.DOMAINS)
     for kv in kvs:
-        d = models.loads(DomainStatus, kv.value)
+        d = codec.loads(DomainStatus, kv.value)
         out.setdefault(f"{d.scope}/{d.name}", []).append(d)
     return out
 
 
 async def _wait_running(endpoint: str, keys: set[str], limit_s: float) -> None:
     from hvplace.coordinator.store import Store
-    from hvplace.proto.models import DomainState, DomainStatus
+    from hvplace.proto.records import DomainState, DomainStatus
 
     store = await Store.connect([endpoint], timeout=30)
     deadline = time.monotonic() + limit_s
@@ -297,8 +297,8 @@ async def _measure(
     endpoint: str, moving: list[str], failed: set[str], killed_at: float, limit_s: float
 ) -> dict[str, object]:
     from hvplace.coordinator.store import Store
-    from hvplace.proto import keyspace, models
-    from hvplace.proto.models import DomainState, DomainStatus, HostStatus, Phase, VMStatus
+    from hvplace.proto import codec, keyspace
+    from hvplace.proto.records import DomainState, DomainStatus, HostStatus, Phase, VMStatus
 
     store = await Store.connect([endpoint], timeout=30)
     deadline = time.monotonic() + limit_s
@@ -306,7 +306,7 @@ async def _measure(
         while True:  # every moved VM assigned off the rack
             kvs, _rev = await store.list_prefix(keyspace.VM_STATUS)
             statuses = {
-                f"{s.scope}/{s.name}": s for s in (models.loads(VMStatus, kv.value) for kv in kvs)
+                f"{s.scope}/{s.name}": s for s in (codec.loads(VMStatus, kv.value) for kv in kvs)
             }
             done = [statuses[k] for k in moving if statuses[k].host not in failed]
             if len(done) == len(moving) and all(s.phase is Phase.SCHEDULED for s in done):
@@ -337,7 +337,7 @@ async def _measure(
         for name in sorted(failed):
             kv = await store.get(keyspace.host_status(name))
             if kv is not None:
-                lost.append(models.loads(HostStatus, kv.value).since)
+                lost.append(codec.loads(HostStatus, kv.value).since)
         on_real = [d.since for d in found.values() if not d.host.startswith("s")]
         return {
             "detect_s": round(min(lost) - killed_at, 2) if lost else None,

@@ -18,8 +18,8 @@ import sys
 import time
 
 from hvplace.coordinator.store import Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import Assignment, DomainState, DomainStatus, HostInfo, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import Assignment, DomainState, DomainStatus, HostInfo, Resources
 
 
 def sim_name(index: int) -> str:
@@ -45,7 +45,7 @@ class Simulator:
                 agent_version="hostsim",
                 started_at=time.time(),
             )
-            await self.store.put(keyspace.host(name), models.dumps(info), lease=lease)
+            await self.store.put(keyspace.host(name), codec.dumps(info), lease=lease)
             self.leases[name] = lease
 
     async def keep(self) -> None:
@@ -65,13 +65,14 @@ class Simulator:
         per_host: dict[str, tuple[dict[str, bytes], list[str]]] = {}
         now = time.time()
         for key, put, value in changes:
-            host, scope, name = key[len(keyspace.ASSIGNMENTS) :].split("/", 2)
+            k = keyspace.classify(key)
+            host, scope, name = k.host, k.scope, k.name
             if host not in self.leases:
                 continue
             puts, deletes = per_host.setdefault(host, ({}, []))
             domain_key = keyspace.domain(host, scope, name)
             if put:
-                a = models.loads(Assignment, value)
+                a = codec.loads(Assignment, value)
                 status = DomainStatus(
                     scope=scope,
                     name=name,
@@ -81,7 +82,7 @@ class Simulator:
                     state=DomainState.RUNNING,
                     since=now,
                 )
-                puts[domain_key] = models.dumps(status)
+                puts[domain_key] = codec.dumps(status)
             else:
                 deletes.append(domain_key)
         for host, (puts, deletes) in per_host.items():

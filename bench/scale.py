@@ -19,15 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from hvplace.coordinator.store import Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import (
-    VM,
-    Assignment,
-    HostInfo,
-    Phase,
-    Resources,
-    VMStatus,
-)
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import VM, Assignment, HostInfo, Phase, Resources, VMStatus
 
 OPS_PER_TXN = 1000
 
@@ -52,7 +45,7 @@ async def load(endpoint: str, n_hosts: int, n_vms: int) -> None:
         for i in range(n_hosts)
     ]
     for i in range(0, n_hosts, OPS_PER_TXN):
-        puts = {keyspace.host(h.name): models.dumps(h) for h in hosts[i : i + OPS_PER_TXN]}
+        puts = {keyspace.host(h.name): codec.dumps(h) for h in hosts[i : i + OPS_PER_TXN]}
         await store.commit([], puts, fence=None, lease=lease)
     per_txn = OPS_PER_TXN // 3
     for i in range(0, n_vms, per_txn):
@@ -68,12 +61,12 @@ async def load(endpoint: str, n_hosts: int, n_vms: int) -> None:
                 created_at=1.7e9,
             )
             host = hosts[j % n_hosts].name
-            puts[keyspace.vm(scope, vm.name)] = models.dumps(vm)
-            puts[keyspace.assignment(host, scope, vm.name)] = models.dumps(
+            puts[keyspace.vm(scope, vm.name)] = codec.dumps(vm)
+            puts[keyspace.assignment(host, scope, vm.name)] = codec.dumps(
                 Assignment(vm=vm, host=host, epoch=1)
             )
             status = VMStatus(scope=scope, name=vm.name, phase=Phase.SCHEDULED, host=host, epoch=1)
-            puts[keyspace.vm_status(scope, vm.name)] = models.dumps(status)
+            puts[keyspace.vm_status(scope, vm.name)] = codec.dumps(status)
         await store.commit([], puts, fence=None)
     await store.close()
 

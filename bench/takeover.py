@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hvplace.coordinator.store import Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import VM, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import VM, Resources
 from scale import load
 
 
@@ -87,7 +87,7 @@ async def probe(endpoint: str, killed_at: float, limit_s: float) -> float:
     store = await Store.connect([endpoint], timeout=30)
     try:
         vm = VM(scope="probe", name="after-kill", resources=Resources(1, 512, 0))
-        await store.put(keyspace.vm(vm.scope, vm.name), models.dumps(vm))
+        await store.put(keyspace.vm(vm.scope, vm.name), codec.dumps(vm))
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             kv = await store.get(keyspace.vm_status(vm.scope, vm.name))

@@ -19,7 +19,7 @@ from hvplace.coordinator.convert import from_proto, to_proto
 from hvplace.coordinator.errors_grpc import rich_status, unexpected
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
-from hvplace.proto import models
+from hvplace.proto import records
 from hvplace.proto.errors import HvplaceError, InvalidInput
 from hvplace.proto.names import clip
 from hvplace.proto.v1 import hvplace_pb2 as pb
@@ -57,7 +57,7 @@ class VMServicer(pb_grpc.VMServiceServicer):
 
     async def CreateVMs(self, request: pb.CreateVMsRequest, context: Ctx) -> pb.CreateVMsResponse:
         async def run() -> pb.CreateVMsResponse:
-            vms = [from_proto(models.VM, m) for m in request.vms]
+            vms = [from_proto(records.VM, m) for m in request.vms]
             result = await self.ops.create_vms(request.request_id, vms, request.atomic)
             return to_proto(result, pb.CreateVMsResponse)
 
@@ -85,14 +85,14 @@ class VMServicer(pb_grpc.VMServiceServicer):
 
     async def StartVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
         async def run() -> pb.VMView:
-            view = await self.ops.set_power(request.scope, request.name, models.Power.RUNNING)
+            view = await self.ops.set_power(request.scope, request.name, records.Power.RUNNING)
             return to_proto(view, pb.VMView)
 
         return await _guard(context, run())
 
     async def StopVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
         async def run() -> pb.VMView:
-            view = await self.ops.set_power(request.scope, request.name, models.Power.STOPPED)
+            view = await self.ops.set_power(request.scope, request.name, records.Power.STOPPED)
             return to_proto(view, pb.VMView)
 
         return await _guard(context, run())
@@ -111,7 +111,7 @@ class RuleServicer(pb_grpc.RuleServiceServicer):
 
     async def CreateRule(self, request: pb.CreateRuleRequest, context: Ctx) -> pb.RuleResponse:
         async def run() -> pb.RuleResponse:
-            rule = from_proto(models.Rule, request.rule)
+            rule = from_proto(records.Rule, request.rule)
             result = await self.ops.create_rule(request.request_id, rule, request.rebalance)
             return to_proto(result, pb.RuleResponse)
 
@@ -132,7 +132,7 @@ class RuleServicer(pb_grpc.RuleServiceServicer):
 
     async def UpdateRule(self, request: pb.UpdateRuleRequest, context: Ctx) -> pb.RuleResponse:
         async def run() -> pb.RuleResponse:
-            rule = from_proto(models.Rule, request.rule)
+            rule = from_proto(records.Rule, request.rule)
             result = await self.ops.update_rule(rule, request.rebalance)
             return to_proto(result, pb.RuleResponse)
 
@@ -147,7 +147,7 @@ class RuleServicer(pb_grpc.RuleServiceServicer):
 
     async def SetScopePolicy(self, request: pb.ScopePolicy, context: Ctx) -> pb.ScopePolicy:
         async def run() -> pb.ScopePolicy:
-            policy = await self.ops.set_policy(from_proto(models.ScopePolicy, request))
+            policy = await self.ops.set_policy(from_proto(records.ScopePolicy, request))
             return to_proto(policy, pb.ScopePolicy)
 
         return await _guard(context, run())
@@ -236,7 +236,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
 
     async def AddImage(self, request: pb.Image, context: Ctx) -> pb.Image:
         async def run() -> pb.Image:
-            image = await self.ops.images.add(from_proto(models.Image, request))
+            image = await self.ops.images.add(from_proto(records.Image, request))
             return to_proto(image, pb.Image)
 
         return await _guard(context, run())

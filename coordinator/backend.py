@@ -8,13 +8,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from hvplace.coordinator import cache as kinds
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.election import Election
-from hvplace.coordinator.operations import Change as ApiChange
-from hvplace.coordinator.operations import ClusterView, Leadership
+from hvplace.coordinator.operations import ClusterView, EtcdChange, Leadership
 from hvplace.coordinator.placement import Plan
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Fence, Store
-from hvplace.proto.models import VM
+from hvplace.proto.records import VM
 
 
 class CoreBackend:
@@ -111,8 +110,8 @@ class CoreBackend:
             check=check,
         )
 
-    async def changes(self) -> AsyncIterator[ApiChange]:
+    async def changes(self) -> AsyncIterator[EtcdChange]:
         async for c in self.cache.subscribe():
             if c.type == kinds.RESYNC:
                 continue
-            yield ApiChange(revision=c.revision, type=c.type, key=c.key, value=c.value)
+            yield EtcdChange(revision=c.revision, type=c.type, key=c.key, value=c.value)

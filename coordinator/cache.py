@@ -13,9 +13,9 @@ from typing import Any, Generic, TypeVar
 
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compacted, Store, WatchStream
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace
 from hvplace.proto.errors import HvplaceError, Unavailable
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     VM,
     Assignment,
     ClusterConfig,
@@ -96,17 +96,15 @@ _SIMPLE: tuple[tuple[str, str, type[Any]], ...] = (
 )
 
 
+_CACHED = frozenset({CONFIG, ASSIGNMENTS, DOMAINS} | {kind for _p, kind, _c in _SIMPLE})
+
+
 def classify(key: str) -> tuple[str, str]:
-    """(kind, name) of an etcd key; assignments and domains are named `scope/vm`."""
-    if key == keyspace.CONFIG:
-        return CONFIG, ""
-    for prefix, kind in ((keyspace.ASSIGNMENTS, ASSIGNMENTS), (keyspace.DOMAINS, DOMAINS)):
-        if key.startswith(prefix):
-            parts = key[len(prefix) :].split("/", 1)
-            return kind, parts[1] if len(parts) == 2 else ""
-    for prefix, kind, _cls in _SIMPLE:
-        if key.startswith(prefix):
-            return kind, key[len(prefix) :]
+    """(kind, name) of an etcd key (keyspace.classify); assignments and domains are named
+    `scope/vm`; what the cache does not decode (election, requests, images) is `other`."""
+    k = keyspace.classify(key)
+    if k.kind in _CACHED:
+        return k.kind.value, k.id
     return OTHER, key
 
 
@@ -282,12 +280,11 @@ class Cache:
         if kind == OTHER:
             return None
         if kind == CONFIG:
-            self.config = models.loads(ClusterConfig, value) if put else None
+            self.config = codec.loads(ClusterConfig, value) if put else None
             self.config_rev = mod_revision if put else 0
             return self.config
         if kind in (ASSIGNMENTS, DOMAINS):
-            prefix = keyspace.ASSIGNMENTS if kind == ASSIGNMENTS else keyspace.DOMAINS
-            host = key[len(prefix) :].split("/", 1)[0]
+            host = keyspace.classify(key).host
             table: Table[Any] = self.assignments if kind == ASSIGNMENTS else self.domains
             if not put:
                 # The old host's key deleted after a move must not drop the new one.
@@ -307,9 +304,9 @@ class Cache:
                 elif spec is not None:
                     # Written with its spec in one transaction (the planner's commits):
                     # reuse the spec just decoded instead of decoding the VM again.
-                    a = models.loads_assignment(value, spec[1], spec[0])
+                    a = codec.loads_assignment(value, spec[1], spec[0])
                 else:
-                    a = models.loads(Assignment, value)
+                    a = codec.loads(Assignment, value)
                 shared = self.vms.records.get(name)
                 if shared is not None and a.vm is not shared and shared == a.vm:
                     # One VM object for the spec and its assignment's copy (memory).
@@ -321,7 +318,7 @@ class Cache:
                 self.placements[name] = a.host
                 self.assignments.put(name, a, mod_revision)
                 return a
-            d = models.loads(DomainStatus, value)
+            d = codec.loads(DomainStatus, value)
             self.domains.put(name, d, mod_revision)
             return d
         cls = _CLASSES[kind]
@@ -334,7 +331,7 @@ class Cache:
             return None
         hinted = self._expected.pop(key, None)
         rec: object = (
-            hinted[1] if hinted is not None and hinted[0] == value else models.loads(cls, value)
+            hinted[1] if hinted is not None and hinted[0] == value else codec.loads(cls, value)
         )
         if kind == VMS:
             assigned = self.assignments.records.get(name)

@@ -11,17 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.etcd import EtcdAuth, EtcdTLS, parse_endpoints
-from hvplace.proto.models import (
-    FENCE_GRACE_S,
-    AdmissionPolicy,
-    ClusterConfig,
-    Image,
-    validate_cluster_config,
-)
 from hvplace.proto.names import check_name
+from hvplace.proto.records import AdmissionPolicy, ClusterConfig, Image
+from hvplace.proto.timing import FENCE_GRACE_S
+from hvplace.proto.validation import validate_cluster_config
+from hvplace.runtime import settings
 
 DEFAULT_CONFIG = Path("/etc/hvplace/coordinator.toml")
 ENV_PREFIX = "HVPLACE_"
@@ -29,7 +24,7 @@ _CLUSTER = ClusterConfig()
 
 
 @dataclass(frozen=True, slots=True)
-class CoordinatorConfig:
+class CoordinatorConfig(settings.EtcdSettings):
     node_name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     # For https:// endpoints: etcd's CA (default: the system's), a client cert and key.
@@ -84,14 +79,6 @@ class CoordinatorConfig:
     only etcd's fence (every leader write compares the leader key's create revision)
     demotes a stale leader: a diagnostic setting, used by the test that proves the fence
     alone keeps a frozen-and-woken leader from writing."""
-
-    @property
-    def etcd_tls(self) -> EtcdTLS:
-        return EtcdTLS(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
-
-    @property
-    def etcd_auth(self) -> EtcdAuth:
-        return EtcdAuth(user=self.etcd_user, password_file=self.etcd_password_file)
 
     def cluster(self) -> ClusterConfig:
         image = Image(
@@ -183,8 +170,7 @@ def load(
 
 def validate(cfg: CoordinatorConfig) -> CoordinatorConfig:
     check_name(cfg.node_name, "node name")
-    cfg.etcd_tls.check(parse_endpoints(cfg.etcd_endpoints))
-    cfg.etcd_auth.check()
+    cfg.check_etcd()
     for name in ("etcd_timeout_s", "resync_s"):
         if getattr(cfg, name) <= 0:
             raise InvalidInput(f"{name} must be positive, got {getattr(cfg, name)}")

@@ -4,7 +4,6 @@ items; each sync re-reads the cache, so it is idempotent; a periodic resync catc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,9 +15,9 @@ from hvplace.coordinator.metrics import CoordinatorMetrics
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.restarts import Restarts
 from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace
 from hvplace.proto.errors import Busy, Conflict, Unavailable
-from hvplace.proto.models import VM, ClusterConfig, HostState, HostStatus, Phase, VMStatus
+from hvplace.proto.records import VM, ClusterConfig, HostState, HostStatus, Phase, VMStatus
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ class Controller:
     async def _ensure_cluster_config(self) -> None:
         if self.cache.config is not None:
             return
-        cfg = models.dumps(self.cluster_default)
+        cfg = codec.dumps(self.cluster_default)
         rev = await self.store.commit(
             [Compare.absent(keyspace.CONFIG)], {keyspace.CONFIG: cfg}, fence=self._fence
         )
@@ -197,7 +196,7 @@ class Controller:
                 else f"not registered for {ttl:g}s after this coordinator took office"
             )
             lost = HostStatus(name=name, state=HostState.LOST, reason=reason, since=at)
-            writes[keyspace.host_status(name)] = models.dumps(lost)
+            writes[keyspace.host_status(name)] = codec.dumps(lost)
             compares.append(
                 Compare.unchanged(keyspace.host_status(name), cache.host_status.revs.get(name, 0))
             )
@@ -212,7 +211,7 @@ class Controller:
                 ready = HostStatus(
                     name=name, state=HostState.READY, reason="registered again", since=now
                 )
-                writes[keyspace.host_status(name)] = models.dumps(ready)
+                writes[keyspace.host_status(name)] = codec.dumps(ready)
                 compares.append(
                     Compare.unchanged(keyspace.host_status(name), cache.host_status.revs[name])
                 )
@@ -248,7 +247,7 @@ class Controller:
                 epoch=a.epoch,
                 since=now,
             )
-            writes[keyspace.vm_status(a.vm.scope, a.vm.name)] = models.dumps(scheduled)
+            writes[keyspace.vm_status(a.vm.scope, a.vm.name)] = codec.dumps(scheduled)
         return writes
 
     async def _failover(self) -> None:
@@ -342,11 +341,3 @@ class Controller:
 
 
 _ORDER = {HOSTS: 0, RESTARTS: 1, PENDING: 2, METRICS: 3}
-
-
-async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

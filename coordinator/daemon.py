@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hvplace.coordinator.backend import CoreBackend
@@ -14,11 +16,39 @@ from hvplace.coordinator.config import CoordinatorConfig, budget_text
 from hvplace.coordinator.controller import Controller
 from hvplace.coordinator.election import Election
 from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.store import Fence, Store
-from hvplace.proto.systemd import notify, watchdog_interval_s
+from hvplace.runtime.systemd import notify, watchdog_interval_s
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCore:
+    """What serves the API over a store and its cache: the planner that commits, the
+    backend Operations call, and the Operations the gRPC servicers translate for."""
+
+    planner: Planner
+    backend: CoreBackend
+    operations: Operations
+
+
+def api_core(
+    store: Store,
+    cache: Cache,
+    *,
+    fence: Callable[[], Fence | None] = lambda: None,
+    election: Election | None = None,
+    admission_on_create: bool = True,
+) -> ApiCore:
+    """The one assembly of the API's core, for the daemon and for tests. `fence` gives
+    the token every commit compares (the election's, or None: standalone, each commit
+    compares the revisions it read)."""
+    planner = Planner(store, cache, fence)
+    backend = CoreBackend(store, cache, planner, election)
+    operations = Operations(backend, admission_on_create=admission_on_create)
+    return ApiCore(planner, backend, operations)
 
 
 class Coordinator:
@@ -38,6 +68,7 @@ class Coordinator:
         self.planner: Planner | None = None
         self.controller: Controller | None = None
         self.backend: CoreBackend | None = None
+        self.operations: Operations | None = None
         self.api: Any = None
         self.api_port = 0
         self.metrics_port = 0
@@ -99,7 +130,14 @@ class Coordinator:
 
             store.on_fence_lost = fence_lost
             election.on_change = lambda _leading: self.metrics.set_leader(election.fence)
-            planner = self.planner = Planner(store, cache, election.require_fence)
+            core = api_core(
+                store,
+                cache,
+                fence=election.require_fence,
+                election=election,
+                admission_on_create=self.admission_on_create,
+            )
+            planner = self.planner = core.planner
             planner.on_committed = self._observe_commit
             controller = self.controller = Controller(
                 store,
@@ -111,7 +149,7 @@ class Coordinator:
                 metrics=self.metrics,
             )
             controller_box.append(controller)
-            self.backend = CoreBackend(store, cache, planner, election)
+            self.backend, self.operations = core.backend, core.operations
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)
             if self.serve_api:
@@ -152,14 +190,12 @@ class Coordinator:
     async def _start_api(self) -> None:
         try:
             from hvplace.coordinator.api import api_security, start_api_server
-            from hvplace.coordinator.operations import Operations
         except ImportError as e:  # the API module is optional for a placement-only node
             log.warning("no gRPC API: %s", e)
             return
-        assert self.backend is not None
-        ops = Operations(self.backend, admission_on_create=self.admission_on_create)
+        assert self.operations is not None
         self.api = await start_api_server(
-            ops, self.cfg.listen, rpc_metrics=self.metrics.rpc, **api_security(self.cfg)
+            self.operations, self.cfg.listen, rpc_metrics=self.metrics.rpc, **api_security(self.cfg)
         )
         self.api_port = int(self.api.port)
         log.info("gRPC API on %s (port %d)", self.cfg.listen, self.api_port)

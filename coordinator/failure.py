@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable, Mapping
 from hvplace.coordinator.placement import Plan
 from hvplace.coordinator.placement.engine import build_index, replace_vms
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import HostState, HostStatus
+from hvplace.proto.records import HostState, HostStatus
 
 
 def lost_at(

@@ -7,10 +7,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace, validation
 from hvplace.proto.errors import Busy, Conflict, InvalidInput, NotFound
-from hvplace.proto.models import VM, Image
 from hvplace.proto.names import check_name, quote
+from hvplace.proto.records import VM, Image
 
 if TYPE_CHECKING:
     from hvplace.coordinator.operations import Backend
@@ -30,10 +30,10 @@ class Catalogue:
     async def add(self, image: Image) -> Image:
         """Store a new image; an existing name is a conflict (delete it first: VMs keep
         the copy they were created with)."""
-        models.validate_catalogue_image(image)
+        validation.validate_catalogue_image(image)
         self._require_leader()
         key = keyspace.image(image.name)
-        if not await self.backend.commit([(key, 0)], [(key, models.dumps(image))]):
+        if not await self.backend.commit([(key, 0)], [(key, codec.dumps(image))]):
             raise Conflict(f"image {image.name!r} already exists; delete it first")
         return image
 
@@ -42,7 +42,7 @@ class Catalogue:
 
     async def list_all(self) -> list[Image]:
         return [
-            models.loads(Image, value)
+            codec.loads(Image, value)
             for _key, value in await self.backend.list_prefix(keyspace.IMAGES)
         ]
 
@@ -93,4 +93,4 @@ class Catalogue:
         found = await self.backend.get(keyspace.image(name))
         if found is None:
             raise NotFound(f"image {name!r} is not in the catalogue (see `hvplace image list`)")
-        return models.loads(Image, found[0]), found[1]
+        return codec.loads(Image, found[0]), found[1]

@@ -13,7 +13,7 @@ from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.placement import check_admission, rule_compliance
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
 from hvplace.coordinator.store import Fence
-from hvplace.proto.models import ClusterConfig, HostState, Phase
+from hvplace.proto.records import ClusterConfig, HostState, Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from hvplace.coordinator.placement import (
     validate_rule_change,
 )
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace, records, validation
 from hvplace.proto.errors import (
     Busy,
     Conflict,
@@ -36,7 +36,8 @@ from hvplace.proto.errors import (
     Unavailable,
     Unsupported,
 )
-from hvplace.proto.models import (
+from hvplace.proto.names import check_name, quote
+from hvplace.proto.records import (
     VM,
     AdmissionPolicy,
     Assignment,
@@ -57,7 +58,6 @@ from hvplace.proto.models import (
     VMStatus,
     host_state,
 )
-from hvplace.proto.names import check_name, quote
 
 MAX_BATCH = 10_000
 """VMs per create request; larger batches are split by the client."""
@@ -99,8 +99,9 @@ class Leadership:
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
-    """One etcd change as the cache saw it."""
+class EtcdChange:
+    """One etcd change as the cache saw it (the raw key and value; cache.Change is the
+    decoded record)."""
 
     revision: int
     type: str  # put | delete
@@ -153,7 +154,7 @@ class Backend(Protocol):
         on each attempt's plan before anything is written; what it raises aborts."""
         ...
 
-    def changes(self) -> AsyncIterator[Change]: ...
+    def changes(self) -> AsyncIterator[EtcdChange]: ...
 
 
 # --------------------------------------------------------------------------- results
@@ -363,7 +364,7 @@ class Operations:
         found = await self.backend.get(keyspace.request(request_id))
         if found is None:
             return None
-        record = models.loads(RequestRecord, found[0])
+        record = codec.loads(RequestRecord, found[0])
         if record.kind != kind or record.fingerprint != fingerprint:
             raise Conflict(
                 f"request id {request_id!r} was already used for a different {record.kind}"
@@ -399,7 +400,7 @@ class Operations:
     def _find_vm(self, view: ClusterView, scope: str, name: str) -> str:
         check_name(scope, "scope")
         check_name(name, "VM name")
-        key = models.vm_key(scope, name)
+        key = records.vm_key(scope, name)
         if key not in view.vms:
             raise NotFound(f"VM {key} does not exist")
         return key
@@ -411,14 +412,14 @@ class Operations:
         image roots (when it has any) are refused."""
         out = []
         for vm in vms:
-            if not models.has_image(vm.image):
+            if not validation.has_image(vm.image):
                 if config.default_image is None:
                     raise InvalidInput(
                         f"VM {vm.key} has no image (a kernel or a base disk) and the cluster"
                         " has no default image; give one"
                     )
                 vm = dataclasses.replace(vm, image=config.default_image)
-            models.check_image_roots(vm.image, config.image_roots, f"VM {vm.key}")
+            validation.check_image_roots(vm.image, config.image_roots, f"VM {vm.key}")
             out.append(vm)
         return out
 
@@ -432,7 +433,7 @@ class Operations:
         if request_id:
             check_name(request_id, "request id")
         for vm in vms:
-            models.validate_vm(vm)
+            validation.validate_vm(vm)
         requested = vms
         resolved, image_revisions = await self.images.resolve(vms)
         vms = self._with_images(resolved, self.backend.view().config)
@@ -442,7 +443,7 @@ class Operations:
             raise InvalidInput(f"the request names {_join(dupes)} more than once")
         self._require_leader()
         fingerprint = _fingerprint(
-            "create_vms", {"atomic": atomic, "vms": [models.to_dict(vm) for vm in requested]}
+            "create_vms", {"atomic": atomic, "vms": [codec.to_dict(vm) for vm in requested]}
         )
         if request_id and await self._replay(request_id, "create_vms", fingerprint):
             view = await self.backend.fresh_view()
@@ -462,7 +463,7 @@ class Operations:
             for vm in vms
         ]
         for vm in stamped:
-            models.check_vm_size(vm)
+            validation.check_vm_size(vm)
         # Admission runs on the planner's own placement of the batch, inside its commit
         # attempt: one placement per attempt, and the report matches what is committed.
         config = view.config
@@ -484,7 +485,7 @@ class Operations:
                 fingerprint=fingerprint,
                 created_at=now,
             )
-            extra.append((keyspace.request(request_id), models.dumps(record)))
+            extra.append((keyspace.request(request_id), codec.dumps(record)))
         absent = [keyspace.request(request_id)] if request_id else []
         absent.extend(keyspace.vm(vm.scope, vm.name) for vm in stamped)
         try:
@@ -572,7 +573,7 @@ class Operations:
                 raise NotFound(f"VM {scope}/{name} does not exist")
             view = await self.backend.fresh_view()
             deletes = [vm_key, keyspace.vm_status(scope, name)]
-            host = view.snapshot.placements.get(models.vm_key(scope, name))
+            host = view.snapshot.placements.get(records.vm_key(scope, name))
             if host:
                 deletes.append(keyspace.assignment(host, scope, name))
             if await self.backend.commit([(vm_key, found[1])], [], deletes):
@@ -590,18 +591,18 @@ class Operations:
             found = await self.backend.get(key)
             if found is None:
                 raise NotFound(f"VM {scope}/{name} does not exist")
-            vm = dataclasses.replace(models.loads(VM, found[0]), power=power)
+            vm = dataclasses.replace(codec.loads(VM, found[0]), power=power)
             compares = [(key, found[1])]
-            puts = [(key, models.dumps(vm))]
+            puts = [(key, codec.dumps(vm))]
             view = await self.backend.fresh_view()
             assignment = view.assignments.get(vm.key)
             if assignment is not None:
                 akey = keyspace.assignment(assignment.host, scope, name)
                 current = await self.backend.get(akey)
                 if current is not None:
-                    a = models.loads(Assignment, current[0])
+                    a = codec.loads(Assignment, current[0])
                     compares.append((akey, current[1]))
-                    puts.append((akey, models.dumps(dataclasses.replace(a, vm=vm))))
+                    puts.append((akey, codec.dumps(dataclasses.replace(a, vm=vm))))
             if power is Power.RUNNING:
                 reset = await self._retry_failed(scope, name)
                 if reset is not None:
@@ -624,7 +625,7 @@ class Operations:
         found = await self.backend.get(skey)
         if found is None:
             return None
-        status = models.loads(VMStatus, found[0])
+        status = codec.loads(VMStatus, found[0])
         if not status.start_failures and status.phase is not Phase.FAILED:
             return None
         tried = ", ".join(f.host for f in status.start_failures) or "-"
@@ -641,7 +642,7 @@ class Operations:
             )
         else:
             reset = dataclasses.replace(status, start_failures=())
-        return (skey, found[1]), (skey, models.dumps(reset))
+        return (skey, found[1]), (skey, codec.dumps(reset))
 
     async def explain_vm(self, scope: str, name: str) -> Explanation:
         view = self.backend.view()
@@ -704,13 +705,13 @@ class Operations:
         return rule
 
     async def create_rule(self, request_id: str, rule: Rule, rebalance: bool) -> RuleResult:
-        models.validate_rule(rule)
+        validation.validate_rule(rule)
         if request_id:
             check_name(request_id, "request id")
         if rebalance:
             raise Unsupported("rebalance is not implemented yet; move the VMs first")
         self._require_leader()
-        fingerprint = _fingerprint("create_rule", models.to_dict(rule))
+        fingerprint = _fingerprint("create_rule", codec.to_dict(rule))
         if request_id and await self._replay(request_id, "create_rule", fingerprint):
             view = await self.backend.fresh_view()
             return RuleResult(
@@ -725,7 +726,7 @@ class Operations:
         report = self._admission(view.snapshot, view.config, extra_rules=[rule])
         key = keyspace.rule(rule.scope, rule.name)
         compares = [(key, 0)]
-        puts = [(key, models.dumps(rule))]
+        puts = [(key, codec.dumps(rule))]
         if request_id:
             rkey = keyspace.request(request_id)
             compares.append((rkey, 0))
@@ -736,7 +737,7 @@ class Operations:
                 fingerprint=fingerprint,
                 created_at=rule.created_at,
             )
-            puts.append((rkey, models.dumps(record)))
+            puts.append((rkey, codec.dumps(record)))
         if not await self.backend.commit(compares, puts):
             raise Conflict(f"rule {rule.key} (or request {request_id!r}) was created concurrently")
         view = await self.backend.fresh_view()
@@ -757,7 +758,7 @@ class Operations:
         ]
 
     async def update_rule(self, rule: Rule, rebalance: bool) -> RuleResult:
-        models.validate_rule(rule)
+        validation.validate_rule(rule)
         if rebalance:
             raise Unsupported("rebalance is not implemented yet; move the VMs first")
         self._require_leader()
@@ -765,14 +766,14 @@ class Operations:
         found = await self.backend.get(key)
         if found is None:
             raise NotFound(f"rule {rule.key} does not exist")
-        old = models.loads(Rule, found[0])
+        old = codec.loads(Rule, found[0])
         rule = dataclasses.replace(rule, created_at=old.created_at)
         view = await self.backend.fresh_view()
         validate_rule_change(view.snapshot, rule, old=old)
         others = {k: r for k, r in view.snapshot.rules.items() if k != rule.key}
         snapshot = dataclasses.replace(view.snapshot, rules=others)
         report = self._admission(snapshot, view.config, extra_rules=[rule])
-        if not await self.backend.commit([(key, found[1])], [(key, models.dumps(rule))]):
+        if not await self.backend.commit([(key, found[1])], [(key, codec.dumps(rule))]):
             raise Busy(f"rule {rule.key} changed while being updated; read it again and retry")
         view = await self.backend.fresh_view()
         return RuleResult(rule=self._rule_view(view, rule), admission=report)
@@ -785,7 +786,7 @@ class Operations:
         found = await self.backend.get(key)
         if found is None:
             raise NotFound(f"rule {scope}/{name} does not exist")
-        rule = models.loads(Rule, found[0])
+        rule = codec.loads(Rule, found[0])
         view = await self.backend.fresh_view()
         members = sorted(vm.name for vm in view.vms.values() if rule.selects(vm))
         if members and not force:
@@ -797,7 +798,7 @@ class Operations:
             raise Busy(f"rule {rule.key} changed while being deleted; retry")
 
     async def set_policy(self, policy: ScopePolicy) -> ScopePolicy:
-        models.validate_policy(policy)
+        validation.validate_policy(policy)
         self._require_leader()
         key = keyspace.policy(policy.scope)
         found = await self.backend.get(key)
@@ -808,7 +809,7 @@ class Operations:
         )
         self._admission(snapshot, view.config)
         compare = (key, found[1] if found else 0)
-        if not await self.backend.commit([compare], [(key, models.dumps(policy))]):
+        if not await self.backend.commit([compare], [(key, codec.dumps(policy))]):
             raise Busy(f"scope {policy.scope} policy changed concurrently; retry")
         return policy
 
@@ -877,14 +878,14 @@ class Operations:
             view = await self.backend.fresh_view()
             self._find_host(view, name)
             found = await self.backend.get(key)
-            current = models.loads(HostStatus, found[0]) if found else None
+            current = codec.loads(HostStatus, found[0]) if found else None
             if current is not None and current.state is HostState.LOST:
                 raise Conflict(f"host {name} is lost; it takes a new state when its agent returns")
             status = HostStatus(name=name, state=state, reason=reason, since=time.time())
             if current is not None and current.state is state:
                 return self._host_view(view, name)
             if await self.backend.commit(
-                [(key, found[1] if found else 0)], [(key, models.dumps(status))]
+                [(key, found[1] if found else 0)], [(key, codec.dumps(status))]
             ):
                 return self._host_view(await self.backend.fresh_view(), name)
         raise Busy(f"host {name} status kept changing; retry")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     VM,
     Assignment,
     DomainState,

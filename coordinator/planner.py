@@ -16,9 +16,9 @@ from hvplace.coordinator.failure import replace_lost
 from hvplace.coordinator.placement import Batch, Plan, place
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Fence, Store
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace, records
 from hvplace.proto.errors import Busy, Conflict
-from hvplace.proto.models import VM, Assignment, HAPriority, Phase, VMStatus
+from hvplace.proto.records import VM, Assignment, HAPriority, Phase, VMStatus
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class Planner:
             if stored is not None and stored == vm:
                 compares.append(Compare.unchanged(spec_key, cache.vms.revs[key]))
             elif write_specs:
-                spec_json = puts[spec_key] = models.dumps(vm)
+                spec_json = puts[spec_key] = codec.dumps(vm)
                 records[spec_key] = vm
             else:
                 continue  # the spec vanished or changed under us: the next pass sees it
@@ -278,9 +278,9 @@ class Planner:
                 new_key = keyspace.assignment(host, vm.scope, vm.name)
                 assignment = Assignment(vm=vm, host=host, epoch=epoch)
                 puts[new_key] = (
-                    models.dumps_assignment(assignment, spec_json)
+                    codec.dumps_assignment(assignment, spec_json)
                     if spec_json
-                    else models.dumps(assignment)
+                    else codec.dumps(assignment)
                 )
                 records[new_key] = assignment
                 if old_key is not None and old_key[0] != new_key:
@@ -330,7 +330,7 @@ class Planner:
                     continue  # unchanged: no write, no watch event, no busy loop
             statuses[key] = status
             status_key = keyspace.vm_status(vm.scope, vm.name)
-            puts[status_key] = models.dumps(status)
+            puts[status_key] = codec.dumps(status)
             records[status_key] = status
         for host in sorted(targets):
             compares.append(
@@ -341,7 +341,7 @@ class Planner:
 
 def _merge(plans: Sequence[Plan]) -> Plan:
     assignments: dict[str, str] = {}
-    pending: dict[str, models.Explanation] = {}
+    pending: dict[str, records.Explanation] = {}
     degraded: dict[str, tuple[str, ...]] = {}
     for p in plans:
         assignments.update(p.assignments)

@@ -20,21 +20,18 @@ from hvplace.coordinator.placement import Batch, Plan, place
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Store
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace, records
 from hvplace.proto.errors import Busy
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     TOPOLOGY_HOST,
     VM,
     DomainState,
     DomainStatus,
-    LabelExpression,
-    NodeAffinity,
-    NodeSelectorTerm,
-    Op,
     Phase,
     StartFailure,
     VMStatus,
 )
+from hvplace.proto.selectors import LabelExpression, NodeAffinity, NodeSelectorTerm, Op
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +148,7 @@ class Restarts:
 
     async def _move(self, vm: VM, status: VMStatus) -> None:
         cfg = self.cache.cluster_config()
-        limit = cfg.max_start_attempts or models.ClusterConfig().max_start_attempts
+        limit = cfg.max_start_attempts or records.ClusterConfig().max_start_attempts
         failures = status.start_failures
         text = failures_text(failures)
         if len(failures) >= limit:
@@ -222,7 +219,7 @@ class Restarts:
         skey = keyspace.vm_status(status.scope, status.name)
         cmp = [Compare.unchanged(skey, cache.vm_status.revs.get(key, 0)), *compares]
         rev = await self.store.commit(
-            cmp, {skey: models.dumps(status)}, list(deletes), fence=self.planner.fence()
+            cmp, {skey: codec.dumps(status)}, list(deletes), fence=self.planner.fence()
         )
         if not rev:
             raise Busy(f"VM {key} changed while its start failure was recorded")

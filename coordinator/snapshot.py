@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     VM,
     Assignment,
     Host,

@@ -1,5 +1,5 @@
 """The coordinator's one seam to etcd: typed reads, fenced optimistic transactions, the
-read-modify-write helper, leases and a resumable watch (over hvplace.proto.etcd's client)."""
+read-modify-write helper, leases and a resumable watch (over hvplace.runtime.etcd's client)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Any
 from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Busy, Interrupted, Unavailable
-from hvplace.proto.etcd import Compacted as Compacted
-from hvplace.proto.etcd import EtcdAuth, EtcdClient, EtcdTLS
-from hvplace.proto.etcd import WatchBatch as WatchBatch
-from hvplace.proto.etcd import WatchEvent as WatchEvent
-from hvplace.proto.etcd import WatchStream as WatchStream
+from hvplace.runtime.etcd import Compacted as Compacted
+from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS
+from hvplace.runtime.etcd import WatchBatch as WatchBatch
+from hvplace.runtime.etcd import WatchEvent as WatchEvent
+from hvplace.runtime.etcd import WatchStream as WatchStream
 
 log = logging.getLogger(__name__)
 

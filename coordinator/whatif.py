@@ -14,9 +14,10 @@ from typing import Any
 from hvplace.coordinator.failure import replace_lost
 from hvplace.coordinator.placement import Batch, Plan, place
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto import models
+from hvplace.proto import codec, validation
 from hvplace.proto.errors import InvalidInput, NotFound
-from hvplace.proto.models import (
+from hvplace.proto.names import check_label_key, check_name, check_selector_value
+from hvplace.proto.records import (
     VM,
     ClusterConfig,
     Explanation,
@@ -26,7 +27,6 @@ from hvplace.proto.models import (
     Rule,
     ScopePolicy,
 )
-from hvplace.proto.names import check_label_key, check_name, check_selector_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,7 @@ def _records(cls: type[Any], rows: Any, what: str) -> list[Any]:
         return []
     if not isinstance(rows, list):
         raise InvalidInput(f"`{what}` must be a list of tables")
-    return [models.from_dict(cls, row) for row in rows]
+    return [codec.from_dict(cls, row) for row in rows]
 
 
 def load_cluster(path: Path) -> ClusterFile:
@@ -131,13 +131,14 @@ def load_cluster(path: Path) -> ClusterFile:
                 states[row.get("name", "")] = HostStatus(name=row["name"], state=HostState(state))
             except (ValueError, KeyError):
                 raise InvalidInput(f"host {row.get('name')!r}: bad state {state!r}") from None
-    hosts = [models.validate_host_info(h) for h in _records(HostInfo, host_rows, "hosts")]
-    vms = [models.validate_vm(v) for v in _records(VM, data.get("vms"), "vms")]
-    rules = [models.validate_rule(r) for r in _records(Rule, data.get("rules"), "rules")]
+    hosts = [validation.validate_host_info(h) for h in _records(HostInfo, host_rows, "hosts")]
+    vms = [validation.validate_vm(v) for v in _records(VM, data.get("vms"), "vms")]
+    rules = [validation.validate_rule(r) for r in _records(Rule, data.get("rules"), "rules")]
     policies = [
-        models.validate_policy(p) for p in _records(ScopePolicy, data.get("policies"), "policies")
+        validation.validate_policy(p)
+        for p in _records(ScopePolicy, data.get("policies"), "policies")
     ]
-    config = models.from_dict(ClusterConfig, data.get("config", {}))
+    config = codec.from_dict(ClusterConfig, data.get("config", {}))
     return ClusterFile(
         hosts=tuple(hosts),
         states=states,

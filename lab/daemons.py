@@ -23,7 +23,9 @@ from hvplace.lab.state import (
     LabState,
 )
 from hvplace.proto import keyspace
-from hvplace.proto.models import ClusterConfig, fence_after_for, validate_cluster_config
+from hvplace.proto.records import ClusterConfig
+from hvplace.proto.timing import fence_after_for
+from hvplace.proto.validation import validate_cluster_config
 
 
 class DaemonError(RuntimeError):
@@ -234,7 +236,7 @@ def leader_name(state: LabState) -> str | None:
 
 
 def registered_hosts(state: LabState) -> list[str]:
-    return [key.removeprefix(keyspace.HOSTS) for key, _, _ in _get_prefix(state, keyspace.HOSTS)]
+    return [keyspace.classify(key).host for key, _, _ in _get_prefix(state, keyspace.HOSTS)]
 
 
 # -- coordinators and agents --------------------------------------------------------
@@ -304,7 +306,7 @@ def register_guest_image(state: LabState, env: dict[str, str]) -> None:
     files relative to the guest cache directory, which is one of the agents' image_dirs."""
     image = state.guest_image
     kernel, initrd = Path(image["kernel"]), Path(image["initrd"])
-    cli = [*_python_module("hvplace.coordinator.cli"), "image"]
+    cli = [*_python_module("hvplace.cli"), "image"]
     run_env = dict(os.environ, **env)
     subprocess.run(
         [*cli, "delete", GUEST_IMAGE_NAME, "--force"], capture_output=True, env=run_env, timeout=60

@@ -2,7 +2,7 @@
 
 One range read of /hvplace/v1/ costs a few milliseconds, so the demo, the failover
 benchmark and the end-to-end tests can poll it every 50-100 ms without a client library.
-Records are decoded with `hvplace.proto.models`, the same code the daemons use.
+Records are decoded with `hvplace.proto.codec`, the same code the daemons use.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import (
+from hvplace.proto import codec, keyspace
+from hvplace.proto.keyspace import Kind
+from hvplace.proto.records import (
     TOPOLOGY_HOST,
     VM,
     Assignment,
@@ -101,26 +102,27 @@ def read_cluster(endpoint: str) -> ClusterState:
     revision, kvs = read_prefix(endpoint, keyspace.ROOT)
     state = ClusterState(at=time.time(), revision=revision)
     for key, value in kvs.items():
-        if key.startswith(keyspace.HOSTS):
-            info = models.loads(HostInfo, value)
+        kind = keyspace.classify(key).kind
+        if kind is Kind.HOSTS:
+            info = codec.loads(HostInfo, value)
             state.registered[info.name] = info
-        elif key.startswith(keyspace.VMS):
-            vm = models.loads(VM, value)
+        elif kind is Kind.VMS:
+            vm = codec.loads(VM, value)
             state.vms[vm.key] = vm
-        elif key.startswith(keyspace.HOST_STATUS):
-            status = models.loads(HostStatus, value)
+        elif kind is Kind.HOST_STATUS:
+            status = codec.loads(HostStatus, value)
             state.host_status[status.name] = status
-        elif key.startswith(keyspace.VM_STATUS):
-            vm_status = models.loads(VMStatus, value)
+        elif kind is Kind.VM_STATUS:
+            vm_status = codec.loads(VMStatus, value)
             state.vm_status[f"{vm_status.scope}/{vm_status.name}"] = vm_status
-        elif key.startswith(keyspace.ASSIGNMENTS):
-            a = models.loads(Assignment, value)
+        elif kind is Kind.ASSIGNMENTS:
+            a = codec.loads(Assignment, value)
             state.assignments.setdefault(a.vm.key, []).append(a)
-        elif key.startswith(keyspace.DOMAINS):
-            d = models.loads(DomainStatus, value)
+        elif kind is Kind.DOMAINS:
+            d = codec.loads(DomainStatus, value)
             state.domains.setdefault(f"{d.scope}/{d.name}", []).append(d)
-        elif key.startswith(keyspace.RULES):
-            state.rules.append(models.loads(Rule, value))
+        elif kind is Kind.RULES:
+            state.rules.append(codec.loads(Rule, value))
     return state
 
 

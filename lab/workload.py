@@ -45,7 +45,7 @@ def hvplace(
     if echo is not None:
         echo("$ hvplace " + " ".join(shlex.quote(a) for a in args))
     out = subprocess.run(
-        [sys.executable, "-m", "hvplace.coordinator.cli", *args],
+        [sys.executable, "-m", "hvplace.cli", *args],
         capture_output=True,
         text=True,
         env=dict(os.environ, **lab.env()),

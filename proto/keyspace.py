@@ -1,6 +1,6 @@
 """Every etcd key hvplace uses, who writes it and which lease it rides on — in one place.
 
-Values are the JSON of the records in `hvplace.proto.models` (readable with
+Values are the JSON of the records in `hvplace.proto.records` (readable with
 `etcdctl get --prefix /hvplace/v1/`). Names are validated before they become keys.
 
 | key                                         | record        | writer                | lease            |
@@ -26,6 +26,9 @@ deletes the old key and puts the new one with a higher epoch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
 
 from hvplace.proto.names import check_name
 
@@ -93,11 +96,75 @@ def image(name: str) -> str:
     return IMAGES + check_name(name, "image name")
 
 
-def split(key: str, prefix: str) -> list[str]:
-    """The name segments of `key` below `prefix` (e.g. [host, scope, vm])."""
-    if not key.startswith(prefix):
-        raise ValueError(f"key {key!r} is not under {prefix!r}")
-    return key[len(prefix) :].split("/")
+class Kind(StrEnum):
+    """What a key holds: one per row of the table above, and `other` for the rest."""
+
+    CONFIG = "config"
+    ELECTION = "election"
+    HOSTS = "hosts"
+    HOST_STATUS = "host_status"
+    VMS = "vms"
+    VM_STATUS = "vm_status"
+    ASSIGNMENTS = "assignments"
+    DOMAINS = "domains"
+    RULES = "rules"
+    POLICIES = "policies"
+    REQUESTS = "requests"
+    IMAGES = "images"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A key taken apart. `id` is the record's name in its kind: a host's name, `scope/vm`
+    (VMs, their statuses, assignments and domains), `scope/rule`, a policy's scope, an
+    image's name, a request id, an election candidate's lease; the whole key for `other`."""
+
+    kind: Kind
+    id: str
+    host: str = ""
+    scope: str = ""
+    name: str = ""
+
+
+# Longest first where one prefix could begin another (none do today: each ends in "/").
+_BY_HOST = ((ASSIGNMENTS, Kind.ASSIGNMENTS), (DOMAINS, Kind.DOMAINS))
+_SCOPED = ((VMS, Kind.VMS), (VM_STATUS, Kind.VM_STATUS), (RULES, Kind.RULES))
+_NAMED = (
+    (HOSTS, Kind.HOSTS),
+    (HOST_STATUS, Kind.HOST_STATUS),
+    (POLICIES, Kind.POLICIES),
+    (REQUESTS, Kind.REQUESTS),
+    (IMAGES, Kind.IMAGES),
+    (ELECTION, Kind.ELECTION),
+)
+
+
+def classify(key: str) -> Key:
+    """The kind and names of any key (never raises: a malformed one keeps what it has)."""
+    if key == CONFIG:
+        return Key(Kind.CONFIG, "")
+    if not key.startswith(ROOT):
+        return Key(Kind.OTHER, key)
+    for prefix, kind in _BY_HOST:
+        if key.startswith(prefix):
+            host, _, rest = key[len(prefix) :].partition("/")
+            scope, _, name = rest.partition("/")
+            return Key(kind, rest, host=host, scope=scope, name=name)
+    for prefix, kind in _SCOPED:
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            scope, _, name = rest.partition("/")
+            return Key(kind, rest, scope=scope, name=name)
+    for prefix, kind in _NAMED:
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            if kind is Kind.POLICIES:
+                return Key(kind, rest, scope=rest)
+            if kind in (Kind.HOSTS, Kind.HOST_STATUS):
+                return Key(kind, rest, host=rest, name=rest)
+            return Key(kind, rest, name=rest)
+    return Key(Kind.OTHER, key)
 
 
 def prefix_end(prefix: str) -> str:

@@ -4,7 +4,7 @@ rule-change validation, failover admission and compliance. No IO, deterministic.
 from hvplace.coordinator.placement import reasons
 from hvplace.coordinator.placement.admission import (
     AdmissionResult,
-    FailureImpact,
+    Stranding,
     check_admission,
 )
 from hvplace.coordinator.placement.compliance import RuleCompliance, rule_compliance
@@ -17,9 +17,9 @@ from hvplace.coordinator.placement.validation import (
 __all__ = [
     "AdmissionResult",
     "Batch",
-    "FailureImpact",
     "Plan",
     "RuleCompliance",
+    "Stranding",
     "check_admission",
     "explain",
     "place",

@@ -24,7 +24,7 @@ from hvplace.coordinator.placement.engine import (
 from hvplace.coordinator.placement.groups import compile_groups
 from hvplace.coordinator.placement.index import ClusterIndex
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import TOPOLOGY_HOST, VM, HAPriority, HostState, Rule
+from hvplace.proto.records import TOPOLOGY_HOST, VM, HAPriority, HostState, Rule
 
 MAX_SCENARIOS = 2000
 """Bound on the failure combinations tried when `failures` > 1 (C(1000, 2) is ~500k):
@@ -32,7 +32,7 @@ combinations are taken in host-name order and `truncated` says when the bound cu
 
 
 @dataclass(frozen=True, slots=True)
-class FailureImpact:
+class Stranding:
     """One failure scenario that strands VMs. `failed` is empty when the request's own
     VMs cannot be placed even with every host up."""
 
@@ -44,7 +44,7 @@ class FailureImpact:
 @dataclass(frozen=True, slots=True)
 class AdmissionResult:
     ok: bool
-    impacts: tuple[FailureImpact, ...] = ()
+    impacts: tuple[Stranding, ...] = ()
     scenarios: int = 0
     """How many failure scenarios were simulated."""
     truncated: bool = False
@@ -145,7 +145,7 @@ def _simulate(
     failed: tuple[int, ...],
     by_host: Mapping[int, list[str]],
     slots: _Slots | None = None,
-) -> FailureImpact | None:
+) -> Stranding | None:
     if slots is not None and _fits_by_capacity(index, failed, by_host, slots):
         return None
     failed_set = set(failed)
@@ -182,7 +182,7 @@ def _simulate(
         index.set_lost(pos, False)
     if not stranded:
         return None
-    return FailureImpact(
+    return Stranding(
         failed=tuple(index.names[p] for p in failed), stranded=tuple(stranded), reasons=why
     )
 
@@ -206,14 +206,14 @@ def check_admission(
     rules = dict(snapshot.rules)
     rules.update((r.key, r) for r in extra_rules)
     snap = dataclasses.replace(snapshot, rules=rules)
-    impacts: list[FailureImpact] = []
+    impacts: list[Stranding] = []
     if extra_vms:
         if extra_plan is None or extra_plan.revision != snap.revision or extra_rules:
             extra_plan = place(snap, Batch(tuple(extra_vms)))
         plan = extra_plan
         if plan.pending:
             impacts.append(
-                FailureImpact(
+                Stranding(
                     failed=(),
                     stranded=tuple(plan.pending),
                     reasons={k: e.summary() for k, e in plan.pending.items()},

@@ -15,16 +15,8 @@ from hvplace.coordinator.placement import filters, reasons, scorers
 from hvplace.coordinator.placement.groups import ConstraintGroup, compile_groups
 from hvplace.coordinator.placement.index import ClusterIndex
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import (
-    VM,
-    Explanation,
-    HAPriority,
-    LabelExpression,
-    NodeAffinity,
-    OnFailure,
-    ReasonCount,
-    Resources,
-)
+from hvplace.proto.records import VM, Explanation, HAPriority, OnFailure, ReasonCount, Resources
+from hvplace.proto.selectors import LabelExpression, NodeAffinity
 
 FEASIBLE_LIMIT = 3
 """Feasible hosts scored per VM without preferences (Nomad scores 2 for services)."""

@@ -11,15 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from hvplace.coordinator.placement import reasons
-from hvplace.proto.models import (
-    TOPOLOGY_HOST,
-    VM,
-    Host,
-    OnFailure,
-    Rule,
-    RuleKind,
-    ScopePolicy,
-)
+from hvplace.proto.records import TOPOLOGY_HOST, VM, Host, OnFailure, Rule, RuleKind, ScopePolicy
 
 UNLIMITED = 1 << 30
 """max_per_domain of a spread policy: any number of members may share a host."""

@@ -13,14 +13,8 @@ from dataclasses import dataclass
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import (
-    VM,
-    Host,
-    HostState,
-    LabelExpression,
-    NodeAffinity,
-    NodeSelectorTerm,
-)
+from hvplace.proto.records import VM, Host, HostState
+from hvplace.proto.selectors import LabelExpression, NodeAffinity, NodeSelectorTerm
 
 
 @dataclass(slots=True, eq=False)

@@ -17,16 +17,8 @@ from hvplace.coordinator.placement.groups import (
 )
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto.errors import Conflict
-from hvplace.proto.models import (
-    TOPOLOGY_HOST,
-    VM,
-    Host,
-    Rule,
-    RuleKind,
-    ScopePolicy,
-    validate_policy,
-    validate_rule,
-)
+from hvplace.proto.records import TOPOLOGY_HOST, VM, Host, Rule, RuleKind, ScopePolicy
+from hvplace.proto.validation import validate_policy, validate_rule
 
 
 def _member_names(rule: Rule, scope_vms: list[VM]) -> set[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ import pytest
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
-from hvplace.proto.models import VM, Assignment, DomainStatus, Image, dumps, loads
+from hvplace.proto.codec import dumps, loads
+from hvplace.proto.records import VM, Assignment, DomainStatus, Image
 from support.etcd import EtcdServer
 
 UNMANAGED_DOMAIN = """
@@ -55,23 +55,6 @@ def domain_status(etcd: EtcdServer, host: str, scope: str, name: str) -> DomainS
         keyspace.domain(host, scope, name)
     )
     return None if raw is None else loads(DomainStatus, raw)
-
-
-async def eventually(check: Callable[[], Any], within: float = 10.0, interval: float = 0.1) -> Any:
-    """Until `check()` returns something truthy (sync or async); its last error otherwise."""
-    deadline = time.monotonic() + within
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return result
-        except (AssertionError, LookupError) as e:
-            last = e
-        await asyncio.sleep(interval)
-    raise AssertionError(f"not true after {within}s: {last!r}")
 
 
 @pytest.fixture

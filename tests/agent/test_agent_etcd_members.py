@@ -8,12 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from agent.conftest import eventually, vm
+from agent.conftest import vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
-from hvplace.proto.models import Assignment, DomainState, dumps
+from hvplace.proto.codec import dumps
+from hvplace.proto.records import Assignment, DomainState
 from support.etcd import EtcdCluster, members_connected_from
+from support.wait import eventually
 
 StartAgent = Callable[[AgentConfig], Any]
 

@@ -11,7 +11,7 @@ import pytest
 from hvplace.agent import config
 from hvplace.agent.images import ImageFiles
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import VM, Image
+from hvplace.proto.records import VM, Image
 
 
 def sha(data: bytes) -> str:

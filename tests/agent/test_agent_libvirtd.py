@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import pytest
@@ -18,10 +18,12 @@ from agent.conftest import domain_status, get_prefix, put_assignment
 from hvplace.agent import guest_image
 from hvplace.agent.domain_xml import NAMESPACE, domain_name, parse_tag
 from hvplace.proto import keyspace
-from hvplace.proto.models import VM, ClusterConfig, DomainState, Image, Resources, dumps
+from hvplace.proto.codec import dumps
+from hvplace.proto.records import VM, ClusterConfig, DomainState, Image, Resources
 from support import libvirtd as libvirtd_support
 from support import processes
-from support.etcd import EtcdServer
+from support.etcd import EtcdServer, free_port
+from support.wait import eventually_blocking
 
 pytestmark = pytest.mark.libvirtd
 
@@ -68,12 +70,13 @@ def scope(libvirtd: libvirtd_support.Libvirtd) -> Iterator[str]:
 def spawn_agent(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(host: str, etcd: EtcdServer) -> subprocess.Popen[bytes]:
+    def spawn(host: str, etcd: EtcdServer, metrics_port: int = 0) -> subprocess.Popen[bytes]:
         conf = tmp_path / f"{host}.toml"
         conf.write_text(
             f'host = "{host}"\netcd_endpoints = ["{etcd.endpoint}"]\n'
             f'libvirt_uri = "{libvirtd_support.URI}"\nstate_dir = "{tmp_path / host}"\n'
-            'domain_type = "qemu"\nmetrics_listen = "127.0.0.1:0"\nresync_interval_s = 2.0\n'
+            f'domain_type = "qemu"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n'
+            "resync_interval_s = 2.0\n"
         )
         log = open(tmp_path / f"{host}.log", "ab")  # noqa: SIM115 - the child's stdout
         proc = subprocess.Popen(
@@ -95,14 +98,18 @@ def stop_agent(proc: subprocess.Popen[bytes]) -> None:
     processes.stop(proc)
 
 
-def wait_for(check: Callable[[], Any], within: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {within}s")
+def reconcile_passes(metrics_port: int) -> int:
+    """Reconcile passes the agent serving metrics on this port has finished (0 before it
+    answers)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("hvplace_agent_reconcile_seconds_count "):
+            return int(float(line.split()[1]))
+    return 0
 
 
 def guest_vm(scope: str, name: str, image: guest_image.GuestImage) -> VM:
@@ -156,20 +163,24 @@ def test_guest_boots_and_restarted_agent_adopts_it(
     put_assignment(etcd, host, bad)
     t0 = time.monotonic()
     agent = spawn_agent(host, etcd)
-    wait_for(lambda: serial_markers(tmp_path, host, dom) == 1, 60, "guest marker on serial log")
+    eventually_blocking(
+        lambda: serial_markers(tmp_path, host, dom) == 1, 60, what="guest marker on serial log"
+    )
     boot_s = time.monotonic() - t0
     log = (tmp_path / host / "console" / f"{dom}.log").read_text(errors="replace")
     assert f"{guest_image.MARKER} web" in log
     print(f"agent start to guest marker: {boot_s:.1f}s")
-    status = wait_for(
+    status = eventually_blocking(
         lambda: (
             (s := domain_status(etcd, host, scope, "web")) and s.state is DomainState.RUNNING and s
         ),
         10,
-        "running status",
+        what="running status",
     )
     assert status.epoch == 1
-    failed = wait_for(lambda: domain_status(etcd, host, scope, "bad"), 10, "bad status")
+    failed = eventually_blocking(
+        lambda: domain_status(etcd, host, scope, "bad"), 10, what="bad status"
+    )
     assert failed.state is DomainState.FAILED
     assert "/nonexistent/vmlinuz does not exist on this host" in failed.last_error
     assert lookup(libvirtd.uri, domain_name(scope, "bad")) is None
@@ -178,9 +189,14 @@ def test_guest_boots_and_restarted_agent_adopts_it(
     pid = qemu_pid(dom)
     stop_agent(agent)
     assert lookup(libvirtd.uri, dom) == before  # stopping the agent leaves the VM alone
-    spawn_agent(host, etcd)
-    wait_for(lambda: keyspace.host(host) in get_prefix(etcd, keyspace.HOSTS), 15, "re-register")
-    time.sleep(3)  # a few reconcile passes
+    port = free_port()
+    agent = spawn_agent(host, etcd, metrics_port=port)
+    eventually_blocking(
+        lambda: keyspace.host(host) in get_prefix(etcd, keyspace.HOSTS), 15, what="re-register"
+    )
+    # Three whole reconcile passes of the new agent (it resyncs every 2 s): each had the
+    # occasion to restart or redefine the domain, which it must not take.
+    eventually_blocking(lambda: reconcile_passes(port) >= 3, 30, what="three reconcile passes")
     assert lookup(libvirtd.uri, dom) == before and qemu_pid(dom) == pid
     assert serial_markers(tmp_path, host, dom) == 1  # no second boot
 
@@ -188,7 +204,7 @@ def test_guest_boots_and_restarted_agent_adopts_it(
     stop_agent(agent)
     etcd.etcdctl("del", keyspace.assignment(host, scope, "web"))
     spawn_agent(host, etcd)
-    wait_for(lambda: lookup(libvirtd.uri, dom) is None, 15, "stale domain removed")
+    eventually_blocking(lambda: lookup(libvirtd.uri, dom) is None, 15, what="stale domain removed")
 
 
 def test_lost_lease_fences_within_budget_then_recovers(
@@ -205,14 +221,16 @@ def test_lost_lease_fences_within_budget_then_recovers(
     dom = domain_name(scope, "db")
     put_assignment(own_etcd, host, guest_vm(scope, "db", guest))
     spawn_agent(host, own_etcd)
-    wait_for(lambda: serial_markers(tmp_path, host, dom) == 1, 60, "guest marker")
+    eventually_blocking(lambda: serial_markers(tmp_path, host, dom) == 1, 60, what="guest marker")
     running = lookup(libvirtd.uri, dom)
     assert running is not None and running[0]
 
     own_etcd.signal(signal.SIGSTOP)
     t0 = time.monotonic()
     try:
-        wait_for(lambda: not lookup(libvirtd.uri, dom)[0], budget.fence_after_s + 3, "fence")  # type: ignore[index]
+        eventually_blocking(
+            lambda: not lookup(libvirtd.uri, dom)[0], budget.fence_after_s + 3, what="fence"
+        )  # type: ignore[index]
         fenced_after = time.monotonic() - t0
     finally:
         own_etcd.signal(signal.SIGCONT)
@@ -221,14 +239,20 @@ def test_lost_lease_fences_within_budget_then_recovers(
     )
     assert fenced_after <= budget.fence_after_s + 1.0
     # The agent logs the fence once its destroys returned: the line may trail libvirt.
-    wait_for(lambda: "FENCED host" in (tmp_path / f"{host}.log").read_text(), 2, "fence logged")
+    eventually_blocking(
+        lambda: "FENCED host" in (tmp_path / f"{host}.log").read_text(), 2, what="fence logged"
+    )
 
     # etcd is back: a new lease, the assignment re-read, the VM started again.
     t1 = time.monotonic()
-    wait_for(
-        lambda: (r := lookup(libvirtd.uri, dom)) is not None and r[0], 20, "restart after fence"
+    eventually_blocking(
+        lambda: (r := lookup(libvirtd.uri, dom)) is not None and r[0],
+        20,
+        what="restart after fence",
     )
-    wait_for(lambda: serial_markers(tmp_path, host, dom) == 1, 60, "guest marker after fence")
+    eventually_blocking(
+        lambda: serial_markers(tmp_path, host, dom) == 1, 60, what="guest marker after fence"
+    )
     print(f"etcd resumed to guest running again: {time.monotonic() - t1:.2f}s")
 
 
@@ -294,7 +318,9 @@ def test_disk_image_vm_runs_on_a_qcow2_overlay_removed_with_it(
     put_assignment(etcd, host, vm)
     spawn_agent(host, etcd)
     dom = domain_name(scope, "disk")
-    wait_for(lambda: (s := lookup(libvirtd.uri, dom)) is not None and s[0], 30, "domain running")
+    eventually_blocking(
+        lambda: (s := lookup(libvirtd.uri, dom)) is not None and s[0], 30, what="domain running"
+    )
     overlays = list((tmp_path / host / "images").glob("*.qcow2"))
     assert len(overlays) == 1
     info = subprocess.run(
@@ -312,6 +338,6 @@ def test_disk_image_vm_runs_on_a_qcow2_overlay_removed_with_it(
         conn.close()
     assert str(overlays[0]) in xml and str(base) not in xml.split("<backingStore")[0]
     etcd.etcdctl("del", keyspace.assignment(host, scope, "disk"))
-    wait_for(lambda: lookup(libvirtd.uri, dom) is None, 15, "domain removed")
-    wait_for(lambda: not overlays[0].exists(), 5, "overlay removed")
+    eventually_blocking(lambda: lookup(libvirtd.uri, dom) is None, 15, what="domain removed")
+    eventually_blocking(lambda: not overlays[0].exists(), 5, what="overlay removed")
     assert base.read_bytes() == base_bytes

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from agent.conftest import domain_status, eventually, put_assignment, vm
+from agent.conftest import domain_status, put_assignment, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import DomainState, Image
+from hvplace.proto.records import DomainState, Image
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 StartAgent = Callable[[AgentConfig], Any]
 NUL_IMAGE = Image(kernel="/boot/k", initrd="/boot/i", cmdline="console=ttyS0\x00rm -rf")
@@ -93,7 +94,7 @@ async def test_hypervisor_turns_any_exception_into_a_hypervisor_error(
     """libvirt-python raises ValueError on a NUL; the adapter returns it typed, with the
     call (raw XML here: a record with a NUL never gets past the agent's validator)."""
     from hvplace.agent.hypervisor import HypervisorError, HypervisorUnavailable, LibvirtHypervisor
-    from hvplace.proto.models import Assignment
+    from hvplace.proto.records import Assignment
 
     cfg = test_host("h1")
     hv = LibvirtHypervisor(

@@ -9,28 +9,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from agent.conftest import (
-    UNMANAGED_DOMAIN,
-    domain_status,
-    eventually,
-    get_prefix,
-    put_assignment,
-    vm,
-)
+from agent.conftest import UNMANAGED_DOMAIN, domain_status, get_prefix, put_assignment, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
+from hvplace.proto.codec import dumps, loads
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import (
-    ClusterConfig,
-    DomainState,
-    HostInfo,
-    Power,
-    Resources,
-    dumps,
-    loads,
-)
+from hvplace.proto.records import ClusterConfig, DomainState, HostInfo, Power, Resources
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 StartAgent = Callable[[AgentConfig], Any]
 

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent.conftest import eventually, put_assignment, vm
+from agent.conftest import put_assignment, vm
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.proto import keyspace
+from hvplace.proto.codec import dumps
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import ClusterConfig, DomainState, dumps
+from hvplace.proto.records import ClusterConfig, DomainState
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 StartAgent = Callable[[AgentConfig], Any]
 FAST = {"lease_ttl": 2.0, "fence_after": 1.0}  # watchdog_timeout_s derived: 1 s
@@ -92,7 +94,7 @@ async def test_pets_continue_while_the_lease_is_fresh_and_stop_when_the_loop_han
     assert max(b - a for a, b in itertools.pairwise(recent)) < 0.5
     # A hung agent: its event loop blocked (the lease unrenewed, no fence can run). The
     # petter thread goes on only until the last renewal is fence_after old.
-    last_renewal = agent._last_ack_sent
+    last_renewal = agent.lease.last_ack_sent
     blocked = time.monotonic()
     time.sleep(fence_after + 1.0)  # noqa: ASYNC251 - hangs the agent's event loop on purpose
     unblocked = time.monotonic()
@@ -122,7 +124,7 @@ async def test_a_frozen_etcd_stops_the_pets_until_the_fence_is_confirmed(
 
     agent.hv.destroy_all_managed = slow_destroy  # type: ignore[method-assign]
     confirmed: list[float] = []
-    verify = agent._verify_fenced
+    verify = agent.lease._verify_fenced
 
     async def spy() -> bool:
         ok = await verify()
@@ -130,11 +132,11 @@ async def test_a_frozen_etcd_stops_the_pets_until_the_fence_is_confirmed(
             confirmed.append(time.monotonic())
         return ok
 
-    agent._verify_fenced = spy  # type: ignore[method-assign]
+    agent.lease._verify_fenced = spy  # type: ignore[method-assign]
     own_etcd.signal(signal.SIGSTOP)
     try:
         await eventually(lambda: confirmed, 10)
-        last_renewal = agent._last_ack_sent
+        last_renewal = agent.lease.last_ack_sent
         assert not await web_running()
         # No pet from fence_after past the last renewal until nothing ran any more.
         stale = last_renewal + agent.cluster.fence_after_s
@@ -223,7 +225,7 @@ async def test_keeps_its_budget_when_a_new_record_is_shorter_than_the_armed_watc
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     agent: Agent = await run_agent(config(etcd, test_host, fifo, **FAST))
-    await eventually(lambda: agent._watchdog is not None, 5)
+    await eventually(lambda: agent.lease.watchdog is not None, 5)
     before = agent.cluster
     shorter = ClusterConfig(lease_ttl_s=2, fence_after_s=1, watchdog_timeout_s=0.5)
     etcd.etcdctl("put", keyspace.CONFIG, dumps(shorter).decode())

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 from hvplace.agent import domain_xml
-from hvplace.proto import models
+from hvplace.proto import validation
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import VM, Assignment, Image, Resources
+from hvplace.proto.records import VM, Assignment, Image, Resources
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def vm(**kw: object) -> VM:
 EDGY_BUT_VALID = [
     vm(description="tabs\tand\nnewlines, <tags> & \"quotes\" 'too'"),
     vm(description="ünïcödé ✓ 日本語 \U0001f680 \ud7ff \ue000 \ufffd"),
-    vm(description="x" * models.MAX_DESCRIPTION),
+    vm(description="x" * validation.MAX_DESCRIPTION),
     vm(image=Image(kernel="/boot/vmlinuz", cmdline="console=ttyS0 a=<b> & c='d' \"e\" ~" * 20)),
     vm(image=Image(kernel="/a/.hidden/k+1@x=y~z", initrd="/a/b_c-d.img")),
     vm(image=Image(disk="/var/lib/hvplace/base.qcow2")),
@@ -59,7 +59,7 @@ EDGY_BUT_VALID = [
 
 @pytest.mark.parametrize("spec", EDGY_BUT_VALID)
 def test_what_validation_accepts_libvirt_defines(conn: libvirt.virConnect, spec: VM) -> None:
-    models.validate_vm(spec)
+    validation.validate_vm(spec)
     kept = define(conn, spec)
     if spec.description:
         assert domain_xml.ET.fromstring(kept).findtext("description") == spec.description

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hvplace.agent.reconcile import ActionKind, Observed, plan
-from hvplace.proto.models import VM, Assignment, DomainState, Image, Power, Resources
+from hvplace.proto.records import VM, Assignment, DomainState, Image, Power, Resources
 
 HOST = "h1"
 KERNEL = Image(kernel="/k", initrd="/i", cmdline="console=ttyS0")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.store import Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import VM, HostInfo, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import VM, HostInfo, Resources
 from support.etcd import EtcdServer
 
 
@@ -24,15 +25,27 @@ def vm(name: str, scope: str = "acme", memory_mib: int = 1024, **labels: str) ->
 async def register(store: Store, info: HostInfo, ttl: float = 30) -> int:
     """Register a host as its agent would: HostInfo on a lease; returns the lease."""
     lease = await store.grant(ttl)
-    await store.put(keyspace.host(info.name), models.dumps(info), lease=lease)
+    await store.put(keyspace.host(info.name), codec.dumps(info), lease=lease)
     return lease
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 10) -> None:
-    """Poll `predicate` until true (state that moves through etcd and a watch)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - the state has no event of its own
-            await asyncio.sleep(0.05)
+@asynccontextmanager
+async def renewing(store: Store, lease: int, every_s: float = 0.3) -> AsyncIterator[None]:
+    """A live agent: `lease` renewed until the block ends; then the agent is dead, nothing
+    renews it and etcd expires it after its TTL."""
+
+    async def renew() -> None:
+        while True:
+            await store.keepalive(lease)
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @asynccontextmanager

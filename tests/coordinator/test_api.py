@@ -9,14 +9,14 @@ from typing import Any
 
 import grpc
 import pytest
-from api_support import Api, running_api
-from coord_support import until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import AdmissionPolicy
+from hvplace.proto.records import AdmissionPolicy
 from hvplace.proto.v1 import hvplace_pb2 as pb
+from support.api import Api, running_api
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 
 @pytest.fixture
@@ -252,7 +252,7 @@ async def test_admission_counts_a_create_still_committing(etcd: EtcdServer) -> N
 
         async def gated_commit(*args: Any, **kwargs: Any) -> int:
             # Held until the other create has computed its plan: they overlap for sure.
-            await until(lambda: len(in_flight) >= 2)
+            await eventually(lambda: len(in_flight) >= 2)
             return await real_commit(*args, **kwargs)
 
         planner._snapshot = snapshot  # type: ignore[method-assign]

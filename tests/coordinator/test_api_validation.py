@@ -12,14 +12,14 @@ from typing import TypeVar
 import grpc
 import libvirt
 import pytest
-from api_support import Api, running_api
 from hvplace.agent import domain_xml
 from hvplace.coordinator.errors_grpc import error_info
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import ClusterConfig, Image
+from hvplace.proto import codec, keyspace, records
+from hvplace.proto.records import ClusterConfig, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.api import Api, running_api
 from support.etcd import EtcdServer
 
 KERNEL = "/var/cache/hvplace/guest/vmlinuz"
@@ -193,7 +193,7 @@ async def test_huge_names_are_quoted_short(api: Api) -> None:
 async def test_vm_without_image_gets_the_cluster_default(api: Api) -> None:
     default = Image(kernel=KERNEL, initrd="/var/cache/hvplace/guest/initrd.img", cmdline="quiet")
     await api.client.put(
-        keyspace.CONFIG.encode(), models.dumps(ClusterConfig(default_image=default))
+        keyspace.CONFIG.encode(), codec.dumps(ClusterConfig(default_image=default))
     )
     await api.backend.fresh_view()
     resp = await api.vm.CreateVMs(
@@ -210,7 +210,7 @@ async def test_vm_without_image_gets_the_cluster_default(api: Api) -> None:
 async def test_image_roots_confine_image_paths(api: Api) -> None:
     roots = ("/var/lib/hvplace/images", "/var/cache/hvplace/guest")
     config = ClusterConfig(default_image=Image(kernel=KERNEL), image_roots=roots)
-    await api.client.put(keyspace.CONFIG.encode(), models.dumps(config))
+    await api.client.put(keyspace.CONFIG.encode(), codec.dumps(config))
     await api.backend.fresh_view()
     for image in (pb.Image(kernel="/boot/vmlinuz"), pb.Image(disk="/var/lib/hvplace/imagesX/b")):
         await refused(
@@ -348,15 +348,15 @@ async def _refused_or_defines(api: Api, conn: libvirt.virConnect, spec: pb.VM) -
     created = resp.vms[0]
     scope, name = created.spec.scope, created.spec.name
     try:
-        stored = models.loads(
-            models.VM, api.etcd.etcdctl("get", "--print-value-only", keyspace.vm(scope, name))
+        stored = codec.loads(
+            records.VM, api.etcd.etcdctl("get", "--print-value-only", keyspace.vm(scope, name))
         )
-        assignment = models.Assignment(vm=stored, host="hv1", epoch=1)
+        assignment = records.Assignment(vm=stored, host="hv1", epoch=1)
         if created.status.host:
             raw = api.etcd.etcdctl(
                 "get", "--print-value-only", keyspace.assignment(created.status.host, scope, name)
             )
-            assignment = models.loads(models.Assignment, raw)
+            assignment = codec.loads(records.Assignment, raw)
         xml = domain_xml.render(assignment, domain_type="test", serial_log="/tmp/hvplace-prop.log")
         conn.defineXML(xml).undefine()
     finally:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from coord_support import host, register, until
+from coord_support import host, register
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hvplace.coordinator import auth, cli, config
+from hvplace.cli import main as cli
+from hvplace.coordinator import auth, config
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.errors_grpc import error_info
 from hvplace.coordinator.store import Store
@@ -24,6 +25,7 @@ from hvplace.proto.errors import InvalidInput
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer, free_port
+from support.wait import eventually
 
 # -------------------------------------------------------------------- certificates
 
@@ -123,7 +125,7 @@ async def serving(
     await register(store, host("hv1"))
     try:
         async with Coordinator(cfg) as c:
-            await until(lambda: c.election is not None and c.election.is_leader)
+            await eventually(lambda: c.election is not None and c.election.is_leader)
             yield Secured(address, auth_file, tokens, pki, etcd)
             await c.shutdown()
     finally:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from coord_support import host, register, running, until, vm
+from coord_support import host, register, running, vm
 from hvplace.coordinator.cache import ASSIGNMENTS, HOSTS, RESYNC, Change
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import Assignment, HostState, HostStatus, Rule, RuleKind
+from hvplace.proto import codec, keyspace, records
+from hvplace.proto.records import Assignment, HostState, HostStatus, Rule, RuleKind
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 
 async def test_list_then_watch_typed_records(etcd: EtcdServer) -> None:
     async with running(etcd) as (store, cache):
         pre = vm("pre")
-        await store.put(keyspace.vm("acme", "pre"), models.dumps(pre))
+        await store.put(keyspace.vm("acme", "pre"), codec.dumps(pre))
         await cache.fresh()
         assert cache.vms.records["acme/pre"] == pre
     async with running(etcd) as (store, cache):
@@ -24,10 +25,10 @@ async def test_list_then_watch_typed_records(etcd: EtcdServer) -> None:
         cache.add_listener(changes.append)
         await register(store, host("hv1"))
         a = Assignment(vm=pre, host="hv1", epoch=1)
-        rev = await store.put(keyspace.assignment("hv1", "acme", "pre"), models.dumps(a))
+        rev = await store.put(keyspace.assignment("hv1", "acme", "pre"), codec.dumps(a))
         await store.put(
             keyspace.rule("acme", "r"),
-            models.dumps(
+            codec.dumps(
                 Rule(scope="acme", name="r", kind=RuleKind.ANTI_AFFINITY, members=("a", "b"))
             ),
         )
@@ -51,11 +52,11 @@ async def test_deleted_assignment_and_domain_leave_the_cache(etcd: EtcdServer) -
     async with running(etcd) as (store, cache):
         spec = vm("gone")
         await register(store, host("hv1"))
-        await store.put(keyspace.vm("acme", "gone"), models.dumps(spec))
+        await store.put(keyspace.vm("acme", "gone"), codec.dumps(spec))
         a = Assignment(vm=spec, host="hv1", epoch=1)
-        await store.put(keyspace.assignment("hv1", "acme", "gone"), models.dumps(a))
-        d = models.DomainStatus(scope="acme", name="gone", host="hv1", epoch=1)
-        await store.put(keyspace.domain("hv1", "acme", "gone"), models.dumps(d))
+        await store.put(keyspace.assignment("hv1", "acme", "gone"), codec.dumps(a))
+        d = records.DomainStatus(scope="acme", name="gone", host="hv1", epoch=1)
+        await store.put(keyspace.domain("hv1", "acme", "gone"), codec.dumps(d))
         await cache.fresh()
         assert cache.snapshot().placements == {"acme/gone": "hv1"}
         assert "acme/gone" in cache.domains.records
@@ -75,9 +76,7 @@ async def test_departed_host_is_lost_in_snapshot(etcd: EtcdServer) -> None:
         await cache.fresh()
         assert "hv1" not in cache.hosts.records
         assert cache.snapshot().hosts["hv1"].state is HostState.LOST
-        await store.put(
-            keyspace.host_status("hv1"), models.dumps(HostStatus("hv1", HostState.LOST))
-        )
+        await store.put(keyspace.host_status("hv1"), codec.dumps(HostStatus("hv1", HostState.LOST)))
         await register(store, host("hv1"))
         await cache.fresh()
         assert "hv1" not in cache.departed
@@ -94,12 +93,12 @@ async def test_wait_for_revision_when_only_other_keys_changed(etcd: EtcdServer) 
 
 async def test_resumes_after_etcd_restart(own_etcd: EtcdServer) -> None:
     async with running(own_etcd) as (store, cache):
-        await store.put(keyspace.vm("acme", "a"), models.dumps(vm("a")))
+        await store.put(keyspace.vm("acme", "a"), codec.dumps(vm("a")))
         await cache.fresh()
         own_etcd.kill()
         own_etcd.start()
-        await store.put(keyspace.vm("acme", "b"), models.dumps(vm("b")))
-        await until(lambda: "acme/b" in cache.vms.records, 15)
+        await store.put(keyspace.vm("acme", "b"), codec.dumps(vm("b")))
+        await eventually(lambda: "acme/b" in cache.vms.records, 15)
         assert cache.relists == 1  # resumed from its revision, no relist
 
 
@@ -107,17 +106,17 @@ async def test_relists_after_compaction(own_etcd: EtcdServer) -> None:
     async with running(own_etcd) as (store, cache):
         resyncs: list[Change] = []
         cache.add_listener(lambda c: resyncs.append(c) if c.type == RESYNC else None)
-        await store.put(keyspace.vm("acme", "a"), models.dumps(vm("a")))
+        await store.put(keyspace.vm("acme", "a"), codec.dumps(vm("a")))
         await cache.fresh()
         # Stop following (as if partitioned), change things, compact past our revision.
         await cache.close()
-        await store.put(keyspace.vm("acme", "b"), models.dumps(vm("b")))
+        await store.put(keyspace.vm("acme", "b"), codec.dumps(vm("b")))
         await store.delete(keyspace.vm("acme", "a"))
-        now = await store.put(keyspace.vm("acme", "c"), models.dumps(vm("c")))
+        now = await store.put(keyspace.vm("acme", "c"), codec.dumps(vm("c")))
         await store.compact(now)
         task = asyncio.create_task(cache._follow())
         cache._task = task
-        await until(lambda: cache.relists >= 2)
+        await eventually(lambda: cache.relists >= 2)
         assert set(cache.vms.records) == {"acme/b", "acme/c"}
         assert cache.revision >= now
         assert resyncs and resyncs[0].kind == RESYNC
@@ -131,14 +130,14 @@ async def test_expected_writes_are_taken_as_written_and_only_when_the_bytes_matc
         key_mine, key_theirs = keyspace.vm("acme", "mine"), keyspace.vm("acme", "theirs")
         cache.expect(
             {
-                key_mine: (models.dumps(mine), mine),
+                key_mine: (codec.dumps(mine), mine),
                 # Expected, but someone else's bytes land first: decoded, not trusted.
-                key_theirs: (models.dumps(theirs), theirs),
+                key_theirs: (codec.dumps(theirs), theirs),
             }
         )
-        await store.put(key_mine, models.dumps(mine))
+        await store.put(key_mine, codec.dumps(mine))
         other = vm("theirs", memory_mib=2048)
-        await store.put(key_theirs, models.dumps(other))
+        await store.put(key_theirs, codec.dumps(other))
         await cache.fresh()
         assert cache.vms.records["acme/mine"] is mine
         assert cache.vms.records["acme/theirs"] == other
@@ -156,8 +155,8 @@ async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relist
     async with running(own_etcd) as (store, cache):
         spec = vm("a")
         a1 = Assignment(vm=spec, host="hv1", epoch=1)
-        await store.put(keyspace.vm("acme", "a"), models.dumps(spec))
-        await store.put(keyspace.assignment("hv1", "acme", "a"), models.dumps(a1))
+        await store.put(keyspace.vm("acme", "a"), codec.dumps(spec))
+        await store.put(keyspace.assignment("hv1", "acme", "a"), codec.dumps(a1))
         await cache.fresh()
         assert cache.assigned_hosts == {"hv1": 1} and cache.placements == {"acme/a": "hv1"}
         assert cache.unregistered() == {"hv1"}  # named, never registered
@@ -165,7 +164,7 @@ async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relist
         a2 = Assignment(vm=spec, host="hv2", epoch=2)
         await store.commit(
             [],
-            {keyspace.assignment("hv2", "acme", "a"): models.dumps(a2)},
+            {keyspace.assignment("hv2", "acme", "a"): codec.dumps(a2)},
             [keyspace.assignment("hv1", "acme", "a")],
             fence=None,
         )
@@ -174,15 +173,15 @@ async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relist
         assert cache.snapshot().placements == {"acme/a": "hv2"}
         # A relist (after compaction) rebuilds the same from scratch.
         await cache.close()
-        await store.put(keyspace.vm("acme", "b"), models.dumps(vm("b")))
+        await store.put(keyspace.vm("acme", "b"), codec.dumps(vm("b")))
         await store.put(
             keyspace.assignment("hv3", "acme", "b"),
-            models.dumps(Assignment(vm=vm("b"), host="hv3", epoch=1)),
+            codec.dumps(Assignment(vm=vm("b"), host="hv3", epoch=1)),
         )
         now = await store.delete(keyspace.assignment("hv2", "acme", "a"))
         await store.compact(now)
         cache._task = asyncio.create_task(cache._follow())
-        await until(lambda: cache.relists >= 2)
+        await eventually(lambda: cache.relists >= 2)
         assert cache.assigned_hosts == {"hv3": 1} and cache.placements == {"acme/b": "hv3"}
         assert cache.unregistered() == {"hv3"}
 

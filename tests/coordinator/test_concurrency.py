@@ -8,9 +8,9 @@ import json
 from collections import Counter
 
 import grpc
-from api_support import running_api
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+from support.api import running_api
 from support.etcd import EtcdServer
 
 CLIENTS = 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format
 from hvplace.coordinator import convert
-from hvplace.proto import models
+from hvplace.proto import codec, records
 from hvplace.proto.v1 import hvplace_pb2 as pb
 
 
@@ -31,22 +31,22 @@ def test_message_dict_reads_as_message_to_dict_does() -> None:
         max_per_domain=1,
         on_failure="degrade",
     )
-    for msg, cls in ((vm, models.VM), (rule, models.Rule), (pb.VM(), None)):
+    for msg, cls in ((vm, records.VM), (rule, records.Rule), (pb.VM(), None)):
         fast = convert.message_dict(msg)
         slow = json_format.MessageToDict(msg, preserving_proto_field_name=True)
         if cls is not None:
-            assert models.from_dict(cls, fast) == models.from_dict(cls, slow)
+            assert codec.from_dict(cls, fast) == codec.from_dict(cls, slow)
         assert set(fast) == set(slow)
 
 
 def test_records_round_trip_through_their_messages() -> None:
-    vm = models.VM(
+    vm = records.VM(
         scope="acme",
         name="web-1",
         labels={"app": "web"},
-        resources=models.Resources(vcpus=4, memory_mib=512, disk_gib=1),
-        ha_priority=models.HAPriority.HIGH,
+        resources=records.Resources(vcpus=4, memory_mib=512, disk_gib=1),
+        ha_priority=records.HAPriority.HIGH,
     )
-    assert convert.from_proto(models.VM, convert.to_proto(vm, pb.VM)) == vm
-    status = models.VMStatus(scope="acme", name="web-1", phase=models.Phase.SCHEDULED, host="h1")
-    assert convert.from_proto(models.VMStatus, convert.to_proto(status, pb.VMStatus)) == status
+    assert convert.from_proto(records.VM, convert.to_proto(vm, pb.VM)) == vm
+    status = records.VMStatus(scope="acme", name="web-1", phase=records.Phase.SCHEDULED, host="h1")
+    assert convert.from_proto(records.VMStatus, convert.to_proto(status, pb.VMStatus)) == status

@@ -7,13 +7,13 @@ import contextlib
 import time
 
 import pytest
-from coord_support import until
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.election import Election
 from hvplace.coordinator.store import Fence, Store
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Unavailable
 from support.etcd import EtcdCluster, members_connected_from
+from support.wait import eventually
 
 K = keyspace.ROOT + "test/"
 
@@ -41,7 +41,7 @@ async def test_the_leader_keeps_its_term_when_its_member_dies(
     election = Election(store, "c1", ttl, work)
     task = asyncio.create_task(election.run())
     try:
-        await until(lambda: election.is_leader)
+        await eventually(lambda: election.is_leader)
         fence = election.require_fence()
         in_use = members_connected_from(etcd_cluster)
         assert in_use == [members[0]], "the store talks to its first endpoint only"

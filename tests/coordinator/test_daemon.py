@@ -12,15 +12,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from coord_support import host, register, until
+from coord_support import host, register
 from hvplace.coordinator import config
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.store import Store
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.models import AdmissionPolicy, Image
+from hvplace.proto.records import AdmissionPolicy, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer, free_port
+from support.wait import eventually
 
 
 def test_config_file_env_flags_precedence(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ async def test_coordinator_serves_the_api_and_places(
         async with Coordinator(cfg) as c:
             assert sock.recv(100) == b"READY=1"
             assert c.election is not None
-            await until(lambda: c.election is not None and c.election.is_leader)
+            await eventually(lambda: c.election is not None and c.election.is_leader)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{c.api_port}") as ch:
                 vms = pb_grpc.VMServiceStub(ch)
                 resp = await vms.CreateVMs(

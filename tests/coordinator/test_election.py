@@ -10,19 +10,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from coord_support import until
 from hvplace.coordinator.election import Election
 from hvplace.coordinator.store import Fence, FenceLost, Store
 from hvplace.proto import keyspace
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer, free_port
+from support.wait import eventually, eventually_blocking
 
 
 async def test_one_leader_then_failover_on_resign(etcd: EtcdServer) -> None:
@@ -39,17 +38,17 @@ async def test_one_leader_then_failover_on_resign(etcd: EtcdServer) -> None:
     a = Election(store, "a", 2, work("a"))
     b = Election(store, "b", 2, work("b"))
     ta = asyncio.create_task(a.run())
-    await until(lambda: a.is_leader)
+    await eventually(lambda: a.is_leader)
     tb = asyncio.create_task(b.run())
     # b has campaigned and sees a's key: it follows, and a's key is older than b's.
-    await until(lambda: b.leader == "a")
+    await eventually(lambda: b.leader == "a")
     assert not b.is_leader
     with pytest.raises(Exception, match="not the leader"):
         b.require_fence()
     a.stop()
     await ta
     # b's work starts in a task of its own: wait for it, not just for the flag.
-    await until(lambda: len(led) == 2, 5)
+    await eventually(lambda: len(led) == 2, 5)
     assert b.is_leader
     assert [n for n, _ in led] == ["a", "b"]
     assert led[1][1].revision > led[0][1].revision
@@ -76,14 +75,14 @@ async def test_write_rejected_by_fence_steps_down(etcd: EtcdServer) -> None:
 
     e = Election(store, "a", 5, work)
     task = asyncio.create_task(e.run())
-    await until(lambda: e.is_leader)
+    await eventually(lambda: e.is_leader)
     fence = e.fence
     assert fence is not None
     # etcd drops the leader's key behind its back (as when its lease expired while frozen).
     await other.delete(fence.key)
     go.set()
-    await until(lambda: bool(errors))
-    await until(lambda: e.fence is not None and e.fence != fence, 5)  # campaigned again
+    await eventually(lambda: bool(errors))
+    await eventually(lambda: e.fence is not None and e.fence != fence, 5)  # campaigned again
     assert e.terms == 2
     assert await store.get(keyspace.ROOT + "test/x") is None
     e.stop()
@@ -157,15 +156,6 @@ def _fence_rejections(metrics_port: int) -> float:
     raise AssertionError("no hvplace_fence_rejections_total in the metrics")
 
 
-def _wait(pred, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 @pytest.mark.parametrize("self_checks", [True, False], ids=["self-checks", "fence-only"])
 def test_sigstopped_leader_is_replaced_and_steps_down(
     etcd: EtcdServer, tmp_path: Path, self_checks: bool
@@ -179,12 +169,13 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
     port, metrics_port = free_port(), free_port()
     procs = {"c1": _start(etcd, "c1", logs["c1"], port, self_checks, metrics_port)}
     try:
-        _wait(lambda: _leader(etcd) == "c1")
+        eventually_blocking(lambda: _leader(etcd) == "c1")
         procs["c2"] = _start(etcd, "c2", logs["c2"], 0, self_checks)
-        _wait(lambda: "ready" in logs["c2"].read_text())
+        eventually_blocking(lambda: "ready" in logs["c2"].read_text())
         os.kill(procs["c1"].pid, signal.SIGSTOP)
-        _wait(lambda: _leader(etcd) == "c2", 10)
-        time.sleep(0.5)
+        eventually_blocking(lambda: _leader(etcd) == "c2", 10)
+        # c2's leader work has begun (it has nothing to write: the config is c1's).
+        eventually_blocking(lambda: "elected leader" in logs["c2"].read_text(), 10)
         before = _revision(etcd)
         os.kill(procs["c1"].pid, signal.SIGCONT)
         # The woken c1's next write: a create through its own API.
@@ -201,7 +192,7 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
             grpc.StatusCode.ABORTED,
             grpc.StatusCode.FAILED_PRECONDITION,
         ), refused.value.details()
-        _wait(lambda: "lost leadership" in logs["c1"].read_text(), 10)
+        eventually_blocking(lambda: "lost leadership" in logs["c1"].read_text(), 10)
         text = logs["c1"].read_text()
         if self_checks:
             assert "not renewed" in text or "expired in etcd: lost" in text
@@ -217,11 +208,23 @@ def test_sigstopped_leader_is_replaced_and_steps_down(
         assert etcd.etcdctl("get", "--keys-only", keyspace.request("stale")).strip() == ""
         assert keyspace.CONFIG in _data_keys(etcd, before)  # written by c1 as leader
         assert _data_keys(etcd) == _data_keys(etcd, before)
-        # c2 still leads; c1 campaigns again behind it.
-        time.sleep(1)
+
+        # c1 campaigns again: its new key is there, behind c2's, and c2 still leads.
+        def candidates() -> list[str]:
+            out = etcd.etcdctl("get", "--prefix", keyspace.ELECTION, "--print-value-only")
+            return sorted(out.split())
+
+        def since_lost() -> str:
+            text = logs["c1"].read_text()
+            return text[text.rindex("lost leadership") :]
+
+        eventually_blocking(
+            lambda: candidates() == ["c1", "c2"] and "campaigning as" in since_lost(),
+            20,
+            what="c1 campaigning again",
+        )
         assert _leader(etcd) == "c2"
-        keys = etcd.etcdctl("get", "--prefix", keyspace.ELECTION, "--print-value-only").split()
-        assert sorted(keys) == ["c1", "c2"]
+        assert "elected leader" not in since_lost()
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -241,14 +244,14 @@ def test_cli_passes_over_a_standby_but_reports_the_leaders_capacity_error(
 ) -> None:
     """UNAVAILABLE means "not the leader" and "no capacity" alike; only the first sends the
     CLI to the next coordinator, whichever order the endpoints come in."""
-    from hvplace.coordinator import cli
+    from hvplace.cli import main as cli
 
     ports = {"c1": free_port(), "c2": free_port()}
     procs = {"c1": _start(etcd, "c1", tmp_path / "c1.log", ports["c1"])}
     try:
-        _wait(lambda: _leader(etcd) == "c1")
+        eventually_blocking(lambda: _leader(etcd) == "c1")
         procs["c2"] = _start(etcd, "c2", tmp_path / "c2.log", ports["c2"])
-        _wait(lambda: "ready" in (tmp_path / "c2.log").read_text())
+        eventually_blocking(lambda: "ready" in (tmp_path / "c2.log").read_text())
         create = ["vm", "create", "big", "--scope", "t", "--memory", "900000", "--atomic"]
         create += ["--kernel", "/boot/vmlinuz"]
         for order in (("c1", "c2"), ("c2", "c1")):

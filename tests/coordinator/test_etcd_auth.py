@@ -12,20 +12,22 @@ from pathlib import Path
 import grpc
 import pytest
 from aetcd import rpc
-from agent.conftest import eventually, node_xml
+from agent.conftest import node_xml
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
 from hvplace.agent.store import EtcdStore, StoreError
-from hvplace.coordinator import cli, config
+from hvplace.cli import main as cli
+from hvplace.coordinator import config
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.etcd_auth import EtcdAdmin, add_agent, init_auth
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Unavailable
-from hvplace.proto.etcd import EtcdAuth, EtcdClient, EtcdTLS
-from hvplace.proto.models import HostInfo
+from hvplace.proto.records import HostInfo
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS
 from support.etcd import EtcdServer, free_port, make_certs
+from support.wait import eventually
 
 
 @pytest.fixture

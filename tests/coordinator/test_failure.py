@@ -8,21 +8,18 @@ import pytest
 from hvplace.coordinator.failure import lost_at, replace_lost
 from hvplace.coordinator.placement import reasons
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     VM,
     HAPriority,
     Host,
     HostState,
     HostStatus,
-    LabelExpression,
-    NodeAffinity,
-    NodeSelectorTerm,
     OnFailure,
-    Op,
     Resources,
     Rule,
     RuleKind,
 )
+from hvplace.proto.selectors import LabelExpression, NodeAffinity, NodeSelectorTerm, Op
 
 
 def _host(name: str, mem: int = 8192) -> Host:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent.conftest import eventually
-from api_support import Api, running_api
-from hvplace.coordinator import cli
+from hvplace.cli import main as cli
 from hvplace.coordinator.errors_grpc import error_info
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import ClusterConfig, Image
+from hvplace.proto import codec, keyspace, records
+from hvplace.proto.records import ClusterConfig, Image
 from hvplace.proto.v1 import hvplace_pb2 as pb
+from support.api import Api, running_api
 from support.etcd import EtcdServer
+from support.wait import eventually
 from test_restarts import cluster, get
 
 
@@ -114,12 +114,12 @@ async def test_a_vm_by_image_name_carries_a_copy(api: Api) -> None:
     # Raw host paths are confined to the cluster's image roots; catalogue images are not
     # host paths (the agents resolve them inside their image directories).
     config = ClusterConfig(image_roots=("/var/lib/hvplace/images",))
-    await api.client.put(keyspace.CONFIG.encode(), models.dumps(config))
+    await api.client.put(keyspace.CONFIG.encode(), codec.dumps(config))
     await api.backend.fresh_view()
     resp = await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[by_image("web")]))
     assert resp.vms[0].spec.image == TINY
-    stored = models.loads(
-        models.VM, api.etcd.etcdctl("get", "--print-value-only", keyspace.vm("acme", "web"))
+    stored = codec.loads(
+        records.VM, api.etcd.etcdctl("get", "--print-value-only", keyspace.vm("acme", "web"))
     )
     assert stored.image == Image(
         name="tiny",

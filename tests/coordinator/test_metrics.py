@@ -8,14 +8,14 @@ import urllib.request
 
 import grpc
 import pytest
-from coord_support import host, register, running, until, vm
+from coord_support import host, register, running, vm
 from hvplace.coordinator import config
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.daemon import Coordinator
 from hvplace.coordinator.metrics import CoordinatorMetrics
 from hvplace.coordinator.store import Fence, Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import (
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import (
     Assignment,
     ClusterConfig,
     Enforcement,
@@ -27,11 +27,12 @@ from hvplace.proto.models import (
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
 from support.etcd import EtcdServer, free_port
+from support.wait import eventually
 
 
 async def _put(store: Store, cache: Cache, key: str, record: object) -> None:
-    revision = await store.put(key, models.dumps(record))
-    await until(lambda: cache.revision >= revision)
+    revision = await store.put(key, codec.dumps(record))
+    await eventually(lambda: cache.revision >= revision)
 
 
 async def _assign(store: Store, cache: Cache, name: str, on: str) -> None:
@@ -132,7 +133,7 @@ async def test_rpc_counts_and_latency_by_method_and_code_refusals_included(
         )
     )
     async with Coordinator(cfg) as c:
-        await until(lambda: c.election is not None and c.election.is_leader)
+        await eventually(lambda: c.election is not None and c.election.is_leader)
         async with grpc.aio.insecure_channel(cfg.listen) as ch:
             stub = pb_grpc.VMServiceStub(ch)
             await stub.ListVMs(pb.ListVMsRequest())

@@ -10,20 +10,17 @@ from coord_support import host, vm
 from hvplace.coordinator.phases import derive
 from hvplace.coordinator.restarts import excluding, replace_failed
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     Assignment,
     DomainState,
     DomainStatus,
     HostInfo,
-    LabelExpression,
-    NodeAffinity,
-    NodeSelectorTerm,
-    Op,
     Phase,
     Power,
     StartFailure,
     VMStatus,
 )
+from hvplace.proto.selectors import LabelExpression, NodeAffinity, NodeSelectorTerm, Op
 
 A = vm("a")
 AT = Assignment(vm=A, host="h1", epoch=2)

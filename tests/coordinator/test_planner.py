@@ -10,18 +10,10 @@ import pytest
 from coord_support import host, register, running, vm
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.store import Compare, Fence, FenceLost
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace
 from hvplace.proto.errors import Conflict
-from hvplace.proto.models import (
-    Assignment,
-    HostState,
-    HostStatus,
-    LabelSelector,
-    Phase,
-    Rule,
-    RuleKind,
-    VMStatus,
-)
+from hvplace.proto.records import Assignment, HostState, HostStatus, Phase, Rule, RuleKind, VMStatus
+from hvplace.proto.selectors import LabelSelector
 from support.etcd import EtcdServer
 
 
@@ -78,7 +70,7 @@ async def test_replace_lost_moves_with_higher_epoch(etcd: EtcdServer) -> None:
         await cache.fresh()
         planner = Planner(store, cache)
         rule = Rule(scope="acme", name="sep", kind=RuleKind.ANTI_AFFINITY, members=("a", "b"))
-        await store.put(keyspace.rule("acme", "sep"), models.dumps(rule))
+        await store.put(keyspace.rule("acme", "sep"), codec.dumps(rule))
         await cache.fresh()
         plan = await planner.place_and_commit([vm("a")], atomic=False)
         src = plan.assignments["acme/a"]
@@ -111,7 +103,7 @@ async def test_conflict_is_retried_against_fresh_state(etcd: EtcdServer) -> None
             if not raced:
                 raced = True
                 status = HostStatus("hv1", HostState.CORDONED)
-                await store.put(keyspace.host_status("hv1"), models.dumps(status))
+                await store.put(keyspace.host_status("hv1"), codec.dumps(status))
             return await real(*args, **kwargs)
 
         store.commit = racing_commit  # type: ignore[method-assign]
@@ -163,7 +155,7 @@ async def test_pipelined_fenced_commits_never_overbook_or_break_a_rule(etcd: Etc
             kind=RuleKind.ANTI_AFFINITY,
             selector=LabelSelector(match_labels={"app": "db"}),
         )
-        await store.put(keyspace.rule("acme", "apart"), models.dumps(rule))
+        await store.put(keyspace.rule("acme", "apart"), codec.dumps(rule))
         await cache.fresh()
         planner = Planner(store, cache, fence=lambda: Fence(leader, rev))
         sent: list[int] = []

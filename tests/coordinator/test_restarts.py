@@ -17,16 +17,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from agent.conftest import eventually, node_xml
-from api_support import Api, running_api
+from agent.conftest import node_xml
 from hvplace.agent.config import AgentConfig
 from hvplace.agent.service import Agent
-from hvplace.coordinator import cli
+from hvplace.cli import main as cli
 from hvplace.coordinator.controller import Controller
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import VM, ClusterConfig, Image, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import VM, ClusterConfig, Image, Resources
 from hvplace.proto.v1 import hvplace_pb2 as pb
+from support.api import Api, running_api
 from support.etcd import EtcdServer
+from support.wait import eventually
 
 CLUSTER = ClusterConfig(lease_ttl_s=5, fence_after_s=3, failover_delay_s=0.5)
 IMAGE = pb.Image(kernel="/boot/k", initrd="/boot/i", cmdline="console=ttyS0")
@@ -91,7 +92,7 @@ def put_poison(etcd: EtcdServer, name: str) -> None:
         resources=Resources(1, 64, 0),
         image=Image(kernel="/boot/k", initrd="/boot/i", cmdline="console=ttyS0"),
     )
-    etcd.etcdctl("put", keyspace.vm("acme", name), models.dumps(vm).decode())
+    etcd.etcdctl("put", keyspace.vm("acme", name), codec.dumps(vm).decode())
 
 
 async def cli_json(api: Api, *argv: str) -> object:
@@ -210,7 +211,7 @@ async def test_a_degraded_host_takes_no_new_vm_and_keeps_its_own(
                 hypervisor_error_since=time.time(),
             )
             lease = await api.client.lease(60)
-            await api.client.put(keyspace.host(home).encode(), models.dumps(down), lease=lease)
+            await api.client.put(keyspace.host(home).encode(), codec.dumps(down), lease=lease)
             await eventually(lambda: b.cache.hosts.records[home].hypervisor_error)
             hosts = {h.info.name: h for h in (await api.host.ListHosts(pb.Empty())).hosts}
             assert hosts[home].status.state == "degraded"
@@ -236,7 +237,7 @@ async def test_a_degraded_host_takes_no_new_vm_and_keeps_its_own(
             assert view.status.host == home and b.cache.assignments.records["acme/a"].host == home
             assert "degraded" in view.status.reason
             # Recovered: ready again, with no one writing a status.
-            await api.client.put(keyspace.host(home).encode(), models.dumps(info), lease=lease)
+            await api.client.put(keyspace.host(home).encode(), codec.dumps(info), lease=lease)
             await eventually(lambda: not b.cache.hosts.records[home].hypervisor_error)
             hosts = {h.info.name: h for h in (await api.host.ListHosts(pb.Empty())).hosts}
             assert hosts[home].status.state in ("", "ready")

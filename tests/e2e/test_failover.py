@@ -22,7 +22,8 @@ from hvplace.lab import daemons, observe, workload
 from hvplace.lab.control import Lab
 from hvplace.lab.daemons import cluster_budget
 from hvplace.lab.observe import ClusterState
-from hvplace.proto.models import FENCE_GRACE_S, HostState
+from hvplace.proto.records import HostState
+from hvplace.proto.timing import FENCE_GRACE_S
 from support.labs import LabFactory
 from support.sampler import EtcdSampler, LibvirtSampler, Sampler
 
@@ -220,7 +221,7 @@ def test_kill_the_leader_in_the_middle_of_a_200_vm_batch(make_lab: LabFactory) -
     sampler = EtcdSampler(etcd)
     sampler.start()
     client = subprocess.Popen(
-        [sys.executable, "-m", "hvplace.coordinator.cli", *create],
+        [sys.executable, "-m", "hvplace.cli", *create],
         env=dict(os.environ, **lab.env()),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -235,7 +236,7 @@ def test_kill_the_leader_in_the_middle_of_a_200_vm_batch(make_lab: LabFactory) -
     # request id is how a script finishes the job; it must create nothing twice.
     for _attempt in range(30):
         retry = subprocess.run(
-            [sys.executable, "-m", "hvplace.coordinator.cli", *create],
+            [sys.executable, "-m", "hvplace.cli", *create],
             env=dict(os.environ, **lab.env()),
             capture_output=True,
             text=True,

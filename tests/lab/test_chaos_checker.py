@@ -16,22 +16,20 @@ from hvplace.lab.checker import (
     rule_violations,
     vm_ok,
 )
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import (
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import (
     VM,
     ClusterConfig,
     Enforcement,
     HostInfo,
-    LabelExpression,
-    LabelSelector,
     OnFailure,
-    Op,
     Phase,
     Rule,
     RuleKind,
     ScopePolicy,
     VMStatus,
 )
+from hvplace.proto.selectors import LabelExpression, LabelSelector, Op
 
 LABELS = {
     "h1": {"rack": "r1", "zone": "west"},
@@ -45,14 +43,14 @@ def records(*extra: tuple[str, object]) -> Records:
     `acme`, and whatever `extra` adds (key, record)."""
     kvs: dict[str, bytes] = {}
     for host, labels in LABELS.items():
-        kvs[keyspace.host(host)] = models.dumps(HostInfo(name=host, labels=labels))
+        kvs[keyspace.host(host)] = codec.dumps(HostInfo(name=host, labels=labels))
     for name in ("db-1", "db-2", "db-3"):
-        kvs[keyspace.vm("acme", name)] = models.dumps(VM("acme", name, labels={"tier": "db"}))
+        kvs[keyspace.vm("acme", name)] = codec.dumps(VM("acme", name, labels={"tier": "db"}))
     for name in ("web-1", "web-2"):
-        kvs[keyspace.vm("acme", name)] = models.dumps(VM("acme", name, labels={"app": "web"}))
-    kvs[keyspace.CONFIG] = models.dumps(ClusterConfig(lease_ttl_s=7.0, failover_delay_s=0.25))
+        kvs[keyspace.vm("acme", name)] = codec.dumps(VM("acme", name, labels={"app": "web"}))
+    kvs[keyspace.CONFIG] = codec.dumps(ClusterConfig(lease_ttl_s=7.0, failover_delay_s=0.25))
     for key, record in extra:
-        kvs[key] = models.dumps(record)
+        kvs[key] = codec.dumps(record)
     return parse_records(kvs, at=0.0)
 
 

@@ -14,13 +14,7 @@ from hvplace.lab.control import Lab, LabError
 from hvplace.lab.processes import is_alive, pid_alive
 from hvplace.lab.state import LabSettings
 from support.labs import assert_nothing_left
-
-
-def wait_until(what: str, check: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+from support.wait import eventually_blocking
 
 
 def test_agent_and_coordinator_commands_on_a_test_lab(settings: LabSettings) -> None:
@@ -33,10 +27,18 @@ def test_agent_and_coordinator_commands_on_a_test_lab(settings: LabSettings) -> 
         assert not pid_alive(agent.pid)
         with pytest.raises(LabError, match="no agent running"):
             lab.kill_agent("h1")
-        wait_until("h1 deregistered", lambda: "h1" not in daemons.registered_hosts(lab.state()))
+        eventually_blocking(
+            within=30.0,
+            what="h1 deregistered",
+            check=lambda: "h1" not in daemons.registered_hosts(lab.state()),
+        )
         new = lab.start_agent("h1")
         assert new != agent.pid and is_alive(lab.state().hosts["h1"].agent)
-        wait_until("h1 registered", lambda: "h1" in daemons.registered_hosts(lab.state()))
+        eventually_blocking(
+            within=30.0,
+            what="h1 registered",
+            check=lambda: "h1" in daemons.registered_hosts(lab.state()),
+        )
         with pytest.raises(LabError, match="running"):
             lab.start_agent("h1")
         with pytest.raises(LabError, match="test:/// host"):
@@ -46,7 +48,9 @@ def test_agent_and_coordinator_commands_on_a_test_lab(settings: LabSettings) -> 
         assert sorted(lab.kill_coordinators()) == ["c1", "c2"]
         assert not any(is_alive(p) for p in before)
         lab.start_coordinator("c2")
-        wait_until("c2 leads", lambda: daemons.leader_name(lab.state()) == "c2")
+        eventually_blocking(
+            within=30.0, what="c2 leads", check=lambda: daemons.leader_name(lab.state()) == "c2"
+        )
         with pytest.raises(LabError, match="is running"):
             lab.start_coordinator("c2")
         lab.start_coordinator("c1")
@@ -91,15 +95,20 @@ def test_the_checker_sees_a_domain_on_two_real_hosts(real_lab: Lab, tmp_path: Pa
             assert out.returncode == 0, out.stderr
         with checker:
             started = time.time()
-            wait_until("the duplicate sampled", lambda: duplicate_seen(checker, started, name))
+            eventually_blocking(
+                within=30.0,
+                what="the duplicate sampled",
+                check=lambda: duplicate_seen(checker, started, name),
+            )
             assert checker.findings.count("duplicate") == 1
             assert checker.findings.episodes[0].subject == f"?{name}"
 
             real_lab.kill_libvirtd("h1")
             killed = time.time()
-            wait_until(
-                "a sample without h1's libvirtd",
-                lambda: any("h1" in s.unreachable for s in checker.since(killed)),
+            eventually_blocking(
+                within=30.0,
+                what="a sample without h1's libvirtd",
+                check=lambda: any("h1" in s.unreachable for s in checker.since(killed)),
             )
             blind = [s for s in checker.since(killed) if "h1" in s.unreachable]
             assert duplicate_seen(checker, blind[0].at, name) is not None  # QEMU still seen
@@ -107,9 +116,10 @@ def test_the_checker_sees_a_domain_on_two_real_hosts(real_lab: Lab, tmp_path: Pa
             real_lab.start_libvirtd("h1")
             assert is_alive(real_lab.state().hosts["h1"].libvirtd)
             back = time.time()
-            wait_until(
-                "h1's libvirtd answering the checker",
-                lambda: any(not s.unreachable for s in checker.since(back)),
+            eventually_blocking(
+                within=30.0,
+                what="h1's libvirtd answering the checker",
+                check=lambda: any(not s.unreachable for s in checker.since(back)),
             )
             # The restarted libvirtd found the running guest again.
             listed = hosts.virsh(real_lab.state().hosts["h1"], "list", "--name").stdout
@@ -117,9 +127,10 @@ def test_the_checker_sees_a_domain_on_two_real_hosts(real_lab: Lab, tmp_path: Pa
             for host in real_lab.state().hosts.values():
                 assert hosts.virsh(host, "destroy", name).returncode == 0
             gone = time.time()
-            wait_until(
-                "the domains gone",
-                lambda: any(not s.where() for s in checker.since(gone)),
+            eventually_blocking(
+                within=30.0,
+                what="the domains gone",
+                check=lambda: any(not s.where() for s in checker.since(gone)),
             )
         # One episode from before the kill through every sample taken blind (libvirtd
         # dead: the QEMU processes alone showed the guest). A session reconnecting to

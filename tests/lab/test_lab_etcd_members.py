@@ -9,7 +9,7 @@ from pathlib import Path
 from hvplace.lab import daemons, observe, workload
 from hvplace.lab.control import Lab
 from hvplace.lab.state import LabSettings
-from hvplace.proto.models import ClusterConfig
+from hvplace.proto.records import ClusterConfig
 from support.labs import assert_nothing_left
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import libvirt
 from hvplace.agent.domain_xml import domain_name
 from hvplace.lab.observe import ObserveError, anti_affinity_violations, read_cluster
-from hvplace.proto.models import VM, DomainState, Rule
+from hvplace.proto.records import VM, DomainState, Rule
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from hvplace.coordinator.placement import reasons
 from hvplace.coordinator.placement.groups import ConstraintGroup
 from hvplace.coordinator.placement.index import ClusterIndex
-from hvplace.proto.models import HostState, NodeAffinity, Resources
+from hvplace.proto.records import HostState, Resources
+from hvplace.proto.selectors import NodeAffinity
 
 _STATE_CODES = {
     HostState.CORDONED: reasons.HOST_CORDONED,

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
 from hvplace.coordinator.placement.index import ClusterIndex
-from hvplace.proto.models import NodeAffinity, Resources
+from hvplace.proto.records import Resources
+from hvplace.proto.selectors import NodeAffinity
 
 PREFERENCE_SCALE = 1000
 

@@ -6,15 +6,7 @@ from collections.abc import Iterable, Mapping
 
 from hvplace.coordinator.placement import Batch, Plan, place
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import (
-    VM,
-    Host,
-    HostState,
-    Resources,
-    Rule,
-    RuleKind,
-    ScopePolicy,
-)
+from hvplace.proto.records import VM, Host, HostState, Resources, Rule, RuleKind, ScopePolicy
 
 
 def host(

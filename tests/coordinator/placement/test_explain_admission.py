@@ -11,7 +11,7 @@ from hvplace.coordinator.placement import (
     reasons,
     rule_compliance,
 )
-from hvplace.proto.models import ScopePolicy
+from hvplace.proto.records import ScopePolicy
 
 
 def test_explain_groups_hosts_by_reason_like_the_spec_example() -> None:

@@ -8,21 +8,23 @@ from collections.abc import Mapping
 from hvplace.coordinator.failure import replace_lost
 from hvplace.coordinator.placement import Batch, check_admission, place
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.models import (
+from hvplace.proto.records import (
     VM,
     Enforcement,
     Host,
     HostState,
-    LabelExpression,
-    LabelSelector,
-    NodeAffinity,
-    NodeSelectorTerm,
     OnFailure,
-    Op,
     Resources,
     Rule,
     RuleKind,
     ScopePolicy,
+)
+from hvplace.proto.selectors import (
+    LabelExpression,
+    LabelSelector,
+    NodeAffinity,
+    NodeSelectorTerm,
+    Op,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st

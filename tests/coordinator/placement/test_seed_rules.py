@@ -14,19 +14,15 @@ from hvplace.coordinator.placement import (
     validate_rule_change,
 )
 from hvplace.proto.errors import Conflict, InvalidInput
-from hvplace.proto.models import VM as VMRecord
-from hvplace.proto.models import (
-    Enforcement,
+from hvplace.proto.records import VM as VMRecord
+from hvplace.proto.records import Enforcement, Resources, Rule, RuleKind, ScopePolicy
+from hvplace.proto.selectors import (
     LabelExpression,
     LabelSelector,
     NodeAffinity,
     NodeSelectorTerm,
     Op,
     PreferredTerm,
-    Resources,
-    Rule,
-    RuleKind,
-    ScopePolicy,
 )
 
 
@@ -415,7 +411,7 @@ def test_max_per_domain_and_min_domains_over_racks() -> None:
 
 
 def test_cordoned_draining_lost_hosts_take_nothing() -> None:
-    from hvplace.proto.models import HostState
+    from hvplace.proto.records import HostState
 
     cluster = [
         host("a", state=HostState.CORDONED),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from api_support import Api, running_api
-from hvplace.coordinator import cli
+from hvplace.cli import main as cli
+from hvplace.cli import vms
+from support.api import Api, running_api
 from support.etcd import EtcdServer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "lab" / "sample-cluster.toml"
@@ -87,7 +90,7 @@ async def test_cli_against_a_running_coordinator(
         "/boot/vmlinuz",
     )
     assert code == 0 and "web-1" in out and "scheduled" in out
-    assert out.splitlines()[0].split() == list(cli.VM_HEADERS)
+    assert out.splitlines()[0].split() == list(vms.VM_HEADERS)
     code, out, _ = await run(capsys, api, "--json", "vm", "list", "--scope", "acme")
     assert code == 0
     names = [v["spec"]["name"] for v in json.loads(out)["vms"]]
@@ -142,3 +145,23 @@ async def test_cli_against_a_running_coordinator(
     assert code == 1 and err.startswith("hvplace: not-found: ")
     code, _, err = await run(capsys, api, "vm", "create", "--scope", "acme", "bad..name")
     assert code == 1 and "incorrect" in err
+
+
+def test_lab_runs_the_labs_own_entry_point() -> None:
+    """`hvplace lab ...` becomes `python -m hvplace.lab ...`: its usage, its exit codes."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "hvplace.cli", "lab", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: hvplace lab")
+    bad = subprocess.run(
+        [sys.executable, "-m", "hvplace.cli", "lab", "no-such-command"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "no-such-command" in bad.stderr

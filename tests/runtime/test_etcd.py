@@ -11,7 +11,7 @@ import pytest
 from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.etcd import (
+from hvplace.runtime.etcd import (
     Endpoint,
     EtcdClient,
     EtcdTLS,

@@ -2,7 +2,8 @@
 value or an environment/flag string into a setting's declared type.
 
 Each daemon keeps its own dataclass, precedence rules and messages (agent/config.py,
-coordinator/config.py); the error texts name the file or variable and the key.
+coordinator/config.py); the error texts name the file or variable and the key. The etcd
+settings both carry share `EtcdSettings`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hvplace.proto.errors import InvalidInput
+from hvplace.runtime.etcd import EtcdAuth, EtcdTLS, parse_endpoints
 
 _TRUTH = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -40,7 +42,7 @@ def coerce(name: str, kind: str, value: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple) or not value:
             raise TypeError("a non-empty list of host:port")
-        # Kept as written (scheme included): hvplace.proto.etcd parses and validates them.
+        # Kept as written (scheme included): hvplace.runtime.etcd parses and validates them.
         return tuple(str(v).strip() for v in value)
     if name == "image_dirs":
         if isinstance(value, str):
@@ -78,3 +80,31 @@ def coerce(name: str, kind: str, value: Any) -> Any:
             raise TypeError("a string")
         return value
     raise AssertionError(f"no coercion for {name}: {kind}")
+
+
+class EtcdSettings:
+    """How a daemon reaches etcd, as both daemons' settings dataclasses declare it (the
+    fields are theirs, so each keeps its order and defaults): the TLS files and the user
+    those settings name, and their check."""
+
+    __slots__ = ()
+
+    etcd_endpoints: tuple[str, ...]
+    etcd_ca: Path | None
+    etcd_cert: Path | None
+    etcd_key: Path | None
+    etcd_user: str
+    etcd_password_file: Path | None
+
+    @property
+    def etcd_tls(self) -> EtcdTLS:
+        return EtcdTLS(ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
+
+    @property
+    def etcd_auth(self) -> EtcdAuth:
+        return EtcdAuth(user=self.etcd_user, password_file=self.etcd_password_file)
+
+    def check_etcd(self) -> None:
+        """The endpoints parse, TLS files go with https:// endpoints, the user has a password."""
+        self.etcd_tls.check(parse_endpoints(self.etcd_endpoints))
+        self.etcd_auth.check()

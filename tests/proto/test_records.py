@@ -6,28 +6,30 @@ import json
 
 import pytest
 from google.protobuf import json_format
-from hvplace.proto import keyspace, models
+from hvplace.proto import codec, keyspace, records, timing, validation
 from hvplace.proto.errors import InvalidInput
 from hvplace.proto.generate import stale_files
-from hvplace.proto.models import (
+from hvplace.proto.names import check_name
+from hvplace.proto.records import (
     VM,
     Assignment,
     ClusterConfig,
     Enforcement,
     HostInfo,
     Image,
+    Resources,
+    Rule,
+    RuleKind,
+    ScopePolicy,
+)
+from hvplace.proto.selectors import (
     LabelExpression,
     LabelSelector,
     NodeAffinity,
     NodeSelectorTerm,
     Op,
     PreferredTerm,
-    Resources,
-    Rule,
-    RuleKind,
-    ScopePolicy,
 )
-from hvplace.proto.names import check_name
 from hvplace.proto.v1 import hvplace_pb2 as pb
 
 VM_FULL = VM(
@@ -69,21 +71,21 @@ RECORDS = [
 
 @pytest.mark.parametrize(("record", "message"), RECORDS, ids=lambda r: type(r).__name__)
 def test_record_json_is_the_proto_json(record: object, message: type) -> None:
-    raw = models.dumps(record)
+    raw = codec.dumps(record)
     parsed = json_format.Parse(raw, message())
     back = json_format.MessageToDict(parsed, preserving_proto_field_name=True)
-    assert models.from_dict(type(record), back) == record
-    assert models.loads(type(record), raw) == record
+    assert codec.from_dict(type(record), back) == record
+    assert codec.loads(type(record), raw) == record
 
 
 def test_unknown_field_is_rejected() -> None:
     with pytest.raises(InvalidInput, match="unknown field"):
-        models.from_dict(VM, {"scope": "a", "name": "b", "colour": "red"})
+        codec.from_dict(VM, {"scope": "a", "name": "b", "colour": "red"})
 
 
 def test_bad_enum_is_rejected_with_the_field() -> None:
     with pytest.raises(InvalidInput, match=r"VM\.power"):
-        models.loads(VM, json.dumps({"scope": "a", "name": "b", "power": "on"}))
+        codec.loads(VM, json.dumps({"scope": "a", "name": "b", "power": "on"}))
 
 
 @pytest.mark.parametrize(
@@ -134,22 +136,24 @@ def test_good_names_pass() -> None:
 )
 def test_bad_vms_are_rejected(vm: VM, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        models.validate_vm(vm)
+        validation.validate_vm(vm)
 
 
 def test_rule_needs_two_members_or_a_selector() -> None:
     with pytest.raises(InvalidInput, match="at least two"):
-        models.validate_rule(Rule(scope="a", name="r", kind=RuleKind.ANTI_AFFINITY, members=("x",)))
+        validation.validate_rule(
+            Rule(scope="a", name="r", kind=RuleKind.ANTI_AFFINITY, members=("x",))
+        )
     with pytest.raises(InvalidInput, match="at most 40"):
-        models.validate_rule(
+        validation.validate_rule(
             Rule(scope="a", name="r" * 41, kind=RuleKind.AFFINITY, members=("x", "y"))
         )
 
 
 def test_unsafe_timing_budget_is_refused() -> None:
-    models.validate_cluster_config(ClusterConfig())
+    validation.validate_cluster_config(ClusterConfig())
     with pytest.raises(InvalidInput, match="unsafe timing budget"):
-        models.validate_cluster_config(ClusterConfig(lease_ttl_s=5, fence_after_s=4.9))
+        validation.validate_cluster_config(ClusterConfig(lease_ttl_s=5, fence_after_s=4.9))
 
 
 @pytest.mark.parametrize(
@@ -173,19 +177,19 @@ def test_the_watchdog_timeout_is_part_of_the_budget(
     less the clock margin (0.5 s)."""
     budget = ClusterConfig(lease_ttl_s=ttl, fence_after_s=fence, watchdog_timeout_s=watchdog)
     if safe:
-        models.validate_cluster_config(budget)
+        validation.validate_cluster_config(budget)
     else:
         with pytest.raises(InvalidInput, match="watchdog_timeout_s"):
-            models.validate_cluster_config(budget)
+            validation.validate_cluster_config(budget)
 
 
 @pytest.mark.parametrize(("ttl", "expected"), [(2, 1.0), (3, 1.0), (5, 2.0), (10, 4.0), (30, 12.0)])
 def test_derived_watchdog_timeout_is_the_largest_safe_whole_second(
     ttl: float, expected: float
 ) -> None:
-    fence = models.fence_after_for(ttl)
-    assert models.watchdog_timeout_for(ttl, fence) == expected
-    models.validate_cluster_config(
+    fence = timing.fence_after_for(ttl)
+    assert timing.watchdog_timeout_for(ttl, fence) == expected
+    validation.validate_cluster_config(
         ClusterConfig(lease_ttl_s=ttl, fence_after_s=fence, watchdog_timeout_s=expected)
     )
 
@@ -197,31 +201,31 @@ def test_generated_code_is_fresh() -> None:
 @pytest.mark.parametrize(
     "vm",
     [
-        models.VM(scope="acme", name="db-1"),
-        models.VM(
+        records.VM(scope="acme", name="db-1"),
+        records.VM(
             scope="s",
             name="web_2",
             labels={"app": "web", "tier": "front end"},
-            resources=models.Resources(vcpus=4, memory_mib=4096, disk_gib=20),
+            resources=records.Resources(vcpus=4, memory_mib=4096, disk_gib=20),
             description='quotes " and \\ and ünïcode',
         ),
     ],
 )
-def test_assignment_json_built_around_the_spec_is_the_same_bytes(vm: models.VM) -> None:
-    spec = models.dumps(vm)
+def test_assignment_json_built_around_the_spec_is_the_same_bytes(vm: records.VM) -> None:
+    spec = codec.dumps(vm)
     for host, epoch in (("hv1", 1), ("rack-2.host_7", 123456)):
-        a = models.Assignment(vm=vm, host=host, epoch=epoch)
-        raw = models.dumps_assignment(a, spec)
-        assert raw == models.dumps(a)
-        back = models.loads_assignment(raw, vm, spec)
+        a = records.Assignment(vm=vm, host=host, epoch=epoch)
+        raw = codec.dumps_assignment(a, spec)
+        assert raw == codec.dumps(a)
+        back = codec.loads_assignment(raw, vm, spec)
         assert back == a and back.vm is vm  # the spec object, not a second decode
     # Another VM's JSON in the assignment: decoded in full, never mixed up.
-    other = models.dumps(models.Assignment(vm=models.VM(scope="x", name="y"), host="h", epoch=2))
-    decoded = models.loads_assignment(other, vm, spec)
+    other = codec.dumps(records.Assignment(vm=records.VM(scope="x", name="y"), host="h", epoch=2))
+    decoded = codec.loads_assignment(other, vm, spec)
     assert decoded.vm.name == "y" and decoded.vm is not vm
     # Not the planner's shape (epoch as a string): the full decoder takes it.
-    odd = models.loads_assignment(b'{"epoch":"1","host":"h","vm":' + spec + b"}", vm, spec)
-    assert odd == models.Assignment(vm=vm, host="h", epoch=1)
+    odd = codec.loads_assignment(b'{"epoch":"1","host":"h","vm":' + spec + b"}", vm, spec)
+    assert odd == records.Assignment(vm=vm, host="h", epoch=1)
 
 
 # --------------------------------------------------------------------------- input limits
@@ -287,17 +291,17 @@ def test_vm_limits(changes: dict[str, object], message: str) -> None:
     import dataclasses
 
     with pytest.raises(InvalidInput, match=message) as info:
-        models.validate_vm(dataclasses.replace(SOUND, **changes))  # type: ignore[arg-type]
+        validation.validate_vm(dataclasses.replace(SOUND, **changes))  # type: ignore[arg-type]
     assert len(info.value.message) < 500
 
 
 def test_vm_record_size_is_bounded() -> None:
     labels = {f"hvplace.io/{'k' * 50}{i:02d}": "v" * 63 for i in range(64)}
     fat = VM(scope="a", name="b", labels=labels, image=Image(kernel="/boot/vmlinuz"))
-    models.validate_vm(fat)  # each field within its own limit
+    validation.validate_vm(fat)  # each field within its own limit
     with pytest.raises(InvalidInput, match="bytes as stored; at most 8192"):
-        models.check_vm_size(fat)
-    models.check_vm_size(VM_FULL)
+        validation.check_vm_size(fat)
+    validation.check_vm_size(VM_FULL)
 
 
 @pytest.mark.parametrize(
@@ -344,7 +348,7 @@ def test_vm_record_size_is_bounded() -> None:
 )
 def test_rule_limits(rule: Rule, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        models.validate_rule(rule)
+        validation.validate_rule(rule)
 
 
 @pytest.mark.parametrize(
@@ -353,14 +357,16 @@ def test_rule_limits(rule: Rule, message: str) -> None:
 )
 def test_policy_label_keys(keys: tuple[str, ...], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        models.validate_policy(ScopePolicy("a", label_anti_affinity=True, label_keys=keys))
-    models.validate_policy(ScopePolicy("a", label_anti_affinity=True, label_keys=("app", "x.io/y")))
+        validation.validate_policy(ScopePolicy("a", label_anti_affinity=True, label_keys=keys))
+    validation.validate_policy(
+        ScopePolicy("a", label_anti_affinity=True, label_keys=("app", "x.io/y"))
+    )
 
 
 def test_cluster_default_image_round_trips_and_is_validated() -> None:
     cfg = ClusterConfig(default_image=Image(kernel="/boot/vmlinuz", cmdline="quiet"))
-    raw = models.dumps(models.validate_cluster_config(cfg))
-    assert models.loads(ClusterConfig, raw) == cfg
+    raw = codec.dumps(validation.validate_cluster_config(cfg))
+    assert codec.loads(ClusterConfig, raw) == cfg
     message = json_format.Parse(raw, pb.ClusterConfig())
     assert message.default_image.kernel == "/boot/vmlinuz"
     for bad, words in (
@@ -369,27 +375,28 @@ def test_cluster_default_image_round_trips_and_is_validated() -> None:
         (Image(kernel="/k", cmdline="\x00"), "cmdline"),
     ):
         with pytest.raises(InvalidInput, match=words):
-            models.validate_cluster_config(ClusterConfig(default_image=bad))
+            validation.validate_cluster_config(ClusterConfig(default_image=bad))
     outside = ClusterConfig(default_image=Image(kernel="/boot/k"), image_roots=("/srv/images",))
     with pytest.raises(InvalidInput, match="outside the cluster's image roots"):
-        models.validate_cluster_config(outside)
+        validation.validate_cluster_config(outside)
     with pytest.raises(InvalidInput, match="image root"):
-        models.validate_cluster_config(ClusterConfig(image_roots=("srv",)))
+        validation.validate_cluster_config(ClusterConfig(image_roots=("srv",)))
     inside = ClusterConfig(
         default_image=Image(kernel="/srv/images/k"), image_roots=("/srv/images",)
     )
     assert (
-        models.loads(ClusterConfig, models.dumps(models.validate_cluster_config(inside))) == inside
+        codec.loads(ClusterConfig, codec.dumps(validation.validate_cluster_config(inside)))
+        == inside
     )
     with pytest.raises(InvalidInput, match="admission_topology"):
-        models.validate_cluster_config(ClusterConfig(admission_topology="rack\n"))
+        validation.validate_cluster_config(ClusterConfig(admission_topology="rack\n"))
 
 
 def test_decode_errors_quote_input_briefly() -> None:
     raw = json.dumps({"key": "k", "operator": "Near" * 5000})
     with pytest.raises(InvalidInput) as info:
-        models.loads(LabelExpression, raw)
+        codec.loads(LabelExpression, raw)
     assert "Near" in info.value.message and len(info.value.message) < 400
     with pytest.raises(InvalidInput) as info:
-        models.loads(LabelExpression, json.dumps({"k" * 5000: 1}))
+        codec.loads(LabelExpression, json.dumps({"k" * 5000: 1}))
     assert len(info.value.message) < 400

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hvplace.proto import settings
 from hvplace.proto.errors import InvalidInput
+from hvplace.runtime import settings
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
-"""A real coordinator API in-process for tests: the daemon's store, cache, planner and
-backend (standalone: no election, so every commit compares the assignments it read; or
-`fenced`, holding a leader key as an elected coordinator does, so the planner pipelines
-its commits), Operations, gRPC on a free port; hosts are played by writing HostInfo
-records under leases, as agents do."""
+"""A real coordinator API in-process for tests, assembled as the daemon assembles it
+(daemon.api_core: planner, backend, Operations) over a store and cache: standalone (no
+election, so every commit compares the assignments it read) or `fenced` (holding a
+leader key as an elected coordinator does, so the planner pipelines its commits); gRPC
+on a free port. Hosts are played by writing HostInfo records under leases, as agents do."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import grpc
 from hvplace.coordinator.api import ApiServer, start_api_server
 from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
-from hvplace.coordinator.operations import Operations
-from hvplace.coordinator.planner import Planner
+from hvplace.coordinator.daemon import api_core
 from hvplace.coordinator.store import Fence, Store
-from hvplace.proto import keyspace, models
-from hvplace.proto.models import AdmissionPolicy, ClusterConfig, HostInfo, Resources
+from hvplace.proto import codec, keyspace
+from hvplace.proto.records import AdmissionPolicy, ClusterConfig, HostInfo, Resources
 from hvplace.proto.v1 import hvplace_pb2_grpc as pb_grpc
+
 from support.etcd import EtcdServer
 
 
@@ -57,7 +57,7 @@ class Api:
             domain_type="test",
         )
         lease = await self.client.lease(lease_ttl)
-        await self.client.put(keyspace.host(name).encode(), models.dumps(info), lease=lease)
+        await self.client.put(keyspace.host(name).encode(), codec.dumps(info), lease=lease)
 
     async def add_hosts(self, count: int, prefix: str = "hv", **kw: int) -> None:
         lease = await self.client.lease(60)
@@ -75,14 +75,14 @@ class Api:
                     ),
                     domain_type="test",
                 )
-                ops.append(t.put(keyspace.host(name).encode(), models.dumps(info), lease=lease))
+                ops.append(t.put(keyspace.host(name).encode(), codec.dumps(info), lease=lease))
             await self.client.transaction(compare=[], success=ops, failure=[])
         await self.backend.fresh_view()
 
     async def set_admission_policy(self, policy: AdmissionPolicy) -> None:
         """Write the cluster config record (as the leader does from its config file)."""
         await self.client.put(
-            keyspace.CONFIG.encode(), models.dumps(ClusterConfig(admission_policy=policy))
+            keyspace.CONFIG.encode(), codec.dumps(ClusterConfig(admission_policy=policy))
         )
         await self.backend.fresh_view()
 
@@ -103,8 +103,9 @@ async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[A
     if fenced:
         key, lease = keyspace.ELECTION + "api-test", await store.grant(60)
         fence = Fence(key, await store.put(key, b"api-test", lease=lease))
-    backend = CoreBackend(store, cache, Planner(store, cache, lambda: fence), election=None)
-    server = await start_api_server(Operations(backend), "127.0.0.1:0")
+    core = api_core(store, cache, fence=lambda: fence)
+    backend = core.backend
+    server = await start_api_server(core.operations, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         yield Api(

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from aetcd import rpc  # etcd's generated gRPC stubs, as aetcd ships them
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.etcd_channel import RECONNECT_OPTIONS
+from hvplace.runtime.etcd_channel import RECONNECT_OPTIONS
 
 log = logging.getLogger(__name__)
 

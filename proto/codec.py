@@ -1,0 +1,240 @@
+"""The one codec between records (frozen dataclasses) and their messages' JSON mapping.
+
+`to_dict`/`dumps` write what etcd stores: compact, fields at their default omitted (read
+back by `from_dict`/`loads`, which restore them). `full_dict` writes every field, for an
+API reader that takes proto3 defaults (0, false, "") for what is left out. Each record
+class gets one plan, built once from its type hints: the API's and the cache's hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from hvplace.proto.errors import InvalidInput
+from hvplace.proto.names import clip, quote
+from hvplace.proto.records import VM, Assignment
+
+T = TypeVar("T")
+_Encoder = Callable[[Any], Any]
+_Decoder = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    compact: _Encoder
+    """Nested records as `to_dict` writes them (etcd)."""
+    full: _Encoder
+    """Nested records with every field (the API)."""
+    decode: _Decoder
+    default: Any
+    """The field's default, or dataclasses.MISSING for a required field."""
+
+
+_plans: dict[type, tuple[_Field, ...]] = {}
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _encode_any(value: Any, nested: _Encoder) -> Any:
+    """Any value, by its runtime type (the slow path, for a field not typed precisely)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return nested(value)
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_encode_any(v, nested) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode_any(v, nested) for k, v in value.items()}
+    return value
+
+
+def _encoder(tp: Any, nested: _Encoder) -> _Encoder:
+    """An encoder chosen once from a field's declared type; `nested` encodes records."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) != 1:
+            return lambda v: _encode_any(v, nested)
+        enc = _encoder(inner[0], nested)
+        return lambda v: None if v is None else enc(v)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not args:
+            return lambda v: [_encode_any(x, nested) for x in v]
+        item = _encoder(args[0], nested)
+        if item is _identity:
+            return list
+        return lambda v: [item(x) for x in v]
+    if origin in (Mapping, dict) or tp is dict:
+        args = typing.get_args(tp)
+        if len(args) != 2:
+            return lambda v: {str(k): _encode_any(x, nested) for k, x in v.items()}
+        value = _encoder(args[1], nested)
+        if value is _identity:
+            return dict
+        return lambda v: {str(k): value(x) for k, x in v.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return nested
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        return lambda v: v.value
+    if tp in (str, int, float, bool):
+        return _identity
+    return lambda v: _encode_any(v, nested)
+
+
+def _decoder(tp: Any) -> _Decoder:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        dec = _decoder(inner)
+        return lambda v: None if v is None else dec(v)
+    if origin is tuple:
+        dec = _decoder(typing.get_args(tp)[0])
+        return lambda v: tuple(dec(x) for x in v)
+    if origin in (Mapping, dict):
+        return lambda v: {str(k): str(x) for k, x in v.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        cls: type[Any] = tp
+        return lambda v: from_dict(cls, v)
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        enum_cls: type[StrEnum] = tp
+        return lambda v: enum_cls(v)
+    if tp is float:
+        return lambda v: float(v)
+    if tp is int:
+        return lambda v: int(v)
+    if tp in (str, bool):
+        return _identity
+    raise TypeError(f"no JSON codec for {tp!r}")
+
+
+def _no_decoder(tp: Any) -> _Decoder:
+    def refuse(_v: Any) -> Any:
+        raise TypeError(f"no JSON codec for {tp!r}")
+
+    return refuse
+
+
+def _plan(cls: type) -> tuple[_Field, ...]:
+    plan = _plans.get(cls)
+    if plan is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except (NameError, TypeError):
+            hints = {}  # a result type naming what it does not import: encoded by value
+        rows = []
+        for f in dataclasses.fields(cls):
+            tp = hints.get(f.name, Any)
+            try:
+                decode = _decoder(tp)
+            except (TypeError, ValueError):
+                decode = _no_decoder(tp)
+            if f.default is not dataclasses.MISSING:
+                default: Any = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            rows.append(
+                _Field(f.name, _encoder(tp, to_dict), _encoder(tp, full_dict), decode, default)
+            )
+        plan = _plans[cls] = tuple(rows)
+    return plan
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The record as its proto message's JSON mapping, fields at their default omitted."""
+    out: dict[str, Any] = {}
+    for f in _plan(type(obj)):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        out[f.name] = f.compact(value)
+    return out
+
+
+def full_dict(obj: Any) -> dict[str, Any]:
+    """Every field but those that are None, defaults included: unlike etcd's compact JSON
+    (read back by `from_dict`, which restores defaults), an API reader gets proto3
+    defaults (0, false, "") for what is left out, and a VM's default size is not zero."""
+    out: dict[str, Any] = {}
+    for f in _plan(type(obj)):
+        value = getattr(obj, f.name)
+        if value is not None:
+            out[f.name] = f.full(value)
+    return out
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build a record from JSON; a missing field takes its default, an unknown one is an error."""
+    if not isinstance(data, Mapping):
+        raise InvalidInput(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+    kwargs: dict[str, Any] = {}
+    plan = _plan(cls)
+    known = {f.name for f in plan}
+    unknown = set(data) - known
+    if unknown:
+        named = quote(", ".join(sorted(map(str, unknown))))
+        raise InvalidInput(f"{cls.__name__}: unknown field(s) {named}")
+    for f in plan:
+        if f.name in data:
+            try:
+                kwargs[f.name] = f.decode(data[f.name])
+            except (ValueError, TypeError, AttributeError) as e:
+                raise InvalidInput(f"{cls.__name__}.{f.name}: {clip(str(e))}") from None
+        elif f.default is dataclasses.MISSING:
+            raise InvalidInput(f"{cls.__name__}: field {f.name!r} is required")
+    return cls(**kwargs)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+"""One encoder for every record (`json.dumps` with options builds a new one per call)."""
+
+
+def dumps(obj: Any) -> bytes:
+    """The bytes stored in etcd: compact JSON, keys sorted so equal records are equal bytes."""
+    return _ENCODER.encode(to_dict(obj)).encode()
+
+
+def loads(cls: type[T], raw: bytes | str) -> T:
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise InvalidInput(f"{cls.__name__}: not JSON: {clip(str(e))}") from None
+    return from_dict(cls, data)
+
+
+def dumps_assignment(a: Assignment, vm_json: bytes) -> bytes:
+    """`dumps(a)` built around `vm_json` (= `dumps(a.vm)`), which the planner has already
+    encoded for the spec it writes in the same transaction. Same bytes, half the work."""
+    host = json.dumps(a.host)
+    return b'{"epoch":%d,"host":%s,"vm":%s}' % (a.epoch, host.encode(), vm_json)
+
+
+def loads_assignment(raw: bytes, vm: VM | None = None, vm_json: bytes = b"") -> Assignment:
+    """`loads(Assignment, raw)`, reusing `vm` when `raw` carries exactly `vm_json`
+    (its spec, seen in the same watch batch): only the epoch and host are decoded."""
+    tail = b',"vm":' + vm_json + b"}"
+    if vm is not None and vm_json and raw.endswith(tail):
+        try:
+            head = json.loads(raw[: len(raw) - len(tail)] + b"}")
+        except ValueError:
+            head = None
+        if (
+            isinstance(head, dict)
+            and head.keys() == {"epoch", "host"}
+            and isinstance(head["host"], str)
+            and type(head["epoch"]) is int
+        ):
+            return Assignment(vm=vm, host=head["host"], epoch=head["epoch"])
+    return loads(Assignment, raw)
