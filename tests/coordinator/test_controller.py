@@ -89,7 +89,7 @@ async def test_lost_host_vms_replaced_after_failover_delay(etcd: EtcdServer) -> 
         assert replaced.phase is Phase.SCHEDULED
         # Re-placed no sooner than failover_delay after the loss was recorded.
         assert replaced.since >= status.since + FAST.failover_delay_s - 0.05
-        await until(lambda: ctl.failovers == 1)  # the cache may see the commit first
+        await eventually(lambda: ctl.failovers == 1)  # the cache may see the commit first
 
 
 async def test_lost_host_vm_pending_until_capacity_returns(etcd: EtcdServer) -> None:
@@ -140,7 +140,7 @@ async def test_a_coordinator_started_after_a_host_died_declares_it_lost(etcd: Et
         # Not before one lease TTL from taking office: it cannot know when the key went.
         assert status.since >= office + FAST.lease_ttl_s - 0.1
         assert cache.vm_status.records["acme/a"].phase is Phase.SCHEDULED
-        await until(lambda: ctl.failovers == 1)  # the cache may see the commit first
+        await eventually(lambda: ctl.failovers == 1)  # the cache may see the commit first
 
 
 async def test_failover_leaving_a_vm_pending_takes_its_assignment_back(etcd: EtcdServer) -> None:
