@@ -75,6 +75,16 @@ class AdmissionCheck:
         return _report(result, self.policy, None)
 
 
+def combined(reports: Sequence[AdmissionReport]) -> AdmissionReport:
+    """The reports of one change checked in parts (a batch committed in chunks)."""
+    return AdmissionReport(
+        ok=all(r.ok for r in reports),
+        policy=reports[0].policy if reports else "",
+        impacts=tuple(i for r in reports for i in r.impacts),
+        warnings=tuple(w for r in reports for w in r.warnings),
+    )
+
+
 def join_keys(keys: Sequence[str], limit: int = 5) -> str:
     """`a`, `b` and 3 more: the keys a message names."""
     named = ", ".join(f"`{k}`" for k in keys[:limit])

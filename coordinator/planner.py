@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hvplace.coordinator.admission import AdmissionCheck, AdmissionReport
+from hvplace.coordinator.admission import AdmissionCheck, AdmissionReport, combined
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.failure import replace_lost
 from hvplace.coordinator.placement import Batch, Plan, place
@@ -92,7 +92,7 @@ class Planner:
                 await self.place_and_commit(vms[i : i + MAX_TXN_VMS], atomic=False)
                 for i in range(0, len(vms), MAX_TXN_VMS)
             ]
-            return _merge(outcomes)
+            return merge(outcomes)
 
         def compute(snap: Snapshot) -> tuple[Plan, Sequence[VM]]:
             return place(snap, Batch(tuple(vms), atomic=atomic)), vms
@@ -342,7 +342,7 @@ class Planner:
         return compares, puts, deletes, statuses, records
 
 
-def _merge(outcomes: Sequence[Outcome]) -> Outcome:
+def merge(outcomes: Sequence[Outcome]) -> Outcome:
     """The outcome of a batch committed in chunks, as one."""
     assignments: dict[str, str] = {}
     pending: dict[str, models.Explanation] = {}
@@ -359,4 +359,10 @@ def _merge(outcomes: Sequence[Outcome]) -> Outcome:
         pending=pending,
         degraded=degraded,
     )
-    return Outcome(plan, max((o.revision for o in outcomes), default=0), statuses)
+    reports = [o.admission for o in outcomes if o.admission is not None]
+    return Outcome(
+        plan,
+        max((o.revision for o in outcomes), default=0),
+        statuses,
+        combined(reports) if reports else None,
+    )

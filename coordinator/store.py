@@ -117,6 +117,13 @@ class Txn:
             raise ValueError(f"{key} was read present; it cannot be required absent")
         self._read[key] = (None, 0)
 
+    def fork(self) -> Txn:
+        """A new transaction that requires the same reads, without the writes (a batch
+        committed in several transactions, each under the same preconditions)."""
+        twin = Txn(self._store)
+        twin._read = dict(self._read)
+        return twin
+
     def put(self, key: str, value: bytes) -> None:
         self.deletes.pop(key, None)
         self.puts[key] = value

@@ -16,6 +16,7 @@ from hvplace.coordinator.operations.images import Catalogue
 from hvplace.coordinator.operations.noun import Noun, fingerprint, replay
 from hvplace.coordinator.operations.results import CreateVMsResult, VMView
 from hvplace.coordinator.placement import explain
+from hvplace.coordinator.planner import MAX_TXN_VMS, merge
 from hvplace.coordinator.store import Txn
 from hvplace.proto import keyspace, models
 from hvplace.proto.errors import Conflict, InvalidInput, NotFound, Unavailable
@@ -147,24 +148,37 @@ class VMs(Noun):
         ]
         for vm in stamped:
             models.check_vm_size(vm)
-            txn.require_absent(keyspace.vm(vm.scope, vm.name))
-        if request_id:
-            record = RequestRecord(
-                request_id=request_id,
-                kind="create_vms",
-                targets=tuple(keys),
-                fingerprint=digest,
-                created_at=now,
-            )
-            txn.put(keyspace.request(request_id), models.dumps(record))
         admission = AdmissionCheck.of(view.config) if self.admission_on_create else None
-        try:
-            outcome = await self.backend.place(stamped, atomic=atomic, admission=admission, txn=txn)
-        except Conflict:
-            # A concurrent retry of this very request won the race: answer as a replay.
-            if request_id and await replay(self.backend.txn(), request_id, "create_vms", digest):
-                return await self._replayed(keys)
-            raise
+        # One transaction, or (not atomic, too many for one) one per chunk, each under
+        # the reads made so far; the request record goes with the last.
+        size = len(stamped) if atomic else MAX_TXN_VMS
+        chunks = [stamped[i : i + size] for i in range(0, len(stamped), size)]
+        outcomes = []
+        for n, chunk in enumerate(chunks):
+            part = txn if len(chunks) == 1 else txn.fork()
+            for vm in chunk:
+                part.require_absent(keyspace.vm(vm.scope, vm.name))
+            if request_id and n == len(chunks) - 1:
+                record = RequestRecord(
+                    request_id=request_id,
+                    kind="create_vms",
+                    targets=tuple(keys),
+                    fingerprint=digest,
+                    created_at=now,
+                )
+                part.put(keyspace.request(request_id), models.dumps(record))
+            try:
+                outcomes.append(
+                    await self.backend.place(chunk, atomic=atomic, admission=admission, txn=part)
+                )
+            except Conflict:
+                # A concurrent retry of this very request won the race: answer as a replay.
+                if request_id and await replay(
+                    self.backend.txn(), request_id, "create_vms", digest
+                ):
+                    return await self._replayed(keys)
+                raise
+        outcome = outcomes[0] if len(outcomes) == 1 else merge(outcomes)
         plan = outcome.plan
         if atomic and plan.pending:
             blockers = [

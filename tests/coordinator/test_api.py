@@ -14,6 +14,7 @@ from coord_support import until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hvplace.coordinator.convert import to_proto
 from hvplace.coordinator.errors_grpc import error_info
+from hvplace.coordinator.planner import MAX_TXN_VMS
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import AdmissionPolicy
@@ -312,6 +313,21 @@ async def test_create_replies_with_what_etcd_holds(api: Api) -> None:
     replayed = await api.vm.CreateVMs(request)
     assert [v.spec for v in replayed.vms] == [v.spec for v in resp.vms]
     assert [v.status for v in replayed.vms] == [v.status for v in resp.vms]
+
+
+async def test_a_non_atomic_create_larger_than_one_transaction(api: Api) -> None:
+    """More VMs than one etcd transaction holds (planner.MAX_TXN_VMS) are committed in
+    parts, each under the request's preconditions (was: an internal error)."""
+    await api.add_hosts(40)
+    count = MAX_TXN_VMS + 1
+    request = pb.CreateVMsRequest(request_id="big", vms=[vm(f"v{i:04d}") for i in range(count)])
+    resp = await api.vm.CreateVMs(request)
+    assert len(resp.vms) == count and {v.status.phase for v in resp.vms} == {"scheduled"}
+    assert all(v.status.epoch == 1 for v in resp.vms)
+    stored = api.etcd.etcdctl("get", "--prefix", "--keys-only", keyspace.ASSIGNMENTS)
+    assert len([line for line in stored.splitlines() if line.strip()]) == count
+    replayed = await api.vm.CreateVMs(request)
+    assert [v.spec.uid for v in replayed.vms] == [v.spec.uid for v in resp.vms]
 
 
 async def test_idempotent_create_by_request_id(api: Api) -> None:
