@@ -142,6 +142,15 @@ async def test_fence_rejects_a_stale_token(store: Store) -> None:
     with pytest.raises(FenceLost):
         await store.commit([], {K + "x": b"2"}, fence=fence)
     assert lost == [fence]
+
+    async def overwrite(txn: Txn) -> None:
+        await txn.get(K + "x")
+        txn.put(K + "x", b"3")
+
+    # The read-modify-write is fenced too: no retry, nothing written.
+    with pytest.raises(FenceLost):
+        await store.update(overwrite, fence=fence)
+    assert lost == [fence, fence]
     assert (await store.get(K + "x")).value == b"1"  # type: ignore[union-attr]
     # An ordinary compare failure under a valid fence is a conflict, not a lost fence.
     fence2 = Fence(leader, (await store.get(leader)).create_revision)  # type: ignore[union-attr]
