@@ -1,5 +1,6 @@
-"""The gRPC API: translation only (proto ↔ records, errors ↔ status) around Operations, plus
-the standard health service and server reflection."""
+"""The gRPC API: translation only (proto ↔ records, errors ↔ status) around the API nouns
+(operations/), one servicer per service, plus the standard health service and server
+reflection."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from hvplace.coordinator.config import CoordinatorConfig
 from hvplace.coordinator.convert import from_proto, to_proto
 from hvplace.coordinator.errors_grpc import rich_status, unexpected
 from hvplace.coordinator.operations import Operations
+from hvplace.coordinator.operations.cluster import Cluster
+from hvplace.coordinator.operations.hosts import Hosts
+from hvplace.coordinator.operations.images import Catalogue
+from hvplace.coordinator.operations.rules import Rules
+from hvplace.coordinator.operations.vms import VMs
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
 from hvplace.proto import records
 from hvplace.proto.errors import HvplaceError, InvalidInput
@@ -52,80 +58,80 @@ async def _guard(context: Ctx, work: Awaitable[T]) -> T:
 
 
 class VMServicer(pb_grpc.VMServiceServicer):
-    def __init__(self, ops: Operations) -> None:
-        self.ops = ops
+    def __init__(self, vms: VMs) -> None:
+        self.vms = vms
 
     async def CreateVMs(self, request: pb.CreateVMsRequest, context: Ctx) -> pb.CreateVMsResponse:
         async def run() -> pb.CreateVMsResponse:
             vms = [from_proto(records.VM, m) for m in request.vms]
-            result = await self.ops.create_vms(request.request_id, vms, request.atomic)
+            result = await self.vms.create(request.request_id, vms, request.atomic)
             return to_proto(result, pb.CreateVMsResponse)
 
         return await _guard(context, run())
 
     async def GetVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
         async def run() -> pb.VMView:
-            return to_proto(await self.ops.get_vm(request.scope, request.name), pb.VMView)
+            return to_proto(await self.vms.get(request.scope, request.name), pb.VMView)
 
         return await _guard(context, run())
 
     async def ListVMs(self, request: pb.ListVMsRequest, context: Ctx) -> pb.ListVMsResponse:
         async def run() -> pb.ListVMsResponse:
-            views = await self.ops.list_vms(request.scope, request.host, request.phase)
+            views = await self.vms.list(request.scope, request.host, request.phase)
             return pb.ListVMsResponse(vms=[to_proto(v, pb.VMView) for v in views])
 
         return await _guard(context, run())
 
     async def DeleteVM(self, request: pb.DeleteVMRequest, context: Ctx) -> pb.Empty:
         async def run() -> pb.Empty:
-            await self.ops.delete_vm(request.scope, request.name)
+            await self.vms.delete(request.scope, request.name)
             return pb.Empty()
 
         return await _guard(context, run())
 
     async def StartVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
         async def run() -> pb.VMView:
-            view = await self.ops.set_power(request.scope, request.name, records.Power.RUNNING)
+            view = await self.vms.set_power(request.scope, request.name, records.Power.RUNNING)
             return to_proto(view, pb.VMView)
 
         return await _guard(context, run())
 
     async def StopVM(self, request: pb.VMRef, context: Ctx) -> pb.VMView:
         async def run() -> pb.VMView:
-            view = await self.ops.set_power(request.scope, request.name, records.Power.STOPPED)
+            view = await self.vms.set_power(request.scope, request.name, records.Power.STOPPED)
             return to_proto(view, pb.VMView)
 
         return await _guard(context, run())
 
     async def ExplainVM(self, request: pb.VMRef, context: Ctx) -> pb.Explanation:
         async def run() -> pb.Explanation:
-            e = await self.ops.explain_vm(request.scope, request.name)
+            e = await self.vms.explain(request.scope, request.name)
             return to_proto(e, pb.Explanation)
 
         return await _guard(context, run())
 
 
 class RuleServicer(pb_grpc.RuleServiceServicer):
-    def __init__(self, ops: Operations) -> None:
-        self.ops = ops
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
 
     async def CreateRule(self, request: pb.CreateRuleRequest, context: Ctx) -> pb.RuleResponse:
         async def run() -> pb.RuleResponse:
             rule = from_proto(records.Rule, request.rule)
-            result = await self.ops.create_rule(request.request_id, rule, request.rebalance)
+            result = await self.rules.create(request.request_id, rule, request.rebalance)
             return to_proto(result, pb.RuleResponse)
 
         return await _guard(context, run())
 
     async def GetRule(self, request: pb.RuleRef, context: Ctx) -> pb.RuleView:
         async def run() -> pb.RuleView:
-            return to_proto(await self.ops.get_rule(request.scope, request.name), pb.RuleView)
+            return to_proto(await self.rules.get(request.scope, request.name), pb.RuleView)
 
         return await _guard(context, run())
 
     async def ListRules(self, request: pb.ListRulesRequest, context: Ctx) -> pb.ListRulesResponse:
         async def run() -> pb.ListRulesResponse:
-            views = await self.ops.list_rules(request.scope)
+            views = await self.rules.list(request.scope)
             return pb.ListRulesResponse(rules=[to_proto(v, pb.RuleView) for v in views])
 
         return await _guard(context, run())
@@ -133,75 +139,75 @@ class RuleServicer(pb_grpc.RuleServiceServicer):
     async def UpdateRule(self, request: pb.UpdateRuleRequest, context: Ctx) -> pb.RuleResponse:
         async def run() -> pb.RuleResponse:
             rule = from_proto(records.Rule, request.rule)
-            result = await self.ops.update_rule(rule, request.rebalance)
+            result = await self.rules.update(rule, request.rebalance)
             return to_proto(result, pb.RuleResponse)
 
         return await _guard(context, run())
 
     async def DeleteRule(self, request: pb.DeleteRuleRequest, context: Ctx) -> pb.Empty:
         async def run() -> pb.Empty:
-            await self.ops.delete_rule(request.scope, request.name, request.force)
+            await self.rules.delete(request.scope, request.name, request.force)
             return pb.Empty()
 
         return await _guard(context, run())
 
     async def SetScopePolicy(self, request: pb.ScopePolicy, context: Ctx) -> pb.ScopePolicy:
         async def run() -> pb.ScopePolicy:
-            policy = await self.ops.set_policy(from_proto(records.ScopePolicy, request))
+            policy = await self.rules.set_policy(from_proto(records.ScopePolicy, request))
             return to_proto(policy, pb.ScopePolicy)
 
         return await _guard(context, run())
 
     async def GetScopePolicy(self, request: pb.ScopeRef, context: Ctx) -> pb.ScopePolicy:
         async def run() -> pb.ScopePolicy:
-            return to_proto(await self.ops.get_policy(request.scope), pb.ScopePolicy)
+            return to_proto(await self.rules.get_policy(request.scope), pb.ScopePolicy)
 
         return await _guard(context, run())
 
 
 class HostServicer(pb_grpc.HostServiceServicer):
-    def __init__(self, ops: Operations) -> None:
-        self.ops = ops
+    def __init__(self, hosts: Hosts) -> None:
+        self.hosts = hosts
 
     async def ListHosts(self, request: pb.Empty, context: Ctx) -> pb.ListHostsResponse:
         async def run() -> pb.ListHostsResponse:
-            views = await self.ops.list_hosts()
+            views = await self.hosts.list()
             return pb.ListHostsResponse(hosts=[to_proto(v, pb.HostView) for v in views])
 
         return await _guard(context, run())
 
     async def GetHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
         async def run() -> pb.HostView:
-            return to_proto(await self.ops.get_host(request.name), pb.HostView)
+            return to_proto(await self.hosts.get(request.name), pb.HostView)
 
         return await _guard(context, run())
 
     async def CordonHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
         async def run() -> pb.HostView:
-            return to_proto(await self.ops.cordon(request.name), pb.HostView)
+            return to_proto(await self.hosts.cordon(request.name), pb.HostView)
 
         return await _guard(context, run())
 
     async def UncordonHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
         async def run() -> pb.HostView:
-            return to_proto(await self.ops.uncordon(request.name), pb.HostView)
+            return to_proto(await self.hosts.uncordon(request.name), pb.HostView)
 
         return await _guard(context, run())
 
     async def DrainHost(self, request: pb.HostRef, context: Ctx) -> pb.HostView:
         async def run() -> pb.HostView:
-            return to_proto(await self.ops.drain(request.name), pb.HostView)
+            return to_proto(await self.hosts.drain(request.name), pb.HostView)
 
         return await _guard(context, run())
 
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
-    def __init__(self, ops: Operations) -> None:
-        self.ops = ops
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
 
     async def GetClusterStatus(self, request: pb.Empty, context: Ctx) -> pb.ClusterStatus:
         async def run() -> pb.ClusterStatus:
-            return to_proto(await self.ops.cluster_status(), pb.ClusterStatus)
+            return to_proto(await self.cluster.status(), pb.ClusterStatus)
 
         return await _guard(context, run())
 
@@ -209,14 +215,14 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         self, request: pb.WatchEventsRequest, context: Ctx
     ) -> AsyncIterator[pb.Event]:
         try:
-            async for event in self.ops.events(request.kinds):
+            async for event in self.cluster.events(request.kinds):
                 yield to_proto(event, pb.Event)
         except HvplaceError as e:
             await _abort(context, e)
 
     async def Simulate(self, request: pb.SimulateRequest, context: Ctx) -> pb.SimulateResponse:
         async def run() -> pb.SimulateResponse:
-            result = await self.ops.simulate(
+            result = await self.cluster.simulate(
                 list(request.fail_hosts), request.topology_key, request.domain
             )
             return to_proto(result, pb.SimulateResponse)
@@ -225,38 +231,38 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
 
     async def CheckAdmission(self, request: pb.Empty, context: Ctx) -> pb.AdmissionReport:
         async def run() -> pb.AdmissionReport:
-            return to_proto(await self.ops.check_headroom(), pb.AdmissionReport)
+            return to_proto(await self.cluster.headroom(), pb.AdmissionReport)
 
         return await _guard(context, run())
 
 
 class ImageServicer(pb_grpc.ImageServiceServicer):
-    def __init__(self, ops: Operations) -> None:
-        self.ops = ops
+    def __init__(self, images: Catalogue) -> None:
+        self.images = images
 
     async def AddImage(self, request: pb.Image, context: Ctx) -> pb.Image:
         async def run() -> pb.Image:
-            image = await self.ops.images.add(from_proto(records.Image, request))
+            image = await self.images.add(from_proto(records.Image, request))
             return to_proto(image, pb.Image)
 
         return await _guard(context, run())
 
     async def GetImage(self, request: pb.ImageRef, context: Ctx) -> pb.Image:
         async def run() -> pb.Image:
-            return to_proto(await self.ops.images.get(request.name), pb.Image)
+            return to_proto(await self.images.get(request.name), pb.Image)
 
         return await _guard(context, run())
 
     async def ListImages(self, request: pb.Empty, context: Ctx) -> pb.ListImagesResponse:
         async def run() -> pb.ListImagesResponse:
-            images = await self.ops.images.list_all()
+            images = await self.images.list_all()
             return pb.ListImagesResponse(images=[to_proto(i, pb.Image) for i in images])
 
         return await _guard(context, run())
 
     async def DeleteImage(self, request: pb.DeleteImageRequest, context: Ctx) -> pb.Empty:
         async def run() -> pb.Empty:
-            await self.ops.images.delete(request.name, request.force)
+            await self.images.delete(request.name, request.force)
             return pb.Empty()
 
         return await _guard(context, run())
@@ -359,11 +365,11 @@ async def start_api_server(
     if auth is not None:
         interceptors.append(AuthInterceptor(auth))
     server = grpc.aio.server(interceptors=interceptors)
-    pb_grpc.add_VMServiceServicer_to_server(VMServicer(ops), server)
-    pb_grpc.add_RuleServiceServicer_to_server(RuleServicer(ops), server)
-    pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops), server)
-    pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(ops), server)
-    pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(ops), server)
+    pb_grpc.add_VMServiceServicer_to_server(VMServicer(ops.vms), server)
+    pb_grpc.add_RuleServiceServicer_to_server(RuleServicer(ops.rules), server)
+    pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops.hosts), server)
+    pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(ops.cluster), server)
+    pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(ops.images), server)
     checker = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     package = pb.DESCRIPTOR.package

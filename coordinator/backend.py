@@ -1,24 +1,26 @@
-"""The API's Backend (operations.Backend) over the coordinator's store, cache, planner and
-election: what the gRPC API's Operations call, in the daemon and in tests alike."""
+"""The API's Backend (operations.backend.Backend) over the coordinator's store, cache,
+planner and election: the domain verbs the API nouns call, in the daemon and in tests."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from hvplace.coordinator import cache as kinds
+from hvplace.coordinator.admission import AdmissionCheck
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.election import Election
-from hvplace.coordinator.operations import ClusterView, EtcdChange, Leadership
-from hvplace.coordinator.placement import Plan
-from hvplace.coordinator.planner import Planner
-from hvplace.coordinator.snapshot import Snapshot
-from hvplace.coordinator.store import Compare, Fence, Store
+from hvplace.coordinator.operations.backend import ClusterView, EtcdChange, Leadership
+from hvplace.coordinator.planner import Outcome, Planner
+from hvplace.coordinator.store import Fence, Store, Txn
 from hvplace.proto.records import VM
+
+T = TypeVar("T")
 
 
 class CoreBackend:
-    """operations.Backend over this package's store, cache, planner and election: what the
-    gRPC API's Operations call. Every write is fenced with the current leader's token."""
+    """operations.backend.Backend over this package's store, cache, planner and election.
+    Every write is fenced with the current leader's token."""
 
     def __init__(
         self, store: Store, cache: Cache, planner: Planner, election: Election | None
@@ -65,50 +67,33 @@ class CoreBackend:
             fencing_token=fence.revision if fence is not None else 0,
         )
 
-    async def get(self, key: str) -> tuple[bytes, int] | None:
+    async def read(self, key: str) -> bytes | None:
         kv = await self.store.get(key)
-        return None if kv is None else (kv.value, kv.mod_revision)
+        return None if kv is None else kv.value
 
-    async def list_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+    async def read_prefix(self, prefix: str) -> list[bytes]:
         kvs, _revision = await self.store.list_prefix(prefix)
-        return [(kv.key, kv.value) for kv in kvs]
+        return [kv.value for kv in kvs]
 
-    async def commit(
-        self,
-        compares: Sequence[tuple[str, int]],
-        puts: Sequence[tuple[str, bytes]],
-        deletes: Sequence[str] = (),
-    ) -> bool:
-        rev = await self.store.commit(
-            [Compare.unchanged(k, r) for k, r in compares],
-            dict(puts),
-            list(deletes),
-            fence=self._fence(),
-        )
-        if rev:
-            await self.cache.wait_for_revision(rev)
-        return bool(rev)
+    async def update(self, fn: Callable[[Txn], Awaitable[T]], *, subject: str) -> T:
+        done = await self.store.update(fn, fence=self._fence(), subject=subject)
+        if done.revision:
+            await self.cache.wait_for_revision(done.revision)
+        return done.result
 
-    async def place_and_commit(
+    def txn(self) -> Txn:
+        return Txn(self.store)
+
+    async def place(
         self,
         vms: Sequence[VM],
+        *,
         atomic: bool,
-        extra_puts: Sequence[tuple[str, bytes]],
-        extra_absent: Sequence[str],
-        check: Callable[[Snapshot, Plan], None] | None = None,
-        extra_unchanged: Sequence[tuple[str, int]] = (),
-    ) -> Plan:
+        admission: AdmissionCheck | None,
+        txn: Txn,
+    ) -> Outcome:
         self._fence()  # refuse early on a standby
-        return await self.planner.place_and_commit(
-            vms,
-            atomic=atomic,
-            extra_puts=dict(extra_puts),
-            extra_compares=[
-                *(Compare.absent(k) for k in extra_absent),
-                *(Compare.unchanged(k, r) for k, r in extra_unchanged),
-            ],
-            check=check,
-        )
+        return await self.planner.place_and_commit(vms, atomic=atomic, admission=admission, txn=txn)
 
     async def changes(self) -> AsyncIterator[EtcdChange]:
         async for c in self.cache.subscribe():

@@ -323,8 +323,9 @@ class Controller:
             ]
             if not current:
                 continue
-            plan = await self.planner.place_and_commit(current, atomic=False)
-            self._observe(Outcome(plan, 1))
+            outcome = await self.planner.place_and_commit(current, atomic=False)
+            self._observe(outcome)
+            plan = outcome.plan
             if plan.assignments:
                 log.info(
                     "placed %d pending VMs (%d still pending)",

@@ -1,29 +1,29 @@
 """Commit a placement plan in one fenced, optimistic etcd transaction (Nomad plan_apply, k8s
-GuaranteedUpdate): compare what the plan read, and on conflict refresh, re-plan, retry."""
+GuaranteedUpdate): compare what the plan read, and on conflict refresh, re-plan, retry
+(the one retry policy, store.CONFLICT_RETRY). Returns the whole outcome: the plan, the
+statuses it wrote and the failover admission report it was checked against."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hvplace.coordinator.admission import AdmissionCheck, AdmissionReport, combined
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.failure import replace_lost
 from hvplace.coordinator.placement import Batch, Plan, place
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.coordinator.store import Compare, Fence, Store
+from hvplace.coordinator.store import CONFLICT_RETRY, Compare, Fence, Retry, Store, Txn
 from hvplace.proto import codec, keyspace, records
 from hvplace.proto.errors import Busy, Conflict
 from hvplace.proto.records import VM, Assignment, HAPriority, Phase, VMStatus
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 10
-"""Optimistic attempts before `Busy` (Nomad's plan applier retries likewise, bounded)."""
 MAX_TXN_VMS = 500
 """VMs per transaction: up to 3 operations and 3 compares each within etcd's
 --max-txn-ops 4096 (README); a larger non-atomic batch is committed in chunks."""
@@ -31,11 +31,14 @@ MAX_TXN_VMS = 500
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A committed plan and the revision it was committed at (0: nothing to write)."""
+    """A committed plan, the revision it was committed at (0: nothing written), the status
+    records it wrote (by VM key, as stored) and, when asked for, the failover admission
+    report of the plan committed."""
 
     plan: Plan
     revision: int
     statuses: Mapping[str, VMStatus] = field(default_factory=dict)
+    admission: AdmissionReport | None = None
 
 
 PlanFn = Callable[[Snapshot], tuple[Plan, Sequence[VM]]]
@@ -52,13 +55,13 @@ class Planner:
         cache: Cache,
         fence: Callable[[], Fence | None] = lambda: None,
         *,
-        attempts: int = ATTEMPTS,
+        retry: Retry = CONFLICT_RETRY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.cache = cache
         self.fence = fence
-        self.attempts = attempts
+        self.retry = retry
         self.clock = clock
         self.lock = asyncio.Lock()
         self.conflicts = 0
@@ -72,38 +75,31 @@ class Planner:
         vms: Sequence[VM],
         *,
         atomic: bool,
-        extra_puts: Mapping[str, bytes] | None = None,
-        extra_compares: Sequence[Compare] = (),
-        check: Callable[[Snapshot, Plan], None] | None = None,
-    ) -> Plan:
-        """Place `vms` and commit, with `extra_puts` and `extra_compares`, their specs (when
-        new or changed), assignments and statuses. A VM already placed is moved only if
-        the engine places it elsewhere. With `atomic`, nothing is written unless every
-        VM is placed. Raises Conflict when an extra compare fails (caller's
-        precondition), Busy after repeated conflicts, FenceLost when deposed."""
+        admission: AdmissionCheck | None = None,
+        txn: Txn | None = None,
+    ) -> Outcome:
+        """Place `vms` and commit their specs (when new or changed), assignments and
+        statuses, with the caller's `txn`: its reads are compared (one that changed is a
+        Conflict, the caller's precondition) and its writes committed in the same
+        transaction. A VM already placed is moved only if the engine places it
+        elsewhere. With `admission`, each attempt's plan is checked before anything is
+        written (a refusal raises). With `atomic`, nothing is written unless every VM is
+        placed. Busy after repeated conflicts, FenceLost when deposed."""
         if not atomic and len(vms) > MAX_TXN_VMS:
-            if extra_puts or extra_compares:
-                raise ValueError("extra puts/compares need one transaction (atomic or small)")
-            plans = [
+            if txn is not None or admission is not None:
+                raise ValueError("a caller's txn or admission needs one transaction")
+            outcomes = [
                 await self.place_and_commit(vms[i : i + MAX_TXN_VMS], atomic=False)
                 for i in range(0, len(vms), MAX_TXN_VMS)
             ]
-            return _merge(plans)
+            return merge(outcomes)
 
         def compute(snap: Snapshot) -> tuple[Plan, Sequence[VM]]:
-            plan = place(snap, Batch(tuple(vms), atomic=atomic))
-            if check is not None:
-                check(snap, plan)  # e.g. failover admission; raising aborts the commit
-            return plan, vms
+            return place(snap, Batch(tuple(vms), atomic=atomic)), vms
 
-        outcome = await self.commit_with(
-            compute,
-            write_specs=True,
-            atomic=atomic,
-            extra_puts=extra_puts or {},
-            extra_compares=extra_compares,
+        return await self.commit_with(
+            compute, write_specs=True, atomic=atomic, admission=admission, txn=txn
         )
-        return outcome.plan
 
     async def replace_lost(self, lost_hosts: Collection[str]) -> Outcome:
         """Re-place the VMs of `lost_hosts` by HA priority. One that cannot be placed goes
@@ -120,12 +116,11 @@ class Planner:
             keys = [*plan.assignments, *plan.pending]
             return plan, [snap.vms[k] for k in keys if k in snap.vms]
 
+        unregistered = Txn(self.store)
+        for h in sorted(lost):
+            unregistered.require_absent(keyspace.host(h))
         return await self.commit_with(
-            compute,
-            write_specs=False,
-            atomic=False,
-            extra_compares=[Compare.absent(keyspace.host(h)) for h in sorted(lost)],
-            unassign_from=lost,
+            compute, write_specs=False, atomic=False, txn=unregistered, unassign_from=lost
         )
 
     def _snapshot(self) -> Snapshot:
@@ -147,36 +142,45 @@ class Planner:
         *,
         write_specs: bool,
         atomic: bool,
-        extra_puts: Mapping[str, bytes] | None = None,
-        extra_compares: Sequence[Compare] = (),
+        admission: AdmissionCheck | None = None,
+        txn: Txn | None = None,
         unassign_from: Collection[str] = (),
     ) -> Outcome:
-        """Compute and commit one plan, retrying conflicts against fresh state.
+        """Compute and commit one plan, retrying conflicts against fresh state; `txn` and
+        `admission` as in `place_and_commit` (admission takes the plan's VMs as the change).
 
         Under a fence, plans are pipelined: the lock covers computing a plan and sending
         its transaction; the next plan is computed while this one commits, with this
         one's placements laid over the snapshot until the cache shows them. Without a
         fence the lock covers the whole commit (every assignment is compared then)."""
-        for attempt in range(self.attempts):
+        preconditions = txn.compares if txn is not None else []
+        for attempt in range(self.retry.attempts):
             async with self.lock:
                 started = time.perf_counter()
                 snap = self._snapshot()
                 plan, vms = compute(snap)
+                report = None
+                if admission is not None:
+                    # On this attempt's own plan: the report matches what is committed.
+                    placed = None if plan.pending else plan
+                    report = admission.run(snap, extra_vms=vms, extra_plan=placed)
                 if atomic and plan.pending:
-                    return Outcome(plan, 0)
+                    return Outcome(plan, 0, admission=report)
                 compares, puts, deletes, statuses, records = self._writes(
                     snap, plan, vms, write_specs, unassign_from
                 )
-                puts.update(extra_puts or {})
-                compares.extend(extra_compares)
+                if txn is not None:
+                    puts.update(txn.puts)
+                    deletes.extend(k for k in txn.deletes if k not in deletes)
+                compares.extend(preconditions)
                 fence = self.fence()
                 if fence is None:
                     # Without a fence nothing serializes writers: compare every assignment.
                     compares.append(
                         Compare.prefix_unchanged_since(keyspace.ASSIGNMENTS, snap.revision)
                     )
-                if not puts and not deletes and not extra_compares:
-                    return Outcome(plan, 0, statuses)
+                if not puts and not deletes and not preconditions:
+                    return Outcome(plan, 0, statuses, report)
                 self.cache.expect({k: (puts[k], r) for k, r in records.items()})
                 self._ticket += 1
                 ticket = self._ticket
@@ -192,17 +196,16 @@ class Planner:
             if fence is not None:
                 revision = await self._settle(sending, ticket, records)
             if revision:
-                outcome = Outcome(plan, revision, statuses)
+                outcome = Outcome(plan, revision, statuses, report)
                 if self.on_committed is not None:
                     self.on_committed(outcome, time.perf_counter() - started)
                 return outcome
             self.conflicts += 1
-            await self._check_preconditions(extra_compares)
-            # Someone wrote between our read and our commit: back off with jitter so
-            # two writers do not collide again in lockstep, catch up, re-plan.
-            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+            await self._check_preconditions(preconditions)
+            # Someone wrote between our read and our commit: back off, catch up, re-plan.
+            await self.retry.pause(attempt)
             await self.cache.fresh()
-        raise Busy(f"placement kept conflicting after {self.attempts} attempts; retry")
+        raise Busy(f"placement kept conflicting after {self.retry.attempts} attempts; retry")
 
     async def _settle(
         self, sending: asyncio.Future[int], ticket: int, records: Mapping[str, object]
@@ -339,17 +342,27 @@ class Planner:
         return compares, puts, deletes, statuses, records
 
 
-def _merge(plans: Sequence[Plan]) -> Plan:
+def merge(outcomes: Sequence[Outcome]) -> Outcome:
+    """The outcome of a batch committed in chunks, as one."""
     assignments: dict[str, str] = {}
     pending: dict[str, records.Explanation] = {}
     degraded: dict[str, tuple[str, ...]] = {}
-    for p in plans:
-        assignments.update(p.assignments)
-        pending.update(p.pending)
-        degraded.update(p.degraded)
-    return Plan(
-        revision=plans[-1].revision if plans else 0,
+    statuses: dict[str, VMStatus] = {}
+    for o in outcomes:
+        assignments.update(o.plan.assignments)
+        pending.update(o.plan.pending)
+        degraded.update(o.plan.degraded)
+        statuses.update(o.statuses)
+    plan = Plan(
+        revision=outcomes[-1].plan.revision if outcomes else 0,
         assignments=assignments,
         pending=pending,
         degraded=degraded,
+    )
+    reports = [o.admission for o in outcomes if o.admission is not None]
+    return Outcome(
+        plan,
+        max((o.revision for o in outcomes), default=0),
+        statuses,
+        combined(reports) if reports else None,
     )

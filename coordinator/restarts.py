@@ -19,12 +19,13 @@ from hvplace.coordinator.phases import failures_text, reports_current
 from hvplace.coordinator.placement import Batch, Plan, place
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.coordinator.store import Compare, Store
+from hvplace.coordinator.store import Store, Txn
 from hvplace.proto import codec, keyspace, records
 from hvplace.proto.errors import Busy
 from hvplace.proto.records import (
     TOPOLOGY_HOST,
     VM,
+    Assignment,
     DomainState,
     DomainStatus,
     Phase,
@@ -134,14 +135,15 @@ class Restarts:
                     host=a.host, epoch=a.epoch, reason=domain.last_error, at=self.wall()
                 )
                 log.warning("VM %s failed to start on %s: %s", key, a.host, domain.last_error)
-                status = dataclasses.replace(
+                recorded = dataclasses.replace(
                     status, start_failures=(*status.start_failures, failure)
                 )
-                await self._write(key, status)
+                await self._write(key, status, recorded)
+                status = recorded
                 failed_here = True
             elif domain.state is DomainState.RUNNING and status.start_failures:
                 # It runs: the count is of failures in a row, so it starts over.
-                await self._write(key, dataclasses.replace(status, start_failures=()))
+                await self._write(key, status, dataclasses.replace(status, start_failures=()))
                 return
         if failed_here:
             await self._move(vm, status)
@@ -200,27 +202,31 @@ class Restarts:
             since=self.wall(),
             explanation=None,
         )
-        deletes = []
-        compares = []
-        akey = self.cache.assignment_key(vm.key)
-        if akey is not None:
-            deletes.append(akey[0])
-            compares.append(Compare.unchanged(*akey))
-        await self._write(vm.key, failed, compares, deletes)
+        await self._write(vm.key, status, failed, unassign=True)
 
     async def _write(
-        self,
-        key: str,
-        status: VMStatus,
-        compares: Sequence[Compare] = (),
-        deletes: Sequence[str] = (),
+        self, key: str, basis: VMStatus, status: VMStatus, unassign: bool = False
     ) -> None:
+        """Write `status` over the VM's status record through the one read-modify-write,
+        if the record is still `basis` (what the decision was made from; else Busy, and
+        the next pass decides again); with `unassign`, its assignment (as the cache
+        holds it) is deleted in the same transaction."""
         cache = self.cache
         skey = keyspace.vm_status(status.scope, status.name)
-        cmp = [Compare.unchanged(skey, cache.vm_status.revs.get(key, 0)), *compares]
-        rev = await self.store.commit(
-            cmp, {skey: codec.dumps(status)}, list(deletes), fence=self.planner.fence()
-        )
-        if not rev:
-            raise Busy(f"VM {key} changed while its start failure was recorded")
-        await cache.wait_for_revision(rev)
+        assignment = cache.assignments.records.get(key) if unassign else None
+        akey = keyspace.assignment(assignment.host, status.scope, status.name) if assignment else ""
+
+        async def change(txn: Txn) -> None:
+            raw = await txn.get(skey)
+            if raw is None or codec.loads(VMStatus, raw) != basis:
+                raise Busy(f"VM {key} changed while its start failure was recorded")
+            if assignment is not None:
+                held = await txn.get(akey)
+                if held is None or codec.loads(Assignment, held) != assignment:
+                    raise Busy(f"VM {key} was placed again while it was given up")
+                txn.delete(akey)
+            txn.put(skey, codec.dumps(status))
+
+        done = await self.store.update(change, fence=self.planner.fence(), subject=f"VM {key}")
+        if done.revision:
+            await cache.wait_for_revision(done.revision)

@@ -1,13 +1,16 @@
-"""The coordinator's one seam to etcd: typed reads, fenced optimistic transactions, the
-read-modify-write helper, leases and a resumable watch (over hvplace.runtime.etcd's client)."""
+"""The coordinator's one seam to etcd: typed reads, fenced optimistic transactions, the one
+read-modify-write helper (`update`, over a `Txn`) and its retry policy, leases and a
+resumable watch (over hvplace.runtime.etcd's client)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aetcd import rpc
 from hvplace.proto import keyspace
@@ -20,9 +23,26 @@ from hvplace.runtime.etcd import WatchStream as WatchStream
 
 log = logging.getLogger(__name__)
 
-UPDATE_RETRIES = 8
-"""Read-modify-write attempts before `Busy` (k8s GuaranteedUpdate retries until it wins;
-we bound it so a hot key answers `busy` instead of spinning)."""
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How an optimistic write retries a conflict: at most `attempts` tries, each after a
+    jittered pause growing by `backoff_s` (two writers do not collide again in lockstep)."""
+
+    attempts: int
+    backoff_s: float
+
+    async def pause(self, attempt: int) -> None:
+        """Before retry number `attempt` + 1 (attempt counts from 0)."""
+        await asyncio.sleep(random.uniform(0, self.backoff_s * (attempt + 1)))
+
+
+CONFLICT_RETRY = Retry(attempts=10, backoff_s=0.005)
+"""The one retry policy of every optimistic write, records (`Store.update`) and plans
+(`Planner`) alike. k8s GuaranteedUpdate retries until it wins and Nomad's plan applier is
+bounded likewise: bounded, so a hot key answers `busy` instead of spinning."""
 
 LIST_PAGE = 5_000
 """Keys per range request when listing: keeps each response far below gRPC's message cap."""
@@ -70,6 +90,65 @@ class Compare:
 
 class FenceLost(Interrupted):
     """A fenced commit was rejected because the fencing token is no longer the leader's."""
+
+
+class Txn:
+    """The reads and writes of one attempt of a read-modify-write (etcd's concurrency STM):
+    every key read is compared at commit with the revision it was read at (a key read as
+    absent must still be absent), so the writes land only on the state they were decided
+    from. Writes are buffered until the commit; a key is read from etcd once per attempt."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._read: dict[str, tuple[bytes | None, int]] = {}
+        self.puts: dict[str, bytes] = {}
+        self.deletes: dict[str, None] = {}  # ordered set
+
+    async def get(self, key: str) -> bytes | None:
+        """The key's value (None: absent), from etcd (linearizable) on the first read."""
+        if key not in self._read:
+            kv = await self._store.get(key)
+            self._read[key] = (kv.value, kv.mod_revision) if kv is not None else (None, 0)
+        return self._read[key][0]
+
+    def require_absent(self, key: str) -> None:
+        """The commit requires `key` to be absent, without reading it."""
+        if self._read.get(key, (None, 0))[1]:
+            raise ValueError(f"{key} was read present; it cannot be required absent")
+        self._read[key] = (None, 0)
+
+    def fork(self) -> Txn:
+        """A new transaction that requires the same reads, without the writes (a batch
+        committed in several transactions, each under the same preconditions)."""
+        twin = Txn(self._store)
+        twin._read = dict(self._read)
+        return twin
+
+    def put(self, key: str, value: bytes) -> None:
+        self.deletes.pop(key, None)
+        self.puts[key] = value
+
+    def delete(self, key: str) -> None:
+        self.puts.pop(key, None)
+        self.deletes[key] = None
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.puts or self.deletes)
+
+    @property
+    def compares(self) -> list[Compare]:
+        """What the commit requires: every key as it was read."""
+        return [Compare.unchanged(k, rev) for k, (_v, rev) in self._read.items()]
+
+
+@dataclass(frozen=True, slots=True)
+class Updated(Generic[T]):
+    """What an update function returned, and the revision its writes were committed at
+    (0: it wrote nothing)."""
+
+    result: T
+    revision: int
 
 
 def _kv(raw: Any) -> KV:
@@ -254,29 +333,29 @@ class Store:
 
     async def update(
         self,
-        key: str,
-        fn: Callable[[bytes | None], bytes | None],
+        fn: Callable[[Txn], Awaitable[T]],
         *,
         fence: Fence | None,
-        retries: int = UPDATE_RETRIES,
-    ) -> bytes | None:
-        """Read-modify-write of one key (k8s GuaranteedUpdate): `fn` gets the current value
-        (None if absent) and returns the new one (None deletes). It must be pure: it is
-        re-run on every conflict. Raises Busy after `retries` conflicts."""
-        for _ in range(retries):
-            current = await self.get(key)
-            old = current.value if current is not None else None
-            new = fn(old)
-            if new == old:
-                return new
-            compare = Compare.unchanged(key, current.mod_revision if current else 0)
-            if new is None:
-                done = await self.commit([compare], {}, [key], fence=fence)
-            else:
-                done = await self.commit([compare], {key: new}, fence=fence)
-            if done:
-                return new
-        raise Busy(f"{key} kept changing under {retries} attempts to update it; retry")
+        subject: str = "the records",
+        retry: Retry = CONFLICT_RETRY,
+    ) -> Updated[T]:
+        """The one read-modify-write (k8s GuaranteedUpdate, etcd's STM): `fn` reads through
+        the `Txn` it is given and buffers its writes there; they are committed in one
+        transaction that requires every key read unchanged (and the fence). On a conflict
+        `fn` runs again on a fresh `Txn`, so it must decide from what it reads and have no
+        other effect; what it raises aborts with nothing written. Busy after
+        `retry.attempts` conflicts, naming `subject` (what is being updated)."""
+        for attempt in range(retry.attempts):
+            if attempt:
+                await retry.pause(attempt - 1)
+            txn = Txn(self)
+            result = await fn(txn)
+            if not txn.writes:
+                return Updated(result, 0)
+            revision = await self.commit(txn.compares, txn.puts, list(txn.deletes), fence=fence)
+            if revision:
+                return Updated(result, revision)
+        raise Busy(f"{subject} kept changing under {retry.attempts} attempts to update it; retry")
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         """An unconditional put (the election's own key); prefer `commit` elsewhere."""

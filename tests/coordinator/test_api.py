@@ -10,8 +10,11 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hvplace.coordinator.convert import to_proto
 from hvplace.coordinator.errors_grpc import error_info
+from hvplace.coordinator.planner import MAX_TXN_VMS
 from hvplace.coordinator.snapshot import Snapshot
+from hvplace.proto import codec, keyspace, records
 from hvplace.proto.records import AdmissionPolicy
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from support.api import Api, running_api
@@ -276,6 +279,57 @@ async def test_admission_counts_a_create_still_committing(etcd: EtcdServer) -> N
         assert names == ["db0", created[0].vms[0].spec.name]
 
 
+async def test_create_replies_with_what_etcd_holds(api: Api) -> None:
+    """A create's reply is built from what was committed: each VM's spec and status equal
+    the records etcd holds (the epoch, the time, a pending VM's explanation), read back
+    with etcdctl; a replay of the request answers the same."""
+    await api.add_host("hv1")
+    spread = pb.Rule(
+        scope="acme",
+        name="spread",
+        kind="anti_affinity",
+        enforcement="required",
+        selector=pb.LabelSelector(match_labels={"app": "web"}),
+        topology_key="host",
+        max_per_domain=1,
+    )
+    await api.rule.CreateRule(pb.CreateRuleRequest(rule=spread))
+    request = pb.CreateVMsRequest(request_id="r1", vms=[vm("w1", app="web"), vm("w2", app="web")])
+    resp = await api.vm.CreateVMs(request)
+
+    def stored(key: str, record: type[Any], msg: type[Any]) -> Any:
+        """The record etcd holds, as the API would send it."""
+        raw = api.etcd.etcdctl("get", "--print-value-only", key)
+        return to_proto(codec.loads(record, raw.strip().encode()), msg)
+
+    for got in resp.vms:
+        name = got.spec.name
+        assert got.spec == stored(keyspace.vm("acme", name), records.VM, pb.VM)
+        assert got.status == stored(keyspace.vm_status("acme", name), records.VMStatus, pb.VMStatus)
+        assert got.status.since > 0
+    placed, pending = resp.vms  # one per host: w2 cannot be placed
+    assert (placed.status.phase, placed.status.host, placed.status.epoch) == ("scheduled", "hv1", 1)
+    assert pending.status.phase == "pending" and pending.status.explanation.reasons
+    replayed = await api.vm.CreateVMs(request)
+    assert [v.spec for v in replayed.vms] == [v.spec for v in resp.vms]
+    assert [v.status for v in replayed.vms] == [v.status for v in resp.vms]
+
+
+async def test_a_non_atomic_create_larger_than_one_transaction(api: Api) -> None:
+    """More VMs than one etcd transaction holds (planner.MAX_TXN_VMS) are committed in
+    parts, each under the request's preconditions (was: an internal error)."""
+    await api.add_hosts(40)
+    count = MAX_TXN_VMS + 1
+    request = pb.CreateVMsRequest(request_id="big", vms=[vm(f"v{i:04d}") for i in range(count)])
+    resp = await api.vm.CreateVMs(request)
+    assert len(resp.vms) == count and {v.status.phase for v in resp.vms} == {"scheduled"}
+    assert all(v.status.epoch == 1 for v in resp.vms)
+    stored = api.etcd.etcdctl("get", "--prefix", "--keys-only", keyspace.ASSIGNMENTS)
+    assert len([line for line in stored.splitlines() if line.strip()]) == count
+    replayed = await api.vm.CreateVMs(request)
+    assert [v.spec.uid for v in replayed.vms] == [v.spec.uid for v in resp.vms]
+
+
 async def test_idempotent_create_by_request_id(api: Api) -> None:
     await api.add_host("hv1")
     request = pb.CreateVMsRequest(request_id="same", vms=[vm("x")])
@@ -376,7 +430,7 @@ async def test_health_and_reflection(api: Api) -> None:
 
 
 async def test_standby_answers_writes_with_unavailable(etcd: EtcdServer) -> None:
-    from hvplace.coordinator.operations import Leadership
+    from hvplace.coordinator.operations.backend import Leadership
 
     async with running_api(etcd) as a:
         a.backend.leadership = lambda: Leadership(is_leader=False, leader="coord-2")  # type: ignore[method-assign]

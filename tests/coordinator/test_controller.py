@@ -130,7 +130,7 @@ async def test_a_coordinator_started_after_a_host_died_declares_it_lost(etcd: Et
         office = time.time()
         # Before it declares hv1 lost, `host list` shows it (an assignment names it).
         ops = api_core(store, cache).operations
-        listed = {h.info.name: h for h in await ops.list_hosts()}
+        listed = {h.info.name: h for h in await ops.hosts.list()}
         assert listed["hv1"].status is not None and not listed["hv1"].alive
         assert listed["hv1"].status.state is HostState.LOST
         assert listed["hv1"].vms == ("acme/a",)

@@ -162,13 +162,13 @@ async def test_an_image_deleted_during_a_create_fails_the_create(api: Api) -> No
     """The create commits only if each image it copied is unchanged: a delete landing
     between the read and the commit (forced or not) leaves no VM with a vanished image."""
     await api.image.AddImage(TINY)
-    place_and_commit = api.backend.place_and_commit
+    place = api.backend.place
 
     async def after_a_concurrent_delete(*args: object, **kw: object) -> object:
         await api.client.delete(keyspace.image("tiny").encode())
-        return await place_and_commit(*args, **kw)  # type: ignore[arg-type]
+        return await place(*args, **kw)  # type: ignore[arg-type]
 
-    api.backend.place_and_commit = after_a_concurrent_delete  # type: ignore[method-assign,assignment]
+    api.backend.place = after_a_concurrent_delete  # type: ignore[method-assign,assignment]
     await refused(
         api.vm.CreateVMs(pb.CreateVMsRequest(vms=[by_image("web")])),
         "conflict",

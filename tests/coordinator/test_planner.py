@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 from coord_support import host, register, running, vm
 from hvplace.coordinator.planner import Planner
-from hvplace.coordinator.store import Compare, Fence, FenceLost
+from hvplace.coordinator.store import Fence, FenceLost, Txn
 from hvplace.proto import codec, keyspace
 from hvplace.proto.errors import Conflict
 from hvplace.proto.records import Assignment, HostState, HostStatus, Phase, Rule, RuleKind, VMStatus
@@ -25,11 +25,17 @@ async def test_place_and_commit_new_vms_in_one_txn(etcd: EtcdServer) -> None:
         planner = Planner(store, cache)
         vms = [vm("a"), vm("b")]
         before = await store.revision()
-        extra = {keyspace.request("req-1"): b"{}"}
-        absent = [Compare.absent(keyspace.vm("acme", v.name)) for v in vms]
-        plan = await planner.place_and_commit(
-            vms, atomic=True, extra_puts=extra, extra_compares=absent
-        )
+
+        def create() -> Txn:
+            """The caller's side of the transaction: a request record, new names only."""
+            txn = Txn(store)
+            txn.put(keyspace.request("req-1"), b"{}")
+            for v in vms:
+                txn.require_absent(keyspace.vm("acme", v.name))
+            return txn
+
+        outcome = await planner.place_and_commit(vms, atomic=True, txn=create())
+        plan = outcome.plan
         assert set(plan.assignments) == {"acme/a", "acme/b"}
         # One transaction: one revision for every key.
         kvs, _ = await store.list_prefix(keyspace.ROOT)
@@ -40,9 +46,14 @@ async def test_place_and_commit_new_vms_in_one_txn(etcd: EtcdServer) -> None:
         assert a.epoch == 1 and a.host == plan.assignments["acme/a"]
         st = cache.vm_status.records["acme/a"]
         assert st.phase is Phase.SCHEDULED and st.host == a.host
+        # The outcome holds the statuses exactly as committed.
+        assert outcome.revision == written[keyspace.vm_status("acme", "a")]
+        assert dict(outcome.statuses) == {
+            k: cache.vm_status.records[k] for k in ("acme/a", "acme/b")
+        }
         # The same create again fails its caller's precondition.
         with pytest.raises(Conflict):
-            await planner.place_and_commit(vms, atomic=True, extra_compares=absent)
+            await planner.place_and_commit(vms, atomic=True, txn=create())
 
 
 async def test_pending_with_reason_and_atomic_writes_nothing(etcd: EtcdServer) -> None:
@@ -51,9 +62,13 @@ async def test_pending_with_reason_and_atomic_writes_nothing(etcd: EtcdServer) -
         await cache.fresh()
         planner = Planner(store, cache)
         rev = cache.revision
-        plan = await planner.place_and_commit([vm("a"), vm("big", memory_mib=4096)], atomic=True)
+        plan = (
+            await planner.place_and_commit([vm("a"), vm("big", memory_mib=4096)], atomic=True)
+        ).plan
         assert plan.pending and (await store.revision()) == rev
-        plan = await planner.place_and_commit([vm("a"), vm("big", memory_mib=4096)], atomic=False)
+        plan = (
+            await planner.place_and_commit([vm("a"), vm("big", memory_mib=4096)], atomic=False)
+        ).plan
         assert "acme/a" in plan.assignments and "acme/big" in plan.pending
         st = cache.vm_status.records["acme/big"]
         assert st.phase is Phase.PENDING and "memory" in st.reason and st.explanation is not None
@@ -72,7 +87,7 @@ async def test_replace_lost_moves_with_higher_epoch(etcd: EtcdServer) -> None:
         rule = Rule(scope="acme", name="sep", kind=RuleKind.ANTI_AFFINITY, members=("a", "b"))
         await store.put(keyspace.rule("acme", "sep"), codec.dumps(rule))
         await cache.fresh()
-        plan = await planner.place_and_commit([vm("a")], atomic=False)
+        plan = (await planner.place_and_commit([vm("a")], atomic=False)).plan
         src = plan.assignments["acme/a"]
         other = "hv2" if src == "hv1" else "hv1"
         await store.revoke(lease) if src == "hv1" else None
@@ -85,7 +100,7 @@ async def test_replace_lost_moves_with_higher_epoch(etcd: EtcdServer) -> None:
         assert a.host == other and a.epoch == 2
         assert await store.get(keyspace.assignment("hv1", "acme", "a")) is None
         # b cannot go anywhere now: hv1 is lost and hv2 holds a.
-        plan = await planner.place_and_commit([vm("b")], atomic=False)
+        plan = (await planner.place_and_commit([vm("b")], atomic=False)).plan
         assert "acme/b" in plan.pending
 
 
@@ -107,7 +122,7 @@ async def test_conflict_is_retried_against_fresh_state(etcd: EtcdServer) -> None
             return await real(*args, **kwargs)
 
         store.commit = racing_commit  # type: ignore[method-assign]
-        plan = await planner.place_and_commit([vm("a")], atomic=False)
+        plan = (await planner.place_and_commit([vm("a")], atomic=False)).plan
         assert planner.conflicts == 1
         assert "acme/a" in plan.pending  # re-planned: a cordoned host takes nothing
 
@@ -177,7 +192,7 @@ async def test_pipelined_fenced_commits_never_overbook_or_break_a_rule(etcd: Etc
             *(planner.place_and_commit(batch, atomic=False) for batch in batches)
         )
         assert max(sent) >= 2, "the batches never overlapped: the test proves nothing"
-        assert sum(len(p.assignments) for p in plans) == 50
+        assert sum(len(o.plan.assignments) for o in plans) == 50
         await cache.fresh()
         per_host: dict[str, int] = {}
         dbs: dict[str, int] = {}

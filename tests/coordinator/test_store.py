@@ -6,8 +6,17 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from hvplace.coordinator.store import Compacted, Compare, Fence, FenceLost, Store
-from hvplace.proto.errors import Busy, Unavailable
+from hvplace.coordinator.store import (
+    Compacted,
+    Compare,
+    Fence,
+    FenceLost,
+    Retry,
+    Store,
+    Txn,
+    Updated,
+)
+from hvplace.proto.errors import Busy, Conflict, Unavailable
 from support.etcd import EtcdServer
 
 K = "/hvplace/v1/test/"
@@ -48,45 +57,75 @@ async def test_update_reruns_the_function_on_conflict(store: Store) -> None:
     await store.put(K + "n", b"0")
     calls = 0
 
-    def bump(old: bytes | None) -> bytes:
+    async def bump(txn: Txn) -> bytes:
         nonlocal calls
         calls += 1
-        return str(int(old or b"0") + 1).encode()
+        new = str(int(await txn.get(K + "n") or b"0") + 1).encode()
+        if calls == 1:
+            # A concurrent writer changes the key between this read and the commit.
+            await store.put(K + "n", b"10")
+        txn.put(K + "n", new)
+        return new
 
-    async def meddle() -> None:
-        await store.put(K + "n", b"10")
+    done = await store.update(bump, fence=None)
+    assert (done.result, calls) == (b"11", 2)
+    kv = await store.get(K + "n")
+    assert kv is not None and kv.value == b"11" and kv.mod_revision == done.revision
 
-    # A concurrent writer changes the key between the first read and its commit.
-    real_get = store.get
-    first = True
+    async def read_only(txn: Txn) -> bytes | None:
+        return await txn.get(K + "n")
 
-    async def racing_get(key: str):  # type: ignore[no-untyped-def]
-        nonlocal first
-        kv = await real_get(key)
-        if first:
-            first = False
-            await meddle()
-        return kv
+    # Nothing written: no commit, revision 0.
+    assert await store.update(read_only, fence=None) == Updated(b"11", 0)
 
-    store.get = racing_get  # type: ignore[method-assign]
-    assert await store.update(K + "n", bump, fence=None) == b"11"
-    assert calls == 2
-    store.get = real_get  # type: ignore[method-assign]
-    # None deletes; an unchanged value writes nothing.
-    assert await store.update(K + "n", lambda old: old, fence=None) == b"11"
-    assert await store.update(K + "n", lambda old: None, fence=None) is None
+    async def remove(txn: Txn) -> None:
+        await txn.get(K + "n")
+        txn.delete(K + "n")
+
+    assert (await store.update(remove, fence=None)).revision > done.revision
     assert await store.get(K + "n") is None
 
 
-async def test_update_gives_up_busy(store: Store) -> None:
-    async def racing_get(key: str):  # type: ignore[no-untyped-def]
-        kv = await Store.get(store, key)
-        await store.put(key, b"other")
-        return kv
+async def test_update_of_several_keys_compares_every_key_read(store: Store) -> None:
+    """A key read as absent must still be absent: a create racing another create of the
+    same key re-runs and sees it, and the function decides again (here: refuses)."""
+    attempts = 0
 
-    store.get = racing_get  # type: ignore[method-assign]
-    with pytest.raises(Busy):
-        await store.update(K + "hot", lambda old: b"mine", fence=None, retries=3)
+    async def create(txn: Txn) -> None:
+        nonlocal attempts
+        attempts += 1
+        if await txn.get(K + "a") is not None:
+            raise Conflict("a exists")
+        txn.require_absent(K + "b")
+        if attempts == 1:
+            await store.put(K + "a", b"theirs")
+        txn.put(K + "a", b"mine")
+        txn.put(K + "b", b"mine")
+
+    with pytest.raises(Conflict):
+        await store.update(create, fence=None)
+    assert attempts == 2
+    a = await store.get(K + "a")
+    assert a is not None and a.value == b"theirs" and await store.get(K + "b") is None
+
+
+async def test_update_gives_up_busy(store: Store) -> None:
+    calls = 0
+
+    async def contended(txn: Txn) -> None:
+        nonlocal calls
+        calls += 1
+        await txn.get(K + "hot")
+        await store.put(K + "hot", b"other")  # someone else always writes first
+        txn.put(K + "hot", b"mine")
+
+    with pytest.raises(Busy, match="the hot key kept changing under 3 attempts"):
+        await store.update(
+            contended, fence=None, subject="the hot key", retry=Retry(attempts=3, backoff_s=0)
+        )
+    assert calls == 3
+    kv = await store.get(K + "hot")
+    assert kv is not None and kv.value == b"other"
 
 
 async def test_fence_rejects_a_stale_token(store: Store) -> None:
@@ -103,6 +142,15 @@ async def test_fence_rejects_a_stale_token(store: Store) -> None:
     with pytest.raises(FenceLost):
         await store.commit([], {K + "x": b"2"}, fence=fence)
     assert lost == [fence]
+
+    async def overwrite(txn: Txn) -> None:
+        await txn.get(K + "x")
+        txn.put(K + "x", b"3")
+
+    # The read-modify-write is fenced too: no retry, nothing written.
+    with pytest.raises(FenceLost):
+        await store.update(overwrite, fence=fence)
+    assert lost == [fence, fence]
     assert (await store.get(K + "x")).value == b"1"  # type: ignore[union-attr]
     # An ordinary compare failure under a valid fence is a conflict, not a lost fence.
     fence2 = Fence(leader, (await store.get(leader)).create_revision)  # type: ignore[union-attr]
