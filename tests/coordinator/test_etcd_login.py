@@ -10,54 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 from aetcd import rpc
 from coord_support import until
-from hvplace.coordinator.etcd_auth import EtcdAdmin, add_agent, init_auth
 from hvplace.proto import keyspace
 from hvplace.proto.etcd import EtcdAuth, EtcdClient, EtcdTLS
-from support.etcd import EtcdCerts, EtcdServer, make_certs
+from support.etcd import EtcdCerts, EtcdServer
+from support.etcd_auth import add_host_user, auth_etcd
 
 BCRYPT_COST = 14
-"""16x etcd's default: about a second per check of agent-hv1's password on this hardware
-(the other users keep the default cost, so setting up stays quick)."""
-
-
-def _admin(
-    server: EtcdServer, certs: EtcdCerts, work: Callable[[EtcdAdmin], Awaitable[Any]]
-) -> None:
-    async def run() -> None:
-        creds = grpc.ssl_channel_credentials(
-            certs.ca.read_bytes(), certs.client_key.read_bytes(), certs.client_cert.read_bytes()
-        )
-        async with grpc.aio.secure_channel(server.endpoint, creds) as channel:
-            await work(EtcdAdmin(channel, timeout_s=60))
-
-    asyncio.run(run())
+"""16x etcd's default: about a second per check of agent-hv1's password on this hardware."""
 
 
 @pytest.fixture
 def slow_auth_etcd(tmp_path: Path) -> Iterator[tuple[EtcdServer, EtcdCerts]]:
-    """A private etcd over TLS with auth on: users root and agent-hv1, whose password
-    etcd hashed with BCRYPT_COST."""
-    certs = make_certs(tmp_path / "pki")
-    server = EtcdServer(tls=certs)
-    server.start()
-    try:
-        _admin(server, certs, lambda admin: init_auth(admin, "r00t", "coordinator-pw"))
-        server.stop()
-        server.extra_args = ["--bcrypt-cost", str(BCRYPT_COST)]
-        server.start()
-        (tmp_path / "hv1").write_text("hv1-pw\n")
-        _admin(server, certs, lambda admin: add_agent(admin, "r00t", "hv1", "hv1-pw"))
-        yield server, certs
-    finally:
-        server.close()
+    with auth_etcd(tmp_path, ("hv1",), bcrypt_cost=BCRYPT_COST) as server_certs:
+        yield server_certs
 
 
 @pytest.fixture
@@ -134,25 +105,16 @@ async def test_a_lease_renewal_does_not_wait_for_a_login(
 
 @pytest.fixture
 def jwt_etcd(tmp_path: Path) -> Iterator[tuple[EtcdServer, EtcdCerts]]:
-    """A private etcd over TLS with auth on and signed (JWT) tokens, which carry the auth
-    revision they were issued at: users root and agent-hv1."""
-    certs = make_certs(tmp_path / "pki")
+    """Signed (JWT) tokens, which carry the auth revision they were issued at."""
     key, public = tmp_path / "jwt.key", tmp_path / "jwt.pub"
     for argv in (
         ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
         ["ec", "-in", str(key), "-pubout", "-out", str(public)],
     ):
         subprocess.run(["openssl", *argv], check=True, capture_output=True)
-    server = EtcdServer(tls=certs)
-    server.extra_args = [f"--auth-token=jwt,pub-key={public},priv-key={key},sign-method=ES256"]
-    server.start()
-    try:
-        _admin(server, certs, lambda admin: init_auth(admin, "r00t", "coordinator-pw"))
-        (tmp_path / "hv1").write_text("hv1-pw\n")
-        _admin(server, certs, lambda admin: add_agent(admin, "r00t", "hv1", "hv1-pw"))
-        yield server, certs
-    finally:
-        server.close()
+    flag = f"--auth-token=jwt,pub-key={public},priv-key={key},sign-method=ES256"
+    with auth_etcd(tmp_path, ("hv1",), extra=(flag,)) as server_certs:
+        yield server_certs
 
 
 async def test_a_change_to_users_or_roles_costs_one_login(
@@ -169,9 +131,7 @@ async def test_a_change_to_users_or_roles_costs_one_login(
     )
     try:
         await _registered(client)
-        await asyncio.to_thread(
-            _admin, server, certs, lambda admin: add_agent(admin, "r00t", "hv2", "hv2-pw")
-        )
+        await asyncio.to_thread(add_host_user, server, "hv2", tmp_path / "hv2")
         reply = await client.range(_get_host(), timeout_s=30)
         assert reply.kvs[0].value == b"{}"
         assert client.logins == 2
