@@ -5,8 +5,11 @@ Starts etcd and an `hvplace-coordinator` process (or one in this process with
 (create → assignment committed), batched creates from concurrent clients, then raw
 batched etcd txn puts on the same etcd.
 Prints one JSON line with --json. Run: python bench/commit.py --json
-`--secure`: the API over TLS with a bearer token checked on every call (certificates made
-by openssl, the token in an auth file), as production runs it; run both for the cost.
+`--secure`: as the lab and production run it -- the API over TLS with a bearer token
+checked on every call (certificates made by openssl, the token in an auth file), and etcd
+serving clients over TLS with client certificates and auth on, the coordinator logged in
+as etcd user `coordinator`; run both for the cost. The benchmark's own etcd work (host
+registration, raw puts) then goes as root over a plain loopback listener of the same etcd.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ class _Bearer(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return await continuation(details, request)
 
 
+ROOT_PASSWORD = "bench-root"
+
+
 def _security(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], Any]:
     """Coordinator settings (HVPLACE_* variables) and the client channel's makings."""
     if not args.secure:
@@ -106,20 +112,72 @@ def _security(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], Any
 
     certs = make_certs(work / "pki")
     token = auth.add_token(work / "auth.toml", "bench", auth.Role.OPERATOR)
+    (work / "etcd-coordinator").write_text("bench-coordinator\n")
     env = {
         "HVPLACE_TLS_CERT": str(certs.server_cert),
         "HVPLACE_TLS_KEY": str(certs.server_key),
         "HVPLACE_AUTH_FILE": str(work / "auth.toml"),
+        "HVPLACE_ETCD_CA": str(certs.ca),
+        "HVPLACE_ETCD_CERT": str(certs.client_cert),
+        "HVPLACE_ETCD_KEY": str(certs.client_key),
+        "HVPLACE_ETCD_USER": "coordinator",
+        "HVPLACE_ETCD_PASSWORD_FILE": str(work / "etcd-coordinator"),
     }
     return env, (grpc.ssl_channel_credentials(certs.ca.read_bytes()), token)
+
+
+def _etcd_security(security: dict[str, str]) -> dict[str, Any]:
+    """The etcd TLS and user settings of `security` as CoordinatorConfig fields."""
+    paths = {
+        name: Path(security[f"HVPLACE_{name.upper()}"])
+        for name in ("etcd_ca", "etcd_cert", "etcd_key", "etcd_password_file")
+        if f"HVPLACE_{name.upper()}" in security
+    }
+    user = {"etcd_user": security["HVPLACE_ETCD_USER"]} if "HVPLACE_ETCD_USER" in security else {}
+    return {**paths, **user}
+
+
+def _secure_etcd(work: Path) -> tuple[EtcdServer, int]:
+    """etcd over TLS (client certificates) for the coordinator, auth on (root and
+    `coordinator`), and a plain loopback listener for the benchmark's own writes."""
+    from hvplace.coordinator.etcd_auth import EtcdAdmin, init_auth
+    from support.etcd import EtcdCerts
+
+    certs = EtcdCerts(
+        ca=work / "pki" / "ca.pem",
+        server_cert=work / "pki" / "server.pem",
+        server_key=work / "pki" / "server.key",
+        client_cert=work / "pki" / "client.pem",
+        client_key=work / "pki" / "client.key",
+    )
+    etcd = EtcdServer(tls=certs)
+    plain = free_port()
+    urls = f"{etcd.url},http://127.0.0.1:{plain}"
+    etcd.extra_args = [f"--listen-client-urls={urls}", f"--advertise-client-urls={urls}"]
+    etcd.start()
+
+    async def bootstrap() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plain}") as channel:
+            await init_auth(EtcdAdmin(channel), ROOT_PASSWORD, "bench-coordinator")
+
+    asyncio.run(bootstrap())
+    return etcd, plain
 
 
 async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     work = Path(tempfile.mkdtemp(prefix="hvplace-bench-"))
     security, client_side = _security(args, work)
-    etcd = EtcdServer()
-    etcd.start()
-    client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
+    if args.secure:
+        etcd, plain_port = await asyncio.to_thread(_secure_etcd, work)
+        etcd_url = etcd.url
+        client = aetcd.Client(
+            host="127.0.0.1", port=plain_port, username="root", password=ROOT_PASSWORD
+        )
+    else:
+        etcd = EtcdServer()
+        etcd.start()
+        etcd_url = etcd.endpoint
+        client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
     await client.connect()
     # The coordinator is a real `hvplace-coordinator` process, as in production, so the
     # clients' gRPC work does not share its CPU; --in-process runs it here (--profile and
@@ -130,13 +188,14 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
     if args.in_process:
         cfg = CoordinatorConfig(
             node_name="bench",
-            etcd_endpoints=(etcd.endpoint,),
+            etcd_endpoints=(etcd_url,),
             listen=address,
             metrics_listen="",
             anonymous_role=security.get("HVPLACE_ANONYMOUS_ROLE", ""),
             tls_cert=security.get("HVPLACE_TLS_CERT", ""),
             tls_key=security.get("HVPLACE_TLS_KEY", ""),
             auth_file=security.get("HVPLACE_AUTH_FILE", ""),
+            **_etcd_security(security),
         )
         coordinator = Coordinator(cfg, admission_on_create=not args.no_admission)
         await coordinator.__aenter__()
@@ -146,7 +205,7 @@ async def run(args: argparse.Namespace) -> dict[str, float | int | str]:
             raise SystemExit("--no-admission needs --in-process")
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hvplace.coordinator", "--config", "/dev/null",
-            "--node-name", "bench", "--etcd", etcd.endpoint, "--listen", address,
+            "--node-name", "bench", "--etcd", etcd_url, "--listen", address,
             "--metrics-listen", "", "--log-level", "WARNING",
             env={**os.environ, **security},
         )  # fmt: skip

@@ -41,16 +41,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hvplace.lab import observe, workload
 from hvplace.lab.control import Lab, scratch_settings
-from hvplace.lab.observe import ClusterState
+from hvplace.lab.observe import ClusterState, EtcdAccess
 from hvplace.lab.processes import kill9
 from hvplace.lab.state import LabState
 from support.sampler import EtcdSampler, LibvirtSampler, Sampler
+
+if TYPE_CHECKING:
+    from hvplace.coordinator.store import Store
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -160,11 +164,14 @@ def run_rack(args: argparse.Namespace) -> dict[str, object]:
                 [
                     sys.executable,
                     str(Path(__file__).with_name("hostsim.py")),
-                    "--endpoint", etcd,
+                    "--endpoint", etcd.url,
                     "--first", str(real + 1),
                     "--count", str(sim_count),
                     "--ttl", str(budget["lease_ttl_s"]),
                     "--rack-size", str(rack),
+                    *(["--ca", etcd.ca] if etcd.ca else []),
+                    *(["--user", etcd.user] if etcd.user else []),
+                    *(["--password-file", etcd.password_file] if etcd.password_file else []),
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -216,13 +223,23 @@ def run_rack(args: argparse.Namespace) -> dict[str, object]:
             lab.down()
 
 
-async def _load(endpoint: str, hosts: list[str], per_host: int) -> dict[str, str]:
-    """`per_host` VMs on every host, spec + assignment + status, as the planner writes."""
+async def _connect(etcd: EtcdAccess) -> Store:
+    """The lab's etcd as root (TLS with the lab's CA, etcd auth on)."""
     from hvplace.coordinator.store import Store
+    from hvplace.runtime.etcd import EtcdAuth, EtcdTLS
+
+    tls = EtcdTLS(ca=Path(etcd.ca)) if etcd.ca else None
+    pw = Path(etcd.password_file) if etcd.password_file else None
+    auth = EtcdAuth(user=etcd.user, password_file=pw) if etcd.user else None
+    return await Store.connect([etcd.url], timeout=30, tls=tls, auth=auth)
+
+
+async def _load(endpoint: EtcdAccess, hosts: list[str], per_host: int) -> dict[str, str]:
+    """`per_host` VMs on every host, spec + assignment + status, as the planner writes."""
     from hvplace.proto import codec, keyspace
     from hvplace.proto.records import VM, Assignment, Image, Phase, Resources, VMStatus
 
-    store = await Store.connect([endpoint], timeout=30)
+    store = await _connect(endpoint)
     where: dict[str, str] = {}
     puts: dict[str, bytes] = {}
     now = time.time()
@@ -270,11 +287,10 @@ async def _domains(store: object) -> dict[str, list[object]]:
     return out
 
 
-async def _wait_running(endpoint: str, keys: set[str], limit_s: float) -> None:
-    from hvplace.coordinator.store import Store
+async def _wait_running(endpoint: EtcdAccess, keys: set[str], limit_s: float) -> None:
     from hvplace.proto.records import DomainState, DomainStatus
 
-    store = await Store.connect([endpoint], timeout=30)
+    store = await _connect(endpoint)
     deadline = time.monotonic() + limit_s
     try:
         while True:
@@ -294,13 +310,12 @@ async def _wait_running(endpoint: str, keys: set[str], limit_s: float) -> None:
 
 
 async def _measure(
-    endpoint: str, moving: list[str], failed: set[str], killed_at: float, limit_s: float
+    endpoint: EtcdAccess, moving: list[str], failed: set[str], killed_at: float, limit_s: float
 ) -> dict[str, object]:
-    from hvplace.coordinator.store import Store
     from hvplace.proto import codec, keyspace
     from hvplace.proto.records import DomainState, DomainStatus, HostStatus, Phase, VMStatus
 
-    store = await Store.connect([endpoint], timeout=30)
+    store = await _connect(endpoint)
     deadline = time.monotonic() + limit_s
     try:
         while True:  # every moved VM assigned off the rack

@@ -16,10 +16,12 @@ import argparse
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 from hvplace.coordinator.store import Store
 from hvplace.proto import codec, keyspace
 from hvplace.proto.records import Assignment, DomainState, DomainStatus, HostInfo, Resources
+from hvplace.runtime.etcd import EtcdAuth, EtcdTLS
 
 
 def sim_name(index: int) -> str:
@@ -98,7 +100,9 @@ class Simulator:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    store = await Store.connect([args.endpoint], timeout=30)
+    tls = EtcdTLS(ca=Path(args.ca)) if args.ca else None
+    auth = EtcdAuth(user=args.user, password_file=Path(args.password_file)) if args.user else None
+    store = await Store.connect([args.endpoint], timeout=30, tls=tls, auth=auth)
     names = [sim_name(i) for i in range(args.first, args.first + args.count)]
     sim = Simulator(store, names, args.ttl, args.rack_size)
     await sim.register()
@@ -120,6 +124,9 @@ def main() -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--ttl", type=float, default=5.0)
     p.add_argument("--rack-size", type=int, default=20)
+    p.add_argument("--ca", help="etcd's CA (https:// endpoints)")
+    p.add_argument("--user", default="", help="etcd user (auth on)")
+    p.add_argument("--password-file", help="that user's password file")
     asyncio.run(main_async(p.parse_args()))
     return 0
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvplace.lab.observe import ObserveError, read_prefix
+from hvplace.lab.observe import Endpoint, ObserveError, read_prefix
 from hvplace.lab.processes import is_alive, namespace_inode, pid_alive, pids_in_namespace
 from hvplace.lab.state import HostRecord, LabState
 
@@ -200,7 +200,7 @@ def _rule(value: Mapping[str, object]) -> RuleView | None:
     )
 
 
-def read_records(endpoint: str) -> Records:
+def read_records(endpoint: Endpoint) -> Records:
     # Short: a sample that waits on a dead etcd is a gap in the evidence.
     _revision, kvs = read_prefix(endpoint, ROOT, timeout=0.5)
     return parse_records(kvs, time.time())
@@ -423,7 +423,7 @@ class Checker:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: Endpoint,
         lab_state: Callable[[], LabState],
         interval: float = SAMPLE_INTERVAL_S,
     ) -> None:

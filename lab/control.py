@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
-from hvplace.lab import daemons, hosts, network
+from hvplace.lab import daemons, hosts, network, secure
+from hvplace.lab.observe import EtcdAccess
 from hvplace.lab.processes import (
     ProcessRecord,
     is_alive,
@@ -419,12 +420,13 @@ class Lab:
         """The coordinators' gRPC addresses (the CLI finds the leader among them)."""
         return [c.api_address for c in self.state().coordinators]
 
-    def etcd_endpoint(self) -> str:
-        """A running etcd member's loopback client URL, for the lab's observers."""
+    def etcd_endpoint(self) -> EtcdAccess:
+        """A running etcd member's loopback client URL with root's credentials, for the
+        lab's observers."""
         state = self.state()
         if not state.etcd_members:
             raise LabError("the lab has no etcd")
-        return daemons.live_etcd_urls(state)[0]
+        return daemons.etcd_access(state, daemons.live_etcd_urls(state)[0])
 
     def env(self) -> dict[str, str]:
         """What a shell needs to use this lab: `eval "$(hvplace lab env)"`."""
@@ -433,9 +435,16 @@ class Lab:
             "HVPLACE_LAB_DIR": str(self.settings.state_dir),
             "HVPLACE_ENDPOINT": ",".join(self.endpoints()),
         }
+        tls = secure.Secrets(state.secrets_dir)
+        if state.secrets_dir:
+            env["HVPLACE_CA"] = str(tls.ca)
+            env["HVPLACE_TOKEN_FILE"] = str(tls.admin_token)
         if state.etcd_members:
             env["ETCDCTL_API"] = "3"
             env["ETCDCTL_ENDPOINTS"] = ",".join(state.etcd_urls(bridge=False))
+            env["ETCDCTL_CACERT"] = str(tls.ca)
+            root = tls.root_password.read_text().strip()
+            env["ETCDCTL_USER"] = f"{secure.ROOT_USER}:{root}"
         return env
 
     def _etcd_members(self, state: LabState, member: int | None) -> list[EtcdMemberRecord]:

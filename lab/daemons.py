@@ -7,13 +7,15 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from hvplace.lab import hosts
+from hvplace.lab import hosts, secure
+from hvplace.lab.observe import EtcdAccess
 from hvplace.lab.processes import ProcessRecord, is_alive, kill9, spawn_detached, tail, wait_gone
 from hvplace.lab.state import (
     CoordinatorRecord,
@@ -66,6 +68,10 @@ def plan_etcd(settings: LabSettings, state: LabState, members: int) -> None:
     addresses = ["127.0.0.1"]
     if state.mode == "real":
         addresses.insert(0, str(settings.bridge_address.ip))
+    # Clients speak TLS (the certificate names every address here); peer traffic stays
+    # plain http on loopback, which only this machine's root reaches.
+    state.secrets_dir = str(settings.state_dir / "secrets")
+    secure.make_certs(secure.Secrets(state.secrets_dir), addresses)
     state.etcd_members = []
     for index in range(1, members + 1):
         name = "etcd" if members == 1 else f"etcd{index}"
@@ -74,7 +80,7 @@ def plan_etcd(settings: LabSettings, state: LabState, members: int) -> None:
             EtcdMemberRecord(
                 name=name,
                 dir=str(settings.state_dir / "etcd" / ("" if members == 1 else name)),
-                client_urls=[f"http://{a}:{client_port}" for a in addresses],
+                client_urls=[f"https://{a}:{client_port}" for a in addresses],
                 peer_url=f"http://127.0.0.1:{free_port()}",
             )
         )
@@ -97,7 +103,9 @@ def start_etcd(
             plan_etcd(settings, state, members)
         started = _spawn_etcd(settings, state, only)
         try:
-            _wait_healthy(started, timeout)
+            _wait_healthy(state, started, timeout)
+            if first:
+                with_auth(state)
             return
         except DaemonError as e:
             # A port picked free can be taken before etcd binds it (other labs and tests
@@ -116,6 +124,7 @@ def _spawn_etcd(settings: LabSettings, state: LabState, only: int | None) -> lis
         if (only is not None and number != only) or is_alive(member.process):
             continue
         data = Path(member.dir)
+        tls = secure.Secrets(state.secrets_dir)
         argv = [
             "etcd",
             f"--name={member.name}",
@@ -132,6 +141,8 @@ def _spawn_etcd(settings: LabSettings, state: LabState, only: int | None) -> lis
             # A dead raft leader stalls etcd until the others elect (1-2x this timeout):
             # 500 ms rather than 1 s keeps that well inside an agent's fence window (README).
             *(["--election-timeout=500", "--heartbeat-interval=50"] if several else []),
+            f"--cert-file={tls.etcd_cert}",
+            f"--key-file={tls.etcd_key}",
             "--log-level=warn",
             "--logger=zap",
         ]
@@ -141,15 +152,29 @@ def _spawn_etcd(settings: LabSettings, state: LabState, only: int | None) -> lis
     return started
 
 
-def _healthy(member: EtcdMemberRecord) -> bool:
+def with_auth(state: LabState) -> None:
+    """etcd's users (root, coordinator) and auth on: `hvplace etcd init-auth`."""
+    secure.init_etcd_auth(secure.Secrets(state.secrets_dir), live_etcd_urls(state)[0])
+
+
+def etcd_access(state: LabState, url: str) -> EtcdAccess:
+    """Root's access to etcd at `url` for the lab's own readers (observe, checker)."""
+    tls = secure.Secrets(state.secrets_dir)
+    return EtcdAccess(url, str(tls.ca), secure.ROOT_USER, str(tls.root_password))
+
+
+def _healthy(state: LabState, member: EtcdMemberRecord) -> bool:
+    context = ssl.create_default_context(cafile=str(secure.Secrets(state.secrets_dir).ca))
     try:
-        with urllib.request.urlopen(member.loopback_url + "/health", timeout=1) as reply:
+        with urllib.request.urlopen(
+            member.loopback_url + "/health", timeout=1, context=context
+        ) as reply:
             return b'"health":"true"' in reply.read()
     except OSError:
         return False
 
 
-def _wait_healthy(members: list[EtcdMemberRecord], timeout: float) -> None:
+def _wait_healthy(state: LabState, members: list[EtcdMemberRecord], timeout: float) -> None:
     """Until every member is healthy (members wait for a quorum: all were started first);
     at once when one has exited."""
     deadline = time.monotonic() + timeout
@@ -159,7 +184,7 @@ def _wait_healthy(members: list[EtcdMemberRecord], timeout: float) -> None:
             assert member.process is not None
             if not is_alive(member.process):
                 raise DaemonError(f"{member.name} exited: {tail(member.process.log)}")
-        waiting = [m for m in waiting if not _healthy(m)]
+        waiting = [m for m in waiting if not _healthy(state, m)]
         if waiting and time.monotonic() > deadline:
             late = waiting[0]
             assert late.process is not None
@@ -179,10 +204,14 @@ def etcdctl(state: LabState, *args: str, timeout: float = 10.0) -> str:
     # etcdctl refuses a flag and its ETCDCTL_* variable together, and `hvplace lab env`
     # exports ETCDCTL_ENDPOINTS: the flags here say everything, the caller's shell nothing.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
+    tls = secure.Secrets(state.secrets_dir)
+    root = f"{secure.ROOT_USER}:{tls.root_password.read_text().strip()}"
     out = subprocess.run(
         [
             "etcdctl",
             f"--endpoints={','.join(live_etcd_urls(state))}",
+            f"--cacert={tls.ca}",
+            f"--user={root}",
             "--dial-timeout=2s",
             *args,
         ],
@@ -260,13 +289,19 @@ def cluster_budget(lease_ttl: float | None) -> ClusterConfig:
 def coordinator_config(state: LabState, name: str, api: str, metrics: str) -> str:
     """hvplace-coordinator's TOML (coordinator/config.py): every etcd member on loopback, its own ports."""
     budget = cluster_budget(state.lease_ttl)
+    tls = secure.Secrets(state.secrets_dir)
     lines = [
         f'node_name = "{name}"',
         f"etcd_endpoints = {json.dumps(state.etcd_urls(bridge=False))}",
         f'listen = "{api}"',
         f'metrics_listen = "{metrics}"',
-        # The lab's API listens on loopback only, for the machine's root.
-        'anonymous_role = "admin"',
+        f'etcd_ca = "{tls.ca}"',
+        f'etcd_user = "{secure.COORDINATOR_USER}"',
+        f'etcd_password_file = "{tls.coordinator_password}"',
+        # TLS and a token even on loopback: the lab runs as production does.
+        f'tls_cert = "{tls.api_cert}"',
+        f'tls_key = "{tls.api_key}"',
+        f'auth_file = "{tls.auth_file}"',
         # The leader's election lease: a standby takes over within about this long.
         f"session_ttl_s = {max(1.0, budget.lease_ttl_s)}",
         "",
@@ -323,6 +358,7 @@ def register_guest_image(state: LabState, env: dict[str, str]) -> None:
 def start_coordinator(settings: LabSettings, state: LabState, name: str) -> CoordinatorRecord:
     base = settings.state_dir / "coordinators" / name
     base.mkdir(parents=True, exist_ok=True)
+    secure.admin_token(secure.Secrets(state.secrets_dir))
     api = f"127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
     config = base / "coordinator.toml"
@@ -341,6 +377,7 @@ def agent_config(state: LabState, host: HostRecord) -> str:
     """hvplace-agent's TOML (agent/config.py). Inside a netns, loopback is the host's own:
     etcd is on the bridge address, and the metrics port on the host's address."""
     budget = cluster_budget(state.lease_ttl)
+    tls = secure.Secrets(state.secrets_dir)
     if host.mode == "real":
         endpoints = state.etcd_urls(bridge=True)
         domain_type = "qemu"  # TCG: /dev/kvm here hangs Linux guests (see README)
@@ -362,6 +399,9 @@ def agent_config(state: LabState, host: HostRecord) -> str:
     lines = [
         f'host = "{host.name}"',
         f"etcd_endpoints = {json.dumps(endpoints)}",
+        f'etcd_ca = "{tls.ca}"',
+        f'etcd_user = "{secure.agent_user(host.name)}"',
+        f'etcd_password_file = "{tls.agent_password(host.name)}"',
         f'libvirt_uri = "{host.libvirt_uri}"',
         f'state_dir = "{Path(host.dir) / "agent"}"',
         f'domain_type = "{domain_type}"',
@@ -399,6 +439,15 @@ def host_zone(index: int) -> str:
 def start_agent(settings: LabSettings, state: LabState, host: HostRecord) -> ProcessRecord:
     base = Path(host.dir)
     config = base / "agent.toml"
+    # Its own etcd user, made (or its password set again) at each start: a host added to
+    # a running lab, or a restarted one, needs no other step.
+    tls = secure.Secrets(state.secrets_dir)
+    known = tls.agent_password(host.name).exists()
+    try:
+        secure.add_agent(tls, live_etcd_urls(state)[0], host.name)
+    except secure.SecureError:
+        if not known:
+            raise  # a user made before may stay as it is while etcd is down
     host.metrics_address = host.metrics_address or agent_metrics_address(host)
     config.write_text(agent_config(state, host))
     host.agent_config = str(config)

@@ -52,7 +52,7 @@ class Progress:
 
 
 def watch(
-    endpoint: str,
+    endpoint: observe.Endpoint,
     done: Callable[[ClusterState], bool],
     line: Callable[[ClusterState, float], str],
     timeout: float,
@@ -188,7 +188,7 @@ def run(settings: LabSettings, replace: bool, out: TextIO = sys.stdout) -> int:
     host = state.hosts["h2"]
     bin_dir = os.path.dirname(sys.executable)
     say(f"  sudo -s; export PATH={bin_dir}:$PATH")
-    say('  eval "$(hvplace lab env)"        # HVPLACE_ENDPOINT, ETCDCTL_ENDPOINTS')
+    say('  eval "$(hvplace lab env)"        # endpoints, the CA, the admin token, etcd root')
     say("  hvplace vm list; hvplace host list; hvplace cluster status")
     say("  hvplace vm explain acme/db-1; hvplace simulate --fail h2")
     say(f"  virsh -c {shlex.quote(host.root_side_uri)} list   # h2's own libvirtd")

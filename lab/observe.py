@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from hvplace.proto import codec, keyspace
 from hvplace.proto.keyspace import Kind
@@ -46,19 +50,67 @@ def _prefix_end(prefix: str) -> str:
     return base64.b64encode(bytes(raw)).decode()
 
 
-def read_prefix(endpoint: str, prefix: str, timeout: float = 2.0) -> tuple[int, dict[str, bytes]]:
+@dataclass
+class EtcdAccess:
+    """How to read the lab's etcd: its URL and, when it runs TLS with auth, the CA and a
+    user whose password file logs in (the token is kept until etcd calls it stale)."""
+
+    url: str
+    ca: str | None = None
+    user: str = ""
+    password_file: str | None = None
+    _token: str = field(default="", repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _post(self, path: str, body: dict[str, str], timeout: float) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = self._token
+        request = urllib.request.Request(
+            self.url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers
+        )
+        context = ssl.create_default_context(cafile=self.ca) if self.ca else None
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as reply:
+            data: dict[str, Any] = json.loads(reply.read())
+            return data
+
+    def _login(self, timeout: float) -> None:
+        assert self.password_file is not None
+        secret = Path(self.password_file).read_text().strip()
+        self._token = ""
+        reply = self._post(
+            "/v3/auth/authenticate", {"name": self.user, "password": secret}, timeout
+        )
+        self._token = str(reply["token"])
+
+    def post(self, path: str, body: dict[str, str], timeout: float) -> dict[str, Any]:
+        if self.user and not self._token:
+            self._login(timeout)
+        try:
+            return self._post(path, body, timeout)
+        except urllib.error.HTTPError as exc:
+            # Simple tokens expire (and a restarted etcd forgets them): log in once more.
+            if not self.user or exc.code not in (400, 401, 403):
+                raise
+            self._login(timeout)
+            return self._post(path, body, timeout)
+
+
+Endpoint = str | EtcdAccess
+
+
+def read_prefix(
+    endpoint: Endpoint, prefix: str, timeout: float = 2.0
+) -> tuple[int, dict[str, bytes]]:
     """(revision, {key: value}) of every key under `prefix`, by etcd's gRPC-gateway."""
-    body = json.dumps({"key": _b64(prefix), "range_end": _prefix_end(prefix)}).encode()
-    request = urllib.request.Request(
-        endpoint.rstrip("/") + "/v3/kv/range",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
+    access = endpoint if isinstance(endpoint, EtcdAccess) else EtcdAccess(endpoint)
+    body = {"key": _b64(prefix), "range_end": _prefix_end(prefix)}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            data = json.loads(reply.read())
-    except OSError as exc:
-        raise ObserveError(f"etcd at {endpoint}: {exc}") from exc
+        data = access.post("/v3/kv/range", body, timeout)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ObserveError(f"etcd at {access.url}: {exc}") from exc
     revision = int(data.get("header", {}).get("revision", 0))
     kvs = {
         base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
@@ -98,7 +150,7 @@ class ClusterState:
         return sorted(d.host for d in self.domains.get(vm, []) if d.state is DomainState.RUNNING)
 
 
-def read_cluster(endpoint: str) -> ClusterState:
+def read_cluster(endpoint: Endpoint) -> ClusterState:
     revision, kvs = read_prefix(endpoint, keyspace.ROOT)
     state = ClusterState(at=time.time(), revision=revision)
     for key, value in kvs.items():
@@ -130,7 +182,7 @@ Condition = Callable[[ClusterState], bool]
 
 
 def wait_for(
-    endpoint: str,
+    endpoint: Endpoint,
     condition: Condition,
     timeout: float,
     what: str,

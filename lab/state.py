@@ -268,6 +268,8 @@ class LabState:
     hosts: dict[str, HostRecord] = field(default_factory=dict)
     # The tiny guest (kernel, initrd, cmdline) the real hosts boot; empty on test hosts.
     guest_image: dict[str, str] = field(default_factory=dict)
+    # The CA, certificates, passwords and tokens (lab/secure.py), once etcd is planned.
+    secrets_dir: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -281,6 +283,7 @@ class LabState:
             "coordinators": [c.to_json() for c in self.coordinators],
             "hosts": {name: h.to_json() for name, h in self.hosts.items()},
             "guest_image": dict(self.guest_image),
+            "secrets_dir": self.secrets_dir,
         }
 
     @classmethod
@@ -297,6 +300,7 @@ class LabState:
             coordinators=[CoordinatorRecord.from_json(c) for c in raw.get("coordinators", [])],
             hosts={str(name): HostRecord.from_json(h) for name, h in raw.get("hosts", {}).items()},
             guest_image={str(k): str(v) for k, v in raw.get("guest_image", {}).items()},
+            secrets_dir=str(raw.get("secrets_dir", "")),
         )
 
     @property

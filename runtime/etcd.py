@@ -4,6 +4,15 @@ moving to another member when the one in use fails (leases and watches carry ove
 TLS (`https://` endpoints with `EtcdTLS` files) and etcd's user authentication
 (`EtcdAuth`: a user and a password file; the token etcd issues rides on every call and is
 renewed when etcd says it is invalid or expired) are built here.
+
+A login is dear: etcd checks the password with bcrypt, and etcd 3.4 does so holding its
+backend's write lock, so logins are served one at a time. After an etcd restart every
+token is gone at once (simple tokens live in etcd's memory), and so is every token after
+any change to users or roles (etcd answers "revision of auth store is old"). So a client
+logs in once at a time whatever the number of calls waiting for it, lets that login run to
+its end even when the call that started it gives up, and does not make a lease renewal
+wait for it: etcd does not authenticate LeaseKeepAlive, and a renewal stuck behind a
+login on a loaded etcd would fence the host.
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ REQUIRE_LEADER = (("hasleader", "true"),)
 keepalive stream with UNAVAILABLE instead of keeping it open and silent, so we move on."""
 
 _PAUSE_S = 0.02
+
+LOGIN_TIMEOUT_S = 10.0
+"""How long one login may take, whatever the deadline of the calls that wait for it: on a
+busy etcd a bcrypt check can outlast a call's budget, and a login abandoned then (its
+bcrypt already spent in etcd) and started again by the next call never ends."""
 
 _MOVE_ON = (
     grpc.StatusCode.UNAVAILABLE,
@@ -183,11 +197,22 @@ class EtcdAuth:
         return text
 
 
+_TOKEN_REFUSALS = ("invalid auth token", "revision of auth store is old", "user name is empty")
+
+
 def _token_refused(e: grpc.aio.AioRpcError) -> bool:
-    """etcd refused the auth token (expired, or issued by a member that lost it)."""
-    return e.code() == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in (
-        e.details() or ""
+    """etcd refused the auth token: expired, lost by a restarted member, issued before a
+    change to users or roles (etcd's clientv3 logs in again for the same three errors)."""
+    details = e.details() or ""
+    return e.code() == grpc.StatusCode.UNAUTHENTICATED or any(
+        why in details for why in _TOKEN_REFUSALS
     )
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """A login nobody waits for any more still has its outcome read (no asyncio warning)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Compacted(Exception):
@@ -278,8 +303,15 @@ class EtcdClient:
         self._members: list[Member | None] = [None] * len(self.endpoints)
         self._current = 0
         self._metadata: tuple[tuple[str, str], ...] = ()
+        self._login_task: asyncio.Future[None] | None = None
+        self._login_member = -1
         self.failovers = 0
         self._failing: set[int] = set()
+
+    @property
+    def logged_in(self) -> bool:
+        """A token is held (always true without auth)."""
+        return self._auth is None or bool(self._metadata)
 
     @property
     def current(self) -> Endpoint:
@@ -313,33 +345,43 @@ class EtcdClient:
         *,
         timeout_s: float,
         idempotent: bool = True,
+        token: bool = True,
     ) -> T:
         """`attempt(member, seconds)` on the current member, then on the next ones in turn
         while the member is at fault and `timeout_s` lasts (a leader election makes every
         member refuse for a moment: going round again finds the one that answers first).
-        A call that is not idempotent moves on only when the failed member never got it."""
+        A call that is not idempotent moves on only when the failed member never got it.
+        `token=False`: etcd does not check a token on this call; it goes with the token
+        held, if any, and waits for no login unless etcd refuses it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         several = len(self.endpoints) > 1
         last = "no member tried"
         relogged = False
+        needs_token = token
         while (left := deadline - loop.time()) > 0:
             index = self._current
             # Leave time for another member should this one hang rather than refuse.
             budget = max(left / 2, min(left, 0.2)) if idempotent and several else left
             started = loop.time()
+            sent = self._metadata
             try:
-                if self._auth is not None and not self._metadata:
-                    await self._login(self._member(index), budget)
-                result = await attempt(self._member(index), budget)
+                if self._auth is not None and needs_token and not self._metadata:
+                    await self._logged_in(index, budget)
+                sent = self._metadata
+                result = await attempt(
+                    self._member(index), max(0.0, started + budget - loop.time())
+                )
                 self._failing.discard(index)
                 return result
             except grpc.aio.AioRpcError as e:
                 last = f"{self.endpoints[index]}: {_error_text(e)}"
                 if self._auth is not None and _token_refused(e) and not relogged:
-                    # A refused token was not applied: log in again and retry, once.
-                    relogged = True
-                    self._metadata = ()
+                    # A refused token was not applied: log in again and retry, once. Only
+                    # the token this call sent is dropped; another call may hold a new one.
+                    relogged = needs_token = True
+                    if self._metadata is sent:
+                        self._metadata = ()
                     continue
                 if e.code() not in _MOVE_ON:
                     raise Unavailable(f"etcd: {last}") from None
@@ -356,12 +398,23 @@ class EtcdClient:
                 await asyncio.sleep(min(_PAUSE_S, max(0.0, deadline - loop.time())))
         raise Unavailable(f"etcd: {last}")
 
-    async def _login(self, member: Member, seconds: float) -> None:
+    async def _logged_in(self, index: int, seconds: float) -> None:
+        """Wait up to `seconds` for a token: from the login in flight on member `index`,
+        else from a new one there. The login goes on when the wait ends, up to
+        LOGIN_TIMEOUT_S, so the next call finds its token."""
+        task = self._login_task
+        if task is None or task.done() or self._login_member != index:
+            task = self._login_task = asyncio.ensure_future(self._login(self._member(index)))
+            task.add_done_callback(_retrieve)
+            self._login_member = index
+        await asyncio.wait_for(asyncio.shield(task), seconds)
+
+    async def _login(self, member: Member) -> None:
         assert self._auth is not None
         try:
             reply = await member.auth.Authenticate(
                 rpc.AuthenticateRequest(name=self._auth.user, password=self._auth.password()),
-                timeout=seconds,
+                timeout=LOGIN_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as e:
             if e.code() in _MOVE_ON:
@@ -430,7 +483,9 @@ class EtcdClient:
                 return int(reply.TTL)
             return 0
 
-        return await self.run(attempt, timeout_s=timeout_s)
+        # etcd (3.4, 3.5) checks no token on LeaseKeepAlive; were one to refuse it, the
+        # renewal would log in like any other call.
+        return await self.run(attempt, timeout_s=timeout_s, token=False)
 
     async def watch(
         self, key: bytes, range_end: bytes, start_revision: int, *, timeout_s: float
@@ -449,6 +504,8 @@ class EtcdClient:
         return await self.run(attempt, timeout_s=timeout_s)
 
     async def close(self) -> None:
+        if self._login_task is not None:
+            self._login_task.cancel()
         members, self._members = self._members, [None] * len(self.endpoints)
         for member in members:
             if member is not None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hvplace.lab import daemons, hosts, network
+from hvplace.lab import daemons, hosts, network, secure
 from hvplace.lab.control import Lab
 from hvplace.lab.processes import is_alive, pid_alive, pids_in_namespace
 from hvplace.lab.state import HostRecord, LabSettings, LabState
@@ -168,7 +168,10 @@ def test_a_failed_up_is_undone(settings: LabSettings, monkeypatch: pytest.Monkey
 def _etcd_health_from(host: HostRecord, state: LabState) -> bool:
     """Every etcd member answers on its bridge URL from inside the host."""
     for endpoint in state.etcd_urls(bridge=True):
-        argv = ["etcdctl", f"--endpoints={endpoint}", "--dial-timeout=1s", "--command-timeout=2s"]
+        tls = secure.Secrets(state.secrets_dir)
+        root = f"root:{tls.root_password.read_text().strip()}"
+        argv = ["etcdctl", f"--endpoints={endpoint}", f"--cacert={tls.ca}", f"--user={root}",
+                "--dial-timeout=1s", "--command-timeout=2s"]  # fmt: skip
         if hosts.run_inside(host, [*argv, "endpoint", "health"]).returncode != 0:
             return False
     return True
@@ -182,11 +185,11 @@ def test_hosts_reach_etcd_on_the_bridge_and_the_leader_is_the_oldest_key(
     try:
         state = lab.up(1, "real", only="etcd", etcd_members=3)
         (h1,) = state.hosts.values()
-        bridge_url = f"http://{settings.bridge_address.ip}:"
+        bridge_url = f"https://{settings.bridge_address.ip}:"
         assert all(u.startswith(bridge_url) for u in state.etcd_urls(bridge=True))
-        assert all(u.startswith("http://127.0.0.1:") for u in state.etcd_urls(bridge=False))
+        assert all(u.startswith("https://127.0.0.1:") for u in state.etcd_urls(bridge=False))
         assert state.etcd_endpoints[0].startswith(bridge_url)
-        assert state.etcd_endpoints[-1].startswith("http://127.0.0.1:")
+        assert state.etcd_endpoints[-1].startswith("https://127.0.0.1:")
         assert _etcd_health_from(h1, state)
         lab.partition("h1")
         assert not _etcd_health_from(h1, state)

@@ -24,7 +24,7 @@ def test_a_test_lab_needs_no_namespaces(settings: LabSettings) -> None:
         assert all(h.netns is None and h.supervisor is None for h in state.hosts.values())
         assert state.bridge is None
         assert len(state.etcd_endpoints) == 1
-        assert state.etcd_endpoints[0].startswith("http://127.0.0.1:")
+        assert state.etcd_endpoints[0].startswith("https://127.0.0.1:")
         rows = lab.status()
         assert [(r.component, r.name, r.alive) for r in rows] == [
             ("etcd", "etcd", True),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hvplace.lab import observe, workload
+from hvplace.lab import observe, secure, workload
 from hvplace.lab.control import Lab, scratch_settings
 from support.etcd import free_port
 from support.processes import stop
@@ -92,6 +92,7 @@ class Prometheus:
         coordinators = [c.metrics_address for c in state.coordinators]
         agents = [h.metrics_address for h in state.hosts.values() if h.metrics_address]
         etcd = urllib.parse.urlsplit(state.etcd_endpoints[-1]).netloc
+        tls_ca = str(secure.Secrets(state.secrets_dir).ca)
         jobs = {"hvplace-coordinator": coordinators, "hvplace-agent": agents, "etcd": [etcd]}
         config = {
             "global": {
@@ -102,6 +103,8 @@ class Prometheus:
             "rule_files": [str(RULES)],
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": targets}]}
+                # The lab's etcd speaks TLS only (its /metrics needs no etcd user).
+                | ({"scheme": "https", "tls_config": {"ca_file": tls_ca}} if job == "etcd" else {})
                 for job, targets in jobs.items()
             ],
         }

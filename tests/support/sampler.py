@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import libvirt
 from hvplace.agent.domain_xml import domain_name
-from hvplace.lab.observe import ObserveError, anti_affinity_violations, read_cluster
+from hvplace.lab.observe import Endpoint, ObserveError, anti_affinity_violations, read_cluster
 from hvplace.proto.records import VM, DomainState, Rule
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised, not printed
@@ -170,7 +170,7 @@ class EtcdSampler(Sampler):
     """What the agents report running (domains/<host>/ in etcd): the view for test:///
     hosts, whose domains live inside their agent process."""
 
-    def __init__(self, endpoint: str, interval: float = 0.1) -> None:
+    def __init__(self, endpoint: Endpoint, interval: float = 0.1) -> None:
         super().__init__(interval)
         self.endpoint = endpoint
 
