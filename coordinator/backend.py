@@ -39,14 +39,15 @@ class CoreBackend:
             self._view = ClusterView(
                 revision=c.revision,
                 snapshot=c.snapshot(),
-                hosts=dict(c.hosts.records),
-                host_status=dict(c.host_status.records),
-                vms=dict(c.vms.records),
-                vm_status=dict(c.vm_status.records),
-                assignments=dict(c.assignments.records),
-                domains=dict(c.domains.records),
-                rules=dict(c.rules.records),
-                policies=dict(c.policies.records),
+                # The cache's tables are immutable maps: a view costs O(1), not a copy.
+                hosts=c.hosts.records,
+                host_status=c.host_status.records,
+                vms=c.vms.records,
+                vm_status=c.vm_status.records,
+                assignments=c.assignments.records,
+                domains=c.domains.records,
+                rules=c.rules.records,
+                policies=c.policies.records,
                 config=c.cluster_config(),
             )
         return self._view

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from hvplace.coordinator.snapshot import Snapshot
+import immutables
+from hvplace.coordinator.snapshot import Derived, Snapshot, Usage
 from hvplace.coordinator.store import Compacted, Store, WatchStream
 from hvplace.proto import keyspace, models
 from hvplace.proto.errors import HvplaceError, Unavailable
@@ -20,8 +22,11 @@ from hvplace.proto.models import (
     Assignment,
     ClusterConfig,
     DomainStatus,
+    Host,
     HostInfo,
+    HostState,
     HostStatus,
+    Phase,
     Rule,
     ScopePolicy,
     VMStatus,
@@ -66,21 +71,44 @@ class Change:
 
 
 class Table(Generic[T]):
-    """Records of one kind by name, with the mod revision of each one's etcd key."""
+    """Records of one kind by name, with the mod revision of each one's etcd key.
+
+    `records` is an immutable map (a view at one revision costs O(1)); while a relist
+    fills a fresh table it is a dict, frozen into a map once (bulk, much faster)."""
 
     __slots__ = ("records", "revs")
 
     def __init__(self) -> None:
-        self.records: dict[str, T] = {}
+        self.records: Mapping[str, T] = immutables.Map()
         self.revs: dict[str, int] = {}
 
     def put(self, name: str, record: T, mod_revision: int) -> None:
-        self.records[name] = record
+        records = self.records
+        if isinstance(records, dict):
+            records[name] = record
+        else:
+            self.records = records.set(name, record)  # type: ignore[attr-defined]
         self.revs[name] = mod_revision
 
     def pop(self, name: str) -> T | None:
         self.revs.pop(name, None)
-        return self.records.pop(name, None)
+        records = self.records
+        found = records.get(name)
+        if found is None:
+            return None
+        if isinstance(records, dict):
+            del records[name]
+        else:
+            self.records = records.delete(name)  # type: ignore[attr-defined]
+        return found
+
+    def thaw(self) -> None:
+        """Plain dict mode, for a relist's bulk load."""
+        self.records = dict(self.records)
+
+    def freeze(self) -> None:
+        if isinstance(self.records, dict):
+            self.records = immutables.Map(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -137,9 +165,18 @@ class Cache:
         # Assignments per host, kept in step with `assignments`: which hosts the records
         # name, without a pass over every VM.
         self.assigned_hosts: dict[str, int] = {}
-        # VM key -> host of its assignment, in step with `assignments`: the snapshot's
-        # placements are a copy of it, not a pass over every assignment.
-        self.placements: dict[str, str] = {}
+        # Specs and placements as immutable maps with the counters the engine reads
+        # (capacity used per host, VMs per host and scope): a snapshot costs O(1).
+        self.usage = Usage()
+        # The engine's Host per name (registered, or named by records and lost), moved
+        # per event; an unchanged host keeps its object, so the engine's host table too.
+        self.engine_hosts: immutables.Map[str, Host] = immutables.Map()
+        # VM keys with a spec and no assignment: what the controller places.
+        self.unassigned: set[str] = set()
+        # VMs per phase (a VM without a status is pending) and pending VMs' statuses per
+        # first reason code: the metrics' gauges without a pass over every VM.
+        self.phases: dict[str, int] = {phase.value: 0 for phase in Phase}
+        self.pending_reasons: dict[str, int] = {}
         self.relists = 0
         self._snapshot: Snapshot | None = None
         self._advanced = asyncio.Condition()
@@ -153,6 +190,8 @@ class Cache:
         # Records this process is writing, by key: (the bytes, the record). When the watch
         # shows exactly those bytes the record is taken as is, not decoded again.
         self._expected: dict[str, tuple[bytes, object]] = {}
+        # During a relist: a digest of each listed spec's bytes, by `scope/vm`.
+        self._digests: dict[str, bytes] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,18 +226,24 @@ class Cache:
         started = time.monotonic()
         fresh = Cache(self.store)
         revision = 0
-        async for kvs, at in self.store.list_pages(keyspace.ROOT):
-            revision = at
-            for kv in kvs:
-                fresh._apply("put", kv.key.decode(), kv.value, int(kv.mod_revision))
-            fresh._batch_specs.clear()  # a listing is no watch batch: hold no JSON
+
+        async def pages() -> AsyncIterator[Iterable[tuple[str, bytes, int]]]:
+            nonlocal revision
+            async for kvs, at in self.store.list_pages(keyspace.ROOT):
+                revision = at
+                yield ((kv.key.decode(), kv.value, int(kv.mod_revision)) for kv in kvs)
+
+        await fresh.load(pages())
         if not revision:
             revision = await self.store.revision()
         old_hosts = self.hosts.records
         for name, table in fresh._tables().items():
             setattr(self, _ATTR[name], table)
         self.assigned_hosts = fresh.assigned_hosts
-        self.placements = fresh.placements
+        self.usage = fresh.usage
+        self.unassigned = fresh.unassigned
+        self.phases = fresh.phases
+        self.pending_reasons = fresh.pending_reasons
         self.config, self.config_rev = fresh.config, fresh.config_rev
         for name, info in old_hosts.items():
             if name not in self.hosts.records:
@@ -207,6 +252,9 @@ class Cache:
             if name in self.hosts.records:
                 del self.departed[name]
                 self.gone_at.pop(name, None)
+        self.engine_hosts = immutables.Map()
+        for name in {*self.hosts.records, *self.departed, *self.assigned_hosts}:
+            self._refresh_host(name)
         self._snapshot = None
         self.relists += 1
         log.info(
@@ -217,6 +265,33 @@ class Cache:
             time.monotonic() - started,
         )
         await self._advance(revision)
+
+    async def load(self, pages: AsyncIterator[Iterable[tuple[str, bytes, int]]]) -> None:
+        """Fill this fresh cache from a listing: (key, value, mod revision) in key order,
+        a page at a time. Tables and counters are built as dicts, then frozen."""
+        for table in self._tables().values():
+            table.thaw()
+        self.usage.thaw()
+        # Assignments sort before the specs they embed: they wait for the specs, then
+        # decode only their host and epoch when they carry exactly the spec's bytes (by
+        # digest); a third of the decoding of a cold start saved.
+        held: list[tuple[str, bytes, int]] = []
+        async for page in pages:
+            for key, value, mod_revision in page:
+                if key.startswith(keyspace.ASSIGNMENTS):
+                    held.append((key, value, mod_revision))
+                    continue
+                if key.startswith(keyspace.VMS):
+                    self._digests[key[len(keyspace.VMS) :]] = _digest(value)
+                self._apply("put", key, value, mod_revision)
+            self._batch_specs.clear()  # a listing is no watch batch: hold no JSON
+        for key, value, mod_revision in held:
+            self._apply("put", key, value, mod_revision)
+        held.clear()
+        self._digests.clear()
+        for table in self._tables().values():
+            table.freeze()
+        self.usage.freeze()
 
     async def _follow(self) -> None:
         backoff = 0.1
@@ -266,15 +341,62 @@ class Cache:
         kind, name = classify(key)
         put = type_ == "put"
         record: object | None = None
+        tracked = kind in (VMS, VM_STATUS)
+        if tracked:
+            self._track(name, -1)
         try:
             record = self._apply_record(kind, name, key, put, value, mod_revision)
         except HvplaceError as e:
             # A malformed record is its writer's fault; the coordinator must go on.
             log.warning("skipping malformed %s: %s", key, e)
             return None
+        finally:
+            if tracked:
+                self._track(name, 1)
         if kind != OTHER:
             self._snapshot = None
+        if kind in (HOSTS, HOST_STATUS):
+            self._refresh_host(name)
         return Change(kind, type_, key, name, record, mod_revision, value)
+
+    def _track(self, key: str, delta: int) -> None:
+        """Move the phase and pending-reason counts by one VM's spec and status."""
+        status = self.vm_status.records.get(key)
+        if key in self.vms.records:
+            phase = status.phase.value if status is not None else Phase.PENDING.value
+            self.phases[phase] += delta
+        if status is not None and status.phase is Phase.PENDING:
+            why = status.explanation
+            code = why.reasons[0].code if why is not None and why.reasons else "unknown"
+            n = self.pending_reasons.get(code, 0) + delta
+            if n:
+                self.pending_reasons[code] = n
+            else:
+                del self.pending_reasons[code]
+
+    def _refresh_host(self, name: str) -> None:
+        """The engine's Host for `name` as `host_infos` and `Snapshot.from_records` make
+        it: registered with its status, else (named by records) lost."""
+        info = self.hosts.records.get(name)
+        host: Host | None = None
+        if info is not None:
+            host = Host.from_records(info, self.host_status.records.get(name))
+        elif name in self.departed or name in self.assigned_hosts:
+            last = self.departed.get(name) or HostInfo(name=name)
+            host = Host(
+                name=last.name,
+                labels=last.labels,
+                capacity=last.capacity,
+                ratios=last.ratios,
+                reserved_memory_mib=last.reserved_memory_mib,
+                state=HostState.LOST,
+            )
+        old = self.engine_hosts.get(name)
+        if host is None:
+            if old is not None:
+                self.engine_hosts = self.engine_hosts.delete(name)
+        elif old != host:
+            self.engine_hosts = self.engine_hosts.set(name, host)
 
     def _apply_record(
         self, kind: str, name: str, key: str, put: bool, value: bytes, mod_revision: int
@@ -296,14 +418,19 @@ class Cache:
                     table.pop(name)
                     if kind == ASSIGNMENTS:
                         self._count(host, -1)
-                        self.placements.pop(name, None)
+                        self.usage.set_placement(name, None)
+                        if name in self.vms.records:
+                            self.unassigned.add(name)
                 return None
             if kind == ASSIGNMENTS:
                 spec = self._batch_specs.get(name)
                 hinted = self._expected.pop(key, None)
                 a: Assignment
+                listed = self._listed_assignment(name, value)
                 if hinted is not None and hinted[0] == value and isinstance(hinted[1], Assignment):
                     a = hinted[1]
+                elif listed is not None:
+                    a = listed
                 elif spec is not None:
                     # Written with its spec in one transaction (the planner's commits):
                     # reuse the spec just decoded instead of decoding the VM again.
@@ -318,7 +445,8 @@ class Cache:
                 if before is not None:
                     self._count(before.host, -1)
                 self._count(a.host, 1)
-                self.placements[name] = a.host
+                self.usage.set_placement(name, a.host)
+                self.unassigned.discard(name)
                 self.assignments.put(name, a, mod_revision)
                 return a
             d = models.loads(DomainStatus, value)
@@ -331,6 +459,9 @@ class Cache:
             if kind == HOSTS and gone is not None:
                 self.departed[name] = gone
                 self.gone_at[name] = self.clock()
+            elif kind == VMS:
+                self.usage.set_vm(name, None)
+                self.unassigned.discard(name)
             return None
         hinted = self._expected.pop(key, None)
         rec: object = (
@@ -341,18 +472,39 @@ class Cache:
             if assigned is not None and assigned.vm == rec:
                 rec = assigned.vm
             self._batch_specs[name] = (value, rec)  # type: ignore[assignment]
+            self.usage.set_vm(name, rec)  # type: ignore[arg-type]
+            if name not in self.assignments.records:
+                self.unassigned.add(name)
         elif kind == HOSTS:
             self.departed.pop(name, None)
             self.gone_at.pop(name, None)
         table.put(name, rec, mod_revision)
         return rec
 
+    def _listed_assignment(self, name: str, value: bytes) -> Assignment | None:
+        """During a relist: the assignment built on the spec already decoded when its
+        embedded VM is byte for byte the spec listed (digests equal); else None."""
+        digest = self._digests.get(name)
+        if digest is None:
+            return None
+        at = value.rfind(b',"vm":')
+        spec = self.vms.records.get(name)
+        if at < 0 or spec is None or not value.endswith(b"}"):
+            return None
+        if _digest(value[at + 6 : -1]) != digest:
+            return None
+        a = models.loads_assignment(value, spec, value[at + 6 : -1])
+        return a if a.vm is spec else None
+
     def _count(self, host: str, delta: int) -> None:
+        before = host in self.assigned_hosts
         n = self.assigned_hosts.get(host, 0) + delta
         if n > 0:
             self.assigned_hosts[host] = n
         else:
             self.assigned_hosts.pop(host, None)
+        if before != (n > 0):
+            self._refresh_host(host)
 
     def _notify(self, change: Change) -> None:
         for q in list(self._subscribers):
@@ -421,19 +573,23 @@ class Cache:
             infos.append(info if info is not None else HostInfo(name=name))
         return infos
 
+    @property
+    def placements(self) -> Mapping[str, str]:
+        """VM key -> host of its assignment (an immutable map, in step with `assignments`)."""
+        return self.usage.placements
+
     def snapshot(self) -> Snapshot:
-        """The engine's view now; hosts without a registration are `lost`."""
+        """The engine's view now; hosts without a registration are `lost`. O(rules): the
+        hosts, specs and placements are the maps kept per event, not copies."""
         if self._snapshot is None or self._snapshot.revision != self.revision:
-            self._snapshot = Snapshot.from_records(
+            self._snapshot = Snapshot(
                 revision=self.revision,
-                infos=self.host_infos(),
-                statuses=self.host_status.records,
-                vms=self.vms.records,
-                assignments=(),
-                placements=self.placements,
-                rules=self.rules.records.values(),
-                policies=self.policies.records.values(),
-                alive=self.hosts.records,
+                hosts=self.engine_hosts,
+                vms=self.usage.vms,
+                placements=self.usage.placements,
+                rules={r.key: r for r in self.rules.records.values()},
+                policies={p.scope: p for p in self.policies.records.values()},
+                derived=Derived.of(self.usage),
             )
         return self._snapshot
 
@@ -459,6 +615,10 @@ class Cache:
             keyspace.assignment(a.host, a.vm.scope, a.vm.name),
             self.assignments.revs[vm_key],
         )
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.blake2b(value, digest_size=16).digest()
 
 
 _ATTR = {

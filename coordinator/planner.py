@@ -4,7 +4,6 @@ GuaranteedUpdate): compare what the plan read, and on conflict refresh, re-plan,
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -134,12 +133,12 @@ class Planner:
         snap = self.cache.snapshot()
         if not self._inflight:
             return snap
-        vms = dict(snap.vms)
-        placements = dict(snap.placements)
+        vms: dict[str, VM] = {}
+        placements: dict[str, str] = {}
         for specs, assigned in self._inflight.values():
             vms.update(specs)
             placements.update(assigned)
-        return dataclasses.replace(snap, vms=vms, placements=placements)
+        return snap.overlaid(vms, placements)
 
     async def commit_with(
         self,

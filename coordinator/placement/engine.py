@@ -268,11 +268,11 @@ def build_index(
     snapshot: Snapshot, focus: Sequence[VM], lost_hosts: Iterable[str] = ()
 ) -> ClusterIndex:
     """The index for placing `focus`: only the groups that contain one of them."""
-    vms = dict(snapshot.vms)
-    for vm in focus:
-        vms[vm.key] = vm
-    groups = compile_groups(vms, snapshot.rules.values(), snapshot.policies.values(), focus)
-    return ClusterIndex(snapshot, vms, groups, lost_hosts=tuple(lost_hosts))
+    snap = snapshot.overlaid({vm.key: vm for vm in focus}, {})
+    groups = compile_groups(
+        snap.vms, snap.rules.values(), snap.policies.values(), focus, snap.scope_vms
+    )
+    return ClusterIndex(snap, snap.vms, groups, lost_hosts=tuple(lost_hosts))
 
 
 def place(snapshot: Snapshot, batch: Batch) -> Plan:
@@ -331,10 +331,11 @@ def _atomic_refusal(revision: int, todo: Sequence[VM], pending: Mapping[str, Exp
 def explain(snapshot: Snapshot, vm: VM) -> Explanation:
     """Why `vm` can or cannot go on each host now; a placed VM is explained as if it
     were moving, so its own place does not count against it."""
-    vms = dict(snapshot.vms)
-    vms[vm.key] = vm
-    groups = compile_groups(vms, snapshot.rules.values(), snapshot.policies.values(), [vm])
-    index = ClusterIndex(snapshot, vms, groups, uncounted=(vm.key,))
+    snap = snapshot.overlaid({vm.key: vm}, {})
+    groups = compile_groups(
+        snap.vms, snap.rules.values(), snap.policies.values(), [vm], snap.scope_vms
+    )
+    index = ClusterIndex(snap, snap.vms, groups, uncounted=(vm.key,))
     return explanation_at(index, vm)
 
 

@@ -51,6 +51,8 @@ class HostTable:
         self.disk = [math.floor(h.capacity.disk_gib * h.ratios.disk) for h in self.hosts]
         self.alloc_cpu = [max(1, c) for c in self.cpu]
         self.alloc_mem = [max(1, m) for m in self.mem]
+        self.state = [h.state for h in self.hosts]
+        self.ready = [s is HostState.READY for s in self.state]
         self._domains: dict[str, list[str | None]] = {}
         self._domain_hosts: dict[str, dict[str, list[int]]] = {}
         self._tiers: dict[NodeAffinity, list[list[int]]] = {}
@@ -58,11 +60,6 @@ class HostTable:
         self._terms: dict[NodeSelectorTerm, frozenset[int]] = {}
         self._expressions: dict[LabelExpression, frozenset[int]] = {}
         self._label_values: dict[str, dict[str | None, list[int]]] = {}
-
-    def same_hosts(self, hosts: Mapping[str, Host]) -> bool:
-        if len(hosts) != len(self.source):
-            return False
-        return all(a is b for a, b in zip(hosts.values(), self.source, strict=True))
 
     # ------------------------------------------------------------------ topology
 
@@ -169,13 +166,18 @@ class ClusterIndex:
         """`lost_hosts` take nothing and their VMs no longer count; `uncounted` VM keys
         (a VM being explained where it runs now) do not count either."""
         self.vms = vms
-        table = self.table = host_table(snapshot.hosts)
+        table = self.table = host_table(snapshot)
         self.hosts = table.hosts
         self.names = table.names
         self.position = table.position
         lost = self._lost = set(lost_hosts)
-        self.state = [HostState.LOST if h.name in lost else h.state for h in self.hosts]
-        self.ready = [s is HostState.READY for s in self.state]
+        self.state = table.state.copy()
+        self.ready = table.ready.copy()
+        for name in lost:
+            at = self.position.get(name)
+            if at is not None:
+                self.state[at] = HostState.LOST
+                self.ready[at] = False
         self.free_cpu = table.cpu.copy()
         self.free_mem = table.mem.copy()
         self.free_disk = table.disk.copy()
@@ -202,7 +204,41 @@ class ClusterIndex:
         free_cpu, free_mem, free_disk = self.free_cpu, self.free_mem, self.free_disk
         position, skip = self.position, self._skip
         get_pos, get_vm = position.get, vms.get
-        if not lost and not skip:
+        kept = snapshot.usage() if vms is snapshot.vms else None
+        if kept is not None:
+            # Capacity used per host as the cache keeps it, then the keys laid over it
+            # (plans in flight, the request's own VMs) and the uncounted ones: undo the
+            # counted record, apply the shown one. O(hosts + what changed).
+            usage, overlay = kept
+            for host, (cpu, mem, disk) in usage.used.items():
+                pos = get_pos(host)
+                if pos is None or host in lost:
+                    continue
+                free_cpu[pos] -= cpu
+                free_mem[pos] -= mem
+                free_disk[pos] -= disk
+            derived = snapshot.derived
+            assert derived is not None
+            base_where, base_vms = derived.placements, derived.vms
+            for key in {*overlay, *skip}:
+                for where, specs, sign in (
+                    (base_where, base_vms, -1),
+                    (snapshot.placements, vms, 1),
+                ):
+                    on = where.get(key)
+                    spec = specs.get(key)
+                    if on is None or spec is None or on in lost:
+                        continue
+                    if sign > 0 and key in skip:
+                        continue
+                    pos = get_pos(on)
+                    if pos is None:
+                        continue
+                    r = spec.resources
+                    free_cpu[pos] -= sign * r.vcpus
+                    free_mem[pos] -= sign * r.memory_mib
+                    free_disk[pos] -= sign * r.disk_gib
+        elif not lost and not skip:
             # The common case, kept tight: this loop sees every running VM every batch.
             for key, host in snapshot.placements.items():
                 pos = get_pos(host)
@@ -320,14 +356,13 @@ class ClusterIndex:
         self.ready[pos] = self.state[pos] is HostState.READY
 
 
-_last_table: HostTable | None = None
-
-
-def host_table(hosts: Mapping[str, Host]) -> HostTable:
-    """The table for these hosts, rebuilt unless the previous batch had the same Host
-    records (identity: frozen records, so equal identity means equal content)."""
-    global _last_table
-    table = _last_table
-    if table is None or not table.same_hosts(hosts):
-        table = _last_table = HostTable(list(hosts.values()))
-    return table
+def host_table(snapshot: Snapshot) -> HostTable:
+    """The table for the snapshot's hosts: kept by the snapshot's counters while the same
+    (immutable) hosts map comes back, else built (no module-level cache)."""
+    derived = snapshot.derived
+    if derived is None:
+        return HostTable(list(snapshot.hosts.values()))
+    found: HostTable = derived.usage.host_table(
+        snapshot.hosts, lambda hosts: HostTable(list(hosts.values()))
+    )
+    return found
