@@ -207,7 +207,16 @@ class Usage:
     A placement counts once its VM has a spec (as the engine counts it). `check()`
     recounts everything from the maps: tests compare it after every event."""
 
-    __slots__ = ("_tables", "by_host", "by_scope", "placements", "restart", "used", "vms")
+    __slots__ = (
+        "_kept",
+        "_tables",
+        "by_host",
+        "by_scope",
+        "placements",
+        "restart",
+        "used",
+        "vms",
+    )
 
     def __init__(self) -> None:
         self.vms: immutables.Map[str, VM] = immutables.Map()
@@ -219,6 +228,9 @@ class Usage:
         # node affinity or not) whose HA priority is not off: what its failure restarts}
         self.restart: dict[str, dict[tuple[int, int, int, int], int]] = {}
         self._tables: tuple[object, Any] | None = None
+        # What the engine derives from these counters and keeps between decisions, by
+        # name: (the host table it is for, the state, hosts changed since it was synced).
+        self._kept: dict[str, tuple[object, Any, set[str]]] = {}
 
     # ------------------------------------------------------------------ events
 
@@ -272,6 +284,8 @@ class Usage:
             self._count(host, key, vm, 1)
 
     def _count(self, host: str, key: str, vm: VM, delta: int) -> None:
+        for _table, _state, dirty in self._kept.values():
+            dirty.add(host)
         r = vm.resources
         used = self.used.get(host)
         if used is None:
@@ -319,6 +333,15 @@ class Usage:
         if isinstance(hosts, immutables.Map):
             self._tables = (hosts, table)
         return table
+
+    def kept(self, name: str, table: object, build: Any) -> tuple[Any, set[str]]:
+        """State derived from these counters for `table` (kept while the same table comes
+        back; else `build()`), and the hosts whose counts moved since the caller last
+        cleared that set: the caller brings its state up to date for those alone."""
+        found = self._kept.get(name)
+        if found is None or found[0] is not table:
+            found = self._kept[name] = (table, build(), set())
+        return found[1], found[2]
 
     def check(self) -> None:
         """Recount from the maps and raise AssertionError on any difference."""

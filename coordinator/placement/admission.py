@@ -22,6 +22,7 @@ from hvplace.coordinator.placement.engine import (
     search,
 )
 from hvplace.coordinator.placement.groups import compile_groups
+from hvplace.coordinator.placement.headroom import headroom
 from hvplace.coordinator.placement.index import ClusterIndex
 from hvplace.coordinator.snapshot import Snapshot, restart_key
 from hvplace.proto.models import TOPOLOGY_HOST, VM, HAPriority, HostState, Rule
@@ -127,17 +128,20 @@ RestartSizes = Mapping[tuple[int, int, int, int], int]
 class _Loads:
     """Per host position: the VM keys assigned there and what its failure restarts
     (size and pinned -> count, HA priority off left out). From the snapshot's counters
-    and what is laid over them, or from one pass over the placements without them."""
+    and what is laid over them (lazily, per host asked), or from one pass over the
+    placements without them."""
 
     def __init__(self, index: ClusterIndex, snap: Snapshot) -> None:
         self.index = index
         position = index.position
         kept = snap.usage() if index.vms is snap.vms else None
-        self.restart: dict[int, RestartSizes] = {}
+        self.usage = None if kept is None else kept[0]
+        self._restart: dict[int, RestartSizes] = {}
         self._keys: dict[int, list[str]] = {}
         self._base: Mapping[str, Collection[str]] = {}
         self._added: dict[int, set[str]] = {}
         self._removed: dict[int, set[str]] = {}
+        self._loaded: set[int] | None = None
         if kept is None:
             for key, host in sorted(snap.placements.items()):
                 pos = position.get(host)
@@ -150,18 +154,13 @@ class _Loads:
                     if vm.ha_priority is not HAPriority.OFF:
                         rk = restart_key(vm)
                         sizes[rk] = sizes.get(rk, 0) + 1
-                self.restart[pos] = sizes
-            self.loaded: set[int] = set(self._keys)
+                self._restart[pos] = sizes
+            self._loaded = set(self._keys)
             return
         usage, overlay = kept
         derived = snap.derived
         assert derived is not None
         self._base = usage.by_host
-        for host, restart in usage.restart.items():
-            pos = position.get(host)
-            if pos is not None:
-                self.restart[pos] = restart
-        copied: set[int] = set()
         for key in overlay:
             for where, specs, sign in (
                 (derived.placements, derived.vms, -1),
@@ -175,10 +174,9 @@ class _Loads:
                 (self._added if sign > 0 else self._removed).setdefault(at, set()).add(key)
                 if spec.ha_priority is HAPriority.OFF:
                     continue
-                if at not in copied:  # the counters are the cache's: change a copy
-                    self.restart[at] = dict(self.restart.get(at, {}))
-                    copied.add(at)
-                moved = self.restart[at]
+                if at not in self._restart:  # the counters are the cache's: change a copy
+                    self._restart[at] = dict(usage.restart.get(index.names[at], {}))
+                moved = self._restart[at]
                 assert isinstance(moved, dict)
                 rk = restart_key(spec)
                 n = moved.get(rk, 0) + sign
@@ -186,12 +184,34 @@ class _Loads:
                     moved[rk] = n
                 else:
                     del moved[rk]
-        self.loaded = {position[h] for h in usage.by_host if h in position}
-        for pos in {*self._added, *self._removed}:
-            if self.keys(pos):
-                self.loaded.add(pos)
-            else:
-                self.loaded.discard(pos)
+        self.touched = {*self._added, *self._removed}
+
+    def restart(self, pos: int) -> RestartSizes | None:
+        found = self._restart.get(pos)
+        if found is None and self.usage is not None:
+            return self.usage.restart.get(self.index.names[pos])
+        return found
+
+    def is_loaded(self, pos: int) -> bool:
+        if self._loaded is not None:
+            return pos in self._loaded
+        if pos in self.touched:
+            return bool(self.keys(pos))
+        return self.index.names[pos] in self._base
+
+    @property
+    def loaded(self) -> set[int]:
+        """Every host position with a VM (O(hosts) once)."""
+        if self._loaded is None:
+            position = self.index.position
+            found = {position[h] for h in self._base if h in position}
+            for pos in self.touched:
+                if self.keys(pos):
+                    found.add(pos)
+                else:
+                    found.discard(pos)
+            self._loaded = found
+        return self._loaded
 
     def keys(self, pos: int) -> list[str]:
         """The VM keys assigned to the host at `pos`, sorted."""
@@ -234,11 +254,10 @@ def _fits_by_capacity(
     of them. False means "not shown this way" (the full simulation decides).
     O(failed hosts) from the per-host restart counts; this runs per scenario per create."""
     count = cpu = mem = disk = 0
-    restart = loads.restart
     for pos in failed:
         if pos in constrained:
             return False
-        sizes = restart.get(pos)
+        sizes = loads.restart(pos)
         if not sizes:
             continue
         for (c, m, d, pinned), n in sizes.items():
@@ -324,9 +343,15 @@ def check_admission(
     )
     index = ClusterIndex(snap, snap.vms, groups)
     loads = _Loads(index, snap)
-    scenarios, truncated = _scenarios(index, loads.loaded, failures, topology_key)
     constrained = _constrained(index, snap)
     slots = _Slots(index)
+    if loads.usage is not None and not exact and failures <= 1 and topology_key == TOPOLOGY_HOST:
+        # Any one host: the kept headroom names the few hosts the bound cannot settle.
+        count, scenarios = _single_host_scenarios(index, loads, constrained)
+        truncated = False
+    else:
+        scenarios, truncated = _scenarios(index, loads.loaded, failures, topology_key)
+        count = len(scenarios)
     for failed in scenarios:
         if not exact and _fits_by_capacity(failed, loads, constrained, slots):
             continue
@@ -334,8 +359,35 @@ def check_admission(
         if impact is not None:
             impacts.append(impact)
     return AdmissionResult(
-        ok=not impacts, impacts=tuple(impacts), scenarios=len(scenarios), truncated=truncated
+        ok=not impacts, impacts=tuple(impacts), scenarios=count, truncated=truncated
     )
+
+
+def _single_host_scenarios(
+    index: ClusterIndex, loads: _Loads, constrained: Collection[int]
+) -> tuple[int, list[tuple[int, ...]]]:
+    """How many single-host scenarios there are (loaded hosts not lost), and the ones
+    to look at: the hosts the request touches, the pinned and rule-bound ones, and those
+    whose kept need exceeds the slots left (Headroom.over). Every other one passes the
+    capacity bound, as `_fits_by_capacity` would find. O(touched + found), plus a
+    count of the loaded hosts."""
+    usage = loads.usage
+    assert usage is not None
+    table = index.table
+    kept = headroom(table, usage)
+    touched = loads.touched
+    look = kept.over(index.ready, index.free_cpu, index.free_mem, index.free_disk, touched)
+    look |= touched
+    look.update(constrained)
+    lost = HostState.LOST
+    position = table.position
+    count = sum(1 for h in usage.by_host if h in position)
+    for pos in touched:
+        count += loads.is_loaded(pos) - (table.names[pos] in usage.by_host)
+    count -= sum(1 for pos in table.lost if loads.is_loaded(pos))
+    found = [(p,) for p in sorted(look) if loads.is_loaded(p) and index.state[p] is not lost]
+    # With no loaded host, _scenarios yields the one empty combination: count it alike.
+    return max(count, 1), found
 
 
 def _with_request(

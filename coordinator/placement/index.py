@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
-from hvplace.coordinator.snapshot import Snapshot
+from hvplace.coordinator.snapshot import Snapshot, Usage
 from hvplace.proto.models import (
     VM,
     Host,
@@ -53,6 +53,7 @@ class HostTable:
         self.alloc_mem = [max(1, m) for m in self.mem]
         self.state = [h.state for h in self.hosts]
         self.ready = [s is HostState.READY for s in self.state]
+        self.lost = [p for p, s in enumerate(self.state) if s is HostState.LOST]
         self._domains: dict[str, list[str | None]] = {}
         self._domain_hosts: dict[str, dict[str, list[int]]] = {}
         self._tiers: dict[NodeAffinity, list[list[int]]] = {}
@@ -152,6 +153,37 @@ class HostTable:
         return found
 
 
+class BaseFree:
+    """Free capacity per host position after the counters' placements (no overlay)."""
+
+    def __init__(self, table: HostTable, usage: Usage) -> None:
+        self.cpu = table.cpu.copy()
+        self.mem = table.mem.copy()
+        self.disk = table.disk.copy()
+        self.sync(table, usage, usage.used)
+
+    def sync(self, table: HostTable, usage: Usage, hosts: Iterable[str]) -> None:
+        position = table.position
+        for host in hosts:
+            pos = position.get(host)
+            if pos is None:
+                continue
+            cpu, mem, disk = usage.used.get(host, (0, 0, 0))
+            self.cpu[pos] = table.cpu[pos] - cpu
+            self.mem[pos] = table.mem[pos] - mem
+            self.disk[pos] = table.disk[pos] - disk
+
+
+def base_free(table: HostTable, usage: Usage) -> BaseFree:
+    """The free arrays for `table`, brought up to date for the hosts that moved."""
+    free: BaseFree
+    free, dirty = usage.kept("free", table, lambda: BaseFree(table, usage))
+    if dirty:
+        free.sync(table, usage, dirty)
+        dirty.clear()
+    return free
+
+
 class ClusterIndex:
     """Hosts by position (sorted by name, so position order is the name tie-break)."""
 
@@ -210,13 +242,16 @@ class ClusterIndex:
             # (plans in flight, the request's own VMs) and the uncounted ones: undo the
             # counted record, apply the shown one. O(hosts + what changed).
             usage, overlay = kept
-            for host, (cpu, mem, disk) in usage.used.items():
+            base = base_free(table, usage)
+            self.free_cpu = free_cpu = base.cpu.copy()
+            self.free_mem = free_mem = base.mem.copy()
+            self.free_disk = free_disk = base.disk.copy()
+            for host in lost:
                 pos = get_pos(host)
-                if pos is None or host in lost:
-                    continue
-                free_cpu[pos] -= cpu
-                free_mem[pos] -= mem
-                free_disk[pos] -= disk
+                if pos is not None:
+                    free_cpu[pos] = table.cpu[pos]
+                    free_mem[pos] = table.mem[pos]
+                    free_disk[pos] = table.disk[pos]
             derived = snapshot.derived
             assert derived is not None
             base_where, base_vms = derived.placements, derived.vms

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from hvplace.coordinator.cache import Cache
+from hvplace.coordinator.placement.headroom import Headroom, headroom
+from hvplace.coordinator.placement.index import BaseFree, base_free, host_table
 from hvplace.coordinator.snapshot import Snapshot, Usage
 from hvplace.proto import keyspace, models
 from hvplace.proto.models import (
@@ -138,6 +140,15 @@ def _check(cache: Cache) -> None:
         if s.phase is Phase.PENDING
     )
     assert cache.pending_reasons == dict(reasons)
+    # The failover headroom kept for the engine's host table, against one built afresh.
+    table = host_table(snap)
+    kept = headroom(table, cache.usage)
+    free = BaseFree(table, cache.usage)
+    assert base_free(table, cache.usage).cpu == free.cpu
+    fresh = Headroom(table, cache.usage, free)
+    assert kept.entry == fresh.entry and kept.pinned == fresh.pinned
+    assert kept.totals == fresh.totals and kept.slot == fresh.slot
+    assert kept.needs == fresh.needs
 
 
 async def _listing(kvs: dict[str, tuple[bytes, int]]) -> AsyncIterator[Iterable[Any]]:
@@ -200,3 +211,36 @@ def test_usage_check_catches_drift() -> None:
         assert "used" in str(e)
     else:
         raise AssertionError("a drifted counter went unnoticed")
+
+
+def test_headroom_moves_with_each_placement_on_a_kept_host_table() -> None:
+    """Placements on registered hosts keep the host table: the headroom is moved per
+    host, and equals one built afresh after each."""
+    cache = Cache(None, clock=lambda: 1.0)  # type: ignore[arg-type]
+    revision = 0
+
+    def put(key: str, value: bytes) -> None:
+        nonlocal revision
+        revision += 1
+        cache._apply("put", key, value, revision)
+        cache.revision = revision
+        _check(cache)
+
+    for h in HOSTS:
+        put(*_put(("host", h, True, 2, "z1")))
+    table = host_table(cache.snapshot())
+    for i, key in enumerate(VMS):
+        vm = _vm(key, 1 + i % 2, HAPriority.HIGH, False)
+        put(keyspace.vm(vm.scope, vm.name), models.dumps(vm))
+        put(
+            keyspace.assignment("h1", vm.scope, vm.name),
+            models.dumps(Assignment(vm=vm, host="h1", epoch=1)),
+        )
+    assert host_table(cache.snapshot()) is table  # the same table all along
+    assert headroom(table, cache.usage).entry  # h1 holds VMs a failure restarts
+
+
+def _put(event: tuple[Any, ...]) -> tuple[str, bytes]:
+    key, value = _key_value(event)
+    assert value is not None
+    return key, value
