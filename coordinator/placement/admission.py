@@ -385,7 +385,9 @@ def _single_host_scenarios(
     for pos in touched:
         count += loads.is_loaded(pos) - (table.names[pos] in usage.by_host)
     count -= sum(1 for pos in table.lost if loads.is_loaded(pos))
-    found = [(p,) for p in sorted(look) if loads.is_loaded(p) and index.state[p] is not lost]
+    found: list[tuple[int, ...]] = [
+        (p,) for p in sorted(look) if loads.is_loaded(p) and index.state[p] is not lost
+    ]
     # With no loaded host, _scenarios yields the one empty combination: count it alike.
     return max(count, 1), found
 
