@@ -11,6 +11,7 @@ import immutables
 from hvplace.proto.models import (
     VM,
     Assignment,
+    HAPriority,
     Host,
     HostInfo,
     HostState,
@@ -301,7 +302,7 @@ class Usage:
         if not keys:
             del self.by_host[host]
             del self.used[host]
-        if vm.ha_priority.value != "off":
+        if vm.ha_priority is not HAPriority.OFF:
             sizes = self.restart.setdefault(host, {})
             size = restart_key(vm)
             n = sizes.get(size, 0) + delta
@@ -312,14 +313,39 @@ class Usage:
                 if not sizes:
                     del self.restart[host]
 
-    def thaw(self) -> None:
-        """Plain dicts while a relist loads every record (bulk), then `freeze()`."""
-        self.vms = dict(self.vms)  # type: ignore[assignment]
-        self.placements = dict(self.placements)  # type: ignore[assignment]
-
-    def freeze(self) -> None:
-        self.vms = immutables.Map(self.vms)
-        self.placements = immutables.Map(self.placements)
+    @classmethod
+    def build(cls, vms: Mapping[str, VM], placements: Mapping[str, str]) -> Usage:
+        """The counters for these records in one pass (a relist, a check)."""
+        usage = cls()
+        usage.vms = immutables.Map(vms)
+        usage.placements = immutables.Map(placements)
+        used, by_host, by_scope, restart = usage.used, usage.by_host, usage.by_scope, usage.restart
+        for key, vm in vms.items():
+            scope = by_scope.get(vm.scope)
+            if scope is None:
+                scope = by_scope[vm.scope] = {}
+            scope[key] = vm
+        off = HAPriority.OFF
+        for key, host in placements.items():
+            vm = vms.get(key)
+            if vm is None:
+                continue
+            r = vm.resources
+            u = used.get(host)
+            if u is None:
+                u = used[host] = [0, 0, 0]
+                by_host[host] = set()
+            u[0] += r.vcpus
+            u[1] += r.memory_mib
+            u[2] += r.disk_gib
+            by_host[host].add(key)
+            if vm.ha_priority is not off:
+                sizes = restart.get(host)
+                if sizes is None:
+                    sizes = restart[host] = {}
+                rk = restart_key(vm)
+                sizes[rk] = sizes.get(rk, 0) + 1
+        return usage
 
     # ------------------------------------------------------------------ reading
 
@@ -345,11 +371,7 @@ class Usage:
 
     def check(self) -> None:
         """Recount from the maps and raise AssertionError on any difference."""
-        fresh = Usage()
-        for key, vm in self.vms.items():
-            fresh.set_vm(key, vm)
-        for key, host in self.placements.items():
-            fresh.set_placement(key, host)
+        fresh = Usage.build(self.vms, self.placements)
         for name in ("used", "by_host", "by_scope", "restart"):
             mine, theirs = getattr(self, name), getattr(fresh, name)
             if mine != theirs:
