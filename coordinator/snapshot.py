@@ -327,10 +327,10 @@ class Usage:
             scope[key] = vm
         off = HAPriority.OFF
         for key, host in placements.items():
-            vm = vms.get(key)
-            if vm is None:
+            spec = vms.get(key)
+            if spec is None:
                 continue
-            r = vm.resources
+            r = spec.resources
             u = used.get(host)
             if u is None:
                 u = used[host] = [0, 0, 0]
@@ -339,11 +339,11 @@ class Usage:
             u[1] += r.memory_mib
             u[2] += r.disk_gib
             by_host[host].add(key)
-            if vm.ha_priority is not off:
+            if spec.ha_priority is not off:
                 sizes = restart.get(host)
                 if sizes is None:
                     sizes = restart[host] = {}
-                rk = restart_key(vm)
+                rk = restart_key(spec)
                 sizes[rk] = sizes.get(rk, 0) + 1
         return usage
 
