@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hvplace.coordinator.placement import reasons
 from hvplace.proto.models import (
@@ -25,13 +25,10 @@ UNLIMITED = 1 << 30
 """max_per_domain of a spread policy: any number of members may share a host."""
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False)
 class ConstraintGroup:
-    """One rule (or one label pair of a scope policy) over its resolved members.
-
-    `counts` and `occupied` are the batch's index (domain → members there, and how many
-    domains hold one); they start from the snapshot and move by ±1 with each proposal.
-    """
+    """One rule (or one label pair of a scope policy) over its resolved members. What a
+    batch counts of it (members per domain) lives in the batch's index (BatchGroup)."""
 
     key: str
     title: str
@@ -44,10 +41,6 @@ class ConstraintGroup:
     on_failure: OnFailure
     policy: bool
     members: tuple[str, ...]
-    counts: dict[str, int] = field(default_factory=dict)
-    occupied: int = 0
-    domain_of: list[str | None] = field(default_factory=list)
-    """Per host position in the index: the host's domain for `topology_key`."""
 
     @property
     def anti(self) -> bool:

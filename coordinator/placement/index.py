@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
 from hvplace.coordinator.snapshot import Snapshot, Usage
@@ -184,6 +185,42 @@ def base_free(table: HostTable, usage: Usage) -> BaseFree:
     return free
 
 
+class BatchGroup:
+    """A constraint group as one batch counts it: members per topology domain and how
+    many domains hold one, starting from the snapshot and moved by ±1 per proposal.
+    The group itself stays as compiled (frozen); its other fields read through."""
+
+    __slots__ = (
+        "anti",
+        "counts",
+        "domain_of",
+        "group",
+        "key",
+        "max_per_domain",
+        "occupied",
+        "required",
+        "spread_target",
+        "topology_key",
+    )
+
+    def __init__(self, group: ConstraintGroup, domain_of: list[str | None]) -> None:
+        self.group = group
+        # The fields the filters read per host, copied for speed.
+        self.key = group.key
+        self.anti = group.anti
+        self.required = group.required
+        self.max_per_domain = group.max_per_domain
+        self.spread_target = group.spread_target
+        self.topology_key = group.topology_key
+        self.domain_of = domain_of
+        """Per host position: the host's domain for `topology_key`."""
+        self.counts: dict[str, int] = {}
+        self.occupied = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+
 class ClusterIndex:
     """Hosts by position (sorted by name, so position order is the name tie-break)."""
 
@@ -306,12 +343,9 @@ class ClusterIndex:
             free_mem[pos] -= r.memory_mib
             free_disk[pos] -= r.disk_gib
 
-        self.groups = list(groups)
-        self.vm_groups: dict[str, list[ConstraintGroup]] = defaultdict(list)
+        self.groups = [BatchGroup(g, self.domains(g.topology_key)) for g in groups]
+        self.vm_groups: dict[str, list[BatchGroup]] = defaultdict(list)
         for group in self.groups:
-            group.domain_of = self.domains(group.topology_key)
-            group.counts = {}
-            group.occupied = 0
             for member in group.members:
                 self.vm_groups[member].append(group)
                 for pos in self.spots(member):
@@ -345,7 +379,7 @@ class ClusterIndex:
     # ------------------------------------------------------------------ proposals
 
     @staticmethod
-    def _count(group: ConstraintGroup, pos: int, delta: int) -> None:
+    def _count(group: BatchGroup, pos: int, delta: int) -> None:
         domain = group.domain_of[pos]
         if domain is None:
             return

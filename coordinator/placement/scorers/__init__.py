@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hvplace.coordinator.placement.groups import ConstraintGroup
-from hvplace.coordinator.placement.index import ClusterIndex
+from hvplace.coordinator.placement.index import BatchGroup, ClusterIndex
 from hvplace.proto.models import NodeAffinity, Resources
 
 PREFERENCE_SCALE = 1000
 
 
-def preferred_rules(pos: int, preferred: Sequence[ConstraintGroup]) -> int:
+def preferred_rules(pos: int, preferred: Sequence[BatchGroup]) -> int:
     """+weight for a preferred affinity met, −weight for a preferred anti-affinity broken."""
     total = 0
     for group in preferred:
@@ -44,7 +43,7 @@ def score(
     pos: int,
     need: Resources,
     affinity: NodeAffinity,
-    preferred: Sequence[ConstraintGroup],
+    preferred: Sequence[BatchGroup],
 ) -> float:
     preference = index.node_score(affinity, pos) if affinity.preferred else 0
     if preferred:
