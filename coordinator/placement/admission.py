@@ -279,8 +279,10 @@ def _fits_by_capacity(
 
 def _simulate(index: ClusterIndex, failed: tuple[int, ...], loads: _Loads) -> FailureImpact | None:
     """Mark the hosts lost, take their VMs out, re-place them by HA priority, then undo
-    exactly that: the index is as it was."""
+    exactly that, round-robin cursors included: the index is as it was, and the answer
+    depends on the scenario alone (not on which scenarios the bound settled before)."""
     failed_set = set(failed)
+    cursors = index.cursors()
     for pos in failed:
         index.set_lost(pos, True)
     taken_out: list[tuple[VM, int]] = []
@@ -312,6 +314,7 @@ def _simulate(index: ClusterIndex, failed: tuple[int, ...], loads: _Loads) -> Fa
         index.add(vm, spot)
     for pos in failed:
         index.set_lost(pos, False)
+    index.restore_cursors(cursors)
     if not stranded:
         return None
     return FailureImpact(

@@ -127,8 +127,9 @@ def _best(
         return found[0]
     best_pos = -1
     best_score = 0.0
+    terms = scorers.node_terms(index, affinity)
     for pos in found:
-        value = scorers.score(index, pos, need, affinity, preferred)
+        value = scorers.score(index, pos, need, terms, preferred)
         # Ties go to the lower position, i.e. the host name sorting first.
         if best_pos < 0 or value > best_score or (value == best_score and pos < best_pos):
             best_pos, best_score = pos, value

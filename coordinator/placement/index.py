@@ -363,6 +363,19 @@ class ClusterIndex:
             self._candidates[affinity] = found
         return found
 
+    def cursors(self) -> dict[NodeAffinity, list[tuple[CandidateList, int]]]:
+        """Where every round-robin stands, for `restore_cursors`."""
+        return {a: [(c, c.cursor) for c in lists] for a, lists in self._candidates.items()}
+
+    def restore_cursors(self, saved: dict[NodeAffinity, list[tuple[CandidateList, int]]]) -> None:
+        """Put the round-robins back (and drop lists made since): a failure simulation
+        then answers alike whichever scenarios ran before it."""
+        for affinity in [a for a in self._candidates if a not in saved]:
+            del self._candidates[affinity]
+        for kept in saved.values():
+            for candidates, cursor in kept:
+                candidates.cursor = cursor
+
     def spots(self, key: str) -> list[int]:
         """The host positions a VM counts on now: placement, reservation, proposals."""
         found = self.where.get(key)
