@@ -13,6 +13,7 @@ from hvplace.coordinator import cache as kinds
 from hvplace.coordinator import failure
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.placement.admission import warm
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.restarts import Restarts
 from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
@@ -93,6 +94,7 @@ class Controller:
         gauges = asyncio.create_task(self._metrics_loop(), name="hvplace-gauges")
         try:
             await self.cache.fresh()
+            warm(self.cache.snapshot())  # the first create need not build the host table
             await self._ensure_cluster_config()
             self.restarts.resync()
             for item in (HOSTS, PENDING, RESTARTS):

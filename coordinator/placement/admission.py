@@ -23,7 +23,7 @@ from hvplace.coordinator.placement.engine import (
 )
 from hvplace.coordinator.placement.groups import compile_groups
 from hvplace.coordinator.placement.headroom import headroom
-from hvplace.coordinator.placement.index import ClusterIndex
+from hvplace.coordinator.placement.index import ClusterIndex, host_table
 from hvplace.coordinator.snapshot import Snapshot, restart_key
 from hvplace.proto.models import TOPOLOGY_HOST, VM, HAPriority, HostState, Rule
 
@@ -455,3 +455,12 @@ def check_admission_full(
     return AdmissionResult(
         ok=not impacts, impacts=tuple(impacts), scenarios=len(scenarios), truncated=truncated
     )
+
+
+def warm(snapshot: Snapshot) -> None:
+    """Build what decisions read between changes of the hosts (the host table, free
+    capacity and the failover headroom, O(hosts) once) ahead of the first decision, so
+    that the first create after taking office does not pay for them."""
+    kept = snapshot.usage()
+    if kept is not None:
+        headroom(host_table(snapshot), kept[0])
