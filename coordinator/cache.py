@@ -207,10 +207,18 @@ class Cache:
         revision = 0
 
         async def pages() -> AsyncIterator[Iterable[tuple[str, bytes, int]]]:
+            # The specs first, then the rest of the keyspace at the same revision: each
+            # assignment then finds its spec listed and is built on it (held otherwise).
             nonlocal revision
-            async for kvs, at in self.store.list_pages(keyspace.ROOT):
+            async for kvs, at in self.store.list_pages(keyspace.VMS):
                 revision = at
                 yield ((kv.key.decode(), kv.value, int(kv.mod_revision)) for kv in kvs)
+            vms_end = keyspace.prefix_end(keyspace.VMS)
+            for start_at, end_before in (("", keyspace.VMS), (vms_end, "")):
+                async for kvs, _at in self.store.list_pages(
+                    keyspace.ROOT, revision=revision, start_at=start_at, end_before=end_before
+                ):
+                    yield ((kv.key.decode(), kv.value, int(kv.mod_revision)) for kv in kvs)
 
         await fresh.load(pages())
         if not revision:
@@ -249,13 +257,16 @@ class Cache:
         """Fill this fresh cache from a listing: (key, value, mod revision) in key order,
         a page at a time. Tables and counters are built as dicts, then frozen."""
         self._loading = True
-        # Assignments sort before the specs they embed: they wait for the specs, then
-        # decode only their host and epoch when they carry exactly the spec's bytes (by
-        # digest); a third of the decoding of a cold start saved.
+        # An assignment decodes only its host and epoch when it carries exactly the bytes
+        # of its spec listed before it (by digest): a third of a cold start's decoding.
+        # One listed before its spec waits for it (the relist lists the specs first).
         held: list[tuple[str, bytes, int]] = []
         async for page in pages:
             for key, value, mod_revision in page:
-                if key.startswith(keyspace.ASSIGNMENTS):
+                if (
+                    key.startswith(keyspace.ASSIGNMENTS)
+                    and classify(key)[1] not in self._digests
+                ):
                     held.append((key, value, mod_revision))
                     continue
                 if key.startswith(keyspace.VMS):
