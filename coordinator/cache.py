@@ -263,10 +263,7 @@ class Cache:
         held: list[tuple[str, bytes, int]] = []
         async for page in pages:
             for key, value, mod_revision in page:
-                if (
-                    key.startswith(keyspace.ASSIGNMENTS)
-                    and classify(key)[1] not in self._digests
-                ):
+                if key.startswith(keyspace.ASSIGNMENTS) and classify(key)[1] not in self._digests:
                     held.append((key, value, mod_revision))
                     continue
                 if key.startswith(keyspace.VMS):
