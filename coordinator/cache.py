@@ -248,7 +248,7 @@ class Cache:
         # The listed records live as long as this listing: out of the collector's way,
         # a full collection no longer walks 100,000s of them (a 100+ ms pause per create
         # now and then at 100,000 VMs). Records are acyclic; refcounting still frees them.
-        gc.collect()
+        # (The listing ran with the collector off: it only allocates records.)
         gc.freeze()
         log.info(
             "cache listed %d hosts, %d VMs at revision %d in %.2fs",
@@ -263,6 +263,18 @@ class Cache:
         """Fill this fresh cache from a listing: (key, value, mod revision) in key order,
         a page at a time. Tables and counters are built as dicts, then frozen."""
         self._loading = True
+        # Decoding allocates millions of objects and frees none: each automatic full
+        # collection would walk all of them again (seconds at 100,000 VMs).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await self._load_pages(pages)
+        finally:
+            if collecting:
+                gc.enable()
+
+    async def _load_pages(self, pages: AsyncIterator[Iterable[tuple[str, bytes, int]]]) -> None:
+        """`load` with the collector off (other tasks keep running; refcounting frees)."""
         # An assignment decodes only its host and epoch when it carries exactly the bytes
         # of its spec listed before it (by digest): a third of a cold start's decoding.
         # One listed before its spec waits for it (the relist lists the specs first).
