@@ -1,5 +1,7 @@
 """A list + watch cache of /hvplace/v1/ as typed records with their mod revisions; it resumes
-its watch from its revision, relists after compaction and tells subscribers what changed."""
+its watch from its revision, relists after compaction and tells subscribers what changed.
+Per event it also moves what decisions read (snapshot.Usage, the engine's hosts, the
+unassigned set, phase and reason counts), so a snapshot costs O(1), not a rebuild."""
 
 from __future__ import annotations
 
