@@ -1,6 +1,7 @@
 """Placement engine benchmark: a seeded synthetic cluster placed in batches, checked by brute force.
 
-python bench/engine.py --hosts 1000 --vms 10000 --json [--seed 1 --batch 500 --profile]
+python bench/engine.py --hosts 1000 --vms 10000 --json [--seed 1 --batch 500 --profile --rebuild]
+python bench/engine.py --curve [--rebuild]      # the README's points, one JSON line each
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 
+import immutables
 from hvplace.coordinator.placement import Batch, place
-from hvplace.coordinator.snapshot import Snapshot
+from hvplace.coordinator.snapshot import Derived, Snapshot, Usage
 from hvplace.proto.records import (
     VM,
     Enforcement,
@@ -34,6 +36,8 @@ from hvplace.proto.selectors import (
     PreferredTerm,
 )
 
+CURVE = ((100, 1000), (1000, 10_000), (5000, 25_000), (10_000, 50_000), (20_000, 100_000))
+"""The README's curve; 10,000 / 50,000 and 20,000 / 100,000 are issue 14's goal points."""
 VMS_PER_SCOPE = 100
 HOSTS_PER_RACK = 20
 
@@ -221,7 +225,9 @@ def count_violations(
     return violations
 
 
-def run(hosts_n: int, vms_n: int, seed: int, batch_size: int, profile: bool) -> dict[str, object]:
+def run(
+    hosts_n: int, vms_n: int, seed: int, batch_size: int, profile: bool, rebuild: bool = False
+) -> dict[str, object]:
     rng = random.Random(seed)
     hosts = build_hosts(hosts_n, rng)
     zones = max(3, hosts_n // 100)
@@ -235,22 +241,43 @@ def run(hosts_n: int, vms_n: int, seed: int, batch_size: int, profile: bool) -> 
 
         profiler = Profiler()
         profiler.start()
+    # As the coordinator's cache does: counters moved per placed VM (snapshot.Usage), so a
+    # batch costs what it places, not what the cluster holds. --rebuild gives the engine
+    # plain dicts instead (every batch recounts them: the curve before issue 14).
+    usage = Usage()
+    host_map = immutables.Map(hosts)
     started = time.perf_counter()
     for start in range(0, len(workload), batch_size):
         batch = tuple(workload[start : start + batch_size])
-        snapshot = Snapshot(
-            revision=start,
-            hosts=hosts,
-            vms=vms,
-            placements=placements,
-            rules=rules,
-            policies=policies,
-        )
+        if rebuild:
+            snapshot = Snapshot(
+                revision=start,
+                hosts=hosts,
+                vms=vms,
+                placements=placements,
+                rules=rules,
+                policies=policies,
+            )
+        else:
+            snapshot = Snapshot(
+                revision=start,
+                hosts=host_map,
+                vms=usage.vms,
+                placements=usage.placements,
+                rules=rules,
+                policies=policies,
+                derived=Derived.of(usage),
+            )
         plan = place(snapshot, Batch(batch))
-        placements.update(plan.assignments)
         pending += len(plan.pending)
         for vm in batch:
             vms[vm.key] = vm
+            if not rebuild:
+                usage.set_vm(vm.key, vm)
+        placements.update(plan.assignments)
+        if not rebuild:
+            for key, host in plan.assignments.items():
+                usage.set_placement(key, host)
     seconds = time.perf_counter() - started
     if profiler is not None:
         profiler.stop()
@@ -262,6 +289,7 @@ def run(hosts_n: int, vms_n: int, seed: int, batch_size: int, profile: bool) -> 
         "vms": vms_n,
         "seed": seed,
         "batch": batch_size,
+        "state": "rebuilt" if rebuild else "incremental",
         "rules": len(rules),
         "policies": len(policies),
         "placed": len(placements),
@@ -281,8 +309,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--profile", action="store_true", help="pyinstrument report on stderr")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="plain dicts per batch, no kept counters"
+    )
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="one JSON line per point: 100/1k, 1k/10k, 5k/25k, 10k/50k, 20k/100k hosts/VMs",
+    )
     args = parser.parse_args()
-    result = run(args.hosts, args.vms, args.seed, args.batch, args.profile)
+    if args.curve:
+        for hosts_n, vms_n in CURVE:
+            print(json.dumps(run(hosts_n, vms_n, args.seed, args.batch, False, args.rebuild)))
+        return
+    result = run(args.hosts, args.vms, args.seed, args.batch, args.profile, args.rebuild)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -12,6 +12,7 @@ from hvplace.coordinator import cache as kinds
 from hvplace.coordinator import failure
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.placement.admission import warm
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.restarts import Restarts
 from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
@@ -25,10 +26,10 @@ HOSTS = "hosts"
 """Work item: host registrations vs statuses (lost / back), then failover when due."""
 PENDING = "pending"
 """Work item: place every VM that has no assignment."""
-METRICS = "metrics"
 RESTARTS = "restarts"
 """Work item: VMs whose start failed on their host (coordinator/restarts.py)."""
 METRICS_EVERY_S = 1.0
+"""The gauges' period (hosts by state, VMs by phase, pending by reason)."""
 
 # What a change can unblock or require.
 _TRIGGERS: dict[str, tuple[str, ...]] = {
@@ -70,7 +71,6 @@ class Controller:
         self._wake = asyncio.Event()
         self._fence: Fence | None = None
         self._office = 0.0  # when this leader took office (wall clock)
-        self._metrics_due = False
         self._timers: set[asyncio.TimerHandle] = set()
         self.failovers = 0
         self.restarts = Restarts(store, cache, planner, wall=wall)
@@ -84,23 +84,19 @@ class Controller:
             self.enqueue(item)
         if self.restarts.notice(change):
             self.enqueue(RESTARTS)
-        if change.kind != kinds.OTHER and not self._metrics_due:
-            # Gauges at most once a second: a burst of changes (a failover) would
-            # otherwise rebuild them after every batch of watch events.
-            self._metrics_due = True
-            self._later(METRICS_EVERY_S, METRICS)
 
     async def run(self, fence: Fence) -> None:
         self._fence = fence
         self._office = self.wall()
-        self._metrics_due = False
         remove = self.cache.add_listener(self._on_change)
         resync = asyncio.create_task(self._resync_loop(), name="hvplace-resync")
+        gauges = asyncio.create_task(self._metrics_loop(), name="hvplace-gauges")
         try:
             await self.cache.fresh()
+            warm(self.cache.snapshot())  # the first create need not build the host table
             await self._ensure_cluster_config()
             self.restarts.resync()
-            for item in (HOSTS, PENDING, METRICS, RESTARTS):
+            for item in (HOSTS, PENDING, RESTARTS):
                 self.enqueue(item)
             backoff = 0.1
             while True:
@@ -120,6 +116,7 @@ class Controller:
         finally:
             remove()
             resync.cancel()
+            gauges.cancel()
             for t in self._timers:
                 t.cancel()
             self._timers.clear()
@@ -140,8 +137,19 @@ class Controller:
         while True:
             await asyncio.sleep(self.resync_s)
             self.restarts.resync()
-            for item in (HOSTS, PENDING, METRICS, RESTARTS):
+            for item in (HOSTS, PENDING, RESTARTS):
                 self.enqueue(item)
+
+    async def _metrics_loop(self) -> None:
+        """The gauges on their own period, off the request and watch paths: each refresh
+        reads counters the cache keeps per event (O(hosts), not O(VMs))."""
+        while True:
+            if self.metrics is not None:
+                try:
+                    self.metrics.refresh_state(self.cache)
+                except Exception:  # a gauge must never stop the leader's work
+                    log.exception("refreshing the gauges failed")
+            await asyncio.sleep(METRICS_EVERY_S)
 
     async def sync(self, item: str) -> None:
         if item == HOSTS:
@@ -150,10 +158,6 @@ class Controller:
             await self.sync_pending()
         elif item == RESTARTS:
             await self.restarts.sync()
-        elif item == METRICS:
-            self._metrics_due = False
-            if self.metrics is not None:
-                self.metrics.refresh_state(self.cache)
 
     async def _ensure_cluster_config(self) -> None:
         if self.cache.config is not None:
@@ -300,15 +304,14 @@ class Controller:
 
     def unassigned(self) -> list[VM]:
         """VMs to place; a VM `failed` after its start attempts waits for `vm start`."""
-        assigned = self.cache.assignments.records
+        specs = self.cache.vms.records
         statuses = self.cache.vm_status.records
-        todo = [
-            (key, vm)
-            for key, vm in self.cache.vms.records.items()
-            if key not in assigned
-            and ((st := statuses.get(key)) is None or st.phase is not Phase.FAILED)
+        # The cache keeps the unassigned set per event: this costs O(pending), not O(VMs).
+        return [
+            specs[key]
+            for key in sorted(self.cache.unassigned)
+            if (st := statuses.get(key)) is None or st.phase is not Phase.FAILED
         ]
-        return [vm for _key, vm in sorted(todo, key=lambda kv: kv[0])]
 
     async def sync_pending(self) -> None:
         """Place every VM without an assignment, in batches; those that cannot be placed
@@ -341,4 +344,4 @@ class Controller:
         self.metrics.placements.labels(result="placed").inc(len(plan.assignments))
 
 
-_ORDER = {HOSTS: 0, RESTARTS: 1, PENDING: 2, METRICS: 3}
+_ORDER = {HOSTS: 0, RESTARTS: 1, PENDING: 2}

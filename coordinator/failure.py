@@ -1,14 +1,24 @@
 """Host failure, pure: when an unregistered host counts as lost (derived from the records,
-level-triggered), and lost hosts → their VMs re-placed by HA priority with every rule."""
+level-triggered), and the failover plan: lost hosts → their VMs re-placed by HA priority
+with every rule (on_failure=degrade rules broken knowingly when nothing else fits)."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
-from hvplace.coordinator.placement import Plan
-from hvplace.coordinator.placement.engine import build_index, replace_vms
+from hvplace.coordinator.placement import Plan, filters, reasons
+from hvplace.coordinator.placement.engine import build_index, explanation_at, ha_order, search
+from hvplace.coordinator.placement.index import ClusterIndex
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.records import HostState, HostStatus
+from hvplace.proto.records import (
+    VM,
+    Explanation,
+    HAPriority,
+    HostState,
+    HostStatus,
+    OnFailure,
+    ReasonCount,
+)
 
 
 def lost_at(
@@ -49,3 +59,63 @@ def replace_lost(snapshot: Snapshot, lost_hosts: Collection[str]) -> Plan:
     ]
     index = build_index(snapshot, moving, lost_hosts=lost)
     return replace_vms(index, snapshot.revision, moving, degrade=True)
+
+
+def degradable(index: ClusterIndex, vm: VM) -> frozenset[str]:
+    return frozenset(
+        g.key
+        for g in index.vm_groups.get(vm.key, ())
+        if g.required and g.on_failure is OnFailure.DEGRADE
+    )
+
+
+def ha_off_explanation(vm: VM) -> Explanation:
+    return Explanation(
+        vm=vm.key,
+        total_hosts=0,
+        feasible_hosts=0,
+        reasons=(
+            ReasonCount(
+                code=reasons.HA_OFF,
+                message="HA priority off: not restarted after its host failed",
+                hosts=0,
+            ),
+        ),
+    )
+
+
+def replace_vms(index: ClusterIndex, revision: int, vms: Iterable[VM], degrade: bool) -> Plan:
+    """Re-place VMs whose host failed, by HA priority. With `degrade`, a VM that fits
+    nowhere under its on_failure=degrade rules is placed ignoring them (capacity and
+    every block rule still hold) and listed in `degraded`."""
+    assignments: dict[str, str] = {}
+    pending: dict[str, Explanation] = {}
+    degraded: dict[str, tuple[str, ...]] = {}
+    for vm in ha_order(vms):
+        if vm.ha_priority is HAPriority.OFF:
+            pending[vm.key] = ha_off_explanation(vm)
+            continue
+        pos = search(index, vm)
+        broken: tuple[str, ...] = ()
+        if pos is None and degrade:
+            ignore = degradable(index, vm)
+            if ignore:
+                pos = search(index, vm, ignore)
+                if pos is not None:
+                    broken = tuple(
+                        g.key
+                        for g in index.vm_groups.get(vm.key, ())
+                        if g.key in ignore and filters.group_rejection(g, pos) is not None
+                    )
+        if pos is None:
+            pending[vm.key] = explanation_at(index, vm)
+            continue
+        # An affinity this VM breaks keeps its domain where the members that keep the
+        # rule run: counted there, the VM would let later members join it unrecorded.
+        # (An anti-affinity counts it: more members beside it would break it further.)
+        groups = index.vm_groups.get(vm.key, ()) if broken else ()
+        index.add(vm, pos, [g.key for g in groups if g.key in broken and not g.anti])
+        assignments[vm.key] = index.names[pos]
+        if broken:
+            degraded[vm.key] = broken
+    return Plan(revision=revision, assignments=assignments, pending=pending, degraded=degraded)

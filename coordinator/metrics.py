@@ -13,7 +13,7 @@ from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.placement import check_admission, rule_compliance
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
 from hvplace.coordinator.store import Fence
-from hvplace.proto.records import ClusterConfig, HostState, Phase
+from hvplace.proto.records import ClusterConfig, HostState
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
@@ -131,22 +131,16 @@ class CoordinatorMetrics:
         self._sampled_at, self._violating = None, frozenset()
 
     def refresh_state(self, cache: Cache) -> None:
-        """Gauges derived from the cache: hosts by state, VMs by phase, pending by reason."""
+        """Gauges derived from the cache: hosts by state, VMs by phase, pending by reason;
+        from the counts the cache keeps per event (no pass over the VMs)."""
         self.cache_revision.set(cache.revision)
         for phase, n in vms_by_phase(cache).items():
             self.vms.labels(phase=phase).set(n)
-        snap = cache.snapshot()
-        states = Tally(h.state.value for h in snap.hosts.values())
+        states = Tally(h.state.value for h in cache.engine_hosts.values())
         for state in HostState:
             self.hosts.labels(state=state.value).set(states.get(state.value, 0))
-        reasons: Tally[str] = Tally()
-        for status in cache.vm_status.records.values():
-            if status.phase is Phase.PENDING:
-                why = status.explanation
-                code = why.reasons[0].code if why is not None and why.reasons else "unknown"
-                reasons[code] += 1
         self.pending.clear()
-        for code, n in reasons.items():
+        for code, n in cache.pending_reasons.items():
             self.pending.labels(reason=code).set(n)
 
     def refresh_rules(self, cache: Cache, cluster: ClusterConfig, now: float | None = None) -> None:
@@ -192,9 +186,4 @@ class CoordinatorMetrics:
 
 def vms_by_phase(cache: Cache) -> Mapping[str, int]:
     """Every phase with its count; a VM without a status yet is pending (as the API says)."""
-    counts = {phase.value: 0 for phase in Phase}
-    statuses = cache.vm_status.records
-    for key in cache.vms.records:
-        status = statuses.get(key)
-        counts[status.phase.value if status is not None else Phase.PENDING.value] += 1
-    return counts
+    return dict(cache.phases)

@@ -6,7 +6,6 @@ statuses it wrote and the failover admission report it was checked against."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -129,12 +128,12 @@ class Planner:
         snap = self.cache.snapshot()
         if not self._inflight:
             return snap
-        vms = dict(snap.vms)
-        placements = dict(snap.placements)
+        vms: dict[str, VM] = {}
+        placements: dict[str, str] = {}
         for specs, assigned in self._inflight.values():
             vms.update(specs)
             placements.update(assigned)
-        return dataclasses.replace(snap, vms=vms, placements=placements)
+        return snap.overlaid(vms, placements)
 
     async def commit_with(
         self,

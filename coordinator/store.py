@@ -211,11 +211,20 @@ class Store:
         return int(resp.header.revision)
 
     async def list_pages(
-        self, prefix: str, *, keys_only: bool = False, page: int = LIST_PAGE
+        self,
+        prefix: str,
+        *,
+        keys_only: bool = False,
+        page: int = LIST_PAGE,
+        revision: int = 0,
+        start_at: str = "",
+        end_before: str = "",
     ) -> AsyncIterator[tuple[list[Any], int]]:
-        """Every key under `prefix` at one revision, a page at a time, as etcd's raw
-        KeyValue messages (the cache decodes them without keeping a second copy)."""
-        start, end, revision = prefix.encode(), _range_end(prefix), 0
+        """Every key under `prefix` at one revision (`revision`, or etcd's current one), a
+        page at a time, as etcd's raw KeyValue messages (the cache decodes them without
+        keeping a second copy). `start_at` / `end_before` narrow the range within it."""
+        start = (start_at or prefix).encode()
+        end = end_before.encode() if end_before else _range_end(prefix)
         while True:
             req = rpc.RangeRequest(
                 key=start, range_end=end, limit=page, revision=revision, keys_only=keys_only

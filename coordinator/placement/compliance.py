@@ -24,8 +24,15 @@ def rule_compliance(snapshot: Snapshot) -> Mapping[str, RuleCompliance]:
 
     Only placements count: a reservation is a move in flight, not where a VM runs.
     """
-    groups = compile_groups(snapshot.vms, snapshot.rules.values(), snapshot.policies.values())
-    where = occupancy(snapshot.placements, {})
+    groups = compile_groups(
+        snapshot.vms,
+        snapshot.rules.values(),
+        snapshot.policies.values(),
+        scope_vms=snapshot.scope_vms,
+    )
+    # Only the members' hosts are read: O(members), not a map of every VM.
+    members = {m for g in groups for m in g.members}
+    where = occupancy({k: h for k in members if (h := snapshot.placements.get(k))}, {})
     degraded_by_rule: dict[str, list[str]] = {}
     for vm_key, rule_keys in sorted(snapshot.degraded.items()):
         for rule_key in rule_keys:

@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hvplace.coordinator.placement import filters, reasons, scorers
-from hvplace.coordinator.placement.groups import ConstraintGroup, compile_groups
-from hvplace.coordinator.placement.index import ClusterIndex
+from hvplace.coordinator.placement.groups import compile_groups
+from hvplace.coordinator.placement.index import BatchGroup, ClusterIndex
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.records import VM, Explanation, HAPriority, OnFailure, ReasonCount, Resources
-from hvplace.proto.selectors import LabelExpression, NodeAffinity
+from hvplace.proto.records import VM, Explanation, ReasonCount, Resources
+from hvplace.proto.selectors import NodeAffinity
 
 FEASIBLE_LIMIT = 3
 """Feasible hosts scored per VM without preferences (Nomad scores 2 for services)."""
@@ -47,9 +47,9 @@ class Plan:
 
 def _split_groups(
     index: ClusterIndex, vm: VM, ignore: frozenset[str]
-) -> tuple[list[ConstraintGroup], list[ConstraintGroup]]:
-    required: list[ConstraintGroup] = []
-    preferred: list[ConstraintGroup] = []
+) -> tuple[list[BatchGroup], list[BatchGroup]]:
+    required: list[BatchGroup] = []
+    preferred: list[BatchGroup] = []
     for group in index.vm_groups.get(vm.key, ()):
         if not group.required:
             preferred.append(group)
@@ -67,34 +67,25 @@ def search(index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()) ->
     need = vm.resources
     affinity = vm.node_affinity
     fits = filters.fits
+    ask = filters.ask(index, vm, required)
     found: list[int] = []
 
     # A required affinity whose members already run somewhere: only that domain can do.
     for group in required:
         if not group.anti and group.occupied:
-            admitted = index.admitted(affinity)
             by_domain = index.domain_hosts(group.topology_key)
             pool = sorted(pos for domain in group.counts for pos in by_domain.get(domain, ()))
-            found = [
-                pos
-                for pos in pool
-                if (admitted is None or pos in admitted) and fits(index, pos, need, required)
-            ]
+            found = [pos for pos in pool if fits(index, pos, ask)]
             return _best(index, found, need, affinity, preferred)
 
     limit = FEASIBLE_LIMIT_PREFERRED if preferred or affinity.preferred else FEASIBLE_LIMIT
     seen: set[int] = set()
     for group in preferred:
         if not group.anti and group.occupied:
-            admitted = index.admitted(affinity)
             by_domain = index.domain_hosts(group.topology_key)
             for domain in sorted(group.counts):
                 for pos in by_domain.get(domain, ())[:HINT_HOSTS]:
-                    if (
-                        pos not in seen
-                        and (admitted is None or pos in admitted)
-                        and fits(index, pos, need, required)
-                    ):
+                    if pos not in seen and fits(index, pos, ask):
                         seen.add(pos)
                         found.append(pos)
 
@@ -107,7 +98,7 @@ def search(index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()) ->
             if at >= size:
                 at -= size
             pos = hosts[at]
-            if pos in seen or not fits(index, pos, need, required):
+            if pos in seen or not fits(index, pos, ask):
                 continue
             found.append(pos)
             if len(found) >= limit:
@@ -123,7 +114,7 @@ def _best(
     found: Sequence[int],
     need: Resources,
     affinity: NodeAffinity,
-    preferred: Sequence[ConstraintGroup],
+    preferred: Sequence[BatchGroup],
 ) -> int | None:
     if not found:
         return None
@@ -131,8 +122,9 @@ def _best(
         return found[0]
     best_pos = -1
     best_score = 0.0
+    terms = scorers.node_terms(index, affinity)
     for pos in found:
-        value = scorers.score(index, pos, need, affinity, preferred)
+        value = scorers.score(index, pos, need, terms, preferred)
         # Ties go to the lower position, i.e. the host name sorting first.
         if best_pos < 0 or value > best_score or (value == best_score and pos < best_pos):
             best_pos, best_score = pos, value
@@ -142,82 +134,32 @@ def _best(
 # --------------------------------------------------------------------------- explain
 
 
-def _affinity_text(affinity: NodeAffinity) -> str:
-    def term(exprs: tuple[LabelExpression, ...]) -> str:
-        return " and ".join(str(e) for e in exprs)
-
-    return " or ".join(f"({term(t.match_expressions)})" for t in affinity.required)
-
-
-def _message(code: str, group: ConstraintGroup | None, vm: VM, most_free: int) -> str:
-    need = vm.resources
-    if code == reasons.HOST_CORDONED:
-        return "host cordoned"
-    if code == reasons.HOST_DRAINING:
-        return "host draining"
-    if code == reasons.HOST_LOST:
-        return "host lost"
-    if code == reasons.HOST_DEGRADED:
-        return "host degraded (libvirt unusable)"
-    if code == reasons.NODE_AFFINITY:
-        return f"node affinity mismatch (requires {_affinity_text(vm.node_affinity)})"
-    if code == reasons.INSUFFICIENT_MEMORY:
-        return f"insufficient memory (need {need.memory_mib} MiB, free {most_free})"
-    if code == reasons.INSUFFICIENT_CPU:
-        return f"insufficient cpu (need {need.vcpus} vCPUs, free {most_free})"
-    if code == reasons.INSUFFICIENT_DISK:
-        return f"insufficient disk (need {need.disk_gib} GiB, free {most_free})"
-    assert group is not None
-    word = group.domain_word()
-    if code == reasons.TOPOLOGY_LABEL_MISSING:
-        return f"no `{group.topology_key}` label, needed by {group.title}"
-    if code == reasons.SPREAD:
-        return (
-            f"{group.title} (spread: {group.occupied} of {group.spread_target} {word}s hold a"
-            f" member; no {word} takes a second before {group.spread_target} do)"
-        )
-    if code == reasons.AFFINITY:
-        where = ", ".join(sorted(group.counts))
-        return f"{group.title} (members run in {word} {where})"
-    if group.policy:
-        return (
-            f"{group.title} ({group.bound_text()}; a scope spread lets same-label VMs share hosts)"
-        )
-    return f"{group.title} ({group.bound_text()})"
-
-
 def explanation_at(
     index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()
 ) -> Explanation:
-    """Every host against every filter, in FILTER_ORDER; a host counts under its first
-    rejection, and hosts rejected alike are grouped."""
+    """Every host against the filter chain (filters.CHAIN, as the search walks it); a
+    host counts under its first rejection, and hosts rejected alike are grouped."""
     required, _preferred = _split_groups(index, vm, ignore)
-    need = vm.resources
+    ask = filters.ask(index, vm, required)
+    first_rejection = filters.first_rejection
     tally: dict[tuple[str, str], list[int]] = {}
-    group_of: dict[str, ConstraintGroup] = {}
+    group_of: dict[str, BatchGroup] = {}
     feasible = 0
     free_of = {
         reasons.INSUFFICIENT_MEMORY: index.free_mem,
         reasons.INSUFFICIENT_CPU: index.free_cpu,
         reasons.INSUFFICIENT_DISK: index.free_disk,
     }
-    admitted = index.admitted(vm.node_affinity)
     for pos in range(len(index.hosts)):
-        group_key = ""
-        code = filters.host_state(index, pos)
-        if code is None and admitted is not None and pos not in admitted:
-            code = reasons.NODE_AFFINITY  # filters.node_affinity, with the set hoisted
-        if code is None:
-            rejected = filters.rules(pos, required)
-            if rejected is not None:
-                code, group = rejected
-                group_key = group.key
-                group_of[group_key] = group
-        if code is None:
-            code = filters.capacity(index, pos, need)
-        if code is None:
+        rejected = first_rejection(index, pos, ask)
+        if rejected is None:
             feasible += 1
             continue
+        code, group = rejected
+        group_key = ""
+        if group is not None:
+            group_key = group.key
+            group_of[group_key] = group
         entry = tally.setdefault((code, group_key), [0, -(1 << 62)])
         entry[0] += 1
         free = free_of.get(code)
@@ -228,7 +170,7 @@ def explanation_at(
     counted = [
         ReasonCount(
             code=code,
-            message=_message(code, group_of.get(group_key), vm, most_free),
+            message=filters.message(code, group_of.get(group_key), vm, most_free),
             hosts=hosts,
             rule=group_key,
         )
@@ -260,11 +202,11 @@ def build_index(
     snapshot: Snapshot, focus: Sequence[VM], lost_hosts: Iterable[str] = ()
 ) -> ClusterIndex:
     """The index for placing `focus`: only the groups that contain one of them."""
-    vms = dict(snapshot.vms)
-    for vm in focus:
-        vms[vm.key] = vm
-    groups = compile_groups(vms, snapshot.rules.values(), snapshot.policies.values(), focus)
-    return ClusterIndex(snapshot, vms, groups, lost_hosts=tuple(lost_hosts))
+    snap = snapshot.overlaid({vm.key: vm for vm in focus}, {})
+    groups = compile_groups(
+        snap.vms, snap.rules.values(), snap.policies.values(), focus, snap.scope_vms
+    )
+    return ClusterIndex(snap, snap.vms, groups, lost_hosts=tuple(lost_hosts))
 
 
 def place(snapshot: Snapshot, batch: Batch) -> Plan:
@@ -323,76 +265,16 @@ def _atomic_refusal(revision: int, todo: Sequence[VM], pending: Mapping[str, Exp
 def explain(snapshot: Snapshot, vm: VM) -> Explanation:
     """Why `vm` can or cannot go on each host now; a placed VM is explained as if it
     were moving, so its own place does not count against it."""
-    vms = dict(snapshot.vms)
-    vms[vm.key] = vm
-    groups = compile_groups(vms, snapshot.rules.values(), snapshot.policies.values(), [vm])
-    index = ClusterIndex(snapshot, vms, groups, uncounted=(vm.key,))
+    snap = snapshot.overlaid({vm.key: vm}, {})
+    groups = compile_groups(
+        snap.vms, snap.rules.values(), snap.policies.values(), [vm], snap.scope_vms
+    )
+    index = ClusterIndex(snap, snap.vms, groups, uncounted=(vm.key,))
     return explanation_at(index, vm)
 
 
-# --------------------------------------------------------------------------- failover
-
-
-def degradable(index: ClusterIndex, vm: VM) -> frozenset[str]:
-    return frozenset(
-        g.key
-        for g in index.vm_groups.get(vm.key, ())
-        if g.required and g.on_failure is OnFailure.DEGRADE
-    )
-
-
+# --------------------------------------------------------------------------- failover order
 def ha_order(vms: Iterable[VM]) -> list[VM]:
-    """Re-placement order after a failure: high, medium, low, then off; by key within."""
+    """Re-placement order after a failure: high, medium, low, then off; by key within.
+    (Failover planning is coordinator/failure.py; admission simulates with this order.)"""
     return sorted(vms, key=lambda vm: (vm.ha_priority.rank, vm.key))
-
-
-def ha_off_explanation(vm: VM) -> Explanation:
-    return Explanation(
-        vm=vm.key,
-        total_hosts=0,
-        feasible_hosts=0,
-        reasons=(
-            ReasonCount(
-                code=reasons.HA_OFF,
-                message="HA priority off: not restarted after its host failed",
-                hosts=0,
-            ),
-        ),
-    )
-
-
-def replace_vms(index: ClusterIndex, revision: int, vms: Iterable[VM], degrade: bool) -> Plan:
-    """Re-place VMs whose host failed, by HA priority. With `degrade`, a VM that fits
-    nowhere under its on_failure=degrade rules is placed ignoring them (capacity and
-    every block rule still hold) and listed in `degraded`."""
-    assignments: dict[str, str] = {}
-    pending: dict[str, Explanation] = {}
-    degraded: dict[str, tuple[str, ...]] = {}
-    for vm in ha_order(vms):
-        if vm.ha_priority is HAPriority.OFF:
-            pending[vm.key] = ha_off_explanation(vm)
-            continue
-        pos = search(index, vm)
-        broken: tuple[str, ...] = ()
-        if pos is None and degrade:
-            ignore = degradable(index, vm)
-            if ignore:
-                pos = search(index, vm, ignore)
-                if pos is not None:
-                    broken = tuple(
-                        g.key
-                        for g in index.vm_groups.get(vm.key, ())
-                        if g.key in ignore and filters.group_rejection(g, pos) is not None
-                    )
-        if pos is None:
-            pending[vm.key] = explanation_at(index, vm)
-            continue
-        # An affinity this VM breaks keeps its domain where the members that keep the
-        # rule run: counted there, the VM would let later members join it unrecorded.
-        # (An anti-affinity counts it: more members beside it would break it further.)
-        groups = index.vm_groups.get(vm.key, ()) if broken else ()
-        index.add(vm, pos, [g.key for g in groups if g.key in broken and not g.anti])
-        assignments[vm.key] = index.names[pos]
-        if broken:
-            degraded[vm.key] = broken
-    return Plan(revision=revision, assignments=assignments, pending=pending, degraded=degraded)

@@ -7,8 +7,8 @@ label anti-affinity is one host-level anti-affinity group per shared label pair.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from hvplace.coordinator.placement import reasons
 from hvplace.proto.records import TOPOLOGY_HOST, VM, Host, OnFailure, Rule, RuleKind, ScopePolicy
@@ -17,13 +17,10 @@ UNLIMITED = 1 << 30
 """max_per_domain of a spread policy: any number of members may share a host."""
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False)
 class ConstraintGroup:
-    """One rule (or one label pair of a scope policy) over its resolved members.
-
-    `counts` and `occupied` are the batch's index (domain → members there, and how many
-    domains hold one); they start from the snapshot and move by ±1 with each proposal.
-    """
+    """One rule (or one label pair of a scope policy) over its resolved members. What a
+    batch counts of it (members per domain) lives in the batch's index (BatchGroup)."""
 
     key: str
     title: str
@@ -36,10 +33,6 @@ class ConstraintGroup:
     on_failure: OnFailure
     policy: bool
     members: tuple[str, ...]
-    counts: dict[str, int] = field(default_factory=dict)
-    occupied: int = 0
-    domain_of: list[str | None] = field(default_factory=list)
-    """Per host position in the index: the host's domain for `topology_key`."""
 
     @property
     def anti(self) -> bool:
@@ -144,35 +137,43 @@ def compile_groups(
     rules: Iterable[Rule],
     policies: Iterable[ScopePolicy],
     focus: Iterable[VM] | None = None,
+    scope_vms: Callable[[Iterable[str]], Mapping[str, list[VM]]] | None = None,
 ) -> list[ConstraintGroup]:
     """Groups sorted by key. With `focus`, only groups that contain one of those VMs
-    (the batch): the others cannot constrain it and cost nothing to skip."""
+    (the batch): the others cannot constrain it and cost nothing to skip. Only the
+    scopes that hold a rule or a policy are read; `scope_vms` gives a scope's VMs
+    (a snapshot's per-scope index) instead of a pass over every VM."""
+    rules = list(rules)
+    policies = [p for p in policies if p.label_anti_affinity]
     focus_keys: set[str] | None = None
-    focus_scopes: set[str] | None = None
+    wanted = {r.scope for r in rules} | {p.scope for p in policies}
     if focus is not None:
         focus_list = list(focus)
         focus_keys = {vm.key for vm in focus_list}
-        focus_scopes = {vm.scope for vm in focus_list}
-    by_scope: dict[str, list[VM]] = defaultdict(list)
-    for vm in vms.values():
-        if focus_scopes is None or vm.scope in focus_scopes:
-            by_scope[vm.scope].append(vm)
+        wanted &= {vm.scope for vm in focus_list}
+    if scope_vms is not None:
+        by_scope: Mapping[str, list[VM]] = scope_vms(wanted)
+    else:
+        found: dict[str, list[VM]] = defaultdict(list)
+        for vm in vms.values():
+            if vm.scope in wanted:
+                found[vm.scope].append(vm)
+        by_scope = found
     names: dict[str, dict[str, VM]] = {
-        scope: {vm.name: vm for vm in scope_vms} for scope, scope_vms in by_scope.items()
+        scope: {vm.name: vm for vm in scope_vms_} for scope, scope_vms_ in by_scope.items()
     }
     groups: list[ConstraintGroup] = []
     for rule in rules:
-        if focus_scopes is not None and rule.scope not in focus_scopes:
+        if rule.scope not in wanted:
             continue
-        scope_vms = by_scope.get(rule.scope, [])
-        members = _selected(rule, scope_vms, names.get(rule.scope, {}))
+        members = _selected(rule, by_scope.get(rule.scope, []), names.get(rule.scope, {}))
         if not members:
             continue
         if focus_keys is not None and focus_keys.isdisjoint(members):
             continue
         groups.append(rule_group(rule, members))
     for policy in policies:
-        if focus_scopes is not None and policy.scope not in focus_scopes:
+        if policy.scope not in wanted:
             continue
         for group in policy_groups(policy, by_scope.get(policy.scope, [])):
             if focus_keys is None or not focus_keys.isdisjoint(group.members):

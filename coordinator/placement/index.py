@@ -10,11 +10,12 @@ import math
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hvplace.coordinator.placement.groups import ConstraintGroup
-from hvplace.coordinator.snapshot import Snapshot
+from hvplace.coordinator.snapshot import Snapshot, Usage
 from hvplace.proto.records import VM, Host, HostState
-from hvplace.proto.selectors import LabelExpression, NodeAffinity, NodeSelectorTerm
+from hvplace.proto.selectors import LabelExpression, NodeAffinity, NodeSelectorTerm, Op
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +46,9 @@ class HostTable:
         self.disk = [math.floor(h.capacity.disk_gib * h.ratios.disk) for h in self.hosts]
         self.alloc_cpu = [max(1, c) for c in self.cpu]
         self.alloc_mem = [max(1, m) for m in self.mem]
+        self.state = [h.state for h in self.hosts]
+        self.ready = [s is HostState.READY for s in self.state]
+        self.lost = [p for p, s in enumerate(self.state) if s is HostState.LOST]
         self._domains: dict[str, list[str | None]] = {}
         self._domain_hosts: dict[str, dict[str, list[int]]] = {}
         self._tiers: dict[NodeAffinity, list[list[int]]] = {}
@@ -52,11 +56,6 @@ class HostTable:
         self._terms: dict[NodeSelectorTerm, frozenset[int]] = {}
         self._expressions: dict[LabelExpression, frozenset[int]] = {}
         self._label_values: dict[str, dict[str | None, list[int]]] = {}
-
-    def same_hosts(self, hosts: Mapping[str, Host]) -> bool:
-        if len(hosts) != len(self.source):
-            return False
-        return all(a is b for a, b in zip(hosts.values(), self.source, strict=True))
 
     # ------------------------------------------------------------------ topology
 
@@ -90,9 +89,14 @@ class HostTable:
                     by_value[host.label(expression.key)].append(pos)
                 self._label_values[expression.key] = by_value
             matched: set[int] = set()
-            for value, positions in by_value.items():
-                if expression.matches_value(value):
-                    matched.update(positions)
+            if expression.operator is Op.IN:
+                # The values named, looked up (a zone pair out of 100 zones: 2 lookups).
+                for named in expression.values:
+                    matched.update(by_value.get(named, ()))
+            else:
+                for value, positions in by_value.items():
+                    if expression.matches_value(value):
+                        matched.update(positions)
             found = self._expressions[expression] = frozenset(matched)
         return found
 
@@ -149,6 +153,73 @@ class HostTable:
         return found
 
 
+class BaseFree:
+    """Free capacity per host position after the counters' placements (no overlay)."""
+
+    def __init__(self, table: HostTable, usage: Usage) -> None:
+        self.cpu = table.cpu.copy()
+        self.mem = table.mem.copy()
+        self.disk = table.disk.copy()
+        self.sync(table, usage, usage.used)
+
+    def sync(self, table: HostTable, usage: Usage, hosts: Iterable[str]) -> None:
+        position = table.position
+        for host in hosts:
+            pos = position.get(host)
+            if pos is None:
+                continue
+            cpu, mem, disk = usage.used.get(host, (0, 0, 0))
+            self.cpu[pos] = table.cpu[pos] - cpu
+            self.mem[pos] = table.mem[pos] - mem
+            self.disk[pos] = table.disk[pos] - disk
+
+
+def base_free(table: HostTable, usage: Usage) -> BaseFree:
+    """The free arrays for `table`, brought up to date for the hosts that moved."""
+    free: BaseFree
+    free, dirty = usage.kept("free", table, lambda: BaseFree(table, usage))
+    if dirty:
+        free.sync(table, usage, dirty)
+        dirty.clear()
+    return free
+
+
+class BatchGroup:
+    """A constraint group as one batch counts it: members per topology domain and how
+    many domains hold one, starting from the snapshot and moved by ±1 per proposal.
+    The group itself stays as compiled (frozen); its other fields read through."""
+
+    __slots__ = (
+        "anti",
+        "counts",
+        "domain_of",
+        "group",
+        "key",
+        "max_per_domain",
+        "occupied",
+        "required",
+        "spread_target",
+        "topology_key",
+    )
+
+    def __init__(self, group: ConstraintGroup, domain_of: list[str | None]) -> None:
+        self.group = group
+        # The fields the filters read per host, copied for speed.
+        self.key = group.key
+        self.anti = group.anti
+        self.required = group.required
+        self.max_per_domain = group.max_per_domain
+        self.spread_target = group.spread_target
+        self.topology_key = group.topology_key
+        self.domain_of = domain_of
+        """Per host position: the host's domain for `topology_key`."""
+        self.counts: dict[str, int] = {}
+        self.occupied = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+
 class ClusterIndex:
     """Hosts by position (sorted by name, so position order is the name tie-break)."""
 
@@ -163,13 +234,18 @@ class ClusterIndex:
         """`lost_hosts` take nothing and their VMs no longer count; `uncounted` VM keys
         (a VM being explained where it runs now) do not count either."""
         self.vms = vms
-        table = self.table = host_table(snapshot.hosts)
+        table = self.table = host_table(snapshot)
         self.hosts = table.hosts
         self.names = table.names
         self.position = table.position
         lost = self._lost = set(lost_hosts)
-        self.state = [HostState.LOST if h.name in lost else h.state for h in self.hosts]
-        self.ready = [s is HostState.READY for s in self.state]
+        self.state = table.state.copy()
+        self.ready = table.ready.copy()
+        for name in lost:
+            at = self.position.get(name)
+            if at is not None:
+                self.state[at] = HostState.LOST
+                self.ready[at] = False
         self.free_cpu = table.cpu.copy()
         self.free_mem = table.mem.copy()
         self.free_disk = table.disk.copy()
@@ -196,7 +272,44 @@ class ClusterIndex:
         free_cpu, free_mem, free_disk = self.free_cpu, self.free_mem, self.free_disk
         position, skip = self.position, self._skip
         get_pos, get_vm = position.get, vms.get
-        if not lost and not skip:
+        kept = snapshot.usage() if vms is snapshot.vms else None
+        if kept is not None:
+            # Capacity used per host as the cache keeps it, then the keys laid over it
+            # (plans in flight, the request's own VMs) and the uncounted ones: undo the
+            # counted record, apply the shown one. O(hosts + what changed).
+            usage, overlay = kept
+            base = base_free(table, usage)
+            self.free_cpu = free_cpu = base.cpu.copy()
+            self.free_mem = free_mem = base.mem.copy()
+            self.free_disk = free_disk = base.disk.copy()
+            for host in lost:
+                pos = get_pos(host)
+                if pos is not None:
+                    free_cpu[pos] = table.cpu[pos]
+                    free_mem[pos] = table.mem[pos]
+                    free_disk[pos] = table.disk[pos]
+            derived = snapshot.derived
+            assert derived is not None
+            base_where, base_vms = derived.placements, derived.vms
+            for key in {*overlay, *skip}:
+                for where, specs, sign in (
+                    (base_where, base_vms, -1),
+                    (snapshot.placements, vms, 1),
+                ):
+                    on = where.get(key)
+                    spec = specs.get(key)
+                    if on is None or spec is None or on in lost:
+                        continue
+                    if sign > 0 and key in skip:
+                        continue
+                    pos = get_pos(on)
+                    if pos is None:
+                        continue
+                    r = spec.resources
+                    free_cpu[pos] -= sign * r.vcpus
+                    free_mem[pos] -= sign * r.memory_mib
+                    free_disk[pos] -= sign * r.disk_gib
+        elif not lost and not skip:
             # The common case, kept tight: this loop sees every running VM every batch.
             for key, host in snapshot.placements.items():
                 pos = get_pos(host)
@@ -229,12 +342,9 @@ class ClusterIndex:
             free_mem[pos] -= r.memory_mib
             free_disk[pos] -= r.disk_gib
 
-        self.groups = list(groups)
-        self.vm_groups: dict[str, list[ConstraintGroup]] = defaultdict(list)
+        self.groups = [BatchGroup(g, self.domains(g.topology_key)) for g in groups]
+        self.vm_groups: dict[str, list[BatchGroup]] = defaultdict(list)
         for group in self.groups:
-            group.domain_of = self.domains(group.topology_key)
-            group.counts = {}
-            group.occupied = 0
             for member in group.members:
                 self.vm_groups[member].append(group)
                 for pos in self.spots(member):
@@ -252,6 +362,19 @@ class ClusterIndex:
             self._candidates[affinity] = found
         return found
 
+    def cursors(self) -> dict[NodeAffinity, list[tuple[CandidateList, int]]]:
+        """Where every round-robin stands, for `restore_cursors`."""
+        return {a: [(c, c.cursor) for c in lists] for a, lists in self._candidates.items()}
+
+    def restore_cursors(self, saved: dict[NodeAffinity, list[tuple[CandidateList, int]]]) -> None:
+        """Put the round-robins back (and drop lists made since): a failure simulation
+        then answers alike whichever scenarios ran before it."""
+        for affinity in [a for a in self._candidates if a not in saved]:
+            del self._candidates[affinity]
+        for kept in saved.values():
+            for candidates, cursor in kept:
+                candidates.cursor = cursor
+
     def spots(self, key: str) -> list[int]:
         """The host positions a VM counts on now: placement, reservation, proposals."""
         found = self.where.get(key)
@@ -268,7 +391,7 @@ class ClusterIndex:
     # ------------------------------------------------------------------ proposals
 
     @staticmethod
-    def _count(group: ConstraintGroup, pos: int, delta: int) -> None:
+    def _count(group: BatchGroup, pos: int, delta: int) -> None:
         domain = group.domain_of[pos]
         if domain is None:
             return
@@ -314,14 +437,13 @@ class ClusterIndex:
         self.ready[pos] = self.state[pos] is HostState.READY
 
 
-_last_table: HostTable | None = None
-
-
-def host_table(hosts: Mapping[str, Host]) -> HostTable:
-    """The table for these hosts, rebuilt unless the previous batch had the same Host
-    records (identity: frozen records, so equal identity means equal content)."""
-    global _last_table
-    table = _last_table
-    if table is None or not table.same_hosts(hosts):
-        table = _last_table = HostTable(list(hosts.values()))
-    return table
+def host_table(snapshot: Snapshot) -> HostTable:
+    """The table for the snapshot's hosts: kept by the snapshot's counters while the same
+    (immutable) hosts map comes back, else built (no module-level cache)."""
+    derived = snapshot.derived
+    if derived is None:
+        return HostTable(list(snapshot.hosts.values()))
+    found: HostTable = derived.usage.host_table(
+        snapshot.hosts, lambda hosts: HostTable(list(hosts.values()))
+    )
+    return found

@@ -43,7 +43,10 @@ async def test_list_then_watch_typed_records(etcd: EtcdServer) -> None:
         assert "acme/r" in cache.rules.records
         assert [c.kind for c in changes][:2] == [HOSTS, ASSIGNMENTS]
         snap = cache.snapshot()
-        assert snap.placements == {"acme/pre": "hv1"} and snap.hosts["hv1"].state is HostState.READY
+        assert (
+            dict(snap.placements) == {"acme/pre": "hv1"}
+            and snap.hosts["hv1"].state is HostState.READY
+        )
 
 
 async def test_deleted_assignment_and_domain_leave_the_cache(etcd: EtcdServer) -> None:
@@ -58,14 +61,14 @@ async def test_deleted_assignment_and_domain_leave_the_cache(etcd: EtcdServer) -
         d = records.DomainStatus(scope="acme", name="gone", host="hv1", epoch=1)
         await store.put(keyspace.domain("hv1", "acme", "gone"), codec.dumps(d))
         await cache.fresh()
-        assert cache.snapshot().placements == {"acme/gone": "hv1"}
+        assert dict(cache.snapshot().placements) == {"acme/gone": "hv1"}
         assert "acme/gone" in cache.domains.records
         await store.delete(keyspace.assignment("hv1", "acme", "gone"))
         await store.delete(keyspace.domain("hv1", "acme", "gone"))
         await cache.fresh()
         assert "acme/gone" not in cache.assignments.records
         assert "acme/gone" not in cache.domains.records
-        assert cache.snapshot().placements == {}
+        assert dict(cache.snapshot().placements) == {}
 
 
 async def test_departed_host_is_lost_in_snapshot(etcd: EtcdServer) -> None:
@@ -158,7 +161,7 @@ async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relist
         await store.put(keyspace.vm("acme", "a"), codec.dumps(spec))
         await store.put(keyspace.assignment("hv1", "acme", "a"), codec.dumps(a1))
         await cache.fresh()
-        assert cache.assigned_hosts == {"hv1": 1} and cache.placements == {"acme/a": "hv1"}
+        assert cache.assigned_hosts == {"hv1": 1} and dict(cache.placements) == {"acme/a": "hv1"}
         assert cache.unregistered() == {"hv1"}  # named, never registered
         assert [i.name for i in cache.host_infos()] == ["hv1"]
         a2 = Assignment(vm=spec, host="hv2", epoch=2)
@@ -169,8 +172,8 @@ async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relist
             fence=None,
         )
         await cache.fresh()
-        assert cache.assigned_hosts == {"hv2": 1} and cache.placements == {"acme/a": "hv2"}
-        assert cache.snapshot().placements == {"acme/a": "hv2"}
+        assert cache.assigned_hosts == {"hv2": 1} and dict(cache.placements) == {"acme/a": "hv2"}
+        assert dict(cache.snapshot().placements) == {"acme/a": "hv2"}
         # A relist (after compaction) rebuilds the same from scratch.
         await cache.close()
         await store.put(keyspace.vm("acme", "b"), codec.dumps(vm("b")))
@@ -182,7 +185,7 @@ async def test_placements_and_hosts_named_by_assignments_follow_moves_and_relist
         await store.compact(now)
         cache._task = asyncio.create_task(cache._follow())
         await eventually(lambda: cache.relists >= 2)
-        assert cache.assigned_hosts == {"hv3": 1} and cache.placements == {"acme/b": "hv3"}
+        assert cache.assigned_hosts == {"hv3": 1} and dict(cache.placements) == {"acme/b": "hv3"}
         assert cache.unregistered() == {"hv3"}
 
 

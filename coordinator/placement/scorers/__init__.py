@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hvplace.coordinator.placement.groups import ConstraintGroup
-from hvplace.coordinator.placement.index import ClusterIndex
+from hvplace.coordinator.placement.index import BatchGroup, ClusterIndex
 from hvplace.proto.records import Resources
 from hvplace.proto.selectors import NodeAffinity
 
 PREFERENCE_SCALE = 1000
 
 
-def preferred_rules(pos: int, preferred: Sequence[ConstraintGroup]) -> int:
+def preferred_rules(pos: int, preferred: Sequence[BatchGroup]) -> int:
     """+weight for a preferred affinity met, −weight for a preferred anti-affinity broken."""
     total = 0
     for group in preferred:
@@ -40,14 +39,20 @@ def least_allocated(index: ClusterIndex, pos: int, need: Resources) -> float:
     return 50.0 * (mem + cpu)
 
 
+def node_terms(index: ClusterIndex, affinity: NodeAffinity) -> list[tuple[int, frozenset[int]]]:
+    """The preferred node-affinity terms as (weight, hosts matching), looked up once per
+    VM rather than per host scored (a term's hash is not free)."""
+    return [(p.weight, index.term_hosts(p.term)) for p in affinity.preferred]
+
+
 def score(
     index: ClusterIndex,
     pos: int,
     need: Resources,
-    affinity: NodeAffinity,
-    preferred: Sequence[ConstraintGroup],
+    terms: Sequence[tuple[int, frozenset[int]]],
+    preferred: Sequence[BatchGroup],
 ) -> float:
-    preference = index.node_score(affinity, pos) if affinity.preferred else 0
+    preference = sum(weight for weight, hosts in terms if pos in hosts) if terms else 0
     if preferred:
         preference += preferred_rules(pos, preferred)
     return PREFERENCE_SCALE * preference + least_allocated(index, pos, need)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 
+import immutables
 from hvplace.coordinator.failure import replace_lost
-from hvplace.coordinator.placement import Batch, check_admission, place
-from hvplace.coordinator.snapshot import Snapshot
+from hvplace.coordinator.placement import Batch, check_admission, explain, place
+from hvplace.coordinator.placement.admission import check_admission_full
+from hvplace.coordinator.snapshot import Derived, Snapshot, Usage
 from hvplace.proto.records import (
     VM,
     Enforcement,
@@ -285,3 +287,54 @@ def test_admission_shortcut_answers_as_the_full_simulation(
     assert {i.failed: i.stranded for i in fast.impacts} == {
         i.failed: i.stranded for i in full.impacts
     }
+
+
+def _counted(snap: Snapshot, in_flight: int) -> Snapshot:
+    """`snap` as the coordinator's cache serves it: immutable maps with the counters
+    (snapshot.Usage) moved one record at a time, and its last `in_flight` placements laid
+    over them as the planner lays plans still in flight."""
+    usage = Usage()
+    placed = sorted(snap.placements.items())
+    kept = placed[: len(placed) - in_flight] if in_flight else placed
+    for key, vm in snap.vms.items():
+        usage.set_vm(key, vm)
+    for key, host in kept:
+        usage.set_placement(key, host)
+    base = Snapshot(
+        revision=snap.revision,
+        hosts=immutables.Map(snap.hosts),
+        vms=usage.vms,
+        placements=usage.placements,
+        rules=snap.rules,
+        policies=snap.policies,
+        derived=Derived.of(usage),
+    )
+    flying = dict(placed[len(kept) :])
+    counted = base.overlaid({k: snap.vms[k] for k in flying if k in snap.vms}, flying)
+    assert counted.usage() is not None
+    return counted
+
+
+@settings(max_examples=150, deadline=None)
+@given(clusters(), st.integers(1, 2), st.sampled_from(["host", "rack"]), st.integers(0, 3))
+def test_counted_admission_answers_as_the_full_simulation_oracle(
+    cluster: tuple[Snapshot, list[VM], list[VM]], failures: int, topology: str, in_flight: int
+) -> None:
+    """Issue 14: admission and placement read the counters kept per event (and the
+    overlay of plans in flight) and answer as the former whole computation does."""
+    snap, first, second = cluster
+    plan = place(snap, Batch(tuple(first)))
+    snap = _with(snap, first, plan.assignments)
+    counted = _counted(snap, in_flight)
+    assert place(counted, Batch(tuple(second))) == place(snap, Batch(tuple(second)))
+    kw = {"failures": failures, "topology_key": topology, "extra_vms": second}
+    fast = check_admission(counted, **kw)  # type: ignore[arg-type]
+    oracle = check_admission_full(snap, **kw)  # type: ignore[arg-type]
+    assert fast.ok == oracle.ok
+    assert fast.scenarios == oracle.scenarios
+    assert {i.failed: i.stranded for i in fast.impacts} == {
+        i.failed: i.stranded for i in oracle.impacts
+    }
+    if second:
+        vm = second[0]
+        assert explain(counted, vm) == explain(snap, vm)
