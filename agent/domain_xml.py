@@ -111,3 +111,17 @@ def render(
     ET.SubElement(serial, "target", {"port": "0"})
     ET.SubElement(devices, "memballoon", {"model": "none"})
     return ET.tostring(dom, encoding="unicode")
+
+
+def with_console_log(xml: str, serial_log: str) -> str:
+    """A domain's XML with its serial console logging to `serial_log`: the destination XML
+    of a live migration, since each host keeps its console logs in its own directory."""
+    ET.register_namespace(PREFIX, NAMESPACE)
+    dom = ET.fromstring(xml)
+    for source in dom.findall("./devices/serial/source"):
+        if "path" in source.attrib:
+            source.set("path", serial_log)
+    for source in dom.findall("./devices/console/source"):
+        if "path" in source.attrib:
+            source.set("path", serial_log)
+    return ET.tostring(dom, encoding="unicode")
