@@ -253,9 +253,7 @@ class Agent:
         self._stopping.set()
         for t in [*self._tasks, *self._migration_tasks.values()]:
             t.cancel()
-        await asyncio.gather(
-            *self._tasks, *self._migration_tasks.values(), return_exceptions=True
-        )
+        await asyncio.gather(*self._tasks, *self._migration_tasks.values(), return_exceptions=True)
         if self._server is not None:
             await self._server.stop()
         await self._release_watchdog()

@@ -22,6 +22,7 @@ from hvplace.proto.models import (
     DomainStatus,
     HostInfo,
     HostStatus,
+    Migration,
     Rule,
     ScopePolicy,
     VMStatus,
@@ -44,6 +45,7 @@ DOMAINS = "domains"
 RULES = "rules"
 POLICIES = "policies"
 CONFIG = "config"
+MIGRATIONS = "migrations"
 OTHER = "other"  # election and request keys: notified, not decoded
 PROGRESS_AFTER_S = 0.1
 """Wait this long for events before asking etcd for a progress notification."""
@@ -100,7 +102,11 @@ def classify(key: str) -> tuple[str, str]:
     """(kind, name) of an etcd key; assignments and domains are named `scope/vm`."""
     if key == keyspace.CONFIG:
         return CONFIG, ""
-    for prefix, kind in ((keyspace.ASSIGNMENTS, ASSIGNMENTS), (keyspace.DOMAINS, DOMAINS)):
+    for prefix, kind in (
+        (keyspace.ASSIGNMENTS, ASSIGNMENTS),
+        (keyspace.DOMAINS, DOMAINS),
+        (keyspace.MIGRATIONS, MIGRATIONS),
+    ):
         if key.startswith(prefix):
             parts = key[len(prefix) :].split("/", 1)
             return kind, parts[1] if len(parts) == 2 else ""
@@ -126,6 +132,8 @@ class Cache:
         self.domains: Table[DomainStatus] = Table()
         self.rules: Table[Rule] = Table()
         self.policies: Table[ScopePolicy] = Table()
+        # Live migrations in flight by VM key (each stored under both hosts).
+        self.migrations: Table[Migration] = Table()
         self.config: ClusterConfig | None = None
         self.config_rev = 0
         # A host whose registration (lease) is gone keeps its last HostInfo here, so the
@@ -180,6 +188,7 @@ class Cache:
             DOMAINS: self.domains,
             RULES: self.rules,
             POLICIES: self.policies,
+            MIGRATIONS: self.migrations,
         }
 
     async def _relist(self) -> None:
@@ -285,6 +294,13 @@ class Cache:
             self.config = models.loads(ClusterConfig, value) if put else None
             self.config_rev = mod_revision if put else 0
             return self.config
+        if kind == MIGRATIONS:
+            if not put:
+                self.migrations.pop(name)
+                return None
+            m = models.loads(Migration, value)
+            self.migrations.put(name, m, mod_revision)
+            return m
         if kind in (ASSIGNMENTS, DOMAINS):
             prefix = keyspace.ASSIGNMENTS if kind == ASSIGNMENTS else keyspace.DOMAINS
             host = key[len(prefix) :].split("/", 1)[0]
@@ -434,6 +450,7 @@ class Cache:
                 rules=self.rules.records.values(),
                 policies=self.policies.records.values(),
                 alive=self.hosts.records,
+                reservations={k: m.target for k, m in self.migrations.records.items()},
             )
         return self._snapshot
 
@@ -470,5 +487,6 @@ _ATTR = {
     DOMAINS: "domains",
     RULES: "rules",
     POLICIES: "policies",
+    MIGRATIONS: "migrations",
 }
 _CLASSES: dict[str, type[Any]] = {kind: cls for _p, kind, cls in _SIMPLE}

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from hvplace.coordinator import whatif
+from hvplace.coordinator import maintenance_cli, whatif
 from hvplace.coordinator.convert import proto_to_dict
 from hvplace.coordinator.errors_grpc import error_from_rpc
 from hvplace.proto import models
@@ -149,6 +149,7 @@ _STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "host": pb_grpc.HostServiceStub,
     "cluster": pb_grpc.ClusterServiceStub,
     "image": pb_grpc.ImageServiceStub,
+    "maintenance": pb_grpc.MaintenanceServiceStub,
 }
 
 
@@ -1106,11 +1107,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("get", "GetHost", "show a host and its VMs"),
         ("cordon", "CordonHost", "take no new VMs"),
         ("uncordon", "UncordonHost", "take VMs again"),
-        ("drain", "DrainHost", "cordon and move VMs away"),
     ):
         p = host.add_parser(name, help=what)
         p.add_argument("host", metavar="HOST")
         p.set_defaults(func=_host_call(method))
+    maintenance_cli.add_parsers(vm, host, _add_scope)
 
     cl = top.add_parser("cluster", help="cluster-wide state").add_subparsers(
         dest="cmd", required=True

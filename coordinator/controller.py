@@ -13,6 +13,8 @@ from hvplace.coordinator import cache as kinds
 from hvplace.coordinator import failure
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.migration import Migrations
+from hvplace.coordinator.migration import interesting as migration_change
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.restarts import Restarts
 from hvplace.coordinator.store import Compare, Fence, FenceLost, Store
@@ -29,6 +31,8 @@ PENDING = "pending"
 METRICS = "metrics"
 RESTARTS = "restarts"
 """Work item: VMs whose start failed on their host (coordinator/restarts.py)."""
+MIGRATIONS = "migrations"
+"""Work item: settle live migrations from the agents' reports (coordinator/migration.py)."""
 METRICS_EVERY_S = 1.0
 
 # What a change can unblock or require.
@@ -41,6 +45,7 @@ _TRIGGERS: dict[str, tuple[str, ...]] = {
     kinds.POLICIES: (PENDING, HOSTS),
     kinds.CONFIG: (HOSTS,),
     kinds.RESYNC: (HOSTS, PENDING),
+    kinds.MIGRATIONS: (HOSTS, PENDING),
 }
 
 
@@ -75,6 +80,7 @@ class Controller:
         self._timers: set[asyncio.TimerHandle] = set()
         self.failovers = 0
         self.restarts = Restarts(store, cache, planner, wall=wall)
+        self.migrations = Migrations(store, cache, planner, clock=wall)
 
     def enqueue(self, item: str) -> None:
         self._queue.add(item)
@@ -85,6 +91,10 @@ class Controller:
             self.enqueue(item)
         if self.restarts.notice(change):
             self.enqueue(RESTARTS)
+        if self.cache.migrations.records and migration_change(
+            change, list(self.cache.migrations.records)
+        ):
+            self.enqueue(MIGRATIONS)
         if change.kind != kinds.OTHER and not self._metrics_due:
             # Gauges at most once a second: a burst of changes (a failover) would
             # otherwise rebuild them after every batch of watch events.
@@ -101,7 +111,7 @@ class Controller:
             await self.cache.fresh()
             await self._ensure_cluster_config()
             self.restarts.resync()
-            for item in (HOSTS, PENDING, METRICS, RESTARTS):
+            for item in (HOSTS, PENDING, METRICS, RESTARTS, MIGRATIONS):
                 self.enqueue(item)
             backoff = 0.1
             while True:
@@ -141,7 +151,7 @@ class Controller:
         while True:
             await asyncio.sleep(self.resync_s)
             self.restarts.resync()
-            for item in (HOSTS, PENDING, METRICS, RESTARTS):
+            for item in (HOSTS, PENDING, METRICS, RESTARTS, MIGRATIONS):
                 self.enqueue(item)
 
     async def sync(self, item: str) -> None:
@@ -151,6 +161,10 @@ class Controller:
             await self.sync_pending()
         elif item == RESTARTS:
             await self.restarts.sync()
+        elif item == MIGRATIONS:
+            wake = await self.migrations.settle()
+            if wake is not None:
+                self._later(wake, MIGRATIONS)
         elif item == METRICS:
             self._metrics_due = False
             if self.metrics is not None:
@@ -307,6 +321,7 @@ class Controller:
             (key, vm)
             for key, vm in self.cache.vms.records.items()
             if key not in assigned
+            and key not in self.cache.migrations.records  # a cold move places it itself
             and ((st := statuses.get(key)) is None or st.phase is not Phase.FAILED)
         ]
         return [vm for _key, vm in sorted(todo, key=lambda kv: kv[0])]
@@ -341,7 +356,7 @@ class Controller:
         self.metrics.placements.labels(result="placed").inc(len(plan.assignments))
 
 
-_ORDER = {HOSTS: 0, RESTARTS: 1, PENDING: 2, METRICS: 3}
+_ORDER = {HOSTS: 0, MIGRATIONS: 1, RESTARTS: 2, PENDING: 3, METRICS: 4}
 
 
 async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:

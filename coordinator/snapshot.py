@@ -48,6 +48,7 @@ class Snapshot:
         policies: Iterable[ScopePolicy],
         alive: Iterable[str] | None = None,
         placements: Mapping[str, str] | None = None,
+        reservations: Mapping[str, str] | None = None,
     ) -> Snapshot:
         """Build from the records as read from etcd.
 
@@ -82,4 +83,5 @@ class Snapshot:
             ),
             rules={r.key: r for r in rules},
             policies={p.scope: p for p in policies},
+            reservations=dict(reservations or {}),
         )

@@ -63,6 +63,7 @@ class HostState(StrEnum):
     READY = "ready"
     CORDONED = "cordoned"
     DRAINING = "draining"
+    DRAINED = "drained"  # drain finished: nothing runs here; `uncordon` returns it to service
     LOST = "lost"
     # Derived, never written: registered, but its agent cannot use libvirt
     # (HostInfo.hypervisor_error). Takes nothing new; its VMs are not moved.
@@ -379,6 +380,7 @@ class VM:
     description: str = ""
     request_id: str = ""
     created_at: float = 0.0
+    migration: MigrationPolicy = MigrationPolicy.LIVE
 
     @property
     def key(self) -> str:
@@ -493,6 +495,9 @@ class Migration:
     target_console_dir: str = ""
     started_at: float = 0.0
     timeout_s: float = 0.0
+    # A cold move (restart): the source's assignment is gone from the start; the guest is
+    # started on the target once the source reports it stopped.
+    restart: bool = False
 
     @property
     def key(self) -> str:

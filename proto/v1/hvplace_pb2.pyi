@@ -872,6 +872,7 @@ class Migration(_message.Message):
     TARGET_CONSOLE_DIR_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     name: _builtins.str
     uid: _builtins.str
@@ -887,6 +888,8 @@ class Migration(_message.Message):
     started_at: _builtins.float
     timeout_s: _builtins.float
     """the source agent aborts the job after this long"""
+    restart: _builtins.bool
+    """a cold move: stopped on the source, then started on the target"""
     def __init__(
         self,
         *,
@@ -901,10 +904,11 @@ class Migration(_message.Message):
         target_console_dir: _builtins.str = ...,
         started_at: _builtins.float = ...,
         timeout_s: _builtins.float = ...,
+        restart: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "name", b"name", "scope", b"scope", "source", b"source", "started_at", b"started_at", "target", b"target", "target_address", b"target_address", "target_console_dir", b"target_console_dir", "target_uri", b"target_uri", "timeout_s", b"timeout_s", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "name", b"name", "restart", b"restart", "scope", b"scope", "source", b"source", "started_at", b"started_at", "target", b"target", "target_address", b"target_address", "target_console_dir", b"target_console_dir", "target_uri", b"target_uri", "timeout_s", b"timeout_s", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
