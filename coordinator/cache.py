@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -329,7 +330,7 @@ class Cache:
                 shared = self.vms.records.get(name)
                 if shared is not None and a.vm is not shared and shared == a.vm:
                     # One VM object for the spec and its assignment's copy (memory).
-                    a = Assignment(vm=shared, host=a.host, epoch=a.epoch)
+                    a = dataclasses.replace(a, vm=shared)
                 before = self.assignments.records.get(name)
                 if before is not None:
                     self._count(before.host, -1)

@@ -899,8 +899,8 @@ class Operations:
         return await self._set_host_state(
             name,
             HostState.DRAINING,
-            "draining: takes no new VMs; moving its VMs away (live migration) is not"
-            " implemented yet, they keep running here",
+            "draining: takes no new VMs; `hvplace host drain` (MaintenanceService.Drain)"
+            " moves its VMs away",
         )
 
     # ------------------------------------------------------------------ cluster
