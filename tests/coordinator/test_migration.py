@@ -278,3 +278,29 @@ DECISIONS = [
 )
 def test_settle_decisions(case: dict[str, object], expected: str) -> None:
     assert _decide(**case).action == expected
+
+
+async def test_a_new_leader_settles_a_migration_the_old_one_started(etcd: EtcdServer) -> None:
+    """Derived, not remembered: the record and the agents' reports are all a coordinator
+    needs; the one that started a migration may be gone before libvirt finishes."""
+    async with running_api(etcd, fenced=True) as api:
+        for i in range(2):
+            await add_host(api, f"h{i}")
+        await api.vm.CreateVMs(
+            pb.CreateVMsRequest(vms=[pb.VM(scope="acme", name="a", image=IMAGE)])
+        )
+        started = await migrations_of(api).migrate_vm("acme", "a", wait=False)
+        a = api.backend.cache.assignments.records["acme/a"]
+    async with running_api(etcd, fenced=True) as api:
+        cache = api.backend.cache
+        assert cache.migrations.records["acme/a"].target == started.target
+        base = DomainStatus(scope="acme", name="a", host=a.host, uid=a.vm.uid, epoch=a.epoch)
+        await report(
+            api, dataclasses.replace(base, state=DomainState.DEFINED, migrated_to=started.target)
+        )
+        await report(api, dataclasses.replace(base, host=started.target, state=DomainState.RUNNING))
+        await api.backend.fresh_view()
+        assert await migrations_of(api).settle() is None
+        now = cache.assignments.records["acme/a"]
+        assert (now.host, now.epoch, now.adopt_epoch) == (started.target, a.epoch + 1, a.epoch)
+        assert "acme/a" not in cache.migrations.records
