@@ -47,6 +47,15 @@ def tag_element(tag: DomainTag) -> str:
     return ET.tostring(el, encoding="unicode")
 
 
+def bare_tag_element(tag: DomainTag) -> str:
+    """The tag without its namespace, as `virDomainSetMetadata` takes it (the namespace
+    and prefix are passed apart; libvirt adds them)."""
+    el = ET.Element(
+        "vm", {"scope": tag.scope, "name": tag.name, "uid": tag.uid, "epoch": str(tag.epoch)}
+    )
+    return ET.tostring(el, encoding="unicode")
+
+
 def parse_tag(element_xml: str) -> DomainTag | None:
     """The tag from `virDomainGetMetadata(ELEMENT)` output; None if it is not ours or is mangled."""
     try:

@@ -566,7 +566,7 @@ class LibvirtHypervisor:
             flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         dom.setMetadata(
             libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-            domain_xml.tag_element(tag),
+            domain_xml.bare_tag_element(tag),
             domain_xml.PREFIX,
             domain_xml.NAMESPACE,
             flags,

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import libvirt
 import pytest
-from hvplace.agent.domain_xml import domain_name
+from hvplace.agent.domain_xml import NAMESPACE, domain_name, parse_tag
 from hvplace.agent.guest_image import MARKER
 from hvplace.lab import observe, workload
 from hvplace.lab.control import Lab
@@ -41,6 +42,20 @@ def qemu_log(lab: Lab, host: str, key: str) -> str:
     scope, name = key.split("/")
     path = Path(lab.state().hosts[host].dir) / "log" / "qemu" / f"{domain_name(scope, name)}.log"
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def tagged_epoch(lab: Lab, host: str, key: str) -> int:
+    """The epoch in the hvplace tag of the VM's domain on that host, read from its libvirt."""
+    scope, name = key.split("/")
+    conn = libvirt.open(lab.state().hosts[host].root_side_uri)
+    try:
+        dom = conn.lookupByName(domain_name(scope, name))
+        tag = parse_tag(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE))
+    except libvirt.libvirtError:
+        return 0
+    finally:
+        conn.close()
+    return tag.epoch if tag is not None else 0
 
 
 def settled(keys: list[str]) -> observe.Condition:
@@ -96,6 +111,15 @@ def test_live_migration_and_drain_keep_guests_running_and_rules_unbroken(
         assert moved.host_of(key) == target
         assignment = moved.assignments[key][0]
         assert assignment.adopt_epoch == before.assignments[key][0].epoch
+        # The target adopted the running guest: re-tagged with the new epoch, no error.
+        observe.wait_for(
+            lab.etcd_endpoint(),
+            lambda s: tagged_epoch(lab, target, key) == assignment.epoch,
+            30,
+            "a's domain re-tagged with its new epoch",
+        )
+        reports = observe.read_cluster(lab.etcd_endpoint()).domains[key]
+        assert [(d.host, d.last_error) for d in reports] == [(target, "")]
         # The target's QEMU took the guest's state over the network (-incoming) and the
         # guest never booted there: its console shows no boot marker.
         assert "-incoming" in qemu_log(lab, target, key)
