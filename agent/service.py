@@ -727,14 +727,17 @@ class Agent:
         desired: dict[str, Assignment] = {}
         unreadable: dict[str, str] = {}
         migrations: dict[str, Migration] = {}
+        # libvirt first, then etcd: an incoming guest listed here was created after its
+        # migration record was written, so the read below shows the record (else a pass
+        # that read etcd just before the record would destroy the guest arriving). And
+        # migrations before assignments: the commit that ends a migration deletes its
+        # record and moves the assignment in one revision, so assignments read after a
+        # record is gone never still show the migrated-away VM here.
+        actual = await self.hv.list_managed()
         if not fenced:
-            # Migrations before assignments: the commit that ends a migration deletes its
-            # record and moves the assignment in one revision, so assignments read after
-            # a record is gone never still show the migrated-away VM here.
             migrations = await self.store.migrations()
             got = await self.store.assignments()
             desired, unreadable = got.valid, got.invalid
-        actual = await self.hv.list_managed()
         the_plan = reconcile.plan(
             self.cfg.host,
             desired,

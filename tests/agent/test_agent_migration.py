@@ -58,8 +58,10 @@ async def test_target_keeps_the_incoming_guest_then_adopts_it(
     await agent.hv.start(name)
     started_as = await agent.hv.domain_id(name)
     agent._trigger()
-    status = await eventually(lambda: domain_status(etcd, "h2", "s", "a"))
-    assert status.state is DomainState.RUNNING and status.epoch == 1
+    status = await eventually(
+        lambda: (s := domain_status(etcd, "h2", "s", "a")) and s.state is DomainState.RUNNING and s
+    )
+    assert status.epoch == 1 and "s/a" in await agent.hv.list_managed()
     # The commit: assignment at epoch 2 adopting epoch 1, record gone (one transaction).
     a = Assignment(vm=machine, host="h2", epoch=2, adopt_epoch=1)
     etcd.etcdctl("put", keyspace.assignment("h2", "s", "a"), dumps(a).decode())
