@@ -304,3 +304,52 @@ async def test_a_new_leader_settles_a_migration_the_old_one_started(etcd: EtcdSe
         now = cache.assignments.records["acme/a"]
         assert (now.host, now.epoch, now.adopt_epoch) == (started.target, a.epoch + 1, a.epoch)
         assert "acme/a" not in cache.migrations.records
+
+
+async def test_a_cold_move_starts_on_the_target_once_the_source_stopped(etcd: EtcdServer) -> None:
+    async with running_api(etcd, fenced=True) as api:
+        for i in range(2):
+            await add_host(api, f"h{i}")
+        await api.vm.CreateVMs(
+            pb.CreateVMsRequest(vms=[pb.VM(scope="acme", name="a", image=IMAGE)])
+        )
+        cache = api.backend.cache
+        a = cache.assignments.records["acme/a"]
+        mig = migrations_of(api)
+        await report(
+            api,
+            DomainStatus(
+                scope="acme",
+                name="a",
+                host=a.host,
+                uid=a.vm.uid,
+                epoch=a.epoch,
+                state=DomainState.RUNNING,
+            ),
+        )
+        started = await mig.migrate_vm("acme", "a", restart=True, wait=False)
+        assert started.mode == "restart"
+        assert "acme/a" not in cache.assignments.records  # the source stops it
+        await api.backend.fresh_view()
+        assert await mig.settle() is not None  # still running there: wait
+        assert "acme/a" not in cache.assignments.records
+        await api.client.delete(keyspace.domain(a.host, "acme", "a").encode())  # stopped
+        await api.backend.fresh_view()
+        await mig.settle()
+        now = cache.assignments.records["acme/a"]
+        assert (now.host, now.epoch, now.adopt_epoch) == (started.target, a.epoch + 1, 0)
+
+
+async def test_drain_dry_run_over_the_api_lists_moves_and_what_stays(etcd: EtcdServer) -> None:
+    async with running_api(etcd, fenced=True) as api:
+        for i in range(2):
+            await add_host(api, f"h{i}")
+        where = await members(api, ["a", "b"])
+        stub = pb_grpc.MaintenanceServiceStub(api.channel)
+        lines = [p async for p in stub.Drain(pb.DrainRequest(host=where["a"], dry_run=True))]
+        assert [(p.vm, p.state) for p in lines] == [("acme/a", "stays")]
+        assert "anti-affinity rule `spread`" in lines[0].reason
+        assert api.etcd.etcdctl("get", "--prefix", "--keys-only", keyspace.MIGRATIONS).strip() == ""
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [p async for p in stub.Drain(pb.DrainRequest(host="nope"))]
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
