@@ -346,6 +346,8 @@ def cmd_vm_create(c: Client, args: argparse.Namespace) -> None:
         }
         if args.description:
             vm["description"] = args.description
+        if args.migration:
+            vm["migration"] = args.migration
         if args.image and args.kernel:
             raise InvalidInput("give --image or --kernel, not both")
         if args.image:
@@ -1005,6 +1007,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initrd", default="")
     p.add_argument("--cmdline", default="")
     p.add_argument("--description")
+    p.add_argument(
+        "--migration",
+        choices=("live", "live_or_restart", "restart"),
+        help="how a drain moves it: live (default), live else a cold restart, or cold only",
+    )
     p.add_argument("--file", help="JSON file with a VM or a list of VMs (proto field names)")
     p.add_argument("--atomic", action="store_true", help="all placed or none created")
     p.add_argument("--request-id", help="idempotency key; a retry with it creates nothing new")

@@ -46,6 +46,7 @@ async def add_host(api: Api, name: str) -> int:
     )
     lease = await api.client.lease(60)
     await api.client.put(keyspace.host(name).encode(), models.dumps(info), lease=lease)
+    await api.backend.fresh_view()  # placement sees the host before any VM is created
     return int(lease.id)
 
 
@@ -353,3 +354,17 @@ async def test_drain_dry_run_over_the_api_lists_moves_and_what_stays(etcd: EtcdS
         with pytest.raises(grpc.aio.AioRpcError) as info:
             [p async for p in stub.Drain(pb.DrainRequest(host="nope"))]
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_per_vm_migration_setting_is_kept_and_checked(etcd: EtcdServer) -> None:
+    async with running_api(etcd, fenced=True) as api:
+        await add_host(api, "h0")
+        vm = pb.VM(scope="acme", name="a", image=IMAGE, migration="live_or_restart")
+        await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm]))
+        got = await api.vm.GetVM(pb.VMRef(scope="acme", name="a"))
+        assert got.spec.migration == "live_or_restart"
+        bad = pb.VM(scope="acme", name="b", image=IMAGE, migration="teleport")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[bad]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "migration" in (info.value.details() or "")
