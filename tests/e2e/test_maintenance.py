@@ -6,6 +6,9 @@ sampler sees no VM running on two hosts and no required rule broken in any sampl
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import libvirt
@@ -15,6 +18,7 @@ from hvplace.agent.guest_image import MARKER
 from hvplace.lab import observe, workload
 from hvplace.lab.control import Lab
 from hvplace.lab.observe import ClusterState
+from hvplace.proto import keyspace
 from hvplace.proto.models import HostState
 from support.labs import LabFactory
 from support.sampler import LibvirtSampler
@@ -144,3 +148,53 @@ def test_live_migration_and_drain_keep_guests_running_and_rules_unbroken(
     assert sampler.max_gap() < 1.0, "the sampler fell behind; its samples prove little"
     assert sampler.duplicates() == []
     assert sampler.violations(after.rules, after.vms, before.host_labels()) == []
+
+
+def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactory) -> None:
+    """The leader that started a live migration is killed -9 while libvirt moves the guest:
+    the standby takes over and settles it from the records (derived, not remembered)."""
+    lab = make_lab(2, "real")
+    key = f"{SCOPE}/x"
+    size = ["--vcpus", "1", "--memory", str(workload.MEMORY_MIB), *workload.image_args(lab.state())]
+    cli(lab, "vm", "create", "--scope", SCOPE, "x", *size)
+    before = observe.wait_for(lab.etcd_endpoint(), settled([key]), 120, "x running")
+    source = before.host_of(key)
+    assert source is not None
+    uris = {h.name: h.root_side_uri for h in lab.state().hosts.values()}
+    sampler = LibvirtSampler(uris, [key], running_only=True)
+    sampler.start()
+    mover = subprocess.Popen(
+        [sys.executable, "-m", "hvplace.coordinator.cli", "vm", "migrate", key],
+        env=dict(os.environ, **lab.env()),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        observe.wait_for(
+            lab.etcd_endpoint(),
+            lambda s: bool(observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]),
+            60,
+            "the migration recorded",
+        )
+        lab.kill_leader()
+        in_flight = observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
+        assert in_flight, "settled before the leader died: this run proves nothing"
+
+        def moved(s: ClusterState) -> bool:
+            return (
+                settled([key])(s)
+                and s.host_of(key) not in (None, source)
+                and not observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
+            )
+
+        after = observe.wait_for(lab.etcd_endpoint(), moved, 120, "x settled on the other host")
+    finally:
+        mover.kill()
+        mover.wait()
+        sampler.stop()
+    target = after.host_of(key)
+    assert target is not None
+    assert "-incoming" in qemu_log(lab, target, key)
+    assert MARKER not in console(lab, target, key)
+    assert sampler.max_gap() < 1.0
+    assert sampler.duplicates() == []
