@@ -173,13 +173,13 @@ class Drain:
         try:
             result = await self.migrations.migrate_vm(scope, name, restart=restart)
             return ("restarted" if restart else "migrated"), result.target, f"{result.seconds:.2f}s"
-        except (MigrationFailed, Unavailable, Conflict, Busy) as e:
+        except (MigrationFailed, Unavailable, Conflict, Busy, NotFound) as e:
             if restart or policy is not MigrationPolicy.LIVE_OR_RESTART:
                 return "failed", "", e.message
             first = e.message
         try:
             result = await self.migrations.migrate_vm(scope, name, restart=True)
-        except (MigrationFailed, Unavailable, Conflict, Busy) as e:
+        except (MigrationFailed, Unavailable, Conflict, Busy, NotFound) as e:
             return "failed", "", f"{first}; cold restart: {e.message}"
         return "restarted", result.target, f"live failed ({first}); restarted"
 

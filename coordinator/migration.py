@@ -162,11 +162,6 @@ class Migrations:
 
     # ------------------------------------------------------------------ start
 
-    def target(self, scope: str, name: str, to: str = "") -> MoveTarget:
-        """The engine's target for a placed VM (dry run; raises what migrate_vm would)."""
-        key = self._check(scope, name, to)
-        return choose_target(self.planner.snapshot(), key, to)
-
     def _check(self, scope: str, name: str, to: str) -> str:
         check_name(scope, "scope")
         check_name(name, "VM name")

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from api_support import Api, running_api
 from coord_support import until
+from hvplace.coordinator.drain import Drain, Progress
 from hvplace.coordinator.migration import (
     MigrationFailed,
     Migrations,
@@ -24,6 +25,7 @@ from hvplace.proto.models import (
     DomainState,
     DomainStatus,
     HostInfo,
+    HostState,
     Migration,
     Resources,
 )
@@ -368,3 +370,52 @@ async def test_the_per_vm_migration_setting_is_kept_and_checked(etcd: EtcdServer
             await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[bad]))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "migration" in (info.value.details() or "")
+
+
+async def test_drain_falls_back_to_a_cold_restart_where_the_vm_allows_it(
+    etcd: EtcdServer,
+) -> None:
+    """The VM's `live_or_restart`: libvirt refuses the live move, the drain restarts it on
+    the other host, and the host ends `drained`."""
+    async with running_api(etcd, fenced=True) as api:
+        for i in range(2):
+            await add_host(api, f"h{i}")
+        vm = pb.VM(scope="acme", name="a", image=IMAGE, migration="live_or_restart")
+        await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm]))
+        cache = api.backend.cache
+        a = cache.assignments.records["acme/a"]
+        running = DomainStatus(
+            scope="acme",
+            name="a",
+            host=a.host,
+            uid=a.vm.uid,
+            epoch=a.epoch,
+            state=DomainState.RUNNING,
+        )
+        await report(api, running)
+        mig = migrations_of(api)
+        drain = Drain(api.backend.store, cache, mig)
+        lines: list[Progress] = []
+
+        async def run() -> None:
+            async for p in drain.run(a.host):
+                lines.append(p)
+
+        draining = asyncio.ensure_future(run())
+        # The source agent's part: libvirt refuses the live move...
+        await until(lambda: "acme/a" in cache.migrations.records)
+        assert not cache.migrations.records["acme/a"].restart
+        await report(api, dataclasses.replace(running, migration_error="p2p refused"))
+        await api.backend.fresh_view()
+        await mig.settle()
+        # ...then the cold move: the guest stops here (its status goes), starts there.
+        await until(lambda: (m := cache.migrations.records.get("acme/a")) is not None and m.restart)
+        await api.client.delete(keyspace.domain(a.host, "acme", "a").encode())
+        await api.backend.fresh_view()
+        await mig.settle()
+        await asyncio.wait_for(draining, 30)
+        states = [(p.vm, p.state) for p in lines]
+        assert ("acme/a", "restarted") in states and states[-1] == ("", "drained")
+        assert "p2p refused" in next(p.reason for p in lines if p.state == "restarted")
+        assert cache.assignments.records["acme/a"].host != a.host
+        assert cache.host_status.records[a.host].state is HostState.DRAINED
