@@ -64,6 +64,7 @@ class _Outgoing:
     uid: str
     epoch: int
     target: str
+    started_at: float  # the record's: a new request for the same move is a new migration
     done: bool = False
     error: str = ""
 
@@ -887,15 +888,16 @@ class Agent:
             if obs is None or obs.state not in reconcile.ACTIVE:
                 continue  # gone (moved already) or not running: nothing to send
             known = self._outgoing.get(key)
-            if known is not None and (known.uid, known.epoch, known.target) == (
-                m.uid,
-                m.epoch,
-                m.target,
-            ):
+            if known is not None and (
+                known.uid,
+                known.epoch,
+                known.target,
+                known.started_at,
+            ) == (m.uid, m.epoch, m.target, m.started_at):
                 continue  # this very migration already ran: the coordinator settles it
             if not may_start:
                 continue  # no lease (or fenced): act on nothing
-            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target)
+            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, m.started_at)
             task = asyncio.ensure_future(self._run_migration(key, obs.domain, m))
             self._migration_tasks[key] = task
 
@@ -913,18 +915,18 @@ class Agent:
             await self.hv.migrate(domain, target)
         except HypervisorError as e:
             log.error("live migration of %s to %s failed: %s", key, m.target, e.message)
-            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, error=e.message)
+            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, m.started_at, error=e.message)
         except Exception as e:
             # One VM's migration must never take the agent down.
             log.exception("live migration of %s to %s failed", key, m.target)
             self._outgoing[key] = _Outgoing(
-                m.uid, m.epoch, m.target, error=f"{type(e).__name__}: {e}"
+                m.uid, m.epoch, m.target, m.started_at, error=f"{type(e).__name__}: {e}"
             )
         else:
             log.info(
                 "live-migrated %s to %s in %.2fs", key, m.target, time.perf_counter() - started
             )
-            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, done=True)
+            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, m.started_at, done=True)
         finally:
             self._migration_tasks.pop(key, None)
             self._trigger()
@@ -969,6 +971,7 @@ class Agent:
             migrating_to=out.target if out and not out.done and not out.error else "",
             migrated_to=out.target if out and out.done else "",
             migration_error=out.error if out else "",
+            migration_started_at=out.started_at if out else 0.0,
         )
 
     async def _report(

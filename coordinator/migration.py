@@ -116,6 +116,8 @@ def decide(
     ):
         return Verdict("abort", "the VM's assignment changed during the migration")
     ours = source is not None and (source.uid, source.epoch) == (m.uid, m.epoch)
+    # A report on an earlier attempt (an error, a completion) says nothing of this one.
+    this_job = ours and source is not None and source.migration_started_at == m.started_at
     target_running = (
         target is not None
         and (target.uid, target.epoch) == (m.uid, m.epoch)
@@ -124,12 +126,12 @@ def decide(
     source_done = (
         source is None
         or not source_alive
-        or (ours and source.migrated_to == m.target)
+        or (this_job and source.migrated_to == m.target)
         or (ours and source.state not in ACTIVE and not source.migrating_to)
     )
     if target_running and source_done:
         return Verdict("complete")
-    if ours and source is not None and source.migration_error and not source.migrating_to:
+    if this_job and source is not None and source.migration_error and not source.migrating_to:
         return Verdict("abort", f"live migration to {m.target} failed: {source.migration_error}")
     if not target_alive:
         return Verdict("abort", f"target host {m.target} lost during the migration")

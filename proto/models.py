@@ -476,6 +476,7 @@ class DomainStatus:
     migrating_to: str = ""
     migrated_to: str = ""
     migration_error: str = ""
+    migration_started_at: float = 0.0  # which record (its started_at) the three report on
 
 
 @dataclass(frozen=True, slots=True)

@@ -659,6 +659,7 @@ class DomainStatus(_message.Message):
     MIGRATING_TO_FIELD_NUMBER: _builtins.int
     MIGRATED_TO_FIELD_NUMBER: _builtins.int
     MIGRATION_ERROR_FIELD_NUMBER: _builtins.int
+    MIGRATION_STARTED_AT_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     name: _builtins.str
     host: _builtins.str
@@ -676,6 +677,8 @@ class DomainStatus(_message.Message):
     """libvirt reported the move complete"""
     migration_error: _builtins.str
     """libvirt reported it failed (the guest stays here)"""
+    migration_started_at: _builtins.float
+    """the record these three report on (its started_at)"""
     def __init__(
         self,
         *,
@@ -690,10 +693,11 @@ class DomainStatus(_message.Message):
         migrating_to: _builtins.str = ...,
         migrated_to: _builtins.str = ...,
         migration_error: _builtins.str = ...,
+        migration_started_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "host", b"host", "last_error", b"last_error", "migrated_to", b"migrated_to", "migrating_to", b"migrating_to", "migration_error", b"migration_error", "name", b"name", "scope", b"scope", "since", b"since", "state", b"state", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "host", b"host", "last_error", b"last_error", "migrated_to", b"migrated_to", "migrating_to", b"migrating_to", "migration_error", b"migration_error", "migration_started_at", b"migration_started_at", "name", b"name", "scope", b"scope", "since", b"since", "state", b"state", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

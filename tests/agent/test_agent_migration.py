@@ -5,6 +5,7 @@ refuses the migration reports why and keeps the guest running."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +120,7 @@ async def test_source_reports_libvirts_refusal_and_the_guest_runs_on(
         target_uri="test:///default",
         target_address="127.0.0.1",
         target_console_dir="/tmp",
+        started_at=1.0,
         timeout_s=30,
     )
     put_migration(etcd, m)
@@ -129,3 +131,14 @@ async def test_source_reports_libvirts_refusal_and_the_guest_runs_on(
     assert "migrating" in status.migration_error
     observed = (await agent.hv.list_managed())["s/a"]
     assert observed.state is DomainState.RUNNING and observed.epoch == 1
+    # A new request for the same move is a new migration: run again, reported as such.
+    again = dataclasses.replace(m, started_at=m.started_at + 1)
+    delete_migration(etcd, m)
+    put_migration(etcd, again)
+    await eventually(
+        lambda: (
+            (s := domain_status(etcd, "h1", "s", "a"))
+            and s.migration_started_at == again.started_at
+            and s.migration_error
+        )
+    )

@@ -175,6 +175,7 @@ async def test_a_failure_reported_by_the_source_leaves_the_vm_where_it_was(
                 epoch=a.epoch,
                 state=DomainState.RUNNING,
                 migration_error="unable to connect to server: Connection refused",
+                migration_started_at=m.started_at,
             ),
         )
         await api.backend.fresh_view()
@@ -215,7 +216,13 @@ async def test_completion_moves_the_assignment_with_a_higher_epoch_to_adopt(
         assert "acme/a" in cache.migrations.records
         # libvirt reports completion: the source's copy is gone, the target's runs.
         await report(
-            api, dataclasses.replace(base, state=DomainState.DEFINED, migrated_to=m.target)
+            api,
+            dataclasses.replace(
+                base,
+                state=DomainState.DEFINED,
+                migrated_to=m.target,
+                migration_started_at=m.started_at,
+            ),
         )
         await report(api, dataclasses.replace(base, host=m.target, state=DomainState.RUNNING))
         await api.backend.fresh_view()
@@ -258,14 +265,26 @@ DECISIONS = [
     ("in flight", {"target": _dom("dst", P)}, "wait"),
     (
         "libvirt done",
-        {"source": _dom("src", D, migrated_to="dst"), "target": _dom("dst", R)},
+        {
+            "source": _dom("src", D, migrated_to="dst", migration_started_at=5.0),
+            "target": _dom("dst", R),
+        },
         "complete",
     ),
     ("target runs, source still reports running", {"target": _dom("dst", R)}, "wait"),
     ("source lost, target runs", {"source_alive": False, "target": _dom("dst", R)}, "complete"),
     ("source lost, target paused", {"source_alive": False, "target": _dom("dst", P)}, "abort"),
     ("target lost", {"target_alive": False}, "abort"),
-    ("libvirt failed", {"source": _dom("src", R, migration_error="boom")}, "abort"),
+    (
+        "libvirt failed",
+        {"source": _dom("src", R, migration_error="boom", migration_started_at=5.0)},
+        "abort",
+    ),
+    (
+        "an earlier attempt's failure",
+        {"source": _dom("src", R, migration_error="boom", migration_started_at=4.0)},
+        "wait",
+    ),
     ("VM deleted", {"spec_exists": False}, "abort"),
     ("timed out", {"now": 5.0 + 60 + 31}, "abort"),
     (
@@ -299,7 +318,13 @@ async def test_a_new_leader_settles_a_migration_the_old_one_started(etcd: EtcdSe
         assert cache.migrations.records["acme/a"].target == started.target
         base = DomainStatus(scope="acme", name="a", host=a.host, uid=a.vm.uid, epoch=a.epoch)
         await report(
-            api, dataclasses.replace(base, state=DomainState.DEFINED, migrated_to=started.target)
+            api,
+            dataclasses.replace(
+                base,
+                state=DomainState.DEFINED,
+                migrated_to=started.target,
+                migration_started_at=cache.migrations.records["acme/a"].started_at,
+            ),
         )
         await report(api, dataclasses.replace(base, host=started.target, state=DomainState.RUNNING))
         await api.backend.fresh_view()
@@ -405,7 +430,13 @@ async def test_drain_falls_back_to_a_cold_restart_where_the_vm_allows_it(
         # The source agent's part: libvirt refuses the live move...
         await until(lambda: "acme/a" in cache.migrations.records)
         assert not cache.migrations.records["acme/a"].restart
-        await report(api, dataclasses.replace(running, migration_error="p2p refused"))
+        live = cache.migrations.records["acme/a"]
+        await report(
+            api,
+            dataclasses.replace(
+                running, migration_error="p2p refused", migration_started_at=live.started_at
+            ),
+        )
         await api.backend.fresh_view()
         await mig.settle()
         # ...then the cold move: the guest stops here (its status goes), starts there.
