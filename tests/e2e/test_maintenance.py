@@ -160,6 +160,13 @@ def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactor
     before = observe.wait_for(lab.etcd_endpoint(), settled([key]), 120, "x running")
     source = before.host_of(key)
     assert source is not None
+    # Booted before it moves: a marker on the target's console would then be a new boot.
+    observe.wait_for(
+        lab.etcd_endpoint(),
+        lambda s: MARKER in console(lab, source, key),
+        60,
+        "x's boot marker on its console",
+    )
     uris = {h.name: h.root_side_uri for h in lab.state().hosts.values()}
     sampler = LibvirtSampler(uris, [key], running_only=True)
     sampler.start()
