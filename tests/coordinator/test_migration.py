@@ -12,6 +12,7 @@ import grpc
 import pytest
 from api_support import Api, running_api
 from coord_support import until
+from hvplace.coordinator import cli
 from hvplace.coordinator.drain import Drain, Progress
 from hvplace.coordinator.migration import (
     MigrationFailed,
@@ -450,3 +451,28 @@ async def test_drain_falls_back_to_a_cold_restart_where_the_vm_allows_it(
         assert "p2p refused" in next(p.reason for p in lines if p.state == "restarted")
         assert cache.assignments.records["acme/a"].host != a.host
         assert cache.host_status.records[a.host].state is HostState.DRAINED
+
+
+async def test_the_cli_migrates_dry_runs_and_refuses_with_the_rule(
+    etcd: EtcdServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_api(etcd, fenced=True) as api:
+        for i in range(3):
+            await add_host(api, f"h{i}")
+        where = await members(api, ["a", "b"])
+
+        async def run(*argv: str) -> tuple[int, str, str]:
+            args = ["--endpoint", api.endpoint, "--timeout", "5", *argv]
+            code = await asyncio.to_thread(cli.main, args)
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        code, out, _ = await run("vm", "migrate", "acme/a", "--dry-run")
+        assert code == 0 and f"acme/a would move {where['a']} -> " in out
+        code, _, err = await run("vm", "migrate", "acme/a", "--to", where["b"])
+        assert code == 1
+        assert f"conflict: cannot move acme/a to {where['b']}: anti-affinity rule `spread`" in err
+        code, out, _ = await run("host", "drain", where["a"], "--dry-run")
+        assert code == 0 and "acme/a" in out and "planned" in out
+        code, _, err = await run("host", "drain", where["a"], "--parallel", "99")
+        assert code == 1 and "parallel 99" in err
