@@ -476,3 +476,53 @@ async def test_the_cli_migrates_dry_runs_and_refuses_with_the_rule(
         assert code == 0 and "acme/a" in out and "planned" in out
         code, _, err = await run("host", "drain", where["a"], "--parallel", "99")
         assert code == 1 and "parallel 99" in err
+
+
+async def test_a_lost_source_settles_by_what_the_target_runs(etcd: EtcdServer) -> None:
+    """The source's lease ends mid-migration (its agent fenced). The target already runs
+    the guest: the move completes. Had the switchover not happened, it would abort and
+    the failover would re-place the VM (see the decision table)."""
+    async with running_api(etcd, fenced=True) as api:
+        leases = {f"h{i}": await add_host(api, f"h{i}") for i in range(2)}
+        await api.vm.CreateVMs(
+            pb.CreateVMsRequest(vms=[pb.VM(scope="acme", name="a", image=IMAGE)])
+        )
+        cache = api.backend.cache
+        a = cache.assignments.records["acme/a"]
+        mig = migrations_of(api)
+        started = await mig.migrate_vm("acme", "a", wait=False)
+        await report(
+            api,
+            DomainStatus(
+                scope="acme",
+                name="a",
+                host=started.target,
+                uid=a.vm.uid,
+                epoch=a.epoch,
+                state=DomainState.RUNNING,
+            ),
+        )
+        await api.client.revoke_lease(leases[a.host])  # the source host is lost
+        await api.backend.fresh_view()
+        assert a.host not in cache.hosts.records
+        await mig.settle()
+        now = cache.assignments.records["acme/a"]
+        assert (now.host, now.adopt_epoch) == (started.target, a.epoch)
+
+
+def test_failover_leaves_a_migrating_vm_to_its_migration() -> None:
+    from hvplace.coordinator.failure import replace_lost
+    from hvplace.coordinator.snapshot import Snapshot
+    from hvplace.proto.models import VM, Host
+
+    hosts = {n: Host(name=n, capacity=Resources(8, 8192, 100)) for n in ("h0", "h1", "h2")}
+    vms = {k: VM(scope="s", name=k.split("/")[1], uid=k) for k in ("s/a", "s/b")}
+    snap = Snapshot(
+        revision=1,
+        hosts=hosts,
+        vms=vms,
+        placements={"s/a": "h0", "s/b": "h0"},
+        reservations={"s/a": "h1"},
+    )
+    plan = replace_lost(snap, {"h0"})
+    assert set(plan.assignments) == {"s/b"}
