@@ -52,6 +52,10 @@ class AgentConfig(settings.EtcdSettings):
     disk_ratio: float = 1.0
     reserved_memory_mib: int = 0
     address: str = ""
+    # The libvirt URI other hosts' libvirtds dial to live-migrate a guest here (peer to
+    # peer; e.g. qemu+tls://<address>/system); the guest's memory then comes to
+    # tcp://<address>. Empty: this host takes no live migrations.
+    migration_uri: str = ""
     # Used only when etcd holds no cluster config record (/hvplace/v1/config).
     lease_ttl: float | None = None
     fence_after: float | None = None

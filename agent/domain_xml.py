@@ -48,6 +48,15 @@ def tag_element(tag: DomainTag) -> str:
     return ET.tostring(el, encoding="unicode")
 
 
+def bare_tag_element(tag: DomainTag) -> str:
+    """The tag without its namespace, as `virDomainSetMetadata` takes it (the namespace
+    and prefix are passed apart; libvirt adds them)."""
+    el = ET.Element(
+        "vm", {"scope": tag.scope, "name": tag.name, "uid": tag.uid, "epoch": str(tag.epoch)}
+    )
+    return ET.tostring(el, encoding="unicode")
+
+
 def parse_tag(element_xml: str) -> DomainTag | None:
     """The tag from `virDomainGetMetadata(ELEMENT)` output; None if it is not ours or is mangled."""
     try:
@@ -111,4 +120,18 @@ def render(
     ET.SubElement(serial, "source", {"path": serial_log})
     ET.SubElement(serial, "target", {"port": "0"})
     ET.SubElement(devices, "memballoon", {"model": "none"})
+    return ET.tostring(dom, encoding="unicode")
+
+
+def with_console_log(xml: str, serial_log: str) -> str:
+    """A domain's XML with its serial console logging to `serial_log`: the destination XML
+    of a live migration, since each host keeps its console logs in its own directory."""
+    ET.register_namespace(PREFIX, NAMESPACE)
+    dom = ET.fromstring(xml)
+    for source in dom.findall("./devices/serial/source"):
+        if "path" in source.attrib:
+            source.set("path", serial_log)
+    for source in dom.findall("./devices/console/source"):
+        if "path" in source.attrib:
+            source.set("path", serial_log)
     return ET.tostring(dom, encoding="unicode")

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROBE_DOMAIN = "hvplace-kvm-probe"
+MIGRATION_THREADS = 4
+"""Outgoing live migrations at once per host (the coordinator bounds a drain lower)."""
 EventCallback = Callable[[str], None]
 
 
@@ -60,6 +62,20 @@ class Hypervisor(Protocol):
     async def destroy_all_managed(self) -> list[str]: ...
     async def ping(self, timeout_s: float) -> None: ...
     def on_event(self, callback: EventCallback) -> None: ...
+    async def migrate(self, domain: str, target: MigrationTarget) -> None: ...
+    async def retag(self, domain: str, assignment: Assignment) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MigrationTarget:
+    """Where a live migration goes: the target libvirtd's URI (dialled by this host's
+    libvirtd, peer to peer), the address its QEMU listens on for the data stream, the
+    console log path there, and how long the job may take before it is aborted."""
+
+    uri: str
+    address: str
+    console_log: str
+    timeout_s: float
 
 
 # libvirt's default event loop is process-wide and must be registered before the first
@@ -149,6 +165,11 @@ class LibvirtHypervisor:
             1, thread_name_prefix="libvirt-ping"
         )
         self._ping: asyncio.Future[None] | None = None
+        # Live migrations run for seconds: on their own threads, so that the pool stays
+        # free for starts and a fence's destroys while they run.
+        self._migrations = concurrent.futures.ThreadPoolExecutor(
+            MIGRATION_THREADS, thread_name_prefix="libvirt-migrate"
+        )
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -269,6 +290,7 @@ class LibvirtHypervisor:
             await self._call(close, what="closing")
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._ping_pool.shutdown(wait=False, cancel_futures=True)
+        self._migrations.shutdown(wait=False, cancel_futures=True)
 
     # -- facts ------------------------------------------------------------------------
 
@@ -489,6 +511,69 @@ class LibvirtHypervisor:
 
     async def destroy_all_managed(self) -> list[str]:
         return await self._call(self._destroy_all_managed, what="fence")
+
+    # -- live migration ---------------------------------------------------------------
+
+    def _migrate(self, domain: str, target: MigrationTarget) -> None:
+        """migrateToURI3, live and peer to peer: this host's libvirtd dials the target's
+        and drives the job; the guest's memory goes over tcp://<target address>. On
+        success the target holds the domain (persistent) and this host's copy is gone;
+        on failure or abort the guest runs on here. Aborted after `timeout_s`."""
+        dom = self._lookup(domain)
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        params = {
+            libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{target.address}",
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: domain_xml.with_console_log(
+                xml, target.console_log
+            ),
+        }
+        flags = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+            | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+        )
+        timer = threading.Timer(target.timeout_s, self._abort_job, (dom, domain))
+        timer.daemon = True
+        timer.start()
+        try:
+            dom.migrateToURI3(target.uri, params, flags)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"migrating {domain} to {target.uri}: {e}") from None
+        finally:
+            timer.cancel()
+
+    @staticmethod
+    def _abort_job(dom: Any, domain: str) -> None:
+        log.warning("migration of %s overran its timeout: aborting the job", domain)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.abortJob()
+
+    async def migrate(self, domain: str, target: MigrationTarget) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self._migrations, self._guarded, self._migrate, f"migrating {domain}", (domain, target)
+        )
+
+    def _retag(self, domain: str, assignment: Assignment) -> None:
+        """Re-tag a migrated-in domain with its new assignment's epoch (live and config)."""
+        vm = assignment.vm
+        tag = domain_xml.DomainTag(vm.scope, vm.name, vm.uid, assignment.epoch)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        dom = self._lookup(domain)
+        if not dom.isPersistent():
+            flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            domain_xml.bare_tag_element(tag),
+            domain_xml.PREFIX,
+            domain_xml.NAMESPACE,
+            flags,
+        )
+
+    async def retag(self, domain: str, assignment: Assignment) -> None:
+        await self._call(self._retag, domain, assignment, what=f"re-tagging {domain}")
 
     # -- domain type probe ------------------------------------------------------------
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.records import Assignment, DomainState, Power
+from hvplace.proto.records import Assignment, DomainState, Migration, Power
 from hvplace.proto.validation import validate_vm
 
 
 class ActionKind(StrEnum):
+    RETAG = "retag"
     DESTROY = "destroy"
     UNDEFINE = "undefine"
     STOP = "stop"
@@ -26,6 +27,7 @@ class ActionKind(StrEnum):
 # Removal first, so a re-created domain (stale epoch) never meets its old self, and
 # capacity is freed before anything new starts.
 _ORDER = {
+    ActionKind.RETAG: 0,
     ActionKind.DESTROY: 0,
     ActionKind.UNDEFINE: 1,
     ActionKind.STOP: 2,
@@ -92,6 +94,7 @@ def plan(
     may_start: bool = True,
     fenced: bool = False,
     keep: frozenset[str] = frozenset(),
+    migrations: Mapping[str, Migration] | None = None,
 ) -> Plan:
     """What to do so that libvirt matches the assignments.
 
@@ -99,7 +102,14 @@ def plan(
     `fenced` means the lease was lost: every active managed domain is destroyed and
     nothing is started (SPEC §4). `keep`: keys whose assignment exists but could not be
     read (a malformed record); their domains are left as they are.
+
+    `migrations`: live migrations from or to this host. The target keeps the incoming
+    domain (the record's uid and epoch) though nothing is assigned here yet; the source
+    never re-creates a VM whose domain is gone while its migration is recorded (libvirt
+    moved it: re-creating it would run it twice). An assignment with `adopt_epoch` takes
+    over the migrated-in domain of that epoch by re-tagging it.
     """
+    moving = migrations or {}
     actions: list[Action] = []
     rejected: dict[str, str] = {}
     valid: dict[str, Assignment] = {}
@@ -118,12 +128,19 @@ def plan(
             if obs.state in ACTIVE:
                 actions.append(Action(ActionKind.DESTROY, key, obs.domain, a, "fenced"))
             continue
+        m = moving.get(key)
+        incoming = m is not None and m.target == host and (obs.uid, obs.epoch) == (m.uid, m.epoch)
         if a is None:
+            if incoming:
+                continue  # a live migration's incoming guest: the coordinator settles it
             if key in rejected or key in keep:
                 # Its assignment exists but is malformed: keep hands off a domain that
                 # may be healthy; the error is reported on its status.
                 continue
             why = "no assignment to this host"
+        elif a.adopt_epoch and obs.epoch == a.adopt_epoch and obs.uid == a.vm.uid:
+            actions.append(Action(ActionKind.RETAG, key, obs.domain, a, "live-migrated here"))
+            continue
         elif obs.epoch != a.epoch or obs.uid != a.vm.uid:
             why = f"stale: domain epoch {obs.epoch} uid {obs.uid!r}, assigned epoch {a.epoch} uid {a.vm.uid!r}"
         else:
@@ -144,6 +161,9 @@ def plan(
         for key, new in valid.items():
             if key in actual:
                 continue
+            m = moving.get(key)
+            if m is not None and m.source == host and (m.uid, m.epoch) == (new.vm.uid, new.epoch):
+                continue  # migrated away (or going): the coordinator moves the assignment
             actions.append(Action(ActionKind.DEFINE, key, "", new, "assigned to this host"))
             if new.vm.power is Power.RUNNING and starting:
                 actions.append(Action(ActionKind.START, key, "", new, "desired running"))

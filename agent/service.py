@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,6 +23,7 @@ from hvplace.agent.hypervisor import (
     HypervisorError,
     HypervisorUnavailable,
     LibvirtHypervisor,
+    MigrationTarget,
 )
 from hvplace.agent.lease import LeaseKeeper
 from hvplace.agent.metrics import AgentMetrics, MetricsServer
@@ -29,7 +31,14 @@ from hvplace.agent.reconcile import ActionKind
 from hvplace.agent.status import domain_status
 from hvplace.agent.store import EtcdStore, StoreError
 from hvplace.proto.errors import InvalidInput
-from hvplace.proto.records import Assignment, ClusterConfig, DomainState, DomainStatus, HostInfo
+from hvplace.proto.records import (
+    Assignment,
+    ClusterConfig,
+    DomainState,
+    DomainStatus,
+    HostInfo,
+    Migration,
+)
 from hvplace.runtime import systemd
 
 PARALLEL_STARTS = 2
@@ -42,6 +51,22 @@ HYPERVISOR_PING_S = 1.0
 HYPERVISOR_PING_TIMEOUT_S = 3.0
 HYPERVISOR_RETRY_S = (0.5, 5.0)
 """Reconnect backoff while libvirtd is down: bounded, so recovery is seen within 5 s."""
+
+
+MIGRATION_TIMEOUT_S = 120.0
+"""A live migration whose record names no timeout is aborted by libvirt after this."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """This host's part in a live migration of one VM: running, done or failed."""
+
+    uid: str
+    epoch: int
+    target: str
+    started_at: float  # the record's: a new request for the same move is a new migration
+    done: bool = False
+    error: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +121,9 @@ class Agent:
         self._since: dict[str, tuple[DomainState, float]] = {}
         # VMs whose define/start libvirt refused, held back until their retry time.
         self._failures: dict[str, _Failure] = {}
+        # Live migrations this agent runs as their source, by VM key (see _migrations).
+        self._outgoing: dict[str, _Outgoing] = {}
+        self._migration_tasks: dict[str, asyncio.Task[None]] = {}
         # Why libvirt is unusable ("" while it answers); reported in HostInfo.
         self.hypervisor_error = ""
         self._hypervisor_since = 0.0
@@ -211,6 +239,7 @@ class Agent:
             self._spawn(self.lease.fence_monitor())
             self._spawn(self._reconcile_worker())
             self._spawn(self._watch_loop())
+            self._spawn(self._watch_loop(migrations=True))
             self._spawn(self._resync_ticker())
             self._spawn(self._systemd_watchdog())
             self._spawn(self._hypervisor_monitor())
@@ -234,9 +263,9 @@ class Agent:
             return
         self._shutdown_done = True
         self._stopping.set()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._migration_tasks.values()]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._migration_tasks.values(), return_exceptions=True)
         if self._server is not None:
             await self._server.stop()
         await self.lease.release_watchdog()
@@ -284,7 +313,7 @@ class Agent:
     async def _host_info(self) -> HostInfo:
         facts = await self.hv.node_facts()
         disk = await asyncio.to_thread(psutil.disk_usage, str(self.cfg.images))
-        return capacity.host_info(
+        info = capacity.host_info(
             name=self.cfg.host,
             facts=facts,
             images_disk_bytes=disk.total,
@@ -296,6 +325,9 @@ class Agent:
             domain_type=self.hv.domain_type,
             agent_version=AGENT_VERSION,
             started_at=time.time(),
+        )
+        return dataclasses.replace(
+            info, migration_uri=self.cfg.migration_uri, console_dir=str(self.cfg.consoles)
         )
 
     async def _on_lease(self) -> None:
@@ -386,11 +418,12 @@ class Agent:
             await asyncio.sleep(self.cfg.resync_interval_s)
             self._trigger()
 
-    async def _watch_loop(self) -> None:
+    async def _watch_loop(self, migrations: bool = False) -> None:
         delay = 0.2
         while not self._stopping.is_set():
+            watch = self.store.watch_migrations() if migrations else self.store.watch_assignments()
             try:
-                async for _ in self.store.watch_assignments():
+                async for _ in watch:
                     delay = 0.2
                     self._trigger()
             except StoreError as e:
@@ -443,10 +476,18 @@ class Agent:
         may_start = self.lease.may_start and not fenced
         desired: dict[str, Assignment] = {}
         unreadable: dict[str, str] = {}
+        migrations: dict[str, Migration] = {}
+        # libvirt first, then etcd: an incoming guest listed here was created after its
+        # migration record was written, so the read below shows the record (else a pass
+        # that read etcd just before the record would destroy the guest arriving). And
+        # migrations before assignments: the commit that ends a migration deletes its
+        # record and moves the assignment in one revision, so assignments read after a
+        # record is gone never still show the migrated-away VM here.
+        actual = await self.hv.list_managed()
         if not fenced:
+            migrations = await self.store.migrations()
             got = await self.store.assignments()
             desired, unreadable = got.valid, got.invalid
-        actual = await self.hv.list_managed()
         the_plan = reconcile.plan(
             self.cfg.host,
             desired,
@@ -454,7 +495,9 @@ class Agent:
             may_start=may_start,
             fenced=fenced,
             keep=frozenset(unreadable),
+            migrations=migrations,
         )
+        self._migrate_out(migrations, desired, actual, may_start)
         errors: dict[str, str] = {**unreadable, **the_plan.rejected}
         for key, message in the_plan.rejected.items():
             log.error("rejected assignment %s: %s", key, message)
@@ -567,6 +610,75 @@ class Agent:
             await self.hv.destroy(self._domain_of(action))
         elif kind is ActionKind.UNDEFINE:
             await self.hv.undefine(self._domain_of(action))
+        elif kind is ActionKind.RETAG:
+            assert action.assignment is not None
+            await self.hv.retag(self._domain_of(action), action.assignment)
+
+    # -- live migration (source side) -------------------------------------------------
+
+    def _migrate_out(
+        self,
+        migrations: dict[str, Migration],
+        desired: dict[str, Assignment],
+        actual: dict[str, reconcile.Observed],
+        may_start: bool,
+    ) -> None:
+        """Start the libvirt job of each recorded migration from this host whose guest
+        runs here at the recorded uid and epoch; forget outcomes whose record is gone."""
+        for key in [k for k in self._outgoing if k not in migrations]:
+            if key not in self._migration_tasks:
+                del self._outgoing[key]
+        for key, m in migrations.items():
+            if m.source != self.cfg.host or key in self._migration_tasks:
+                continue
+            a, obs = desired.get(key), actual.get(key)
+            if a is None or (a.vm.uid, a.epoch) != (m.uid, m.epoch):
+                continue
+            if obs is None or obs.state not in reconcile.ACTIVE:
+                continue  # gone (moved already) or not running: nothing to send
+            known = self._outgoing.get(key)
+            if known is not None and (
+                known.uid,
+                known.epoch,
+                known.target,
+                known.started_at,
+            ) == (m.uid, m.epoch, m.target, m.started_at):
+                continue  # this very migration already ran: the coordinator settles it
+            if not may_start:
+                continue  # no lease (or fenced): act on nothing
+            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, m.started_at)
+            task = asyncio.ensure_future(self._run_migration(key, obs.domain, m))
+            self._migration_tasks[key] = task
+
+    async def _run_migration(self, key: str, domain: str, m: Migration) -> None:
+        target = MigrationTarget(
+            uri=m.target_uri,
+            address=m.target_address,
+            console_log=str(Path(m.target_console_dir) / f"{domain}.log"),
+            timeout_s=m.timeout_s or MIGRATION_TIMEOUT_S,
+        )
+        log.info("live-migrating %s to %s (%s)", key, m.target, m.target_uri)
+        self._trigger()  # report `migrating_to`
+        started = time.perf_counter()
+        try:
+            await self.hv.migrate(domain, target)
+        except HypervisorError as e:
+            log.error("live migration of %s to %s failed: %s", key, m.target, e.message)
+            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, m.started_at, error=e.message)
+        except Exception as e:
+            # One VM's migration must never take the agent down.
+            log.exception("live migration of %s to %s failed", key, m.target)
+            self._outgoing[key] = _Outgoing(
+                m.uid, m.epoch, m.target, m.started_at, error=f"{type(e).__name__}: {e}"
+            )
+        else:
+            log.info(
+                "live-migrated %s to %s in %.2fs", key, m.target, time.perf_counter() - started
+            )
+            self._outgoing[key] = _Outgoing(m.uid, m.epoch, m.target, m.started_at, done=True)
+        finally:
+            self._migration_tasks.pop(key, None)
+            self._trigger()
 
     # -- status -----------------------------------------------------------------------
 
@@ -588,7 +700,16 @@ class Agent:
             now=time.time(),
         )
         self._since[key] = (status.state, status.since)
-        return status
+        out = self._outgoing.get(key)
+        if out is None or (out.uid, out.epoch) != (status.uid, status.epoch):
+            return status
+        return dataclasses.replace(
+            status,
+            migrating_to=out.target if not out.done and not out.error else "",
+            migrated_to=out.target if out.done else "",
+            migration_error=out.error,
+            migration_started_at=out.started_at,
+        )
 
     async def _report(
         self,

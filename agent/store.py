@@ -15,7 +15,7 @@ from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.codec import dumps, loads
 from hvplace.proto.errors import InvalidInput, Unavailable
-from hvplace.proto.records import Assignment, ClusterConfig, DomainStatus, HostInfo
+from hvplace.proto.records import Assignment, ClusterConfig, DomainStatus, HostInfo, Migration
 from hvplace.runtime.etcd import Compacted, EtcdAuth, EtcdClient, EtcdTLS
 
 log = logging.getLogger(__name__)
@@ -144,12 +144,29 @@ class EtcdStore:
                 result.invalid[key] = f"assignment record {key}: {e.message}"
         return result
 
-    async def watch_assignments(self) -> AsyncIterator[None]:
+    async def migrations(self) -> dict[str, Migration]:
+        """Live migrations from or to this host, by `scope/vm` (a malformed record is
+        skipped: without it the agent acts as if no migration were in flight)."""
+        prefix = keyspace.migrations_of(self.host)
+        rng = await self._range(prefix, prefix=True)
+        out: dict[str, Migration] = {}
+        for kv in rng.kvs:
+            key = keyspace.classify(kv.key.decode()).id
+            try:
+                out[key] = loads(Migration, kv.value)
+            except InvalidInput as e:
+                log.warning("ignoring migration record %s: %s", key, e.message)
+        return out
+
+    def watch_migrations(self) -> AsyncIterator[None]:
+        return self.watch_assignments(keyspace.migrations_of(self.host))
+
+    async def watch_assignments(self, prefix: str = "") -> AsyncIterator[None]:
         """Yields once per batch of changes to this host's assignments (level-triggered:
         the caller re-reads everything). When the member under the watch fails, the watch
         resumes on another from the last revision it showed, so nothing is missed; raises
         StoreError when no member takes it."""
-        start, end = _prefix(keyspace.assignments_of(self.host))
+        start, end = _prefix(prefix or keyspace.assignments_of(self.host))
         revision = 0  # the last revision the watch has shown (0: none yet, start from now)
         breaks = 0
         while True:

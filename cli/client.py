@@ -122,4 +122,5 @@ _STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "host": pb_grpc.HostServiceStub,
     "cluster": pb_grpc.ClusterServiceStub,
     "image": pb_grpc.ImageServiceStub,
+    "maintenance": pb_grpc.MaintenanceServiceStub,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable
 
+from hvplace.cli import maintenance
 from hvplace.cli.client import Client
 from hvplace.cli.render import emit, labels_text, table
 from hvplace.proto.v1 import hvplace_pb2 as pb
@@ -71,8 +72,8 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("get", "GetHost", "show a host and its VMs"),
         ("cordon", "CordonHost", "take no new VMs"),
         ("uncordon", "UncordonHost", "take VMs again"),
-        ("drain", "DrainHost", "cordon and move VMs away"),
     ):
         p = host.add_parser(name, help=what)
         p.add_argument("host", metavar="HOST")
         p.set_defaults(func=_host_call(method))
+    maintenance.register_host(host)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from hvplace.cli import maintenance
 from hvplace.cli.client import Client
 from hvplace.cli.render import (
     add_scope,
@@ -71,6 +72,8 @@ def cmd_vm_create(c: Client, args: argparse.Namespace) -> None:
         }
         if args.description:
             vm["description"] = args.description
+        if args.migration:
+            vm["migration"] = args.migration
         if args.image and args.kernel:
             raise InvalidInput("give --image or --kernel, not both")
         if args.image:
@@ -190,6 +193,11 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--initrd", default="")
     p.add_argument("--cmdline", default="")
     p.add_argument("--description")
+    p.add_argument(
+        "--migration",
+        choices=("live", "live_or_restart", "restart"),
+        help="how a drain moves it: live (default), live else a cold restart, or cold only",
+    )
     p.add_argument("--file", help="JSON file with a VM or a list of VMs (proto field names)")
     p.add_argument("--atomic", action="store_true", help="all placed or none created")
     p.add_argument("--request-id", help="idempotency key; a retry with it creates nothing new")
@@ -205,6 +213,7 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("name", metavar="NAME")
         add_scope(p)
         p.set_defaults(func=func)
+    maintenance.register_vm(vm)
     p = vm.add_parser("list", help="list VMs")
     p.add_argument("--scope", default="", help="only this scope")
     p.add_argument("--host", default="", help="only VMs on this host")

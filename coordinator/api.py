@@ -35,7 +35,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-SERVICES = ("VMService", "RuleService", "HostService", "ClusterService", "ImageService")
+SERVICES = (
+    "VMService",
+    "RuleService",
+    "HostService",
+    "ClusterService",
+    "ImageService",
+    "MaintenanceService",
+)
 
 
 async def _abort(context: Ctx, exc: BaseException) -> NoReturn:
@@ -370,6 +377,9 @@ async def start_api_server(
     pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops.hosts), server)
     pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(ops.cluster), server)
     pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(ops.images), server)
+    from hvplace.coordinator.maintenance_api import MaintenanceServicer
+
+    pb_grpc.add_MaintenanceServiceServicer_to_server(MaintenanceServicer(ops), server)
     checker = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     package = pb.DESCRIPTOR.package

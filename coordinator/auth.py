@@ -70,6 +70,8 @@ METHOD_ROLES: Mapping[str, Role] = {
     f"{_PKG}HostService/CordonHost": _O,
     f"{_PKG}HostService/UncordonHost": _O,
     f"{_PKG}HostService/DrainHost": _O,
+    f"{_PKG}MaintenanceService/MigrateVM": _O,
+    f"{_PKG}MaintenanceService/Drain": _O,
     f"{_PKG}ClusterService/GetClusterStatus": _V,
     f"{_PKG}ClusterService/WatchEvents": _V,
     f"{_PKG}ClusterService/Simulate": _V,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -29,6 +30,7 @@ from hvplace.proto.records import (
     HostInfo,
     HostState,
     HostStatus,
+    Migration,
     Phase,
     Rule,
     ScopePolicy,
@@ -52,6 +54,7 @@ DOMAINS = "domains"
 RULES = "rules"
 POLICIES = "policies"
 CONFIG = "config"
+MIGRATIONS = "migrations"
 OTHER = "other"  # election and request keys: notified, not decoded
 PROGRESS_AFTER_S = 0.1
 """Wait this long for events before asking etcd for a progress notification."""
@@ -104,7 +107,7 @@ _SIMPLE: tuple[tuple[str, str, type[Any]], ...] = (
 )
 
 
-_CACHED = frozenset({CONFIG, ASSIGNMENTS, DOMAINS} | {kind for _p, kind, _c in _SIMPLE})
+_CACHED = frozenset({CONFIG, ASSIGNMENTS, DOMAINS, MIGRATIONS} | {kind for _p, kind, _c in _SIMPLE})
 
 
 def classify(key: str) -> tuple[str, str]:
@@ -132,6 +135,8 @@ class Cache:
         self.domains: Table[DomainStatus] = Table()
         self.rules: Table[Rule] = Table()
         self.policies: Table[ScopePolicy] = Table()
+        # Live migrations in flight by VM key (each stored under both hosts).
+        self.migrations: Table[Migration] = Table()
         self.config: ClusterConfig | None = None
         self.config_rev = 0
         # A host whose registration (lease) is gone keeps its last HostInfo here, so the
@@ -199,6 +204,7 @@ class Cache:
             DOMAINS: self.domains,
             RULES: self.rules,
             POLICIES: self.policies,
+            MIGRATIONS: self.migrations,
         }
 
     async def _relist(self) -> None:
@@ -418,6 +424,13 @@ class Cache:
             self.config = codec.loads(ClusterConfig, value) if put else None
             self.config_rev = mod_revision if put else 0
             return self.config
+        if kind == MIGRATIONS:
+            if not put:
+                self.migrations.pop(name)
+                return None
+            m = codec.loads(Migration, value)
+            self.migrations.put(name, m, mod_revision)
+            return m
         if kind in (ASSIGNMENTS, DOMAINS):
             host = keyspace.classify(key).host
             table: Table[Any] = self.assignments if kind == ASSIGNMENTS else self.domains
@@ -450,7 +463,7 @@ class Cache:
                 shared = self.vms.records.get(name)
                 if shared is not None and a.vm is not shared and shared == a.vm:
                     # One VM object for the spec and its assignment's copy (memory).
-                    a = Assignment(vm=shared, host=a.host, epoch=a.epoch)
+                    a = dataclasses.replace(a, vm=shared)
                 before = self.assignments.records.get(name)
                 if before is not None:
                     self._count(before.host, -1)
@@ -601,6 +614,7 @@ class Cache:
                 placements=self.usage.placements,
                 rules={r.key: r for r in self.rules.records.values()},
                 policies={p.scope: p for p in self.policies.records.values()},
+                reservations={k: m.target for k, m in self.migrations.records.items()},
                 derived=Derived.of(self.usage),
             )
         return self._snapshot
@@ -642,5 +656,6 @@ _ATTR = {
     DOMAINS: "domains",
     RULES: "rules",
     POLICIES: "policies",
+    MIGRATIONS: "migrations",
 }
 _CLASSES: dict[str, type[Any]] = {kind: cls for _p, kind, cls in _SIMPLE}

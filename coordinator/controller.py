@@ -12,6 +12,8 @@ from hvplace.coordinator import cache as kinds
 from hvplace.coordinator import failure
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.migration import Migrations
+from hvplace.coordinator.migration import interesting as migration_change
 from hvplace.coordinator.placement.admission import warm
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.restarts import Restarts
@@ -28,6 +30,8 @@ PENDING = "pending"
 """Work item: place every VM that has no assignment."""
 RESTARTS = "restarts"
 """Work item: VMs whose start failed on their host (coordinator/restarts.py)."""
+MIGRATIONS = "migrations"
+"""Work item: settle live migrations from the agents' reports (coordinator/migration.py)."""
 METRICS_EVERY_S = 1.0
 """The gauges' period (hosts by state, VMs by phase, pending by reason)."""
 
@@ -41,6 +45,7 @@ _TRIGGERS: dict[str, tuple[str, ...]] = {
     kinds.POLICIES: (PENDING, HOSTS),
     kinds.CONFIG: (HOSTS,),
     kinds.RESYNC: (HOSTS, PENDING),
+    kinds.MIGRATIONS: (HOSTS, PENDING),
 }
 
 
@@ -74,6 +79,7 @@ class Controller:
         self._timers: set[asyncio.TimerHandle] = set()
         self.failovers = 0
         self.restarts = Restarts(store, cache, planner, wall=wall)
+        self.migrations = Migrations(store, cache, planner, clock=wall)
 
     def enqueue(self, item: str) -> None:
         self._queue.add(item)
@@ -84,6 +90,10 @@ class Controller:
             self.enqueue(item)
         if self.restarts.notice(change):
             self.enqueue(RESTARTS)
+        if self.cache.migrations.records and migration_change(
+            change, list(self.cache.migrations.records)
+        ):
+            self.enqueue(MIGRATIONS)
 
     async def run(self, fence: Fence) -> None:
         self._fence = fence
@@ -96,7 +106,7 @@ class Controller:
             warm(self.cache.snapshot())  # the first create need not build the host table
             await self._ensure_cluster_config()
             self.restarts.resync()
-            for item in (HOSTS, PENDING, RESTARTS):
+            for item in (HOSTS, PENDING, RESTARTS, MIGRATIONS):
                 self.enqueue(item)
             backoff = 0.1
             while True:
@@ -137,7 +147,7 @@ class Controller:
         while True:
             await asyncio.sleep(self.resync_s)
             self.restarts.resync()
-            for item in (HOSTS, PENDING, RESTARTS):
+            for item in (HOSTS, PENDING, RESTARTS, MIGRATIONS):
                 self.enqueue(item)
 
     async def _metrics_loop(self) -> None:
@@ -158,6 +168,10 @@ class Controller:
             await self.sync_pending()
         elif item == RESTARTS:
             await self.restarts.sync()
+        elif item == MIGRATIONS:
+            wake = await self.migrations.settle()
+            if wake is not None:
+                self._later(wake, MIGRATIONS)
 
     async def _ensure_cluster_config(self) -> None:
         if self.cache.config is not None:
@@ -310,7 +324,8 @@ class Controller:
         return [
             specs[key]
             for key in sorted(self.cache.unassigned)
-            if (st := statuses.get(key)) is None or st.phase is not Phase.FAILED
+            if key not in self.cache.migrations.records  # a cold move places it itself
+            and ((st := statuses.get(key)) is None or st.phase is not Phase.FAILED)
         ]
 
     async def sync_pending(self) -> None:
@@ -344,4 +359,4 @@ class Controller:
         self.metrics.placements.labels(result="placed").inc(len(plan.assignments))
 
 
-_ORDER = {HOSTS: 0, RESTARTS: 1, PENDING: 2}
+_ORDER = {HOSTS: 0, MIGRATIONS: 1, RESTARTS: 2, PENDING: 3}

@@ -1,6 +1,6 @@
 """etcd's own access control for hvplace (SPEC §6): a `coordinator` user that may write the
 whole keyspace, and per host an `agent-<host>` user whose role may write only that host's
-registration and domain status and read its own assignments and the cluster config."""
+registration and domain status and read its own assignments, migrations and the cluster config."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def agent_grants(host: str) -> list[Grant]:
         Grant(Perm.READWRITE, keyspace.host(host)),
         Grant(Perm.READWRITE, keyspace.domains_of(host), prefix=True),
         Grant(Perm.READ, keyspace.assignments_of(host), prefix=True),
+        Grant(Perm.READ, keyspace.migrations_of(host), prefix=True),
         Grant(Perm.READ, keyspace.CONFIG),
     ]
 

@@ -55,7 +55,9 @@ def replace_lost(snapshot: Snapshot, lost_hosts: Collection[str]) -> Plan:
     moving = [
         snapshot.vms[key]
         for key, host in sorted(snapshot.placements.items())
-        if host in lost and key in snapshot.vms
+        # A VM live-migrating off a lost host is settled by its migration (completed
+        # where it runs now, or aborted and then re-placed here): coordinator/migration.py.
+        if host in lost and key in snapshot.vms and key not in snapshot.reservations
     ]
     index = build_index(snapshot, moving, lost_hosts=lost)
     return replace_vms(index, snapshot.revision, moving, degrade=True)

@@ -122,6 +122,10 @@ class Planner:
             compute, write_specs=False, atomic=False, txn=unregistered, unassign_from=lost
         )
 
+    def snapshot(self) -> Snapshot:
+        """What the next plan is computed against (the cache with plans in flight)."""
+        return self._snapshot()
+
     def _snapshot(self) -> Snapshot:
         """The cache's snapshot with the placements of plans still in flight laid over
         it, so a plan computed while another commits counts that one's VMs."""

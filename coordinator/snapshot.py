@@ -136,6 +136,7 @@ class Snapshot:
         alive: Iterable[str] | None = None,
         placements: Mapping[str, str] | None = None,
         derived: Derived | None = None,
+        reservations: Mapping[str, str] | None = None,
     ) -> Snapshot:
         """Build from the records as read from etcd.
 
@@ -171,6 +172,7 @@ class Snapshot:
             rules={r.key: r for r in rules},
             policies={p.scope: p for p in policies},
             derived=derived,
+            reservations=dict(reservations or {}),
         )
 
 

@@ -389,6 +389,12 @@ def agent_config(state: LabState, host: HostRecord) -> str:
             f'watchdog_device = "{host.watchdog_fifo}"',
             f"watchdog_timeout_s = {budget.watchdog_s}",
         ]
+        # Live migration: the other hosts' libvirtds reach this one's through its socket
+        # file (peer to peer), the guest's memory goes over the lab network.
+        extra += [
+            f'address = "{(host.address or "").split("/")[0]}"',
+            f'migration_uri = "{host.root_side_uri.replace("qemu://", "qemu+unix://", 1)}"',
+        ]
         if state.guest_image:  # catalogue images (the `tiny` guest) are looked up only there
             guest_dir = Path(state.guest_image["kernel"]).parent
             extra.append(f"image_dirs = {json.dumps(['/var/lib/hvplace/images', str(guest_dir)])}")

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from hvplace.lab import network
@@ -105,7 +106,10 @@ def prepare(host: HostRecord) -> Path:
     for sub in BIND_MOUNTS:
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "etc" / "qemu.conf").write_text(QEMU_CONF)
-    (base / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+    # Each host its own host UUID: libvirt refuses a live migration between two daemons
+    # that report the same one ("migrate guest to the same host").
+    host_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"hvplace-lab:{base}")
+    (base / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF + f'host_uuid = "{host_uuid}"\n')
     (base / "etc" / "virtlogd.conf").write_text(VIRTLOGD_CONF)
     lines = ["set -eu"]
     lines += [

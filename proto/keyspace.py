@@ -13,6 +13,7 @@ Values are the JSON of the records in `hvplace.proto.records` (readable with
 | /hvplace/v1/vmstatus/<scope>/<vm>           | VMStatus      | coordinator (fenced)  | none             |
 | /hvplace/v1/assignments/<host>/<scope>/<vm> | Assignment    | coordinator (fenced)  | none             |
 | /hvplace/v1/domains/<host>/<scope>/<vm>     | DomainStatus  | that host's agent     | agent's lease    |
+| /hvplace/v1/migrations/<host>/<scope>/<vm>  | Migration     | coordinator (fenced)  | none             |
 | /hvplace/v1/rules/<scope>/<rule>            | Rule          | coordinator (API)     | none             |
 | /hvplace/v1/policies/<scope>                | ScopePolicy   | coordinator (API)     | none             |
 | /hvplace/v1/requests/<request id>           | RequestRecord | coordinator (API)     | none             |
@@ -23,6 +24,12 @@ agent in SPEC §6) and read `assignments/<its host>/` and `config`. Only the API
 `images/`: a VM's spec carries a copy of its catalogue image's files and digests. Assignments live
 under the host so an agent watches only its own; a VM is moved by one transaction that
 deletes the old key and puts the new one with a higher epoch.
+
+A live migration in flight is one `Migration` record stored twice, under its source host
+and under its target (written and deleted in one transaction), so that each agent reads
+only `migrations/<its host>/`: the source runs the libvirt job, the target keeps the
+incoming domain. The record's existence is the reservation on the target; its deletion
+(with the assignment's move on success) ends the migration.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ RULES = ROOT + "rules/"
 POLICIES = ROOT + "policies/"
 REQUESTS = ROOT + "requests/"
 IMAGES = ROOT + "images/"
+MIGRATIONS = ROOT + "migrations/"
 
 
 def host(name: str) -> str:
@@ -80,6 +88,15 @@ def domain(host_name: str, scope: str, name: str) -> str:
     return f"{domains_of(host_name)}{check_name(scope, 'scope')}/{check_name(name, 'VM name')}"
 
 
+def migrations_of(host_name: str) -> str:
+    """The prefix an agent watches: migrations from or to its host."""
+    return f"{MIGRATIONS}{check_name(host_name, 'host name')}/"
+
+
+def migration(host_name: str, scope: str, name: str) -> str:
+    return f"{migrations_of(host_name)}{check_name(scope, 'scope')}/{check_name(name, 'VM name')}"
+
+
 def rule(scope: str, name: str) -> str:
     return f"{RULES}{check_name(scope, 'scope')}/{check_name(name, 'rule name')}"
 
@@ -111,6 +128,7 @@ class Kind(StrEnum):
     POLICIES = "policies"
     REQUESTS = "requests"
     IMAGES = "images"
+    MIGRATIONS = "migrations"
     OTHER = "other"
 
 
@@ -128,7 +146,11 @@ class Key:
 
 
 # Longest first where one prefix could begin another (none do today: each ends in "/").
-_BY_HOST = ((ASSIGNMENTS, Kind.ASSIGNMENTS), (DOMAINS, Kind.DOMAINS))
+_BY_HOST = (
+    (ASSIGNMENTS, Kind.ASSIGNMENTS),
+    (DOMAINS, Kind.DOMAINS),
+    (MIGRATIONS, Kind.MIGRATIONS),
+)
 _SCOPED = ((VMS, Kind.VMS), (VM_STATUS, Kind.VM_STATUS), (RULES, Kind.RULES))
 _NAMED = (
     (HOSTS, Kind.HOSTS),

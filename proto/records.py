@@ -23,6 +23,7 @@ class HostState(StrEnum):
     READY = "ready"
     CORDONED = "cordoned"
     DRAINING = "draining"
+    DRAINED = "drained"  # drain finished: nothing runs here; `uncordon` returns it to service
     LOST = "lost"
     # Derived, never written: registered, but its agent cannot use libvirt
     # (HostInfo.hypervisor_error). Takes nothing new; its VMs are not moved.
@@ -84,6 +85,14 @@ class DomainState(StrEnum):
     FENCED = "fenced"
 
 
+class MigrationPolicy(StrEnum):
+    """How a VM leaves a host for maintenance (drain, rebalance)."""
+
+    LIVE = "live"  # live migration only: a VM that cannot move live stays
+    LIVE_OR_RESTART = "live_or_restart"  # live, else a cold restart elsewhere
+    RESTART = "restart"  # always a cold restart elsewhere (e.g. local state not worth copying)
+
+
 class AdmissionPolicy(StrEnum):
     REFUSE = "refuse"
     WARN = "warn"
@@ -128,6 +137,10 @@ class HostInfo:
     # Why the agent cannot use libvirt ("" while it can): the host is then `degraded`.
     hypervisor_error: str = ""
     hypervisor_error_since: float = 0.0
+    # Live migration: the libvirt URI other hosts' libvirtds dial to send a guest here
+    # ("" : this host takes no live migrations), and where its console logs live.
+    migration_uri: str = ""
+    console_dir: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +247,7 @@ class VM:
     description: str = ""
     request_id: str = ""
     created_at: float = 0.0
+    migration: MigrationPolicy = MigrationPolicy.LIVE
 
     @property
     def key(self) -> str:
@@ -254,6 +268,9 @@ class Assignment:
     vm: VM
     host: str
     epoch: int
+    # A live migration's commit: the running domain tagged with this (the source's)
+    # epoch is this assignment's guest, re-tagged in place, never re-created.
+    adopt_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +339,37 @@ class DomainStatus:
     state: DomainState = DomainState.DEFINED
     since: float = 0.0
     last_error: str = ""
+    # The source agent's account of a live migration of this domain.
+    migrating_to: str = ""
+    migrated_to: str = ""
+    migration_error: str = ""
+    migration_started_at: float = 0.0  # which record (its started_at) the three report on
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """A live migration in flight, written by the coordinator under both hosts' keys
+    (keyspace.migration). The target's share counts as a reservation in placement from
+    the record's creation to its deletion; the source agent runs the libvirt job."""
+
+    scope: str
+    name: str
+    uid: str
+    source: str
+    target: str
+    epoch: int
+    target_uri: str = ""
+    target_address: str = ""
+    target_console_dir: str = ""
+    started_at: float = 0.0
+    timeout_s: float = 0.0
+    # A cold move (restart): the source's assignment is gone from the start; the guest is
+    # started on the target once the source reports it stopped.
+    restart: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.scope}/{self.name}"
 
 
 # --------------------------------------------------------------------------- rules

@@ -98,6 +98,6 @@ class Hosts(Noun):
         return await self._set_state(
             name,
             HostState.DRAINING,
-            "draining: takes no new VMs; moving its VMs away (live migration) is not"
-            " implemented yet, they keep running here",
+            "draining: takes no new VMs; `hvplace host drain` (MaintenanceService.Drain)"
+            " moves its VMs away",
         )

@@ -114,6 +114,8 @@ class HostInfo(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     HYPERVISOR_ERROR_FIELD_NUMBER: _builtins.int
     HYPERVISOR_ERROR_SINCE_FIELD_NUMBER: _builtins.int
+    MIGRATION_URI_FIELD_NUMBER: _builtins.int
+    CONSOLE_DIR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     reserved_memory_mib: _builtins.int
     address: _builtins.str
@@ -125,6 +127,11 @@ class HostInfo(_message.Message):
     hypervisor_error: _builtins.str
     """why libvirt is unusable; empty while it answers"""
     hypervisor_error_since: _builtins.float
+    migration_uri: _builtins.str
+    """Live migration (coordinator/migration.py): the libvirt URI another host's libvirtd
+    dials to send this host a guest (peer to peer), and where its console logs live.
+    """
+    console_dir: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -146,10 +153,12 @@ class HostInfo(_message.Message):
         started_at: _builtins.float = ...,
         hypervisor_error: _builtins.str = ...,
         hypervisor_error_since: _builtins.float = ...,
+        migration_uri: _builtins.str = ...,
+        console_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "ratios", b"ratios"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "capacity", b"capacity", "domain_type", b"domain_type", "hypervisor_error", b"hypervisor_error", "hypervisor_error_since", b"hypervisor_error_since", "labels", b"labels", "libvirt_uri", b"libvirt_uri", "name", b"name", "ratios", b"ratios", "reserved_memory_mib", b"reserved_memory_mib", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "capacity", b"capacity", "console_dir", b"console_dir", "domain_type", b"domain_type", "hypervisor_error", b"hypervisor_error", "hypervisor_error_since", b"hypervisor_error_since", "labels", b"labels", "libvirt_uri", b"libvirt_uri", "migration_uri", b"migration_uri", "name", b"name", "ratios", b"ratios", "reserved_memory_mib", b"reserved_memory_mib", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,6 +419,7 @@ class VM(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    MIGRATION_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     name: _builtins.str
     uid: _builtins.str
@@ -420,6 +430,8 @@ class VM(_message.Message):
     description: _builtins.str
     request_id: _builtins.str
     created_at: _builtins.float
+    migration: _builtins.str
+    """How the VM leaves a host for maintenance: live | live_or_restart | restart."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -443,10 +455,11 @@ class VM(_message.Message):
         description: _builtins.str = ...,
         request_id: _builtins.str = ...,
         created_at: _builtins.float = ...,
+        migration: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "node_affinity", b"node_affinity", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "ha_priority", b"ha_priority", "image", b"image", "labels", b"labels", "name", b"name", "node_affinity", b"node_affinity", "power", b"power", "request_id", b"request_id", "resources", b"resources", "scope", b"scope", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "ha_priority", b"ha_priority", "image", b"image", "labels", b"labels", "migration", b"migration", "name", b"name", "node_affinity", b"node_affinity", "power", b"power", "request_id", b"request_id", "resources", b"resources", "scope", b"scope", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,8 +474,13 @@ class Assignment(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    ADOPT_EPOCH_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     epoch: _builtins.int
+    adopt_epoch: _builtins.int
+    """Set by a live migration's commit: the running domain tagged with this (the source's)
+    epoch is this assignment's own guest, to be re-tagged, never re-created.
+    """
     @_builtins.property
     def vm(self) -> Global___VM: ...
     def __init__(
@@ -471,10 +489,11 @@ class Assignment(_message.Message):
         vm: Global___VM | None = ...,
         host: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        adopt_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "host", b"host", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopt_epoch", b"adopt_epoch", "epoch", b"epoch", "host", b"host", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -637,6 +656,10 @@ class DomainStatus(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    MIGRATING_TO_FIELD_NUMBER: _builtins.int
+    MIGRATED_TO_FIELD_NUMBER: _builtins.int
+    MIGRATION_ERROR_FIELD_NUMBER: _builtins.int
+    MIGRATION_STARTED_AT_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     name: _builtins.str
     host: _builtins.str
@@ -646,6 +669,16 @@ class DomainStatus(_message.Message):
     """defined | running | paused | stopped | crashed | failed | fenced"""
     since: _builtins.float
     last_error: _builtins.str
+    migrating_to: _builtins.str
+    """The source agent's account of a live migration of this domain (migration.py).
+    libvirt is moving it there now
+    """
+    migrated_to: _builtins.str
+    """libvirt reported the move complete"""
+    migration_error: _builtins.str
+    """libvirt reported it failed (the guest stays here)"""
+    migration_started_at: _builtins.float
+    """the record these three report on (its started_at)"""
     def __init__(
         self,
         *,
@@ -657,10 +690,14 @@ class DomainStatus(_message.Message):
         state: _builtins.str = ...,
         since: _builtins.float = ...,
         last_error: _builtins.str = ...,
+        migrating_to: _builtins.str = ...,
+        migrated_to: _builtins.str = ...,
+        migration_error: _builtins.str = ...,
+        migration_started_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "host", b"host", "last_error", b"last_error", "name", b"name", "scope", b"scope", "since", b"since", "state", b"state", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "host", b"host", "last_error", b"last_error", "migrated_to", b"migrated_to", "migrating_to", b"migrating_to", "migration_error", b"migration_error", "migration_started_at", b"migration_started_at", "name", b"name", "scope", b"scope", "since", b"since", "state", b"state", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -819,6 +856,67 @@ class ClusterConfig(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterConfig: _TypeAlias = ClusterConfig  # noqa: Y015
+
+@_typing.final
+class Migration(_message.Message):
+    """A live migration in flight, at /hvplace/v1/migrations/<source>/<scope>/<vm> and
+    /hvplace/v1/migrations/<target>/<scope>/<vm> (the same record, written and deleted together).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TARGET_URI_FIELD_NUMBER: _builtins.int
+    TARGET_ADDRESS_FIELD_NUMBER: _builtins.int
+    TARGET_CONSOLE_DIR_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    name: _builtins.str
+    uid: _builtins.str
+    source: _builtins.str
+    target: _builtins.str
+    epoch: _builtins.int
+    """the source assignment's epoch"""
+    target_uri: _builtins.str
+    """the libvirt URI the source's libvirtd dials (peer to peer)"""
+    target_address: _builtins.str
+    """the data stream goes to tcp://<target_address>"""
+    target_console_dir: _builtins.str
+    started_at: _builtins.float
+    timeout_s: _builtins.float
+    """the source agent aborts the job after this long"""
+    restart: _builtins.bool
+    """a cold move: stopped on the source, then started on the target"""
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        name: _builtins.str = ...,
+        uid: _builtins.str = ...,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        target_uri: _builtins.str = ...,
+        target_address: _builtins.str = ...,
+        target_console_dir: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+        timeout_s: _builtins.float = ...,
+        restart: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "name", b"name", "restart", b"restart", "scope", b"scope", "source", b"source", "started_at", b"started_at", "target", b"target", "target_address", b"target_address", "target_console_dir", b"target_console_dir", "target_uri", b"target_uri", "timeout_s", b"timeout_s", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Migration: _TypeAlias = Migration  # noqa: Y015
 
 @_typing.final
 class RequestRecord(_message.Message):
@@ -1442,6 +1540,134 @@ class ListHostsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListHostsResponse: _TypeAlias = ListHostsResponse  # noqa: Y015
+
+@_typing.final
+class MigrateVMRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    name: _builtins.str
+    to: _builtins.str
+    """empty: the engine chooses"""
+    dry_run: _builtins.bool
+    """check and choose only"""
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        name: _builtins.str = ...,
+        to: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "name", b"name", "scope", b"scope", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateVMRequest: _TypeAlias = MigrateVMRequest  # noqa: Y015
+
+@_typing.final
+class MigrateVMResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    target: _builtins.str
+    seconds: _builtins.float
+    mode: _builtins.str
+    """live | restart | none (dry run)"""
+    @_builtins.property
+    def vm(self) -> Global___VMView: ...
+    def __init__(
+        self,
+        *,
+        vm: Global___VMView | None = ...,
+        source: _builtins.str = ...,
+        target: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+        mode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "seconds", b"seconds", "source", b"source", "target", b"target", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateVMResponse: _TypeAlias = MigrateVMResponse  # noqa: Y015
+
+@_typing.final
+class DrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    dry_run: _builtins.bool
+    parallel: _builtins.int
+    """migrations at once; 0: the default (2)"""
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        parallel: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "host", b"host", "parallel", b"parallel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainRequest: _TypeAlias = DrainRequest  # noqa: Y015
+
+@_typing.final
+class DrainProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    FROM_HOST_FIELD_NUMBER: _builtins.int
+    TO_HOST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    """empty on the summary lines"""
+    from_host: _builtins.str
+    to_host: _builtins.str
+    state: _builtins.str
+    """planned | stays | migrating | migrated | restarted | failed | drained"""
+    reason: _builtins.str
+    done: _builtins.int
+    total: _builtins.int
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        from_host: _builtins.str = ...,
+        to_host: _builtins.str = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "from_host", b"from_host", "reason", b"reason", "state", b"state", "to_host", b"to_host", "total", b"total", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainProgress: _TypeAlias = DrainProgress  # noqa: Y015
 
 @_typing.final
 class ClusterStatus(_message.Message):

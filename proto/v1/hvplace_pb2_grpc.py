@@ -929,6 +929,124 @@ class HostService:
             _registered_method=True)
 
 
+class MaintenanceServiceStub:
+    """Maintenance: live migration and drain (coordinator/migration.py, drain.py).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.MigrateVM = channel.unary_unary(
+                '/hvplace.v1.MaintenanceService/MigrateVM',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.MigrateVMRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.MigrateVMResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_stream(
+                '/hvplace.v1.MaintenanceService/Drain',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DrainRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DrainProgress.FromString,
+                _registered_method=True)
+
+
+class MaintenanceServiceServicer:
+    """Maintenance: live migration and drain (coordinator/migration.py, drain.py).
+    """
+
+    def MigrateVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MaintenanceServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'MigrateVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateVM,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.MigrateVMRequest.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.MigrateVMResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_stream_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DrainRequest.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DrainProgress.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hvplace.v1.MaintenanceService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hvplace.v1.MaintenanceService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MaintenanceService:
+    """Maintenance: live migration and drain (coordinator/migration.py, drain.py).
+    """
+
+    @staticmethod
+    def MigrateVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.MaintenanceService/MigrateVM',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.MigrateVMRequest.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.MigrateVMResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hvplace.v1.MaintenanceService/Drain',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DrainRequest.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.DrainProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ImageServiceStub:
     """The image catalogue: VMs name an image instead of host paths.
     """

@@ -242,6 +242,43 @@ class HostServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_HostServiceServicer_to_server(servicer: HostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class MaintenanceServiceStub:
+    """Maintenance: live migration and drain (coordinator/migration.py, drain.py)."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> MaintenanceServiceAsyncStub: ...
+    MigrateVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.MigrateVMRequest, _hvplace_pb2.MigrateVMResponse]
+    Drain: _grpc.UnaryStreamMultiCallable[_hvplace_pb2.DrainRequest, _hvplace_pb2.DrainProgress]
+
+@_typing.type_check_only
+class MaintenanceServiceAsyncStub(MaintenanceServiceStub):
+    """Maintenance: live migration and drain (coordinator/migration.py, drain.py)."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    MigrateVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.MigrateVMRequest, _hvplace_pb2.MigrateVMResponse]  # type: ignore[assignment]
+    Drain: _aio.UnaryStreamMultiCallable[_hvplace_pb2.DrainRequest, _hvplace_pb2.DrainProgress]  # type: ignore[assignment]
+
+class MaintenanceServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Maintenance: live migration and drain (coordinator/migration.py, drain.py)."""
+
+    @_abc_1.abstractmethod
+    def MigrateVM(
+        self,
+        request: _hvplace_pb2.MigrateVMRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.MigrateVMResponse, _abc.Awaitable[_hvplace_pb2.MigrateVMResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _hvplace_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_hvplace_pb2.DrainProgress], _abc.AsyncIterator[_hvplace_pb2.DrainProgress]]: ...
+
+def add_MaintenanceServiceServicer_to_server(servicer: MaintenanceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class ImageServiceStub:
     """The image catalogue: VMs name an image instead of host paths."""
 

@@ -164,7 +164,7 @@ async def test_rules_policies_hosts_cluster(api: Api) -> None:
     assert [h.info.name for h in hosts.hosts] == ["hv1", "hv2", "hv3"]
     assert all(h.alive for h in hosts.hosts)
     drained = await api.host.DrainHost(pb.HostRef(name="hv2"))
-    assert drained.status.state == "draining" and "not implemented" in drained.status.reason
+    assert drained.status.state == "draining" and "moves its VMs away" in drained.status.reason
     ready = await api.host.UncordonHost(pb.HostRef(name="hv1"))
     assert ready.status.state == "ready"
     await expect_error(

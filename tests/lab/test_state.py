@@ -94,3 +94,23 @@ def test_a_state_file_from_before_several_etcd_members_still_names_its_etcd(
     assert state is not None and state.etcd is not None and state.etcd.pid == 4242
     assert state.etcd_urls(bridge=False) == ["http://127.0.0.1:2379"]
     assert state.etcd_members[0].dir == str(settings.state_dir / "etcd")
+
+
+def test_a_real_hosts_agent_takes_live_migrations_over_the_lab_network() -> None:
+    """Other hosts' libvirtds reach this one's through its socket file (peer to peer); the
+    guest's memory goes to its lab address."""
+    state = LabState(prefix="hvlab", subnet="10.213.0.0/24", mode="real", lease_ttl=4.0)
+    host = HostRecord(
+        name="h1",
+        index=1,
+        mode="real",
+        dir="/lab/hosts/h1",
+        libvirt_uri="qemu:///system",
+        address="10.213.0.11/24",
+    )
+    config = daemons.agent_config(state, host)
+    assert 'address = "10.213.0.11"' in config
+    assert (
+        'migration_uri = "qemu+unix:///system?socket=/lab/hosts/h1/run/libvirt/libvirt-sock"'
+        in config
+    )

@@ -66,6 +66,30 @@ RECORDS = [
     (ScopePolicy(scope="acme", label_anti_affinity=True, spread=2), pb.ScopePolicy),
     (HostInfo(name="h1", labels={"zone": "east"}, capacity=Resources(8, 16384, 100)), pb.HostInfo),
     (ClusterConfig(), pb.ClusterConfig),
+    (
+        records.Migration(
+            scope="acme",
+            name="db-1",
+            uid="u1",
+            source="h1",
+            target="h2",
+            epoch=3,
+            target_uri="qemu+tls://h2/system",
+            target_address="10.0.0.2",
+            target_console_dir="/var/lib/hvplace-agent/console",
+            started_at=1.5,
+            timeout_s=120.0,
+            restart=True,
+        ),
+        pb.Migration,
+    ),
+    (
+        records.DomainStatus(
+            scope="acme", name="db-1", host="h1", uid="u1", epoch=3, migrated_to="h2"
+        ),
+        pb.DomainStatus,
+    ),
+    (Assignment(vm=VM_FULL, host="h2", epoch=4, adopt_epoch=3), pb.Assignment),
 ]
 
 

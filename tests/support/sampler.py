@@ -122,10 +122,22 @@ class Sampler:
 
 
 class LibvirtSampler(Sampler):
-    """Lists the active domains of every host through its own libvirtd."""
+    """Lists the active domains of every host through its own libvirtd.
 
-    def __init__(self, hosts: Mapping[str, str], vms: Iterable[str], interval: float = 0.1) -> None:
+    With `running_only`, a paused domain does not count: the incoming side of a live
+    migration is a paused domain that has executed nothing until libvirt hands over (and
+    the source is paused by then), so "running on two hosts" is what would be a split brain.
+    """
+
+    def __init__(
+        self,
+        hosts: Mapping[str, str],
+        vms: Iterable[str],
+        interval: float = 0.1,
+        running_only: bool = False,
+    ) -> None:
         super().__init__(interval)
+        self.running_only = running_only
         self.uris = dict(hosts)  # host -> libvirt URI reachable from here
         self._names: dict[str, str] = {}
         self.track(vms)
@@ -152,7 +164,10 @@ class LibvirtSampler(Sampler):
         except libvirt.libvirtError:
             self._conns.pop(host, None)
             return None
-        return frozenset(self._names[d.name()] for d in active if d.name() in self._names)
+        found = [d for d in active if d.name() in self._names]
+        if self.running_only:
+            found = [d for d in found if _running(d)]
+        return frozenset(self._names[d.name()] for d in found)
 
     def take(self) -> Sample:
         running: dict[str, frozenset[str]] = {}
@@ -164,6 +179,14 @@ class LibvirtSampler(Sampler):
                 found = frozenset()
             running[host] = found
         return Sample(time.time(), running, frozenset(unreachable))
+
+
+def _running(dom: libvirt.virDomain) -> bool:
+    """Running now; a domain gone between the list and the look (migrated away) is not."""
+    try:
+        return bool(dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING)
+    except libvirt.libvirtError:
+        return False
 
 
 class EtcdSampler(Sampler):

@@ -18,6 +18,7 @@ from hvplace.proto.selectors import LabelExpression, NodeAffinity
 _STATE_CODES = {
     HostState.CORDONED: reasons.HOST_CORDONED,
     HostState.DRAINING: reasons.HOST_DRAINING,
+    HostState.DRAINED: reasons.HOST_DRAINING,
     HostState.LOST: reasons.HOST_LOST,
     HostState.DEGRADED: reasons.HOST_DEGRADED,
 }

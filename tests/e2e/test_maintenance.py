@@ -1,0 +1,207 @@
+"""Maintenance end to end with real QEMU guests (TCG) on namespaced libvirtds: a live
+migration keeps the guest running (no new boot), an explicit target that breaks a rule is
+refused, and a drain empties a host holding an anti-affinity member while the 100 ms
+sampler sees no VM running on two hosts and no required rule broken in any sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import libvirt
+import pytest
+from hvplace.agent.domain_xml import NAMESPACE, domain_name, parse_tag
+from hvplace.agent.guest_image import MARKER
+from hvplace.lab import observe, workload
+from hvplace.lab.control import Lab
+from hvplace.lab.observe import ClusterState
+from hvplace.proto import keyspace
+from hvplace.proto.records import HostState
+from support.labs import LabFactory
+from support.sampler import LibvirtSampler
+
+pytestmark = pytest.mark.e2e
+
+SCOPE = "ops"
+VMS = [f"{SCOPE}/a", f"{SCOPE}/b", f"{SCOPE}/c"]
+
+
+def cli(lab: Lab, *args: str) -> str:
+    return workload.hvplace(lab, *args)
+
+
+def console(lab: Lab, host: str, key: str) -> str:
+    scope, name = key.split("/")
+    path = (
+        Path(lab.state().hosts[host].dir) / "agent" / "console" / f"{domain_name(scope, name)}.log"
+    )
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def qemu_log(lab: Lab, host: str, key: str) -> str:
+    """libvirt's log of the QEMU command lines of this domain on that host."""
+    scope, name = key.split("/")
+    path = Path(lab.state().hosts[host].dir) / "log" / "qemu" / f"{domain_name(scope, name)}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def tagged_epoch(lab: Lab, host: str, key: str) -> int:
+    """The epoch in the hvplace tag of the VM's domain on that host, read from its libvirt."""
+    scope, name = key.split("/")
+    conn = libvirt.open(lab.state().hosts[host].root_side_uri)
+    try:
+        dom = conn.lookupByName(domain_name(scope, name))
+        tag = parse_tag(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE))
+    except libvirt.libvirtError:
+        return 0
+    finally:
+        conn.close()
+    return tag.epoch if tag is not None else 0
+
+
+def settled(keys: list[str]) -> observe.Condition:
+    def check(s: ClusterState) -> bool:
+        return workload.all_running(keys)(s) and not any(
+            v.reason.startswith("restarting") for v in s.vm_status.values()
+        )
+
+    return check
+
+
+def test_live_migration_and_drain_keep_guests_running_and_rules_unbroken(
+    make_lab: LabFactory,
+) -> None:
+    lab = make_lab(3, "real")
+    size = ["--vcpus", "1", "--memory", str(workload.MEMORY_MIB), *workload.image_args(lab.state())]
+    cli(
+        lab,
+        "rule",
+        "create",
+        "pair",
+        "--scope",
+        SCOPE,
+        "--kind",
+        "anti-affinity",
+        "--member",
+        "a,b",
+    )
+    cli(lab, "vm", "create", "--scope", SCOPE, "a", "b", "c", *size)
+    before = observe.wait_for(lab.etcd_endpoint(), settled(VMS), 120, "the guests running")
+    uris = {h.name: h.root_side_uri for h in lab.state().hosts.values()}
+    sampler = LibvirtSampler(uris, VMS, running_only=True)
+    sampler.start()
+    try:
+        # -- live migration: the guest keeps running, no new boot ------------------------
+        key = f"{SCOPE}/a"
+        source = before.host_of(key)
+        assert source is not None
+        observe.wait_for(
+            lab.etcd_endpoint(),
+            lambda s: MARKER in console(lab, source, key),
+            60,
+            "a's boot marker on its console",
+        )
+        partner = before.host_of(f"{SCOPE}/b")
+        assert partner is not None and partner != source
+        refused = workload.hvplace(lab, "vm", "migrate", key, "--to", partner, check=False)
+        assert "anti-affinity rule `pair`" in refused, refused
+        out = json.loads(cli(lab, "--json", "vm", "migrate", key))
+        target = out["target"]
+        assert out["mode"] == "live" and out["source"] == source and target not in (source, partner)
+        moved = observe.wait_for(lab.etcd_endpoint(), settled(VMS), 60, "a running on its target")
+        assert moved.host_of(key) == target
+        assignment = moved.assignments[key][0]
+        assert assignment.adopt_epoch == before.assignments[key][0].epoch
+        # The target adopted the running guest: re-tagged with the new epoch, no error.
+        observe.wait_for(
+            lab.etcd_endpoint(),
+            lambda s: tagged_epoch(lab, target, key) == assignment.epoch,
+            30,
+            "a's domain re-tagged with its new epoch",
+        )
+        reports = observe.read_cluster(lab.etcd_endpoint()).domains[key]
+        assert [(d.host, d.last_error) for d in reports] == [(target, "")]
+        # The target's QEMU took the guest's state over the network (-incoming) and the
+        # guest never booted there: its console shows no boot marker.
+        assert "-incoming" in qemu_log(lab, target, key)
+        assert MARKER not in console(lab, target, key)
+        # -- drain the host holding member b --------------------------------------------
+        victim = moved.host_of(f"{SCOPE}/b")
+        assert victim is not None
+        plan = cli(lab, "host", "drain", victim, "--dry-run")
+        assert f"{SCOPE}/b" in plan
+        lines = cli(lab, "--json", "host", "drain", victim).splitlines()
+        progress = [json.loads(line) for line in lines if line.strip()]
+        assert progress[-1]["state"] == "drained", progress
+        after = observe.wait_for(lab.etcd_endpoint(), settled(VMS), 60, "every guest running")
+        assert all(after.host_of(k) != victim for k in VMS)
+        assert after.host_status[victim].state is HostState.DRAINED
+        assert after.host_of(f"{SCOPE}/a") != after.host_of(f"{SCOPE}/b")
+        cli(lab, "host", "uncordon", victim)
+        back = observe.read_cluster(lab.etcd_endpoint())
+        assert back.host_status[victim].state is HostState.READY
+    finally:
+        sampler.stop()
+    assert sampler.max_gap() < 1.0, "the sampler fell behind; its samples prove little"
+    assert sampler.duplicates() == []
+    assert sampler.violations(after.rules, after.vms, before.host_labels()) == []
+
+
+def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactory) -> None:
+    """The leader that started a live migration is killed -9 while libvirt moves the guest:
+    the standby takes over and settles it from the records (derived, not remembered)."""
+    lab = make_lab(2, "real")
+    key = f"{SCOPE}/x"
+    size = ["--vcpus", "1", "--memory", str(workload.MEMORY_MIB), *workload.image_args(lab.state())]
+    cli(lab, "vm", "create", "--scope", SCOPE, "x", *size)
+    before = observe.wait_for(lab.etcd_endpoint(), settled([key]), 120, "x running")
+    source = before.host_of(key)
+    assert source is not None
+    # Booted before it moves: a marker on the target's console would then be a new boot.
+    observe.wait_for(
+        lab.etcd_endpoint(),
+        lambda s: MARKER in console(lab, source, key),
+        60,
+        "x's boot marker on its console",
+    )
+    uris = {h.name: h.root_side_uri for h in lab.state().hosts.values()}
+    sampler = LibvirtSampler(uris, [key], running_only=True)
+    sampler.start()
+    mover = subprocess.Popen(
+        [sys.executable, "-m", "hvplace.coordinator.cli", "vm", "migrate", key],
+        env=dict(os.environ, **lab.env()),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        observe.wait_for(
+            lab.etcd_endpoint(),
+            lambda s: bool(observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]),
+            60,
+            "the migration recorded",
+        )
+        lab.kill_leader()
+        in_flight = observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
+        assert in_flight, "settled before the leader died: this run proves nothing"
+
+        def moved(s: ClusterState) -> bool:
+            return (
+                settled([key])(s)
+                and s.host_of(key) not in (None, source)
+                and not observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
+            )
+
+        after = observe.wait_for(lab.etcd_endpoint(), moved, 120, "x settled on the other host")
+    finally:
+        mover.kill()
+        mover.wait()
+        sampler.stop()
+    target = after.host_of(key)
+    assert target is not None
+    assert "-incoming" in qemu_log(lab, target, key)
+    assert MARKER not in console(lab, target, key)
+    assert sampler.max_gap() < 1.0
+    assert sampler.duplicates() == []
