@@ -17,6 +17,7 @@ from hvplace.coordinator.auth import Authenticator, AuthInterceptor, Role, Serve
 from hvplace.coordinator.config import CoordinatorConfig
 from hvplace.coordinator.convert import from_proto, to_proto
 from hvplace.coordinator.errors_grpc import rich_status, unexpected
+from hvplace.coordinator.host_labels import label_host
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
 from hvplace.proto import models
@@ -147,7 +148,13 @@ class RuleServicer(pb_grpc.RuleServiceServicer):
 
     async def SetScopePolicy(self, request: pb.ScopePolicy, context: Ctx) -> pb.ScopePolicy:
         async def run() -> pb.ScopePolicy:
-            policy = await self.ops.set_policy(from_proto(models.ScopePolicy, request))
+            # `rebalance` belongs to the request, not to the stored record.
+            record = pb.ScopePolicy()
+            record.CopyFrom(request)
+            record.ClearField("rebalance")
+            policy = await self.ops.set_policy(
+                from_proto(models.ScopePolicy, record), rebalance=request.rebalance
+            )
             return to_proto(policy, pb.ScopePolicy)
 
         return await _guard(context, run())
@@ -194,6 +201,15 @@ class HostServicer(pb_grpc.HostServiceServicer):
 
         return await _guard(context, run())
 
+    async def LabelHost(self, request: pb.LabelHostRequest, context: Ctx) -> pb.HostView:
+        async def run() -> pb.HostView:
+            view = await label_host(
+                self.ops, request.name, dict(request.set), list(request.remove), request.rebalance
+            )
+            return to_proto(view, pb.HostView)
+
+        return await _guard(context, run())
+
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
     def __init__(self, ops: Operations) -> None:
@@ -226,6 +242,22 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     async def CheckAdmission(self, request: pb.Empty, context: Ctx) -> pb.AdmissionReport:
         async def run() -> pb.AdmissionReport:
             return to_proto(await self.ops.check_headroom(), pb.AdmissionReport)
+
+        return await _guard(context, run())
+
+    async def PreviewRebalance(
+        self, request: pb.RebalanceRequest, context: Ctx
+    ) -> pb.RebalanceResponse:
+        async def run() -> pb.RebalanceResponse:
+            view = await self.ops.rebalancing.preview(request.max_moves)
+            return to_proto(view, pb.RebalanceResponse)
+
+        return await _guard(context, run())
+
+    async def Rebalance(self, request: pb.RebalanceRequest, context: Ctx) -> pb.RebalanceResponse:
+        async def run() -> pb.RebalanceResponse:
+            view = await self.ops.rebalancing.apply(request.max_moves)
+            return to_proto(view, pb.RebalanceResponse)
 
         return await _guard(context, run())
 

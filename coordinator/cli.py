@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from hvplace.coordinator import whatif
+from hvplace.coordinator import cli_rebalance, whatif
 from hvplace.coordinator.convert import proto_to_dict
 from hvplace.coordinator.errors_grpc import error_from_rpc
 from hvplace.proto import models
@@ -468,6 +468,8 @@ def _rule_from_args(args: argparse.Namespace, base: dict[str, Any] | None) -> di
         rule["max_per_domain"] = args.max_per_domain
     if args.min_domains is not None:
         rule["min_domains"] = args.min_domains
+    if args.max_members is not None:
+        rule["max_members"] = args.max_members
     if args.on_failure:
         rule["on_failure"] = args.on_failure
     if args.description is not None:
@@ -620,6 +622,7 @@ def cmd_policy_set(c: Client, args: argparse.Namespace) -> None:
         label_anti_affinity=args.label_anti_affinity,
         spread=args.spread,
         label_keys=args.label_key or [],
+        rebalance=args.rebalance,
     )
     resp: pb.ScopePolicy = c.call("rule", "SetScopePolicy", policy)
     _emit(args, resp, lambda: _policy_text(resp))
@@ -849,6 +852,7 @@ def _add_rule_fields(p: argparse.ArgumentParser) -> None:
         "--on-failure", choices=["block", "degrade"], help="what failover may do to this rule"
     )
     p.add_argument("--description")
+    p.add_argument("--max-members", type=int, help="refuse members beyond this many (0: no cap)")
     p.add_argument("--rebalance", action="store_true", help="move VMs until the rule holds")
 
 
@@ -1092,6 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spread", type=int, default=0, help="let them share, over at least this many hosts"
     )
     p.add_argument("--label-key", action="append", help="only these label keys count (repeatable)")
+    p.add_argument("--rebalance", action="store_true", help="move VMs until the policy holds")
     p.set_defaults(func=cmd_policy_set)
     p = pol.add_parser("get", help="show a scope's policy")
     p.add_argument("scope_name", metavar="SCOPE")
@@ -1111,6 +1116,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = host.add_parser(name, help=what)
         p.add_argument("host", metavar="HOST")
         p.set_defaults(func=_host_call(method))
+    cli_rebalance.add_commands(top, host)
 
     cl = top.add_parser("cluster", help="cluster-wide state").add_subparsers(
         dest="cmd", required=True

@@ -8,12 +8,14 @@ import contextlib
 import logging
 from typing import Any
 
+from hvplace.coordinator.autorebalance import AutoRebalancer
 from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.config import CoordinatorConfig, budget_text
-from hvplace.coordinator.controller import Controller
+from hvplace.coordinator.controller import Controller, cancel_and_wait
 from hvplace.coordinator.election import Election
 from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.moves import ColdMover
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.store import Fence, Store
 from hvplace.proto.systemd import notify, watchdog_interval_s
@@ -37,6 +39,7 @@ class Coordinator:
         self.election: Election | None = None
         self.planner: Planner | None = None
         self.controller: Controller | None = None
+        self.mover: ColdMover | None = None
         self.backend: CoreBackend | None = None
         self.api: Any = None
         self.api_port = 0
@@ -80,8 +83,19 @@ class Coordinator:
             store.on_conflict = self.metrics.txn_conflicts.inc
             controller_box: list[Controller] = []
 
+            auto_box: list[AutoRebalancer] = []
+
             async def lead(fence: Fence) -> None:
-                await controller_box[0].run(fence)
+                # The rebalancer's loop lives and dies with the controller's leadership.
+                auto = (
+                    asyncio.create_task(auto_box[0].run(), name="hvplace-rebalancer")
+                    if auto_box
+                    else None
+                )
+                try:
+                    await controller_box[0].run(fence)
+                finally:
+                    await cancel_and_wait(auto)
 
             election = self.election = Election(
                 store,
@@ -111,6 +125,17 @@ class Coordinator:
                 metrics=self.metrics,
             )
             controller_box.append(controller)
+            self.mover = ColdMover(store, cache, planner)
+            if cfg.rebalance_interval_s > 0 and cfg.rebalance_max_moves > 0:
+                auto_box.append(
+                    AutoRebalancer(
+                        cache,
+                        self.mover,
+                        interval_s=cfg.rebalance_interval_s,
+                        max_moves=cfg.rebalance_max_moves,
+                        repair_interrupted=self.mover.repair_interrupted,
+                    )
+                )
             self.backend = CoreBackend(store, cache, planner, election)
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)
@@ -157,7 +182,9 @@ class Coordinator:
             log.warning("no gRPC API: %s", e)
             return
         assert self.backend is not None
-        ops = Operations(self.backend, admission_on_create=self.admission_on_create)
+        ops = Operations(
+            self.backend, admission_on_create=self.admission_on_create, mover=self.mover
+        )
         self.api = await start_api_server(
             ops, self.cfg.listen, rpc_metrics=self.metrics.rpc, **api_security(self.cfg)
         )

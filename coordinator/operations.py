@@ -20,10 +20,12 @@ from hvplace.coordinator.placement import (
     Plan,
     check_admission,
     explain,
+    membership,
     rule_compliance,
     validate_policy_change,
     validate_rule_change,
 )
+from hvplace.coordinator.rebalance import Mover, Rebalancing, newly_broken
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto import keyspace, models
 from hvplace.proto.errors import (
@@ -34,7 +36,6 @@ from hvplace.proto.errors import (
     NotFound,
     NotLeader,
     Unavailable,
-    Unsupported,
 )
 from hvplace.proto.models import (
     VM,
@@ -316,12 +317,18 @@ def _refusal(report: AdmissionReport) -> HvplaceError:
 class Operations:
     """One instance per coordinator; every method is one API call."""
 
-    def __init__(self, backend: Backend, admission_on_create: bool = True) -> None:
+    def __init__(
+        self, backend: Backend, admission_on_create: bool = True, mover: Mover | None = None
+    ) -> None:
         self.backend = backend
         # The failover simulation costs O(VMs) per create (it dominates the commit
         # benchmark); a deployment may turn it off for VM creates and keep it for rules.
         self.admission_on_create = admission_on_create
         self.images = Catalogue(backend, self._require_leader)
+        # Rebalance and --rebalance move VMs through `mover` (None: refused).
+        self.rebalancing = Rebalancing(
+            lambda: backend.view().snapshot, backend.fresh_view, mover, self._require_leader
+        )
 
     # ------------------------------------------------------------------ shared
 
@@ -469,6 +476,12 @@ class Operations:
         reports: list[AdmissionReport] = []
 
         def admission(snapshot: Snapshot, plan: Plan) -> None:
+            # Who joins which rule, against this attempt's snapshot (in-flight plans
+            # included): at most one rule of each kind per VM, and each rule's max_members.
+            rules = snapshot.rules.values()
+            membership.check_polarity(stamped, rules)
+            joined = {**snapshot.vms, **{vm.key: vm for vm in stamped}}
+            membership.check_max_members(joined, rules, stamped)
             if self.admission_on_create:
                 placed = None if plan.pending else plan
                 reports.append(
@@ -707,8 +720,6 @@ class Operations:
         models.validate_rule(rule)
         if request_id:
             check_name(request_id, "request id")
-        if rebalance:
-            raise Unsupported("rebalance is not implemented yet; move the VMs first")
         self._require_leader()
         fingerprint = _fingerprint("create_rule", models.to_dict(rule))
         if request_id and await self._replay(request_id, "create_rule", fingerprint):
@@ -721,7 +732,10 @@ class Operations:
         if rule.key in view.rules:
             raise Conflict(f"rule {rule.key} already exists; update it or delete it first")
         rule = dataclasses.replace(rule, created_at=time.time())
+        if rebalance:
+            view = await self._rebalance_for_rule(view, rule)
         validate_rule_change(view.snapshot, rule)
+        membership.check_rule_members(rule, view.vms)
         report = self._admission(view.snapshot, view.config, extra_rules=[rule])
         key = keyspace.rule(rule.scope, rule.name)
         compares = [(key, 0)]
@@ -758,8 +772,6 @@ class Operations:
 
     async def update_rule(self, rule: Rule, rebalance: bool) -> RuleResult:
         models.validate_rule(rule)
-        if rebalance:
-            raise Unsupported("rebalance is not implemented yet; move the VMs first")
         self._require_leader()
         key = keyspace.rule(rule.scope, rule.name)
         found = await self.backend.get(key)
@@ -768,7 +780,10 @@ class Operations:
         old = models.loads(Rule, found[0])
         rule = dataclasses.replace(rule, created_at=old.created_at)
         view = await self.backend.fresh_view()
+        if rebalance:
+            view = await self._rebalance_for_rule(view, rule, old)
         validate_rule_change(view.snapshot, rule, old=old)
+        membership.check_rule_members(rule, view.vms)
         others = {k: r for k, r in view.snapshot.rules.items() if k != rule.key}
         snapshot = dataclasses.replace(view.snapshot, rules=others)
         report = self._admission(snapshot, view.config, extra_rules=[rule])
@@ -796,12 +811,37 @@ class Operations:
         if not await self.backend.commit([(key, found[1])], [], [key]):
             raise Busy(f"rule {rule.key} changed while being deleted; retry")
 
-    async def set_policy(self, policy: ScopePolicy) -> ScopePolicy:
+    async def _rebalance_for_rule(
+        self, view: ClusterView, rule: Rule, old: Rule | None = None
+    ) -> ClusterView:
+        """`--rebalance`: move VMs until `rule` holds (every other check first, on the
+        rules alone), then the fresh view to validate and commit the rule against."""
+        unplaced = dataclasses.replace(view.snapshot, placements={}, reservations={})
+        validate_rule_change(unplaced, rule, old=old)
+        membership.check_rule_members(rule, view.vms)
+        others = {k: r for k, r in view.snapshot.rules.items() if old is None or k != old.key}
+        changed = dataclasses.replace(view.snapshot, rules={**others, rule.key: rule})
+        broken = newly_broken(view.snapshot, changed) | (
+            frozenset({rule.key}) if old is not None else frozenset()
+        )
+        if rule.required:
+            await self.rebalancing.make_hold(changed, f"rule {rule.key}", broken)
+        return await self.backend.fresh_view()
+
+    async def set_policy(self, policy: ScopePolicy, rebalance: bool = False) -> ScopePolicy:
         models.validate_policy(policy)
         self._require_leader()
         key = keyspace.policy(policy.scope)
         found = await self.backend.get(key)
         view = await self.backend.fresh_view()
+        if rebalance:
+            changed = dataclasses.replace(
+                view.snapshot, policies={**view.snapshot.policies, policy.scope: policy}
+            )
+            broken = newly_broken(view.snapshot, changed)
+            await self.rebalancing.make_hold(changed, f"scope `{policy.scope}` policy", broken)
+            found = await self.backend.get(key)
+            view = await self.backend.fresh_view()
         validate_policy_change(view.snapshot, policy)
         snapshot = dataclasses.replace(
             view.snapshot, policies={**view.snapshot.policies, policy.scope: policy}

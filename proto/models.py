@@ -187,6 +187,15 @@ class HostStatus:
     state: HostState = HostState.READY
     reason: str = ""
     since: float = 0.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Labels an operator set (`hvplace host label`); they override the agent's."""
+
+
+def host_labels(info: HostInfo, status: HostStatus | None) -> Mapping[str, str]:
+    """A host's labels: its agent's, with those an operator set over them."""
+    if status is None or not status.labels:
+        return info.labels
+    return {**info.labels, **status.labels}
 
 
 def host_state(info: HostInfo | None, status: HostStatus | None) -> HostState:
@@ -213,7 +222,7 @@ class Host:
     def from_records(cls, info: HostInfo, status: HostStatus | None) -> Host:
         return cls(
             name=info.name,
-            labels=info.labels,
+            labels=host_labels(info, status),
             capacity=info.capacity,
             ratios=info.ratios,
             reserved_memory_mib=info.reserved_memory_mib,
@@ -482,6 +491,8 @@ class Rule:
     on_failure: OnFailure = OnFailure.BLOCK
     description: str = ""
     created_at: float = 0.0
+    max_members: int = 0
+    """0: no cap; otherwise the member that would make one more is refused."""
 
     @property
     def key(self) -> str:
@@ -773,6 +784,11 @@ def validate_rule(rule: Rule) -> Rule:
         check_label_key(rule.topology_key, f"{what} topology")
     check_int(rule.max_per_domain, f"{what} max_per_domain", 1, MAX_MEMBERS)
     check_int(rule.min_domains, f"{what} min_domains", 0, MAX_MEMBERS)
+    check_int(rule.max_members, f"{what} max_members", 0, MAX_MEMBERS)
+    if rule.max_members and len(rule.members) > rule.max_members:
+        raise InvalidInput(
+            f"{what} names {len(rule.members)} members; its max_members is {rule.max_members}"
+        )
     if rule.kind is RuleKind.AFFINITY and (rule.max_per_domain != 1 or rule.min_domains):
         raise InvalidInput(f"{what}: max_per_domain and min_domains apply to anti_affinity only")
     check_text(rule.description, f"{what} description", MAX_DESCRIPTION)

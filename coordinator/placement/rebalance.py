@@ -177,6 +177,7 @@ class _Search:
     subset: tuple[str, ...]
     sources: dict[str, str]
     touched: list[int]
+    limits: Mapping[int, int]
     budget: int
     tried: int = 0
     chosen: list[str] = field(default_factory=list)
@@ -185,7 +186,7 @@ class _Search:
         state = self.state
         if pos == len(self.subset):
             self.tried += 1
-            return all(state.penalty(i) == 0 for i in self.touched)
+            return all(state.penalty(i) <= self.limits[i] for i in self.touched)
         key = self.subset[pos]
         vm = state.vms[key]
         for host in state.ready:
@@ -207,11 +208,14 @@ class _Search:
         return False
 
 
-def _exact(state: _State, budget: int) -> list[Move] | None:
-    """The fewest moves making every required group hold, or None when no set of the
-    movable VMs does or the budget ran out first."""
+def _exact(state: _State, budget: int, focus: set[int]) -> list[Move] | None:
+    """The fewest moves making every required group of `focus` hold and no other
+    required group worse, or None when no set of the movable VMs does or the budget ran
+    out first."""
     required = set(_required(state))
-    broken = [i for i in sorted(required) if state.penalty(i)]
+    before = {i: state.penalty(i) for i in required}
+    limits = {i: 0 if i in focus else before[i] for i in required}
+    broken = [i for i in sorted(focus) if before[i]]
     if not broken:
         return []
     degraded = state.snapshot.degraded
@@ -234,7 +238,7 @@ def _exact(state: _State, budget: int) -> list[Move] | None:
             for key in subset:  # lift them all off: the room they free is usable
                 state._take(sources[key], state.vms[key], -1)
                 del state.where[key]
-            search = _Search(state, subset, sources, touched, budget - tried)
+            search = _Search(state, subset, sources, touched, limits, budget - tried)
             try:
                 found = search.assign(0)
             finally:
@@ -341,16 +345,20 @@ def plan_rebalance(
     *,
     improve: bool = True,
     exact_budget: int = EXACT_BUDGET,
+    only: frozenset[str] | None = None,
 ) -> RebalancePlan:
     """Moves that repair every broken required group with as few moves as possible, then
     (with `improve`) single moves that improve preferred groups. `max_moves` > 0 caps
-    the plan (repairs first); what the cap leaves out is counted in `truncated`."""
+    the plan (repairs first); what the cap leaves out is counted in `truncated`. `only`
+    names the required groups to repair (a rule or label change: the groups it breaks);
+    the others are then only kept from getting worse."""
     groups = compile_groups(snapshot.vms, snapshot.rules.values(), snapshot.policies.values())
     state = _State(snapshot, groups)
     required = _required(state)
-    broken_before = [i for i in required if state.penalty(i)]
+    focus = {i for i in required if only is None or groups[i].key in only}
+    broken_before = [i for i in focus if state.penalty(i)]
     broken_keys = {groups[i].key for i in broken_before}
-    repairs = _exact(state, exact_budget)
+    repairs = _exact(state, exact_budget, focus)
     minimal = repairs is not None
     if repairs is None:
         # Greedy: single moves lowering the summed penalty of required groups, never
@@ -363,7 +371,7 @@ def plan_rebalance(
     for m in repairs:
         state.move(m.vm, m.target)
     unrepaired: dict[str, str] = {}
-    for i in required:
+    for i in sorted(focus):
         if state.penalty(i):
             g = groups[i]
             where = {k: (h,) for k, h in state.where.items()}

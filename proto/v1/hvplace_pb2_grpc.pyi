@@ -194,6 +194,7 @@ class HostServiceStub:
     CordonHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]
     UncordonHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]
     DrainHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]
+    LabelHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.LabelHostRequest, _hvplace_pb2.HostView]
 
 @_typing.type_check_only
 class HostServiceAsyncStub(HostServiceStub):
@@ -203,6 +204,7 @@ class HostServiceAsyncStub(HostServiceStub):
     CordonHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]  # type: ignore[assignment]
     UncordonHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]  # type: ignore[assignment]
     DrainHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]  # type: ignore[assignment]
+    LabelHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.LabelHostRequest, _hvplace_pb2.HostView]  # type: ignore[assignment]
 
 class HostServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -237,6 +239,13 @@ class HostServiceServicer(metaclass=_abc_1.ABCMeta):
     def DrainHost(
         self,
         request: _hvplace_pb2.HostRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.HostView, _abc.Awaitable[_hvplace_pb2.HostView]]: ...
+
+    @_abc_1.abstractmethod
+    def LabelHost(
+        self,
+        request: _hvplace_pb2.LabelHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hvplace_pb2.HostView, _abc.Awaitable[_hvplace_pb2.HostView]]: ...
 
@@ -306,6 +315,8 @@ class ClusterServiceStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_hvplace_pb2.WatchEventsRequest, _hvplace_pb2.Event]
     Simulate: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.SimulateRequest, _hvplace_pb2.SimulateResponse]
     CheckAdmission: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.Empty, _hvplace_pb2.AdmissionReport]
+    PreviewRebalance: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]
+    Rebalance: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]
 
 @_typing.type_check_only
 class ClusterServiceAsyncStub(ClusterServiceStub):
@@ -314,6 +325,8 @@ class ClusterServiceAsyncStub(ClusterServiceStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_hvplace_pb2.WatchEventsRequest, _hvplace_pb2.Event]  # type: ignore[assignment]
     Simulate: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.SimulateRequest, _hvplace_pb2.SimulateResponse]  # type: ignore[assignment]
     CheckAdmission: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.Empty, _hvplace_pb2.AdmissionReport]  # type: ignore[assignment]
+    PreviewRebalance: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]  # type: ignore[assignment]
+    Rebalance: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]  # type: ignore[assignment]
 
 class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -343,5 +356,19 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hvplace_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_hvplace_pb2.AdmissionReport, _abc.Awaitable[_hvplace_pb2.AdmissionReport]]: ...
+
+    @_abc_1.abstractmethod
+    def PreviewRebalance(
+        self,
+        request: _hvplace_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.RebalanceResponse, _abc.Awaitable[_hvplace_pb2.RebalanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Rebalance(
+        self,
+        request: _hvplace_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.RebalanceResponse, _abc.Awaitable[_hvplace_pb2.RebalanceResponse]]: ...
 
 def add_ClusterServiceServicer_to_server(servicer: ClusterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

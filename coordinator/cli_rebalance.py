@@ -1,0 +1,100 @@
+"""CLI commands of the rebalancer and host labels: `hvplace rebalance --preview | --apply
+[--max-moves N]` and `hvplace host label H k=v ... [k-] [--rebalance]`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from hvplace.proto.errors import InvalidInput
+from hvplace.proto.v1 import hvplace_pb2 as pb
+
+if TYPE_CHECKING:
+    from hvplace.coordinator.cli import Client
+
+
+def _table(headers: tuple[str, ...], rows: list[list[object]]) -> str:
+    from hvplace.coordinator.cli import table
+
+    return table(headers, rows)
+
+
+def rebalance_text(resp: pb.RebalanceResponse) -> str:
+    rows: list[list[object]] = []
+    for m in resp.moves:
+        state = ("done" if m.done else f"FAILED: {m.error}") if resp.applied else "planned"
+        rows.append([m.vm, m.source, m.target, state, m.why])
+    out = [_table(("VM", "FROM", "TO", "STATE", "WHY"), rows) if rows else "no moves needed"]
+    if resp.broken:
+        proof = "fewest possible" if resp.minimal else "not proven fewest (search budget)"
+        out.append(f"repairs {', '.join(resp.broken)} with {resp.repair_moves} move(s) ({proof})")
+    out.extend(f"cannot repair {k}: {v}" for k, v in sorted(resp.unrepaired.items()))
+    if resp.improved:
+        out.append(f"improves preferred {', '.join(resp.improved)}")
+    if resp.truncated:
+        out.append(f"{resp.truncated} more move(s) left for later by --max-moves")
+    return "\n".join(out)
+
+
+def cmd_rebalance(c: Client, args: argparse.Namespace) -> None:
+    from hvplace.coordinator.cli import _emit
+
+    request = pb.RebalanceRequest(max_moves=args.max_moves)
+    method = "Rebalance" if args.apply else "PreviewRebalance"
+    resp: pb.RebalanceResponse = c.call("cluster", method, request)
+    _emit(args, resp, lambda: rebalance_text(resp))
+
+
+def parse_labels(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`k=v` sets, `k-` removes."""
+    set_labels: dict[str, str] = {}
+    remove: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and key:
+            set_labels[key] = value
+        elif item.endswith("-") and len(item) > 1:
+            remove.append(item[:-1])
+        else:
+            raise InvalidInput(f"host label {item!r} must be KEY=VALUE or KEY- (to remove)")
+    return set_labels, remove
+
+
+def cmd_host_label(c: Client, args: argparse.Namespace) -> None:
+    from hvplace.coordinator.cli import HOST_HEADERS, _emit, _host_rows
+
+    set_labels, remove = parse_labels(args.labels)
+    request = pb.LabelHostRequest(
+        name=args.host, set=set_labels, remove=remove, rebalance=args.rebalance
+    )
+    view: pb.HostView = c.call("host", "LabelHost", request)
+
+    def text() -> str:
+        out = _table(HOST_HEADERS, _host_rows([view]))
+        if view.status.labels:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(view.status.labels.items()))
+            out += f"\noperator labels: {labels}"
+        return out
+
+    _emit(args, view, text)
+
+
+def add_commands(top: Any, host: Any) -> None:
+    """The subcommands, under the top-level parser's and `host`'s subparsers."""
+    p = host.add_parser("label", help="set (k=v) or remove (k-) operator labels of a host")
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    p.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="move VMs until every required rule holds under the new labels",
+    )
+    p.set_defaults(func=cmd_host_label)
+    p = top.add_parser(
+        "rebalance", help="the fewest moves repairing broken rules, then preferred ones"
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--preview", action="store_true", help="print the moves; change nothing")
+    mode.add_argument("--apply", action="store_true", help="carry the moves out")
+    p.add_argument("--max-moves", type=int, default=0, help="at most this many moves (0: all)")
+    p.set_defaults(func=cmd_rebalance)
