@@ -15,6 +15,7 @@ import grpc
 from hvplace.coordinator.api import ApiServer, start_api_server
 from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
+from hvplace.coordinator.moves import ColdMover
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.store import Fence, Store
@@ -92,7 +93,11 @@ class Api:
 
 
 @asynccontextmanager
-async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[Api]:
+async def running_api(
+    etcd: EtcdServer, fenced: bool = False, stop_timeout_s: float = 30.0
+) -> AsyncIterator[Api]:
+    """`stop_timeout_s`: how long the API's cold mover (rebalance) waits for a host to
+    report a VM stopped."""
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
     await client.connect()
     store = await Store.connect([f"127.0.0.1:{etcd.client_port}"], timeout=5.0)
@@ -103,8 +108,10 @@ async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[A
     if fenced:
         key, lease = keyspace.ELECTION + "api-test", await store.grant(60)
         fence = Fence(key, await store.put(key, b"api-test", lease=lease))
-    backend = CoreBackend(store, cache, Planner(store, cache, lambda: fence), election=None)
-    server = await start_api_server(Operations(backend), "127.0.0.1:0")
+    planner = Planner(store, cache, lambda: fence)
+    backend = CoreBackend(store, cache, planner, election=None)
+    mover = ColdMover(store, cache, planner, stop_timeout_s=stop_timeout_s)
+    server = await start_api_server(Operations(backend, mover=mover), "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         yield Api(
