@@ -11,7 +11,7 @@ from collections.abc import Callable
 from hvplace.coordinator import cache as kinds
 from hvplace.coordinator.cache import Cache, Change
 from hvplace.coordinator.placement.rebalance import plan_rebalance
-from hvplace.coordinator.rebalance import Mover, MoveView, carry_out
+from hvplace.coordinator.rebalance import Mover, MoveView, carry_out, with_degraded
 from hvplace.coordinator.store import FenceLost
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class AutoRebalancer:
             if asyncio.iscoroutine(fixed):
                 await fixed
         await self.cache.fresh()
-        plan = plan_rebalance(self.cache.snapshot(), self.max_moves, improve=False)
+        snapshot = with_degraded(self.cache.snapshot(), self.cache.vm_status.records)
+        plan = plan_rebalance(snapshot, self.max_moves, improve=False)
         if not plan.moves:
             return []
         log.info("rebalancer: %d move(s) to repair %s", len(plan.moves), ", ".join(plan.broken))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from hvplace.coordinator import cache as kinds
 from hvplace.coordinator.cache import Cache, Change
-from hvplace.coordinator.placement import Batch, Plan, place
+from hvplace.coordinator.placement import Batch, Plan, place, rule_compliance
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Store
@@ -153,6 +153,28 @@ class ColdMover:
                 f" it starts again on {source}"
             )
         log.info("VM %s moved from %s to %s (cold)", key, source, target)
+        await self.clear_repaired()
+
+    async def clear_repaired(self) -> None:
+        """VMs that knowingly broke a rule (on_failure=degrade) whose rules all hold now
+        lose the mark, whichever member a repair moved."""
+        cache = self.cache
+        marked = {k: s for k, s in cache.vm_status.records.items() if s.degraded}
+        if not marked:
+            return
+        compliance = rule_compliance(cache.snapshot())
+        for key, status in sorted(marked.items()):
+            if any(k in compliance and not compliance[k].satisfied for k in status.degraded):
+                continue
+            skey = keyspace.vm_status(status.scope, status.name)
+            rev = await self.store.commit(
+                [Compare.unchanged(skey, cache.vm_status.revs.get(key, 0))],
+                {skey: models.dumps(dataclasses.replace(status, degraded=()))},
+                fence=self.planner.fence(),
+            )
+            if rev:
+                log.info("VM %s no longer breaks %s", key, ", ".join(status.degraded))
+                await cache.wait_for_revision(rev)
 
     async def _stop_on_source(self, spec: VM, a: Assignment, target: str) -> None:
         """Assign the VM stopped to its host at a new epoch, then wait for the host's

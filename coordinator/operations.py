@@ -25,7 +25,7 @@ from hvplace.coordinator.placement import (
     validate_policy_change,
     validate_rule_change,
 )
-from hvplace.coordinator.rebalance import Mover, Rebalancing, newly_broken
+from hvplace.coordinator.rebalance import Mover, Rebalancing, newly_broken, with_degraded
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto import keyspace, models
 from hvplace.proto.errors import (
@@ -327,7 +327,10 @@ class Operations:
         self.images = Catalogue(backend, self._require_leader)
         # Rebalance and --rebalance move VMs through `mover` (None: refused).
         self.rebalancing = Rebalancing(
-            lambda: backend.view().snapshot, backend.fresh_view, mover, self._require_leader
+            lambda: with_degraded(backend.view().snapshot, backend.view().vm_status),
+            backend.fresh_view,
+            mover,
+            self._require_leader,
         )
 
     # ------------------------------------------------------------------ shared

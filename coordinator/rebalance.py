@@ -5,6 +5,7 @@ policy or host label hold by moving VMs first. The leader's own loop is autoreba
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from hvplace.coordinator.placement import rule_compliance
 from hvplace.coordinator.placement.rebalance import Move, RebalancePlan, plan_rebalance
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto.errors import Conflict, HvplaceError, InvalidInput, Unavailable
+from hvplace.proto.models import VMStatus
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,15 @@ class Rebalancing:
                 " nothing else was changed"
             )
         return len(done)
+
+
+def with_degraded(snapshot: Snapshot, statuses: Mapping[str, VMStatus]) -> Snapshot:
+    """The snapshot with the rules each VM knowingly breaks (its status' `degraded`), so
+    the planner moves those VMs first."""
+    degraded = {k: s.degraded for k, s in statuses.items() if s.degraded}
+    if not degraded:
+        return snapshot
+    return dataclasses.replace(snapshot, degraded={**snapshot.degraded, **degraded})
 
 
 def newly_broken(before: Snapshot, after: Snapshot) -> frozenset[str]:
