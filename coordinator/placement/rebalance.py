@@ -1,11 +1,12 @@
 """The rebalancer's planning, pure: the fewest VM moves that repair every broken required
 rule (SPEC §5.2, §5.7), then, within the move budget, moves that improve preferred rules.
 
-Repair is an exact search first (iterative deepening over the set of VMs to move, each
-set tried against every target combination; the end state must hold every required
-group, capacity, node affinity and host state), bounded by a node budget; when the budget
-runs out it falls back to a greedy search of single moves and says the plan may not be
-the fewest (`minimal` false). Preferred rules are then improved greedily, one move at a
+Repair tries a greedy search of single moves first; when it repairs everything with as
+many moves as a lower bound, that is the fewest. Otherwise an exact search (iterative
+deepening over the set of VMs to move, each set tried against every target combination;
+the end state must hold every required group, capacity, node affinity and host state)
+finds the fewest, bounded by a budget of combinations; past it the greedy plan stands
+and the plan says it may not be the fewest (`minimal` false). Preferred rules are then improved greedily, one move at a
 time, never making a required group worse.
 """
 
@@ -256,6 +257,37 @@ def _exact(state: _State, budget: int, focus: set[int]) -> list[Move] | None:
     return None
 
 
+def _lower_bound(state: _State, broken: Sequence[int]) -> int:
+    """Moves no plan can do with fewer: a move changes one member's domain, so it takes
+    one member off an over-full domain, adds one domain to a spread, or brings one
+    member into an affinity's domain. Groups sharing members count once (the largest)."""
+    bounds = []
+    for i in broken:
+        g = state.groups[i]
+        domain = state.domain(g)
+        counts: Counter[str] = Counter()
+        unlabeled = placed = 0
+        for m in g.members:
+            h = state.where.get(m)
+            if h is None:
+                continue
+            placed += 1
+            d = domain(h)
+            if d is None:
+                unlabeled += 1
+            else:
+                counts[d] += 1
+        if g.anti:
+            excess = sum(max(0, c - g.max_per_domain) for c in counts.values())
+            deficit = max(0, min(g.spread_target, placed) - len(counts))
+            bounds.append(unlabeled + max(excess, deficit))
+        else:
+            bounds.append(state.penalty(i))
+    members = [set(state.groups[i].members) for i in broken]
+    disjoint = sum(len(m) for m in members) == len(set().union(*members)) if members else True
+    return sum(bounds) if disjoint else max(bounds, default=0)
+
+
 def _best_single(
     state: _State, keys: Iterable[str], weight: Callable[[int], int], guard: Sequence[int]
 ) -> tuple[int, str, str] | None:
@@ -290,9 +322,11 @@ def _greedy(
     moves: list[Move] = []
     while len(moves) < limit:
         broken = [i for i in range(len(state.groups)) if weight(i) and state.penalty(i)]
+        degraded = state.snapshot.degraded
         keys = sorted(
             {m for i in broken for m in state.groups[i].members if m in state.where}
-            & set(state.movable)
+            & set(state.movable),
+            key=lambda k: (k not in degraded, k),  # on a tie, move a degraded VM
         )
         found = _best_single(state, keys, weight, guard)
         if found is None:
@@ -358,15 +392,21 @@ def plan_rebalance(
     focus = {i for i in required if only is None or groups[i].key in only}
     broken_before = [i for i in focus if state.penalty(i)]
     broken_keys = {groups[i].key for i in broken_before}
-    repairs = _exact(state, exact_budget, focus)
-    minimal = repairs is not None
-    if repairs is None:
-        # Greedy: single moves lowering the summed penalty of required groups, never
-        # breaking a group that holds.
-        req = set(required)
-        repairs = _greedy(state, 10_000, lambda i: 1 if i in req else 0, required, "repair")
-        for m in reversed(repairs):
-            state.move(m.vm, m.source)
+    # Greedy first (single moves lowering the summed penalty of the groups to repair,
+    # never making a required group worse): when it repairs everything with as many
+    # moves as the lower bound, nothing fewer exists and the exact search is spared.
+    greedy = _greedy(state, 10_000, lambda i: 1 if i in focus else 0, required, "repair")
+    greedy_done = not any(state.penalty(i) for i in focus)
+    for m in reversed(greedy):
+        state.move(m.vm, m.source)
+    repairs: list[Move] | None
+    if greedy_done and len(greedy) <= _lower_bound(state, broken_before):
+        repairs, minimal = greedy, True
+    else:
+        repairs = _exact(state, exact_budget, focus)
+        minimal = repairs is not None
+        if repairs is None:
+            repairs = greedy
     repairs = _ordered(state, _explain(state, broken_keys, repairs, "repair"))
     for m in repairs:
         state.move(m.vm, m.target)
