@@ -59,6 +59,7 @@ async def test_max_members_refuses_the_next_member_as_incorrect(api: Api) -> Non
     await api.rule.CreateRule(
         pb.CreateRuleRequest(rule=rule("capped", selector=sel, max_members=2))
     )
+    await api.backend.fresh_view()
     await create(api, vm("a", group="g"), vm("b", group="g"))
     before = api.key_count()
     err = await refused(create(api, vm("c", group="g")))
@@ -108,6 +109,7 @@ async def test_required_affinity_members_of_one_request_are_placed_all_or_none(a
     # Each host fits two of the three members: no host can hold the rule's three.
     await api.add_host("hv1", memory_mib=1024)
     await api.add_host("hv2", memory_mib=1024)
+    await api.backend.fresh_view()
     await api.rule.CreateRule(
         pb.CreateRuleRequest(rule=rule("trio", kind="affinity", members=["a", "b", "c"]))
     )
@@ -155,6 +157,7 @@ async def test_preview_lists_the_fewest_moves_and_changes_nothing(
     api: Api, etcd: EtcdServer
 ) -> None:
     await api.add_host("hv1")
+    await api.backend.fresh_view()  # the cache has seen hv1 before the create places
     await create(api, vm("a"), vm("b"), vm("c"), vm("d"))  # all on hv1, the only host
     await api.add_host("hv2")
     await api.add_host("hv3")
