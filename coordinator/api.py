@@ -20,6 +20,7 @@ from hvplace.coordinator.errors_grpc import rich_status, unexpected
 from hvplace.coordinator.host_labels import label_host
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
+from hvplace.coordinator.vm_labels import label_vm
 from hvplace.proto import models
 from hvplace.proto.errors import HvplaceError, InvalidInput
 from hvplace.proto.names import clip
@@ -102,6 +103,15 @@ class VMServicer(pb_grpc.VMServiceServicer):
         async def run() -> pb.Explanation:
             e = await self.ops.explain_vm(request.scope, request.name)
             return to_proto(e, pb.Explanation)
+
+        return await _guard(context, run())
+
+    async def LabelVM(self, request: pb.LabelVMRequest, context: Ctx) -> pb.VMView:
+        async def run() -> pb.VMView:
+            view = await label_vm(
+                self.ops, request.scope, request.name, dict(request.set), list(request.remove)
+            )
+            return to_proto(view, pb.VMView)
 
         return await _guard(context, run())
 

@@ -58,6 +58,7 @@ METHOD_ROLES: Mapping[str, Role] = {
     f"{_PKG}VMService/StartVM": _O,
     f"{_PKG}VMService/StopVM": _O,
     f"{_PKG}VMService/ExplainVM": _V,
+    f"{_PKG}VMService/LabelVM": _O,
     f"{_PKG}RuleService/CreateRule": _O,
     f"{_PKG}RuleService/GetRule": _V,
     f"{_PKG}RuleService/ListRules": _V,

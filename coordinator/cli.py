@@ -986,6 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     vm = top.add_parser("vm", help="create, inspect and power VMs").add_subparsers(
         dest="cmd", required=True
     )
+    cli_rebalance.add_vm_commands(vm, _add_scope)
     p = vm.add_parser(
         "create", help="create VMs (one batch); placed at once or left pending with a reason"
     )

@@ -1,5 +1,6 @@
-"""CLI commands of the rebalancer and host labels: `hvplace rebalance --preview | --apply
-[--max-moves N]` and `hvplace host label H k=v ... [k-] [--rebalance]`."""
+"""CLI commands of the rebalancer and labels: `hvplace rebalance --preview | --apply
+[--max-moves N]`, `hvplace host label H k=v ... [k-] [--rebalance]` and `hvplace vm label
+SCOPE/NAME k=v ... [k-]`."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def parse_labels(items: list[str]) -> tuple[dict[str, str], list[str]]:
         elif item.endswith("-") and len(item) > 1:
             remove.append(item[:-1])
         else:
-            raise InvalidInput(f"host label {item!r} must be KEY=VALUE or KEY- (to remove)")
+            raise InvalidInput(f"label {item!r} must be KEY=VALUE or KEY- (to remove)")
     return set_labels, remove
 
 
@@ -77,6 +78,26 @@ def cmd_host_label(c: Client, args: argparse.Namespace) -> None:
         return out
 
     _emit(args, view, text)
+
+
+def cmd_vm_label(c: Client, args: argparse.Namespace) -> None:
+    from hvplace.coordinator.cli import _emit, _ref
+
+    scope, name = _ref(args.name, args.scope)
+    set_labels, remove = parse_labels(args.labels)
+    request = pb.LabelVMRequest(scope=scope, name=name, set=set_labels, remove=remove)
+    view: pb.VMView = c.call("vm", "LabelVM", request)
+    labels = ",".join(f"{k}={v}" for k, v in sorted(view.spec.labels.items())) or "-"
+    _emit(args, view, lambda: f"{view.spec.scope}/{view.spec.name} labels: {labels}")
+
+
+def add_vm_commands(vm: Any, add_scope: Any) -> None:
+    """`vm label`, under `vm`'s subparsers."""
+    p = vm.add_parser("label", help="set (k=v) or remove (k-) a VM's labels")
+    p.add_argument("name", metavar="NAME")
+    add_scope(p)
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    p.set_defaults(func=cmd_vm_label)
 
 
 def add_commands(top: Any, host: Any) -> None:

@@ -69,6 +69,11 @@ class VMServiceStub:
                 request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMRef.SerializeToString,
                 response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Explanation.FromString,
                 _registered_method=True)
+        self.LabelVM = channel.unary_unary(
+                '/hvplace.v1.VMService/LabelVM',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelVMRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMView.FromString,
+                _registered_method=True)
 
 
 class VMServiceServicer:
@@ -116,6 +121,12 @@ class VMServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LabelVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VMServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_VMServiceServicer_to_server(servicer, server):
                     servicer.ExplainVM,
                     request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMRef.FromString,
                     response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Explanation.SerializeToString,
+            ),
+            'LabelVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelVM,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelVMRequest.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class VMService:
             '/hvplace.v1.VMService/ExplainVM',
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMRef.SerializeToString,
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Explanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.VMService/LabelVM',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelVMRequest.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMView.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,7 @@ class VMServiceStub:
     StartVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]
     StopVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]
     ExplainVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.Explanation]
+    LabelVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.LabelVMRequest, _hvplace_pb2.VMView]
 
 @_typing.type_check_only
 class VMServiceAsyncStub(VMServiceStub):
@@ -55,6 +56,7 @@ class VMServiceAsyncStub(VMServiceStub):
     StartVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]  # type: ignore[assignment]
     StopVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]  # type: ignore[assignment]
     ExplainVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.Explanation]  # type: ignore[assignment]
+    LabelVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.LabelVMRequest, _hvplace_pb2.VMView]  # type: ignore[assignment]
 
 class VMServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,6 +107,13 @@ class VMServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hvplace_pb2.VMRef,
         context: _ServicerContext,
     ) -> _typing.Union[_hvplace_pb2.Explanation, _abc.Awaitable[_hvplace_pb2.Explanation]]: ...
+
+    @_abc_1.abstractmethod
+    def LabelVM(
+        self,
+        request: _hvplace_pb2.LabelVMRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.VMView, _abc.Awaitable[_hvplace_pb2.VMView]]: ...
 
 def add_VMServiceServicer_to_server(servicer: VMServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -179,3 +179,43 @@ async def test_preview_lists_the_fewest_moves_and_changes_nothing(
     assert api.backend.view().revision == revision
     err = await refused(api.cluster.PreviewRebalance(pb.RebalanceRequest(max_moves=-1)))
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_vm_label_change_is_checked_like_a_create_and_where_it_runs(api: Api) -> None:
+    for h in ("hv1", "hv2"):
+        await api.add_host(h)
+    await api.backend.fresh_view()
+    sel = {"dbs": {"role": "db"}, "east": {"site": "east"}}
+    for name, labels in sel.items():
+        await api.rule.CreateRule(
+            pb.CreateRuleRequest(
+                rule=rule(name, selector=pb.LabelSelector(match_labels=labels), max_members=2)
+            )
+        )
+    await create(api, vm("a", node="hv1", role="db"), vm("b", node="hv1"), vm("c", node="hv2"))
+    before = api.key_count()
+    revision = (await api.backend.fresh_view()).revision
+    # b would join `dbs` beside a on hv1: the rule would break where they run.
+    err = await refused(
+        api.vm.LabelVM(pb.LabelVMRequest(scope="acme", name="b", set={"role": "db"}))
+    )
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION and "acme/dbs" in (err.details() or "")
+    # a would be in two anti-affinity rules.
+    err = await refused(
+        api.vm.LabelVM(pb.LabelVMRequest(scope="acme", name="a", set={"site": "east"}))
+    )
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION and "`east`" in (err.details() or "")
+    assert (await api.backend.fresh_view()).revision == revision and api.key_count() == before
+    # c on hv2 may join `dbs`; the spec and its assignment's copy both change.
+    view = await api.vm.LabelVM(pb.LabelVMRequest(scope="acme", name="c", set={"role": "db"}))
+    assert dict(view.spec.labels) == {"role": "db"}
+    fresh = await api.backend.fresh_view()
+    assert fresh.assignments["acme/c"].vm.labels == {"role": "db"}
+    # `dbs` holds two members now (max_members 2): a third is refused as incorrect.
+    err = await refused(
+        api.vm.LabelVM(pb.LabelVMRequest(scope="acme", name="b", set={"role": "db"}))
+    )
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and "max_members" in (err.details() or "")
+    await api.vm.LabelVM(pb.LabelVMRequest(scope="acme", name="c", remove=["role"]))
+    err = await refused(api.vm.LabelVM(pb.LabelVMRequest(scope="acme", name="c", remove=["x"])))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
