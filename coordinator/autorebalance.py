@@ -86,7 +86,7 @@ class AutoRebalancer:
         if not plan.moves:
             return []
         log.info("rebalancer: %d move(s) to repair %s", len(plan.moves), ", ".join(plan.broken))
-        done = await carry_out(self.mover, plan.moves)
+        done = await carry_out(self.mover, plan.moves, detach=False)
         self.moves += sum(1 for m in done if m.done)
         self.failed += sum(1 for m in done if not m.done)
         return done

@@ -487,6 +487,7 @@ def _rule_response_text(resp: pb.RuleResponse) -> str:
 
 def cmd_rule_create(c: Client, args: argparse.Namespace) -> None:
     rule = models_json_to_proto(_rule_from_args(args, None), pb.Rule)
+    cli_rebalance.wait_for_moves(c, args.rebalance)
     resp: pb.RuleResponse = c.call(
         "rule",
         "CreateRule",
@@ -501,6 +502,7 @@ def cmd_rule_update(c: Client, args: argparse.Namespace) -> None:
     scope, name = _ref(args.name, args.scope)
     current: pb.RuleView = c.call("rule", "GetRule", pb.RuleRef(scope=scope, name=name))
     rule = models_json_to_proto(_rule_from_args(args, proto_to_dict(current.rule)), pb.Rule)
+    cli_rebalance.wait_for_moves(c, args.rebalance)
     resp: pb.RuleResponse = c.call(
         "rule", "UpdateRule", pb.UpdateRuleRequest(rule=rule, rebalance=args.rebalance)
     )
@@ -624,6 +626,7 @@ def cmd_policy_set(c: Client, args: argparse.Namespace) -> None:
         label_keys=args.label_key or [],
         rebalance=args.rebalance,
     )
+    cli_rebalance.wait_for_moves(c, args.rebalance)
     resp: pb.ScopePolicy = c.call("rule", "SetScopePolicy", policy)
     _emit(args, resp, lambda: _policy_text(resp))
 

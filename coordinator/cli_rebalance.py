@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from hvplace.coordinator.cli import Client
 
 
+MOVES_TIMEOUT_S = 900.0
+"""Calls that move VMs wait for them (each a stop and a start): at least this long."""
+
+
+def wait_for_moves(c: Client, moving: bool) -> None:
+    """A call that moves VMs waits for them: at least MOVES_TIMEOUT_S."""
+    if moving:
+        c.timeout = max(c.timeout, MOVES_TIMEOUT_S)
+
+
 def _table(headers: tuple[str, ...], rows: list[list[object]]) -> str:
     from hvplace.coordinator.cli import table
 
@@ -42,6 +52,7 @@ def cmd_rebalance(c: Client, args: argparse.Namespace) -> None:
 
     request = pb.RebalanceRequest(max_moves=args.max_moves)
     method = "Rebalance" if args.apply else "PreviewRebalance"
+    wait_for_moves(c, args.apply)
     resp: pb.RebalanceResponse = c.call("cluster", method, request)
     _emit(args, resp, lambda: rebalance_text(resp))
 
@@ -68,6 +79,7 @@ def cmd_host_label(c: Client, args: argparse.Namespace) -> None:
     request = pb.LabelHostRequest(
         name=args.host, set=set_labels, remove=remove, rebalance=args.rebalance
     )
+    wait_for_moves(c, args.rebalance)
     view: pb.HostView = c.call("host", "LabelHost", request)
 
     def text() -> str:

@@ -72,8 +72,24 @@ def _view(plan: RebalancePlan, moves: Sequence[MoveView] | None = None) -> Rebal
     )
 
 
-async def carry_out(mover: Mover, moves: Sequence[Move]) -> list[MoveView]:
-    """Each move in order; one that fails is reported and the others go on."""
+_RUNNING: set[asyncio.Task[list[MoveView]]] = set()
+"""Moves carried on after their caller went away (kept referenced until done)."""
+
+
+async def carry_out(mover: Mover, moves: Sequence[Move], *, detach: bool = True) -> list[MoveView]:
+    """Each move in order; one that fails is reported and the others go on. With
+    `detach`, a caller that goes away (an API call past its deadline) does not cut a
+    move in half: the moves finish in the background. The leader's own loop does not
+    detach: its moves stop with its leadership (each step is fenced)."""
+    if not detach:
+        return await _carry_out(mover, moves)
+    task = asyncio.ensure_future(_carry_out(mover, moves))
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    return await asyncio.shield(task)
+
+
+async def _carry_out(mover: Mover, moves: Sequence[Move]) -> list[MoveView]:
     done: list[MoveView] = []
     for m in moves:
         try:
