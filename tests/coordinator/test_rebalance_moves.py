@@ -28,7 +28,13 @@ from hvplace.coordinator.autorebalance import AutoRebalancer
 from hvplace.coordinator.controller import Controller
 from hvplace.coordinator.moves import ColdMover
 from hvplace.proto import keyspace, models
-from hvplace.proto.models import ClusterConfig, DomainStatus
+from hvplace.proto.models import (
+    ClusterConfig,
+    DomainStatus,
+    Enforcement,
+    Rule,
+    RuleKind,
+)
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from support.etcd import EtcdServer
 
@@ -291,5 +297,34 @@ async def test_leader_loop_repairs_a_degraded_vm_when_its_host_returns(
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+        assert not it.twice, it.twice
+        assert not it.reported_twice, it.reported_twice
+
+
+@pytest.mark.timeout(300)
+async def test_rebalance_apply_through_the_cli(etcd: EtcdServer, tmp_path: Path) -> None:
+    async with lab(etcd, tmp_path, hosts=2) as it:
+        api = it.api
+        await on_one_host(it, "acme", "a", "b", "c")
+        # Rules written past the API, as failovers under on_failure=degrade leave them.
+        for name, members in (("ab", ("a", "b")), ("soft", ("a", "c"))):
+            rule = Rule(
+                scope="acme",
+                name=name,
+                kind=RuleKind.ANTI_AFFINITY,
+                members=members,
+                enforcement=Enforcement.REQUIRED if name == "ab" else Enforcement.PREFERRED,
+                weight=0 if name == "ab" else 10,
+            )
+            etcd.etcdctl("put", keyspace.rule("acme", name), models.dumps(rule).decode())
+        preview = await cli_json(api, "rebalance", "--preview")
+        assert preview["repair_moves"] == 1 and preview["minimal"]  # type: ignore[index]
+        done = await cli_json(api, "rebalance", "--apply", "--max-moves", "1")
+        moves = done["moves"]  # type: ignore[index]
+        assert len(moves) == 1 and moves[0]["done"] and done["applied"]  # type: ignore[index]
+        placed = await eventually(lambda: all_running(api), within=60)
+        assert placed["a"] != placed["b"]
+        view = await api.rule.GetRule(pb.RuleRef(scope="acme", name="ab"))
+        assert view.satisfied
         assert not it.twice, it.twice
         assert not it.reported_twice, it.reported_twice
