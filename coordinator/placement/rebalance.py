@@ -301,6 +301,11 @@ def _best_single(
             continue
         vm = state.vms[key]
         before = {i: state.penalty(i) for i in groups}
+        # No move of this VM gains more than clearing all its groups' penalties: once a
+        # target does, later ones cannot win (the first best target is kept anyway).
+        cap = sum(weight(i) * before[i] for i in groups)
+        if cap <= 0 or (best is not None and best[0] >= cap):
+            continue
         source = state.where[key]
         for host in state.targets(key):
             if not state.fits(host, vm):
@@ -313,6 +318,8 @@ def _best_single(
             gain = sum(weight(i) * (before[i] - after[i]) for i in groups)
             if gain > 0 and (best is None or gain > best[0]):
                 best = (gain, key, host)
+                if gain >= cap:
+                    break
     return best
 
 
