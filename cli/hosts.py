@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable
 
-from hvplace.cli import maintenance
+from hvplace.cli import maintenance, rebalance
 from hvplace.cli.client import Client
 from hvplace.cli.render import emit, labels_text, table
 from hvplace.proto.v1 import hvplace_pb2 as pb
@@ -77,3 +77,4 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("host", metavar="HOST")
         p.set_defaults(func=_host_call(method))
     maintenance.register_host(host)
+    rebalance.register_host(host)

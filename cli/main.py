@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hvplace.cli import admin, cluster, hosts, images, rules, simulate, vms
+from hvplace.cli import admin, cluster, hosts, images, rebalance, rules, simulate, vms
 from hvplace.cli.client import DEFAULT_ENDPOINT, TIMEOUT_S, Client, Credentials
 from hvplace.proto.errors import HvplaceError
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     rules.register(top)
     hosts.register(top)
     cluster.register(top)
+    rebalance.register(top)
     vms.register_explain(top)
     simulate.register(top)
     admin.register(top)

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from hvplace.cli import rebalance
 from hvplace.cli.client import Client
 from hvplace.cli.render import add_scope, admission_text, emit, json_to_proto, kv, ref, table
 from hvplace.coordinator.convert import proto_to_dict
@@ -83,6 +84,8 @@ def _rule_from_args(args: argparse.Namespace, base: dict[str, Any] | None) -> di
         rule["max_per_domain"] = args.max_per_domain
     if args.min_domains is not None:
         rule["min_domains"] = args.min_domains
+    if args.max_members is not None:
+        rule["max_members"] = args.max_members
     if args.on_failure:
         rule["on_failure"] = args.on_failure
     if args.description is not None:
@@ -100,6 +103,7 @@ def _rule_response_text(resp: pb.RuleResponse) -> str:
 
 def cmd_rule_create(c: Client, args: argparse.Namespace) -> None:
     rule = json_to_proto(_rule_from_args(args, None), pb.Rule)
+    rebalance.wait_for_moves(c, args.rebalance)
     resp: pb.RuleResponse = c.call(
         "rule",
         "CreateRule",
@@ -114,6 +118,7 @@ def cmd_rule_update(c: Client, args: argparse.Namespace) -> None:
     scope, name = ref(args.name, args.scope)
     current: pb.RuleView = c.call("rule", "GetRule", pb.RuleRef(scope=scope, name=name))
     rule = json_to_proto(_rule_from_args(args, proto_to_dict(current.rule)), pb.Rule)
+    rebalance.wait_for_moves(c, args.rebalance)
     resp: pb.RuleResponse = c.call(
         "rule", "UpdateRule", pb.UpdateRuleRequest(rule=rule, rebalance=args.rebalance)
     )
@@ -177,7 +182,9 @@ def cmd_policy_set(c: Client, args: argparse.Namespace) -> None:
         label_anti_affinity=args.label_anti_affinity,
         spread=args.spread,
         label_keys=args.label_key or [],
+        rebalance=args.rebalance,
     )
+    rebalance.wait_for_moves(c, args.rebalance)
     resp: pb.ScopePolicy = c.call("rule", "SetScopePolicy", policy)
     emit(args, resp, lambda: _policy_text(resp))
 
@@ -211,6 +218,7 @@ def _add_rule_fields(p: argparse.ArgumentParser) -> None:
         "--on-failure", choices=["block", "degrade"], help="what failover may do to this rule"
     )
     p.add_argument("--description")
+    p.add_argument("--max-members", type=int, help="refuse members beyond this many (0: no cap)")
     p.add_argument("--rebalance", action="store_true", help="move VMs until the rule holds")
 
 
@@ -259,6 +267,7 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--spread", type=int, default=0, help="let them share, over at least this many hosts"
     )
     p.add_argument("--label-key", action="append", help="only these label keys count (repeatable)")
+    p.add_argument("--rebalance", action="store_true", help="move VMs until the policy holds")
     p.set_defaults(func=cmd_policy_set)
     p = pol.add_parser("get", help="show a scope's policy")
     p.add_argument("scope_name", metavar="SCOPE")

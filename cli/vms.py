@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from hvplace.cli import maintenance
+from hvplace.cli import maintenance, rebalance
 from hvplace.cli.client import Client
 from hvplace.cli.render import (
     add_scope,
@@ -214,6 +214,7 @@ def register(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         add_scope(p)
         p.set_defaults(func=func)
     maintenance.register_vm(vm)
+    rebalance.register_vm(vm)
     p = vm.add_parser("list", help="list VMs")
     p.add_argument("--scope", default="", help="only this scope")
     p.add_argument("--host", default="", help="only VMs on this host")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hvplace.coordinator.placement import AdmissionResult, Plan, check_admission
+from hvplace.coordinator.placement import AdmissionResult, Plan, check_admission, membership
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto.errors import HvplaceError, Unavailable
 from hvplace.proto.records import VM, AdmissionPolicy, ClusterConfig, Rule
@@ -39,10 +39,18 @@ class AdmissionCheck:
     policy: AdmissionPolicy
     failures: int
     topology_key: str
+    simulate: bool = True
+    """False: only who joins which rule is checked (no failover simulation: a deployment
+    may turn it off for creates, as it dominates the commit path's cost)."""
 
     @classmethod
-    def of(cls, config: ClusterConfig) -> AdmissionCheck:
-        return cls(config.admission_policy, config.admission_failures, config.admission_topology)
+    def of(cls, config: ClusterConfig, simulate: bool = True) -> AdmissionCheck:
+        return cls(
+            config.admission_policy,
+            config.admission_failures,
+            config.admission_topology,
+            simulate,
+        )
 
     def run(
         self,
@@ -52,7 +60,16 @@ class AdmissionCheck:
         extra_plan: Plan | None = None,
     ) -> AdmissionReport:
         """The report of the change (new VMs, placed by `extra_plan` when given; new or
-        changed rules) on `snapshot`; raises Unavailable when the policy refuses it."""
+        changed rules) on `snapshot`; raises Unavailable when the policy refuses it.
+        New VMs first join their rules against this very snapshot (in-flight plans
+        included): at most one rule of each kind per VM, and each rule's max_members."""
+        if extra_vms:
+            rules = snapshot.rules.values()
+            membership.check_polarity(extra_vms, rules)
+            joined = {**snapshot.vms, **{vm.key: vm for vm in extra_vms}}
+            membership.check_max_members(joined, rules, extra_vms)
+        if not self.simulate:
+            return AdmissionReport(ok=True, policy="off")
         result = check_admission(
             snapshot,
             failures=self.failures,

@@ -18,13 +18,16 @@ from hvplace.coordinator.auth import Authenticator, AuthInterceptor, Role, Serve
 from hvplace.coordinator.config import CoordinatorConfig
 from hvplace.coordinator.convert import from_proto, to_proto
 from hvplace.coordinator.errors_grpc import rich_status, unexpected
+from hvplace.coordinator.host_labels import label_host
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.operations.cluster import Cluster
 from hvplace.coordinator.operations.hosts import Hosts
 from hvplace.coordinator.operations.images import Catalogue
 from hvplace.coordinator.operations.rules import Rules
 from hvplace.coordinator.operations.vms import VMs
+from hvplace.coordinator.rebalance import Rebalancing
 from hvplace.coordinator.rpc_metrics import RpcMetricsInterceptor
+from hvplace.coordinator.vm_labels import label_vm
 from hvplace.proto import records
 from hvplace.proto.errors import HvplaceError, InvalidInput
 from hvplace.proto.names import clip
@@ -117,6 +120,15 @@ class VMServicer(pb_grpc.VMServiceServicer):
 
         return await _guard(context, run())
 
+    async def LabelVM(self, request: pb.LabelVMRequest, context: Ctx) -> pb.VMView:
+        async def run() -> pb.VMView:
+            view = await label_vm(
+                self.vms, request.scope, request.name, dict(request.set), list(request.remove)
+            )
+            return to_proto(view, pb.VMView)
+
+        return await _guard(context, run())
+
 
 class RuleServicer(pb_grpc.RuleServiceServicer):
     def __init__(self, rules: Rules) -> None:
@@ -160,7 +172,13 @@ class RuleServicer(pb_grpc.RuleServiceServicer):
 
     async def SetScopePolicy(self, request: pb.ScopePolicy, context: Ctx) -> pb.ScopePolicy:
         async def run() -> pb.ScopePolicy:
-            policy = await self.rules.set_policy(from_proto(records.ScopePolicy, request))
+            # `rebalance` belongs to the request, not to the stored record.
+            record = pb.ScopePolicy()
+            record.CopyFrom(request)
+            record.ClearField("rebalance")
+            policy = await self.rules.set_policy(
+                from_proto(records.ScopePolicy, record), rebalance=request.rebalance
+            )
             return to_proto(policy, pb.ScopePolicy)
 
         return await _guard(context, run())
@@ -173,8 +191,9 @@ class RuleServicer(pb_grpc.RuleServiceServicer):
 
 
 class HostServicer(pb_grpc.HostServiceServicer):
-    def __init__(self, hosts: Hosts) -> None:
+    def __init__(self, hosts: Hosts, rebalancing: Rebalancing) -> None:
         self.hosts = hosts
+        self.rebalancing = rebalancing
 
     async def ListHosts(self, request: pb.Empty, context: Ctx) -> pb.ListHostsResponse:
         async def run() -> pb.ListHostsResponse:
@@ -207,10 +226,25 @@ class HostServicer(pb_grpc.HostServiceServicer):
 
         return await _guard(context, run())
 
+    async def LabelHost(self, request: pb.LabelHostRequest, context: Ctx) -> pb.HostView:
+        async def run() -> pb.HostView:
+            view = await label_host(
+                self.hosts,
+                self.rebalancing,
+                request.name,
+                dict(request.set),
+                list(request.remove),
+                request.rebalance,
+            )
+            return to_proto(view, pb.HostView)
+
+        return await _guard(context, run())
+
 
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, rebalancing: Rebalancing) -> None:
         self.cluster = cluster
+        self.rebalancing = rebalancing
 
     async def GetClusterStatus(self, request: pb.Empty, context: Ctx) -> pb.ClusterStatus:
         async def run() -> pb.ClusterStatus:
@@ -239,6 +273,22 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     async def CheckAdmission(self, request: pb.Empty, context: Ctx) -> pb.AdmissionReport:
         async def run() -> pb.AdmissionReport:
             return to_proto(await self.cluster.headroom(), pb.AdmissionReport)
+
+        return await _guard(context, run())
+
+    async def PreviewRebalance(
+        self, request: pb.RebalanceRequest, context: Ctx
+    ) -> pb.RebalanceResponse:
+        async def run() -> pb.RebalanceResponse:
+            view = await self.rebalancing.preview(request.max_moves)
+            return to_proto(view, pb.RebalanceResponse)
+
+        return await _guard(context, run())
+
+    async def Rebalance(self, request: pb.RebalanceRequest, context: Ctx) -> pb.RebalanceResponse:
+        async def run() -> pb.RebalanceResponse:
+            view = await self.rebalancing.apply(request.max_moves)
+            return to_proto(view, pb.RebalanceResponse)
 
         return await _guard(context, run())
 
@@ -374,8 +424,10 @@ async def start_api_server(
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_VMServiceServicer_to_server(VMServicer(ops.vms), server)
     pb_grpc.add_RuleServiceServicer_to_server(RuleServicer(ops.rules), server)
-    pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops.hosts), server)
-    pb_grpc.add_ClusterServiceServicer_to_server(ClusterServicer(ops.cluster), server)
+    pb_grpc.add_HostServiceServicer_to_server(HostServicer(ops.hosts, ops.rebalancing), server)
+    pb_grpc.add_ClusterServiceServicer_to_server(
+        ClusterServicer(ops.cluster, ops.rebalancing), server
+    )
     pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(ops.images), server)
     from hvplace.coordinator.maintenance_api import MaintenanceServicer
 

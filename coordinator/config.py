@@ -73,6 +73,10 @@ class CoordinatorConfig(settings.EtcdSettings):
     image_roots: str = ""
     """Comma-separated directories every image path must lie under (ClusterConfig)."""
     max_start_attempts: int = _CLUSTER.max_start_attempts
+    rebalance_interval_s: float = 30.0
+    """The leader's rebalancer repairs degraded VMs at most `rebalance_max_moves` moves
+    per this many seconds (0: it does not run; `hvplace rebalance --apply` still does)."""
+    rebalance_max_moves: int = 2
     log_level: str = "INFO"
     leader_self_checks: bool = True
     """Step down as soon as the own clock or etcd says the session lease is gone. Off,
@@ -178,6 +182,11 @@ def validate(cfg: CoordinatorConfig) -> CoordinatorConfig:
         raise InvalidInput(f"session_ttl_s {cfg.session_ttl_s} must be between 1 and 600 seconds")
     if not 1 <= cfg.batch_size <= 1000:
         raise InvalidInput(f"batch_size {cfg.batch_size} must be between 1 and 1000")
+    if cfg.rebalance_interval_s < 0 or not 0 <= cfg.rebalance_max_moves <= 1000:
+        raise InvalidInput(
+            f"rebalance_interval_s {cfg.rebalance_interval_s} must be >= 0 and"
+            f" rebalance_max_moves {cfg.rebalance_max_moves} between 0 and 1000"
+        )
     try:
         AdmissionPolicy(cfg.admission_policy)
     except ValueError:

@@ -8,16 +8,19 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from hvplace.coordinator.autorebalance import AutoRebalancer
 from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.config import CoordinatorConfig, budget_text
 from hvplace.coordinator.controller import Controller
 from hvplace.coordinator.election import Election
 from hvplace.coordinator.metrics import CoordinatorMetrics
+from hvplace.coordinator.moves import ColdMover
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Outcome, Planner
+from hvplace.coordinator.rebalance import Mover
 from hvplace.coordinator.store import Fence, Store
 from hvplace.runtime.systemd import notify, watchdog_interval_s
 
@@ -41,13 +44,15 @@ def api_core(
     fence: Callable[[], Fence | None] = lambda: None,
     election: Election | None = None,
     admission_on_create: bool = True,
+    mover: Callable[[Planner], Mover] | None = None,
 ) -> ApiCore:
     """The one assembly of the API's core, for the daemon and for tests. `fence` gives
     the token every commit compares (the election's, or None: standalone, each commit
     compares the revisions it read)."""
     planner = Planner(store, cache, fence)
     backend = CoreBackend(store, cache, planner, election)
-    operations = Operations(backend, admission_on_create=admission_on_create)
+    moves = mover(planner) if mover is not None else None
+    operations = Operations(backend, admission_on_create=admission_on_create, mover=moves)
     return ApiCore(planner, backend, operations)
 
 
@@ -67,6 +72,7 @@ class Coordinator:
         self.election: Election | None = None
         self.planner: Planner | None = None
         self.controller: Controller | None = None
+        self.mover: ColdMover | None = None
         self.backend: CoreBackend | None = None
         self.operations: Operations | None = None
         self.api: Any = None
@@ -111,8 +117,22 @@ class Coordinator:
             store.on_conflict = self.metrics.txn_conflicts.inc
             controller_box: list[Controller] = []
 
+            auto_box: list[AutoRebalancer] = []
+
             async def lead(fence: Fence) -> None:
-                await controller_box[0].run(fence)
+                # The rebalancer's loop lives and dies with the controller's leadership.
+                auto = (
+                    asyncio.create_task(auto_box[0].run(), name="hvplace-rebalancer")
+                    if auto_box
+                    else None
+                )
+                try:
+                    await controller_box[0].run(fence)
+                finally:
+                    if auto is not None:
+                        auto.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await auto
 
             election = self.election = Election(
                 store,
@@ -136,7 +156,9 @@ class Coordinator:
                 fence=election.require_fence,
                 election=election,
                 admission_on_create=self.admission_on_create,
+                mover=lambda planner: ColdMover(store, cache, planner),
             )
+            self.mover = cast(ColdMover, core.operations.rebalancing.mover)
             planner = self.planner = core.planner
             planner.on_committed = self._observe_commit
             controller = self.controller = Controller(
@@ -150,6 +172,17 @@ class Coordinator:
             )
             controller_box.append(controller)
             self.backend, self.operations = core.backend, core.operations
+            if cfg.rebalance_interval_s > 0 and cfg.rebalance_max_moves > 0:
+                assert self.mover is not None
+                auto_box.append(
+                    AutoRebalancer(
+                        cache,
+                        self.mover,
+                        interval_s=cfg.rebalance_interval_s,
+                        max_moves=cfg.rebalance_max_moves,
+                        repair_interrupted=self.mover.repair_interrupted,
+                    )
+                )
             if cfg.metrics_listen:
                 self.metrics_port = self.metrics.serve(cfg.metrics_listen)
             if self.serve_api:

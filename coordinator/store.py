@@ -117,6 +117,11 @@ class Txn:
             raise ValueError(f"{key} was read present; it cannot be required absent")
         self._read[key] = (None, 0)
 
+    def require_revision(self, key: str, mod_revision: int) -> None:
+        """The commit requires `key` at `mod_revision` (0: absent) as read elsewhere (the
+        cache), without reading it again; `get` then answers None for it."""
+        self._read[key] = (None, mod_revision)
+
     def fork(self) -> Txn:
         """A new transaction that requires the same reads, without the writes (a batch
         committed in several transactions, each under the same preconditions)."""

@@ -151,6 +151,15 @@ class HostStatus:
     state: HostState = HostState.READY
     reason: str = ""
     since: float = 0.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Labels an operator set (`hvplace host label`); they override the agent's."""
+
+
+def host_labels(info: HostInfo, status: HostStatus | None) -> Mapping[str, str]:
+    """A host's labels: its agent's, with those an operator set over them."""
+    if status is None or not status.labels:
+        return info.labels
+    return {**info.labels, **status.labels}
 
 
 def host_state(info: HostInfo | None, status: HostStatus | None) -> HostState:
@@ -177,7 +186,7 @@ class Host:
     def from_records(cls, info: HostInfo, status: HostStatus | None) -> Host:
         return cls(
             name=info.name,
-            labels=info.labels,
+            labels=host_labels(info, status),
             capacity=info.capacity,
             ratios=info.ratios,
             reserved_memory_mib=info.reserved_memory_mib,
@@ -397,6 +406,8 @@ class Rule:
     on_failure: OnFailure = OnFailure.BLOCK
     description: str = ""
     created_at: float = 0.0
+    max_members: int = 0
+    """0: no cap; otherwise the member that would make one more is refused."""
 
     @property
     def key(self) -> str:

@@ -259,6 +259,11 @@ def validate_rule(rule: Rule) -> Rule:
         check_label_key(rule.topology_key, f"{what} topology")
     check_int(rule.max_per_domain, f"{what} max_per_domain", 1, MAX_MEMBERS)
     check_int(rule.min_domains, f"{what} min_domains", 0, MAX_MEMBERS)
+    check_int(rule.max_members, f"{what} max_members", 0, MAX_MEMBERS)
+    if rule.max_members and len(rule.members) > rule.max_members:
+        raise InvalidInput(
+            f"{what} names {len(rule.members)} members; its max_members is {rule.max_members}"
+        )
     if rule.kind is RuleKind.AFFINITY and (rule.max_per_domain != 1 or rule.min_domains):
         raise InvalidInput(f"{what}: max_per_domain and min_domains apply to anti_affinity only")
     check_text(rule.description, f"{what} description", MAX_DESCRIPTION)

@@ -51,7 +51,7 @@ def host_view(view: ClusterView, name: str) -> HostView:
     )
 
 
-def _find(view: ClusterView, name: str) -> None:
+def find(view: ClusterView, name: str) -> None:
     check_name(name, "host name")
     known = name in view.hosts or name in view.host_status or name in view.snapshot.hosts
     if not known:
@@ -66,7 +66,7 @@ class Hosts(Noun):
 
     async def get(self, name: str) -> HostView:
         view = self.backend.view()
-        _find(view, name)
+        find(view, name)
         return host_view(view, name)
 
     async def _set_state(self, name: str, state: HostState, reason: str) -> HostView:
@@ -75,14 +75,20 @@ class Hosts(Noun):
         key = keyspace.host_status(name)
 
         async def change(txn: Txn) -> None:
-            _find(await self.backend.fresh_view(), name)
+            find(await self.backend.fresh_view(), name)
             raw = await txn.get(key)
             current = codec.loads(HostStatus, raw) if raw is not None else None
             if current is not None and current.state is HostState.LOST:
                 raise Conflict(f"host {name} is lost; it takes a new state when its agent returns")
             if current is not None and current.state is state:
                 return  # already so: nothing to write
-            status = HostStatus(name=name, state=state, reason=reason, since=time.time())
+            status = HostStatus(
+                name=name,
+                state=state,
+                reason=reason,
+                since=time.time(),
+                labels=current.labels if current is not None else {},
+            )
             txn.put(key, codec.dumps(status))
 
         await self.backend.update(change, subject=f"host {name} status")

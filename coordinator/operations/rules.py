@@ -7,18 +7,20 @@ import dataclasses
 import time
 
 from hvplace.coordinator.admission import AdmissionCheck, AdmissionReport, join_keys
-from hvplace.coordinator.operations.backend import ClusterView
+from hvplace.coordinator.operations.backend import Backend, ClusterView
 from hvplace.coordinator.operations.noun import Noun, fingerprint, replay
 from hvplace.coordinator.operations.results import RuleMember, RuleResult, RuleView
 from hvplace.coordinator.operations.vms import vm_phase
 from hvplace.coordinator.placement import (
+    membership,
     rule_compliance,
     validate_policy_change,
     validate_rule_change,
 )
+from hvplace.coordinator.rebalance import Rebalancing, newly_broken
 from hvplace.coordinator.store import Txn
 from hvplace.proto import codec, keyspace, validation
-from hvplace.proto.errors import Conflict, NotFound, Unsupported
+from hvplace.proto.errors import Conflict, NotFound
 from hvplace.proto.names import check_name
 from hvplace.proto.records import RequestRecord, Rule, ScopePolicy
 
@@ -65,15 +67,34 @@ def _find(view: ClusterView, scope: str, name: str) -> Rule:
 
 
 class Rules(Noun):
+    def __init__(self, backend: Backend, rebalancing: Rebalancing) -> None:
+        super().__init__(backend)
+        self.rebalancing = rebalancing
+
+    async def _make_hold(self, rule: Rule, old: Rule | None = None) -> None:
+        """`--rebalance`: move VMs until `rule` holds (every other check first, on the
+        rules alone); the change itself is then validated and committed as usual."""
+        view = await self.backend.fresh_view()
+        unplaced = dataclasses.replace(view.snapshot, placements={}, reservations={})
+        validate_rule_change(unplaced, rule, old=old)
+        membership.check_rule_members(rule, view.vms)
+        others = {k: r for k, r in view.snapshot.rules.items() if old is None or k != old.key}
+        changed = dataclasses.replace(view.snapshot, rules={**others, rule.key: rule})
+        broken = newly_broken(view.snapshot, changed) | (
+            frozenset({rule.key}) if old is not None else frozenset()
+        )
+        if rule.required:
+            await self.rebalancing.make_hold(changed, f"rule {rule.key}", broken)
+
     async def create(self, request_id: str, rule: Rule, rebalance: bool) -> RuleResult:
         validation.validate_rule(rule)
         if request_id:
             check_name(request_id, "request id")
-        if rebalance:
-            raise Unsupported("rebalance is not implemented yet; move the VMs first")
         self.require_leader()
         digest = fingerprint("create_rule", codec.to_dict(rule))
         key = keyspace.rule(rule.scope, rule.name)
+        if rebalance and rule.key not in (await self.backend.fresh_view()).rules:
+            await self._make_hold(dataclasses.replace(rule, created_at=time.time()))
 
         async def create(txn: Txn) -> tuple[Rule, AdmissionReport] | None:
             if request_id and await replay(txn, request_id, "create_rule", digest):
@@ -83,6 +104,7 @@ class Rules(Noun):
             view = await self.backend.fresh_view()
             new = dataclasses.replace(rule, created_at=time.time())
             validate_rule_change(view.snapshot, new)
+            membership.check_rule_members(new, view.vms)
             report = AdmissionCheck.of(view.config).run(view.snapshot, extra_rules=[new])
             txn.put(key, codec.dumps(new))
             if request_id:
@@ -120,10 +142,13 @@ class Rules(Noun):
 
     async def update(self, rule: Rule, rebalance: bool) -> RuleResult:
         validation.validate_rule(rule)
-        if rebalance:
-            raise Unsupported("rebalance is not implemented yet; move the VMs first")
         self.require_leader()
         key = keyspace.rule(rule.scope, rule.name)
+        if rebalance:
+            old = (await self.backend.fresh_view()).rules.get(rule.key)
+            if old is None:
+                raise NotFound(f"rule {rule.key} does not exist")
+            await self._make_hold(dataclasses.replace(rule, created_at=old.created_at), old)
 
         async def change(txn: Txn) -> tuple[Rule, AdmissionReport]:
             raw = await txn.get(key)
@@ -133,6 +158,7 @@ class Rules(Noun):
             new = dataclasses.replace(rule, created_at=old.created_at)
             view = await self.backend.fresh_view()
             validate_rule_change(view.snapshot, new, old=old)
+            membership.check_rule_members(new, view.vms)
             others = {k: r for k, r in view.snapshot.rules.items() if k != new.key}
             snapshot = dataclasses.replace(view.snapshot, rules=others)
             report = AdmissionCheck.of(view.config).run(snapshot, extra_rules=[new])
@@ -164,10 +190,17 @@ class Rules(Noun):
 
         await self.backend.update(remove, subject=f"rule {scope}/{name}")
 
-    async def set_policy(self, policy: ScopePolicy) -> ScopePolicy:
+    async def set_policy(self, policy: ScopePolicy, rebalance: bool = False) -> ScopePolicy:
         validation.validate_policy(policy)
         self.require_leader()
         key = keyspace.policy(policy.scope)
+        if rebalance:
+            view = await self.backend.fresh_view()
+            changed = dataclasses.replace(
+                view.snapshot, policies={**view.snapshot.policies, policy.scope: policy}
+            )
+            broken = newly_broken(view.snapshot, changed)
+            await self.rebalancing.make_hold(changed, f"scope `{policy.scope}` policy", broken)
 
         async def change(txn: Txn) -> None:
             await txn.get(key)  # compared: a concurrent change makes this one re-check

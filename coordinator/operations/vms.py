@@ -148,7 +148,7 @@ class VMs(Noun):
         ]
         for vm in stamped:
             validation.check_vm_size(vm)
-        admission = AdmissionCheck.of(view.config) if self.admission_on_create else None
+        admission = AdmissionCheck.of(view.config, simulate=self.admission_on_create)
         # One transaction, or (not atomic, too many for one) one per chunk, each under
         # the reads made so far; the request record goes with the last.
         size = len(stamped) if atomic else MAX_TXN_VMS

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from hvplace.coordinator.placement import filters, reasons, scorers
 from hvplace.coordinator.placement.groups import compile_groups
 from hvplace.coordinator.placement.index import BatchGroup, ClusterIndex
+from hvplace.coordinator.placement.membership import hold_split_affinity
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.proto.records import VM, Explanation, ReasonCount, Resources
 from hvplace.proto.selectors import NodeAffinity
@@ -234,7 +235,8 @@ def place(snapshot: Snapshot, batch: Batch) -> Plan:
         assignments[vm.key] = index.names[pos]
     if batch.atomic and pending:
         return _atomic_refusal(snapshot.revision, todo, pending)
-    return Plan(revision=snapshot.revision, assignments=assignments, pending=pending)
+    plan = Plan(revision=snapshot.revision, assignments=assignments, pending=pending)
+    return hold_split_affinity(plan, todo, snapshot.rules.values())
 
 
 def _atomic_refusal(revision: int, todo: Sequence[VM], pending: Mapping[str, Explanation]) -> Plan:

@@ -69,6 +69,11 @@ class VMServiceStub:
                 request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMRef.SerializeToString,
                 response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Explanation.FromString,
                 _registered_method=True)
+        self.LabelVM = channel.unary_unary(
+                '/hvplace.v1.VMService/LabelVM',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelVMRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMView.FromString,
+                _registered_method=True)
 
 
 class VMServiceServicer:
@@ -116,6 +121,12 @@ class VMServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LabelVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VMServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_VMServiceServicer_to_server(servicer, server):
                     servicer.ExplainVM,
                     request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMRef.FromString,
                     response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Explanation.SerializeToString,
+            ),
+            'LabelVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelVM,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelVMRequest.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class VMService:
             '/hvplace.v1.VMService/ExplainVM',
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMRef.SerializeToString,
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Explanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.VMService/LabelVM',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelVMRequest.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.VMView.FromString,
             options,
             channel_credentials,
             insecure,
@@ -719,6 +762,11 @@ class HostServiceStub:
                 request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostRef.SerializeToString,
                 response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostView.FromString,
                 _registered_method=True)
+        self.LabelHost = channel.unary_unary(
+                '/hvplace.v1.HostService/LabelHost',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelHostRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostView.FromString,
+                _registered_method=True)
 
 
 class HostServiceServicer:
@@ -754,6 +802,12 @@ class HostServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LabelHost(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -780,6 +834,11 @@ def add_HostServiceServicer_to_server(servicer, server):
             'DrainHost': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainHost,
                     request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostRef.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostView.SerializeToString,
+            ),
+            'LabelHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelHost,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelHostRequest.FromString,
                     response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostView.SerializeToString,
             ),
     }
@@ -917,6 +976,33 @@ class HostService:
             target,
             '/hvplace.v1.HostService/DrainHost',
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostRef.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.HostService/LabelHost',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.LabelHostRequest.SerializeToString,
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.HostView.FromString,
             options,
             channel_credentials,
@@ -1280,6 +1366,16 @@ class ClusterServiceStub:
                 request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.SerializeToString,
                 response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.AdmissionReport.FromString,
                 _registered_method=True)
+        self.PreviewRebalance = channel.unary_unary(
+                '/hvplace.v1.ClusterService/PreviewRebalance',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/hvplace.v1.ClusterService/Rebalance',
+                request_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -1309,6 +1405,18 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewRebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1331,6 +1439,16 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.CheckAdmission,
                     request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.FromString,
                     response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.AdmissionReport.SerializeToString,
+            ),
+            'PreviewRebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewRebalance,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceRequest.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceRequest.FromString,
+                    response_serializer=hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1441,6 +1559,60 @@ class ClusterService:
             '/hvplace.v1.ClusterService/CheckAdmission',
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.Empty.SerializeToString,
             hvplace_dot_proto_dot_v1_dot_hvplace__pb2.AdmissionReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewRebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.ClusterService/PreviewRebalance',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceRequest.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hvplace.v1.ClusterService/Rebalance',
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceRequest.SerializeToString,
+            hvplace_dot_proto_dot_v1_dot_hvplace__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

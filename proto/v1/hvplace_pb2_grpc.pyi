@@ -44,6 +44,7 @@ class VMServiceStub:
     StartVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]
     StopVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]
     ExplainVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.Explanation]
+    LabelVM: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.LabelVMRequest, _hvplace_pb2.VMView]
 
 @_typing.type_check_only
 class VMServiceAsyncStub(VMServiceStub):
@@ -55,6 +56,7 @@ class VMServiceAsyncStub(VMServiceStub):
     StartVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]  # type: ignore[assignment]
     StopVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.VMView]  # type: ignore[assignment]
     ExplainVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.VMRef, _hvplace_pb2.Explanation]  # type: ignore[assignment]
+    LabelVM: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.LabelVMRequest, _hvplace_pb2.VMView]  # type: ignore[assignment]
 
 class VMServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,6 +107,13 @@ class VMServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hvplace_pb2.VMRef,
         context: _ServicerContext,
     ) -> _typing.Union[_hvplace_pb2.Explanation, _abc.Awaitable[_hvplace_pb2.Explanation]]: ...
+
+    @_abc_1.abstractmethod
+    def LabelVM(
+        self,
+        request: _hvplace_pb2.LabelVMRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.VMView, _abc.Awaitable[_hvplace_pb2.VMView]]: ...
 
 def add_VMServiceServicer_to_server(servicer: VMServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -194,6 +203,7 @@ class HostServiceStub:
     CordonHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]
     UncordonHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]
     DrainHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]
+    LabelHost: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.LabelHostRequest, _hvplace_pb2.HostView]
 
 @_typing.type_check_only
 class HostServiceAsyncStub(HostServiceStub):
@@ -203,6 +213,7 @@ class HostServiceAsyncStub(HostServiceStub):
     CordonHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]  # type: ignore[assignment]
     UncordonHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]  # type: ignore[assignment]
     DrainHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.HostRef, _hvplace_pb2.HostView]  # type: ignore[assignment]
+    LabelHost: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.LabelHostRequest, _hvplace_pb2.HostView]  # type: ignore[assignment]
 
 class HostServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -237,6 +248,13 @@ class HostServiceServicer(metaclass=_abc_1.ABCMeta):
     def DrainHost(
         self,
         request: _hvplace_pb2.HostRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.HostView, _abc.Awaitable[_hvplace_pb2.HostView]]: ...
+
+    @_abc_1.abstractmethod
+    def LabelHost(
+        self,
+        request: _hvplace_pb2.LabelHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_hvplace_pb2.HostView, _abc.Awaitable[_hvplace_pb2.HostView]]: ...
 
@@ -343,6 +361,8 @@ class ClusterServiceStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_hvplace_pb2.WatchEventsRequest, _hvplace_pb2.Event]
     Simulate: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.SimulateRequest, _hvplace_pb2.SimulateResponse]
     CheckAdmission: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.Empty, _hvplace_pb2.AdmissionReport]
+    PreviewRebalance: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]
+    Rebalance: _grpc.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]
 
 @_typing.type_check_only
 class ClusterServiceAsyncStub(ClusterServiceStub):
@@ -351,6 +371,8 @@ class ClusterServiceAsyncStub(ClusterServiceStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_hvplace_pb2.WatchEventsRequest, _hvplace_pb2.Event]  # type: ignore[assignment]
     Simulate: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.SimulateRequest, _hvplace_pb2.SimulateResponse]  # type: ignore[assignment]
     CheckAdmission: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.Empty, _hvplace_pb2.AdmissionReport]  # type: ignore[assignment]
+    PreviewRebalance: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]  # type: ignore[assignment]
+    Rebalance: _aio.UnaryUnaryMultiCallable[_hvplace_pb2.RebalanceRequest, _hvplace_pb2.RebalanceResponse]  # type: ignore[assignment]
 
 class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -380,5 +402,19 @@ class ClusterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _hvplace_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_hvplace_pb2.AdmissionReport, _abc.Awaitable[_hvplace_pb2.AdmissionReport]]: ...
+
+    @_abc_1.abstractmethod
+    def PreviewRebalance(
+        self,
+        request: _hvplace_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.RebalanceResponse, _abc.Awaitable[_hvplace_pb2.RebalanceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Rebalance(
+        self,
+        request: _hvplace_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hvplace_pb2.RebalanceResponse, _abc.Awaitable[_hvplace_pb2.RebalanceResponse]]: ...
 
 def add_ClusterServiceServicer_to_server(servicer: ClusterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -140,10 +140,10 @@ async def test_rules_policies_hosts_cluster(api: Api) -> None:
     relaxed.description = "replicas apart"
     updated = await api.rule.UpdateRule(pb.UpdateRuleRequest(rule=relaxed))
     assert updated.rule.rule.description == "replicas apart"
-    await expect_error(
+    await expect_error(  # rebalancing does not make an existing rule new
         api.rule.CreateRule(pb.CreateRuleRequest(rule=rule, rebalance=True)),
-        grpc.StatusCode.UNIMPLEMENTED,
-        "unsupported",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "conflict",
     )
     msg = await expect_error(
         api.rule.DeleteRule(pb.DeleteRuleRequest(scope="acme", name="db")),

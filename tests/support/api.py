@@ -16,6 +16,7 @@ from hvplace.coordinator.api import ApiServer, start_api_server
 from hvplace.coordinator.backend import CoreBackend
 from hvplace.coordinator.cache import Cache
 from hvplace.coordinator.daemon import api_core
+from hvplace.coordinator.moves import ColdMover
 from hvplace.coordinator.store import Fence, Store
 from hvplace.proto import codec, keyspace
 from hvplace.proto.records import AdmissionPolicy, ClusterConfig, HostInfo, Resources
@@ -92,7 +93,11 @@ class Api:
 
 
 @asynccontextmanager
-async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[Api]:
+async def running_api(
+    etcd: EtcdServer, fenced: bool = False, stop_timeout_s: float = 30.0
+) -> AsyncIterator[Api]:
+    """`stop_timeout_s`: how long the API's cold mover (rebalance) waits for a host to
+    report a VM stopped."""
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port)
     await client.connect()
     store = await Store.connect([f"127.0.0.1:{etcd.client_port}"], timeout=5.0)
@@ -103,7 +108,12 @@ async def running_api(etcd: EtcdServer, fenced: bool = False) -> AsyncIterator[A
     if fenced:
         key, lease = keyspace.ELECTION + "api-test", await store.grant(60)
         fence = Fence(key, await store.put(key, b"api-test", lease=lease))
-    core = api_core(store, cache, fence=lambda: fence)
+    core = api_core(
+        store,
+        cache,
+        fence=lambda: fence,
+        mover=lambda planner: ColdMover(store, cache, planner, stop_timeout_s=stop_timeout_s),
+    )
     backend = core.backend
     server = await start_api_server(core.operations, "127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
