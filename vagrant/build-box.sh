@@ -87,6 +87,9 @@ printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$R
 printf '/dev/vda\t/\text4\terrors=remount-ro\t0\t1\n' > "$ROOT/etc/fstab"
 # Each VM makes its own machine-id (DHCP client ids, journald) and ssh host keys.
 : > "$ROOT/etc/machine-id"
+# systemd falls back to D-Bus's id when /etc/machine-id is empty: one shared by every VM.
+rm -f "$ROOT/var/lib/dbus/machine-id"
+ln -s /etc/machine-id "$ROOT/var/lib/dbus/machine-id"
 rm -f "$ROOT"/etc/ssh/ssh_host_*
 mkdir -p "$ROOT/etc/systemd/system/ssh.service.d"
 # ed25519 only: an RSA key takes most of a minute under TCG.
@@ -105,6 +108,9 @@ Name=en* eth*
 
 [Network]
 DHCP=ipv4
+
+[DHCPv4]
+ClientIdentifier=mac
 NET
 chroot "$ROOT" systemctl enable systemd-networkd ssh >&2
 # libvirtd runs on the hypervisors only (hypervisor.sh enables it); etcd on the control VM.
@@ -128,8 +134,10 @@ chroot "$ROOT" systemctl enable serial-getty@ttyS0 >&2
 echo "== guest image for the hypervisors' VMs" >&2
 GUEST=/var/cache/hvplace/guest
 [ -s "$GUEST/vmlinuz" ] || "$PY" -m hvplace.agent.guest_image >&2
-install -d "$ROOT/var/lib/hvplace/images/tiny"
+install -d "$ROOT/var/lib/hvplace/images/tiny" "$ROOT$GUEST"
 install -m 0644 "$GUEST/vmlinuz" "$GUEST/initrd.img" "$ROOT/var/lib/hvplace/images/tiny/"
+# The agent's KVM probe boots it from its guest cache (agent/hypervisor.py).
+install -m 0644 "$GUEST/vmlinuz" "$GUEST/initrd.img" "$GUEST/kernel-package" "$ROOT$GUEST/"
 
 umount_chroot
 rm -f "$ROOT/etc/resolv.conf"

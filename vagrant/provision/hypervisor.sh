@@ -5,7 +5,7 @@
 #   hypervisor.sh NAME IP ETCD_IP RACK ZONE [RESERVED_MEMORY_MIB]
 set -euo pipefail
 name="$1" ip="$2" etcd_ip="$3" rack="$4" zone="$5" reserved="${6:-256}"
-if [ -e /dev/kvm ]; then
+if [ -e /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
     echo "${name}: guests use KVM"
 else
     echo "${name}: no /dev/kvm (no nested virtualisation here): guests use TCG"
