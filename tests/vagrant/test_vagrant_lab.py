@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +44,11 @@ ETCD = f"http://{CONTROL_IP}:2379"
 ENDPOINTS = f"{CONTROL_IP}:7420,{CONTROL_IP}:7421"
 HYPERVISORS = ("hv1", "hv2", "hv3")
 DOMAIN_PREFIX = "hvplace-lab-"
-SCOPE = "lab"
+# A scope and image name of this run's own: VMs of an earlier run on a lab left up do not
+# clash (`vagrant up` of a running lab only checks it).
+RUN = uuid.uuid4().hex[:6]
+SCOPE = f"lab-{RUN}"
+IMAGE = f"tiny-{RUN}"
 DB = ("db-1", "db-2")
 WEB = ("web-1", "web-2")
 VMS = tuple(f"{SCOPE}/{n}" for n in (*DB, *WEB))
@@ -66,7 +71,9 @@ def in_lab(*argv: str, timeout: float, check: bool = True) -> subprocess.Complet
         timeout=timeout,
     )
     if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+        )
     return out
 
 
@@ -99,7 +106,9 @@ class VagrantLab:
         argv += ["--token-file", str(self.token_file), "--timeout", "60", *args]
         return in_lab(*argv, timeout=600).stdout
 
-    def watch(self, condition: Callable[[ClusterState], bool], timeout: float, what: str) -> ClusterState:
+    def watch(
+        self, condition: Callable[[ClusterState], bool], timeout: float, what: str
+    ) -> ClusterState:
         """Poll etcd until `condition`; every state read is kept and checked afterwards."""
         deadline = time.monotonic() + timeout
         last_error = ""
@@ -113,21 +122,35 @@ class VagrantLab:
                 if condition(state):
                     return state
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{last_error}")
+                raise AssertionError(
+                    f"timed out after {timeout:.0f}s waiting for {what}{last_error}"
+                )
             time.sleep(1.0)
 
 
 @pytest.fixture(scope="module")
 def vagrant_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VagrantLab]:
     if os.geteuid() != 0:
-        pytest.fail("the Vagrant lab needs root (libvirtd, netns): sudo python -m pytest -m vagrant", pytrace=False)
+        pytest.fail(
+            "the Vagrant lab needs root (libvirtd, netns): sudo python -m pytest -m vagrant",
+            pytrace=False,
+        )
     if shutil.which("vagrant") is None:
-        pytest.fail("vagrant is missing: apt-get install vagrant vagrant-libvirt libvirt-daemon-system", pytrace=False)
+        pytest.fail(
+            "vagrant is missing: apt-get install vagrant vagrant-libvirt libvirt-daemon-system",
+            pytrace=False,
+        )
     boxes = subprocess.run(["vagrant", "box", "list"], capture_output=True, text=True, timeout=120)
     if "hvplace/bookworm" not in boxes.stdout:
-        pytest.fail("no hvplace/bookworm box: build it with `bash vagrant/build-box.sh`", pytrace=False)
+        pytest.fail(
+            "no hvplace/bookworm box: build it with `bash vagrant/build-box.sh`", pytrace=False
+        )
     subprocess.run(["bash", str(NETNS_SH), "start"], check=True, timeout=120)
-    pid = int(subprocess.run(["bash", str(NETNS_SH), "pid"], capture_output=True, text=True, check=True).stdout)
+    pid = int(
+        subprocess.run(
+            ["bash", str(NETNS_SH), "pid"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     reader = ThreadPoolExecutor(1, initializer=_join_netns, initargs=(pid,))
     try:
         started = time.monotonic()
@@ -142,7 +165,9 @@ def vagrant_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VagrantLab
     finally:
         reader.shutdown()
         in_lab("vagrant", "destroy", "-f", timeout=1200, check=False)
-        left = in_lab("virsh", "-c", "qemu:///system", "list", "--all", "--name", timeout=120, check=False)
+        left = in_lab(
+            "virsh", "-c", "qemu:///system", "list", "--all", "--name", timeout=120, check=False
+        )
         subprocess.run(["bash", str(NETNS_SH), "stop"], check=False, timeout=300)
         assert not [d for d in left.stdout.split() if d.startswith(DOMAIN_PREFIX)], left.stdout
 
@@ -184,12 +209,12 @@ def test_vms_under_a_rule_fail_over_when_a_hypervisor_vm_dies(vagrant_lab: Vagra
     ssh(
         "control",
         "sudo hvplace --endpoint " + ENDPOINTS + " --token-file /etc/hvplace/admin.token"
-        f" image add tiny --kernel tiny/vmlinuz --initrd tiny/initrd.img --cmdline '{CMDLINE}'"
+        f" image add {IMAGE} --kernel tiny/vmlinuz --initrd tiny/initrd.img --cmdline '{CMDLINE}'"
         " --dir /var/lib/hvplace/images",
     )
     lab.hvplace("rule", "create", "db-apart", "--scope", SCOPE, "--kind", "anti-affinity",
                 "--member", ",".join(DB))  # fmt: skip
-    size = ["--vcpus", "1", "--memory", str(GUEST_MEMORY_MIB), "--image", "tiny", "--ha", "high"]
+    size = ["--vcpus", "1", "--memory", str(GUEST_MEMORY_MIB), "--image", IMAGE, "--ha", "high"]
     lab.hvplace("vm", "create", "--scope", SCOPE, *DB, *WEB, *size)
     started = time.monotonic()
     before = lab.watch(all_running, SETTLE_TIMEOUT_S, "the VMs running")

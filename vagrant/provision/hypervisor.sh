@@ -26,6 +26,8 @@ state_dir = "/var/lib/hvplace-agent"
 watchdog_device = "/dev/watchdog"
 metrics_listen = "${ip}:9464"
 reserved_memory_mib = ${reserved}
+# A lab hypervisor has one vCPU; its tiny guests mostly idle.
+cpu_ratio = 8.0
 
 [labels]
 rack = "${rack}"
@@ -34,4 +36,6 @@ CONF
 hvplace-agent --config /etc/hvplace/agent.toml --check-config
 install -m 0644 /opt/hvplace-src/systemd/hvplace-agent.service /etc/systemd/system/
 systemctl daemon-reload
-systemctl enable --now hvplace-agent
+systemctl enable hvplace-agent
+# A restart adopts the running guests (re-provisioning applies a changed config).
+systemctl restart hvplace-agent
