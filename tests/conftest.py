@@ -1,11 +1,20 @@
-"""Fixtures shared by every test folder: a real etcd server."""
+"""Fixtures shared by every test folder: a real etcd server; hypothesis' profiles."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 from support.etcd import EtcdCluster, EtcdServer
+
+# The test command runs the same examples every time (`ci`): a red CI run is a regression,
+# never a draw. `HVPLACE_HYPOTHESIS=explore` draws new examples (and more of them) to
+# look for bugs; a failure found so is then pinned with @example or a table test.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=1000)
+settings.load_profile(os.environ.get("HVPLACE_HYPOTHESIS", "ci"))
 
 
 @pytest.fixture(scope="session")
