@@ -17,7 +17,8 @@ from hvplace.coordinator.config import CoordinatorConfig, budget_text
 from hvplace.coordinator.controller import Controller
 from hvplace.coordinator.election import Election
 from hvplace.coordinator.metrics import CoordinatorMetrics
-from hvplace.coordinator.moves import ColdMover
+from hvplace.coordinator.migration import Migrations
+from hvplace.coordinator.moves import ColdMover, LiveMover
 from hvplace.coordinator.operations import Operations
 from hvplace.coordinator.planner import Outcome, Planner
 from hvplace.coordinator.rebalance import Mover
@@ -72,7 +73,7 @@ class Coordinator:
         self.election: Election | None = None
         self.planner: Planner | None = None
         self.controller: Controller | None = None
-        self.mover: ColdMover | None = None
+        self.mover: LiveMover | None = None
         self.backend: CoreBackend | None = None
         self.operations: Operations | None = None
         self.api: Any = None
@@ -156,9 +157,11 @@ class Coordinator:
                 fence=election.require_fence,
                 election=election,
                 admission_on_create=self.admission_on_create,
-                mover=lambda planner: ColdMover(store, cache, planner),
+                mover=lambda planner: LiveMover(
+                    Migrations(store, cache, planner), cache, ColdMover(store, cache, planner)
+                ),
             )
-            self.mover = cast(ColdMover, core.operations.rebalancing.mover)
+            self.mover = cast(LiveMover, core.operations.rebalancing.mover)
             planner = self.planner = core.planner
             planner.on_committed = self._observe_commit
             controller = self.controller = Controller(

@@ -1,6 +1,6 @@
-"""`ColdMover`, the rebalancer's `Mover` (coordinator/rebalance.py) until live migration
-plugs in behind the same seam: a fenced cold re-assignment (stop on the old host, then
-assign to the new one).
+"""The rebalancer's `Mover`s (coordinator/rebalance.py): `LiveMover` (the daemon's: live
+migration, cold per VM setting) and `ColdMover`, a fenced cold re-assignment (stop on the
+old host, then assign to the new one).
 
 The cold move keeps a VM from ever running on two hosts: its old host must first report
 it stopped at a fresh epoch (written by this move, so the report cannot predate it), or
@@ -19,13 +19,23 @@ from collections.abc import Callable, Sequence
 
 from hvplace.coordinator import cache as kinds
 from hvplace.coordinator.cache import Cache, Change
+from hvplace.coordinator.migration import Migrations
 from hvplace.coordinator.placement import Batch, Plan, place, rule_compliance
 from hvplace.coordinator.planner import Planner
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Compare, Store, Txn
 from hvplace.proto import codec, keyspace
 from hvplace.proto.errors import Busy, Conflict, NotFound, Unavailable
-from hvplace.proto.records import TOPOLOGY_HOST, VM, Assignment, DomainState, Phase, Power, VMStatus
+from hvplace.proto.records import (
+    TOPOLOGY_HOST,
+    VM,
+    Assignment,
+    DomainState,
+    MigrationPolicy,
+    Phase,
+    Power,
+    VMStatus,
+)
 from hvplace.proto.selectors import LabelExpression, NodeAffinity, NodeSelectorTerm, Op
 
 log = logging.getLogger(__name__)
@@ -258,3 +268,34 @@ class ColdMover:
             await self._restore(key, "its move was interrupted")
             count += 1
         return count
+
+
+class LiveMover:
+    """The daemon's `Mover`: live migration (coordinator/migration.py), so a rebalance or a
+    `--rebalance` moves guests without stopping them. Each VM's `migration` setting
+    decides the rest: `restart` moves cold (`cold`), `live_or_restart` moves cold when
+    the live migration is refused or fails, and `live` (the default) stays where it was,
+    with the reason raised."""
+
+    def __init__(self, migrations: Migrations, cache: Cache, cold: ColdMover) -> None:
+        self.migrations = migrations
+        self.cache = cache
+        self.cold = cold
+
+    async def move(self, vm: str, target: str) -> None:
+        spec = self.cache.vms.records.get(vm)
+        if spec is None:
+            raise NotFound(f"VM {vm} does not exist")
+        if spec.migration is MigrationPolicy.RESTART:
+            await self.cold.move(vm, target)
+            return
+        try:
+            await self.migrations.migrate_vm(spec.scope, spec.name, target)
+        except (Conflict, Unavailable) as e:
+            if spec.migration is not MigrationPolicy.LIVE_OR_RESTART:
+                raise
+            log.info("VM %s: live migration to %s not done (%s); moving it cold", vm, target, e)
+            await self.cold.move(vm, target)
+
+    async def repair_interrupted(self) -> int:
+        return await self.cold.repair_interrupted()
