@@ -102,7 +102,8 @@ class VagrantLab:
         return self.reader.submit(observe.read_cluster, ETCD).result()
 
     def hvplace(self, *args: str) -> str:
-        argv = [sys.executable, "-m", "hvplace.coordinator.cli", "--endpoint", ENDPOINTS]
+        # The installed console script: wherever the CLI's module lives.
+        argv = [str(Path(sys.executable).parent / "hvplace"), "--endpoint", ENDPOINTS]
         argv += ["--token-file", str(self.token_file), "--timeout", "60", *args]
         return in_lab(*argv, timeout=600).stdout
 
