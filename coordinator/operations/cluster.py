@@ -16,17 +16,18 @@ from hvplace.proto.errors import InvalidInput
 from hvplace.proto.names import quote
 from hvplace.proto.records import HostState, Phase, host_state
 
-EVENT_KINDS: Mapping[str, str] = {
-    keyspace.VMS: "vm",
-    keyspace.VM_STATUS: "vm",
-    keyspace.HOSTS: "host",
-    keyspace.HOST_STATUS: "host",
-    keyspace.RULES: "rule",
-    keyspace.POLICIES: "rule",
-    keyspace.ASSIGNMENTS: "assignment",
-    keyspace.DOMAINS: "domain",
-    keyspace.CONFIG: "config",
+EVENT_KINDS: Mapping[keyspace.Kind, str] = {
+    keyspace.Kind.VMS: "vm",
+    keyspace.Kind.VM_STATUS: "vm",
+    keyspace.Kind.HOSTS: "host",
+    keyspace.Kind.HOST_STATUS: "host",
+    keyspace.Kind.RULES: "rule",
+    keyspace.Kind.POLICIES: "rule",
+    keyspace.Kind.ASSIGNMENTS: "assignment",
+    keyspace.Kind.DOMAINS: "domain",
+    keyspace.Kind.CONFIG: "config",
 }
+"""The event kind a watcher asks for, by the kind of key (keyspace.classify) it shows."""
 
 
 class Cluster(Noun):
@@ -80,7 +81,7 @@ class Cluster(Noun):
                 f" {', '.join(sorted(set(EVENT_KINDS.values())))}"
             )
         async for change in self.backend.changes():
-            kind = next((k for p, k in EVENT_KINDS.items() if change.key.startswith(p)), "")
+            kind = EVENT_KINDS.get(keyspace.classify(change.key).kind, "")
             if not kind or (wanted and kind not in wanted):
                 continue
             yield Event(

@@ -171,7 +171,7 @@ def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactor
     sampler = LibvirtSampler(uris, [key], running_only=True)
     sampler.start()
     mover = subprocess.Popen(
-        [sys.executable, "-m", "hvplace.coordinator.cli", "vm", "migrate", key],
+        [sys.executable, "-m", "hvplace.cli", "vm", "migrate", key],
         env=dict(os.environ, **lab.env()),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -36,7 +36,7 @@ def test_the_lab_refuses_callers_without_credentials(settings: LabSettings) -> N
         env = dict(os.environ, **lab.env())
         del env["HVPLACE_TOKEN_FILE"]
         bare = subprocess.run(
-            [sys.executable, "-m", "hvplace.coordinator.cli", "host", "list"],
+            [sys.executable, "-m", "hvplace.cli", "host", "list"],
             capture_output=True, text=True, env=env, timeout=60,
         )  # fmt: skip
         assert bare.returncode != 0 and "no credentials" in bare.stderr, bare.stderr
