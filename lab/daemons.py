@@ -370,6 +370,7 @@ def start_coordinator(settings: LabSettings, state: LabState, name: str) -> Coor
     state.save(settings)
     argv = [*_python_module("hvplace.coordinator"), "--config", str(config)]
     record.process = spawn_detached(f"coordinator-{name}", argv, base / "coordinator.log")
+    state.save(settings)  # with its PID: `lab down` stops it whoever called this
     return record
 
 

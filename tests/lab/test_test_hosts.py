@@ -10,7 +10,7 @@ import pytest
 from hvplace.lab import cli as lab_cli
 from hvplace.lab import daemons, observe, workload
 from hvplace.lab.control import Lab
-from hvplace.lab.processes import kill9
+from hvplace.lab.processes import is_alive, kill9
 from hvplace.lab.state import LabSettings
 
 
@@ -174,6 +174,7 @@ def test_a_host_dying_while_no_coordinator_runs_is_found_lost(settings: LabSetti
     lease expires unseen; a coordinator started afterwards derives `lost` from the
     records and re-places the VMs (they ran `scheduled` on a vanished host forever)."""
     lab = Lab(settings)
+    late = None
     try:
         lab.up(3, "test", lease_ttl=2.0)
         workload.hvplace(
@@ -190,7 +191,7 @@ def test_a_host_dying_while_no_coordinator_runs_is_found_lost(settings: LabSetti
         moving = [k for k in keys if before.host_of(k) == victim]
         lab.kill_host(victim)
         observe.wait_for(etcd, lambda s: victim not in s.registered, 30, f"{victim}'s lease gone")
-        daemons.start_coordinator(settings, lab.state(), "late")
+        late = daemons.start_coordinator(settings, lab.state(), "late")
         after = observe.wait_for(
             etcd,
             lambda s: s.lost(victim) and workload.all_running(keys)(s),
@@ -200,4 +201,6 @@ def test_a_host_dying_while_no_coordinator_runs_is_found_lost(settings: LabSetti
         assert all(after.host_of(k) not in (None, victim) for k in moving)
     finally:
         assert lab.down() == []
+        # `lab down` stopped the coordinator started here too (it was left running).
+        assert late is None or not is_alive(late.process)
     assert not settings.state_dir.exists()
