@@ -22,16 +22,12 @@ def wait_for_moves(c: Client, moving: bool) -> None:
         c.timeout = max(c.timeout, MOVES_TIMEOUT_S)
 
 
-def _table(headers: tuple[str, ...], rows: list[list[object]]) -> str:
-    return table(headers, rows)
-
-
 def rebalance_text(resp: pb.RebalanceResponse) -> str:
     rows: list[list[object]] = []
     for m in resp.moves:
         state = ("done" if m.done else f"FAILED: {m.error}") if resp.applied else "planned"
         rows.append([m.vm, m.source, m.target, state, m.why])
-    out = [_table(("VM", "FROM", "TO", "STATE", "WHY"), rows) if rows else "no moves needed"]
+    out = [table(("VM", "FROM", "TO", "STATE", "WHY"), rows) if rows else "no moves needed"]
     if resp.broken:
         proof = "fewest possible" if resp.minimal else "not proven fewest (search budget)"
         out.append(f"repairs {', '.join(resp.broken)} with {resp.repair_moves} move(s) ({proof})")
@@ -77,7 +73,7 @@ def cmd_host_label(c: Client, args: argparse.Namespace) -> None:
     view: pb.HostView = c.call("host", "LabelHost", request)
 
     def text() -> str:
-        out = _table(HOST_HEADERS, _host_rows([view]))
+        out = table(HOST_HEADERS, _host_rows([view]))
         if view.status.labels:
             labels = ",".join(f"{k}={v}" for k, v in sorted(view.status.labels.items()))
             out += f"\noperator labels: {labels}"
