@@ -9,6 +9,7 @@ etcd, then starts a coordinator (child process, gRPC API on) and reports one JSO
                   bounded below by the session TTL (the lease must expire first)
 
     python bench/scale.py --json [--hosts 10000] [--vms 100000] [--creates 40] [--no-takeover]
+    SCALE_PROFILE=/tmp/leader.txt python bench/scale.py ...   # the leader's profile, creates incl.
 """
 
 from __future__ import annotations
@@ -104,12 +105,30 @@ async def child(endpoint: str, name: str) -> None:
             flush=True,
         )
         was = False
+        profile_to = os.environ.get("SCALE_PROFILE", "")
         while True:
             lead = c.election.is_leader
             if lead and not was:
                 print(json.dumps({"event": "leader", "at": time.time()}), flush=True)
+                if profile_to:
+                    _profile_until_usr1(profile_to)
             was = lead
             await asyncio.sleep(0.005)
+
+
+def _profile_until_usr1(path: str) -> None:
+    """SCALE_PROFILE=FILE: a pyinstrument profile of the leader from taking office to the
+    end of the creates (the parent sends SIGUSR1), written to FILE."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(async_mode="disabled")
+    profiler.start()
+
+    def dump() -> None:
+        profiler.stop()
+        Path(path).write_text(profiler.output_text(unicode=False, color=False))
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
 def spawn(endpoint: str, name: str) -> subprocess.Popen[str]:
@@ -197,6 +216,12 @@ def main() -> int:
         wait_event(leader, "leader")
         time.sleep(2.0)  # the controller's first pass (nothing to place)
         took = creates(int(ready["port"]), args.creates)
+        if os.environ.get("SCALE_PROFILE"):
+            report = Path(os.environ["SCALE_PROFILE"])
+            report.unlink(missing_ok=True)
+            leader.send_signal(signal.SIGUSR1)
+            while not report.exists() and leader.poll() is None:
+                time.sleep(0.1)
         result: dict[str, object] = {
             "hosts": args.hosts,
             "vms": args.vms,

@@ -66,7 +66,7 @@ class AdmissionCheck:
         if extra_vms:
             rules = snapshot.rules.values()
             membership.check_polarity(extra_vms, rules)
-            joined = {**snapshot.vms, **{vm.key: vm for vm in extra_vms}}
+            joined = snapshot.overlaid({vm.key: vm for vm in extra_vms}, {})
             membership.check_max_members(joined, rules, extra_vms)
         if not self.simulate:
             return AdmissionReport(ok=True, policy="off")

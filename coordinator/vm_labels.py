@@ -56,9 +56,8 @@ async def label_vm(
         changed = relabelled(current, set_labels, remove)
         rules = view.rules.values()
         membership.check_polarity([changed], rules)
-        joined = {**view.vms, changed.key: changed}
-        membership.check_max_members(joined, rules, [changed])
-        after = dataclasses.replace(view.snapshot, vms=joined)
+        after = view.snapshot.overlaid({changed.key: changed}, {})
+        membership.check_max_members(after, rules, [changed])
         broken = newly_broken(view.snapshot, after)
         if broken:
             raise Conflict(

@@ -77,7 +77,7 @@ class Rules(Noun):
         view = await self.backend.fresh_view()
         unplaced = dataclasses.replace(view.snapshot, placements={}, reservations={})
         validate_rule_change(unplaced, rule, old=old)
-        membership.check_rule_members(rule, view.vms)
+        membership.check_rule_members(rule, view.snapshot)
         others = {k: r for k, r in view.snapshot.rules.items() if old is None or k != old.key}
         changed = dataclasses.replace(view.snapshot, rules={**others, rule.key: rule})
         broken = newly_broken(view.snapshot, changed) | (
@@ -104,7 +104,7 @@ class Rules(Noun):
             view = await self.backend.fresh_view()
             new = dataclasses.replace(rule, created_at=time.time())
             validate_rule_change(view.snapshot, new)
-            membership.check_rule_members(new, view.vms)
+            membership.check_rule_members(new, view.snapshot)
             report = AdmissionCheck.of(view.config).run(view.snapshot, extra_rules=[new])
             txn.put(key, codec.dumps(new))
             if request_id:
@@ -158,7 +158,7 @@ class Rules(Noun):
             new = dataclasses.replace(rule, created_at=old.created_at)
             view = await self.backend.fresh_view()
             validate_rule_change(view.snapshot, new, old=old)
-            membership.check_rule_members(new, view.vms)
+            membership.check_rule_members(new, view.snapshot)
             others = {k: r for k, r in view.snapshot.rules.items() if k != new.key}
             snapshot = dataclasses.replace(view.snapshot, rules=others)
             report = AdmissionCheck.of(view.config).run(snapshot, extra_rules=[new])

@@ -22,7 +22,7 @@ from hvplace.coordinator.placement.engine import (
     search,
 )
 from hvplace.coordinator.placement.groups import compile_groups
-from hvplace.coordinator.placement.headroom import headroom
+from hvplace.coordinator.placement.headroom import Headroom, headroom
 from hvplace.coordinator.placement.index import ClusterIndex, host_table
 from hvplace.coordinator.snapshot import Snapshot, restart_key
 from hvplace.proto.records import TOPOLOGY_HOST, VM, HAPriority, HostState, Rule
@@ -83,9 +83,15 @@ class _Slots:
     with no required rule and no node restriction, fit when they are no more than the
     slots (each host holds that many of the largest). Computed once per size and index."""
 
-    def __init__(self, index: ClusterIndex) -> None:
+    def __init__(
+        self, index: ClusterIndex, kept: Headroom | None = None, touched: Collection[int] = ()
+    ) -> None:
         self.index = index
         self._total: dict[Size, int] = {}
+        # With the kept headroom (whose free capacity the index's differs from at
+        # `touched` only): a size it tracks costs O(touched), not a pass over the hosts.
+        self._kept = kept
+        self._touched = touched
 
     def of(self, pos: int, size: Size) -> int:
         index = self.index
@@ -104,6 +110,13 @@ class _Slots:
 
     def total(self, size: Size) -> int:
         found = self._total.get(size)
+        if found is None and self._kept is not None:
+            index = self.index
+            found = self._kept.total(
+                size, index.ready, index.free_cpu, index.free_mem, index.free_disk, self._touched
+            )
+            if found is not None:
+                self._total[size] = found
         if found is None:
             index = self.index
             cpu, mem, disk = size
@@ -350,7 +363,9 @@ def check_admission(
     slots = _Slots(index)
     if loads.usage is not None and not exact and failures <= 1 and topology_key == TOPOLOGY_HOST:
         # Any one host: the kept headroom names the few hosts the bound cannot settle.
-        count, scenarios = _single_host_scenarios(index, loads, constrained)
+        kept = headroom(index.table, loads.usage)
+        count, scenarios = _single_host_scenarios(index, loads, constrained, kept)
+        slots = _Slots(index, kept, loads.touched)
         truncated = False
     else:
         scenarios, truncated = _scenarios(index, loads.loaded, failures, topology_key)
@@ -367,7 +382,7 @@ def check_admission(
 
 
 def _single_host_scenarios(
-    index: ClusterIndex, loads: _Loads, constrained: Collection[int]
+    index: ClusterIndex, loads: _Loads, constrained: Collection[int], kept: Headroom
 ) -> tuple[int, list[tuple[int, ...]]]:
     """How many single-host scenarios there are (loaded hosts not lost), and the ones
     to look at: the hosts the request touches, the pinned and rule-bound ones, and those
@@ -377,14 +392,12 @@ def _single_host_scenarios(
     usage = loads.usage
     assert usage is not None
     table = index.table
-    kept = headroom(table, usage)
     touched = loads.touched
     look = kept.over(index.ready, index.free_cpu, index.free_mem, index.free_disk, touched)
     look |= touched
     look.update(constrained)
     lost = HostState.LOST
-    position = table.position
-    count = sum(1 for h in usage.by_host if h in position)
+    count = len(kept.loaded)
     for pos in touched:
         count += loads.is_loaded(pos) - (table.names[pos] in usage.by_host)
     count -= sum(1 for pos in table.lost if loads.is_loaded(pos))

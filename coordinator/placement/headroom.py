@@ -47,6 +47,8 @@ class Headroom:
         self.totals: dict[Size, int] = {}
         self.refs: dict[Size, int] = {}
         self.needs: dict[Size, dict[int, set[int]]] = {}
+        # Positions of the hosts with VMs assigned (single-host scenarios are theirs).
+        self.loaded = {p for h in usage.by_host if (p := table.position.get(h)) is not None}
         for host in usage.restart:
             pos = table.position.get(host)
             if pos is not None:
@@ -78,6 +80,10 @@ class Headroom:
                 del self.needs[size][need]
             self.refs[size] -= 1
         self.pinned.discard(pos)
+        if t.names[pos] in usage.by_host:
+            self.loaded.add(pos)
+        else:
+            self.loaded.discard(pos)
         sizes = usage.restart.get(t.names[pos])
         if not sizes:
             return
@@ -104,6 +110,25 @@ class Headroom:
         for size in [s for s, n in self.refs.items() if n == 0]:
             for kept in (self.slot, self.totals, self.refs, self.needs):
                 del kept[size]
+
+    def total(
+        self,
+        size: Size,
+        ready: list[bool],
+        cpu: list[int],
+        mem: list[int],
+        disk: list[int],
+        touched: Iterable[int],
+    ) -> int | None:
+        """Slots for `size` over the ready hosts when the free capacity is (`cpu`, `mem`,
+        `disk`), differing from the kept one at `touched` only; None for a size not kept."""
+        slot = self.slot.get(size)
+        if slot is None:
+            return None
+        total = self.totals[size]
+        for pos in touched:
+            total += slots_at(ready, cpu, mem, disk, pos, size) - slot[pos]
+        return total
 
     def over(
         self, ready: list[bool], cpu: list[int], mem: list[int], disk: list[int], touched: set[int]

@@ -7,7 +7,7 @@ are placed all or none (vCD's mandatory rule fails the deployment unless it can 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from hvplace.coordinator.placement import reasons
@@ -16,6 +16,7 @@ from hvplace.proto.records import VM, Explanation, ReasonCount, Rule, RuleKind
 
 if TYPE_CHECKING:
     from hvplace.coordinator.placement.engine import Plan
+    from hvplace.coordinator.snapshot import Snapshot
 
 
 def _names(keys: Iterable[str], limit: int = 5) -> str:
@@ -44,26 +45,28 @@ def check_polarity(vms: Iterable[VM], rules: Iterable[Rule]) -> None:
                 )
 
 
-def member_count(rule: Rule, vms: Mapping[str, VM]) -> int:
+def member_count(rule: Rule, snapshot: Snapshot) -> int:
     """Named members (created or not) and the scope's VMs the selector picks."""
     names = set(rule.members)
     if rule.selector is not None and not rule.selector.is_empty():
+        selector = rule.selector
         names.update(
             vm.name
-            for vm in vms.values()
-            if vm.scope == rule.scope and rule.selector.matches(vm.labels)
+            for vm in snapshot.scope_vms((rule.scope,))[rule.scope]
+            if selector.matches(vm.labels)
         )
     return len(names)
 
 
-def check_max_members(vms: Mapping[str, VM], rules: Iterable[Rule], new: Sequence[VM]) -> None:
+def check_max_members(snapshot: Snapshot, rules: Iterable[Rule], new: Sequence[VM]) -> None:
     """InvalidInput (`incorrect`) when a rule would hold more than its `max_members`
-    with `new` (created or relabelled VMs) in `vms`."""
-    touched = {r.key for vm in new for r in rules_of(vm, rules)}
-    for rule in sorted(rules, key=lambda r: r.key):
-        if not rule.max_members or rule.key not in touched:
+    with `new` (created or relabelled VMs, laid over `snapshot` by the caller)."""
+    capped = [r for r in rules if r.max_members]
+    touched = {r.key for vm in new for r in rules_of(vm, capped)}
+    for rule in sorted(capped, key=lambda r: r.key):
+        if rule.key not in touched:
             continue
-        count = member_count(rule, vms)
+        count = member_count(rule, snapshot)
         if count > rule.max_members:
             joining = [vm.key for vm in new if rule.selects(vm)]
             raise InvalidInput(
@@ -72,10 +75,10 @@ def check_max_members(vms: Mapping[str, VM], rules: Iterable[Rule], new: Sequenc
             )
 
 
-def check_rule_members(rule: Rule, vms: Mapping[str, VM]) -> None:
+def check_rule_members(rule: Rule, snapshot: Snapshot) -> None:
     """InvalidInput when a created or changed rule already selects more than its cap."""
     if rule.max_members:
-        count = member_count(rule, vms)
+        count = member_count(rule, snapshot)
         if count > rule.max_members:
             raise InvalidInput(
                 f"rule `{rule.key}` would hold {count} members; its max_members is"
@@ -89,10 +92,15 @@ def hold_split_affinity(plan: Plan, batch: Sequence[VM], rules: Iterable[Rule]) 
     required = [r for r in rules if r.required and r.kind is RuleKind.AFFINITY]
     if not required or not plan.pending:
         return plan
+    # Only a rule of a scope with a VM left pending can hold anything back.
+    by_scope: dict[str, list[VM]] = {}
+    for vm in batch:
+        by_scope.setdefault(vm.scope, []).append(vm)
+    stuck = {key.split("/", 1)[0] for key in plan.pending}
     assignments = dict(plan.assignments)
     pending = dict(plan.pending)
-    for rule in sorted(required, key=lambda r: r.key):
-        members = [vm.key for vm in batch if rule.selects(vm)]
+    for rule in sorted((r for r in required if r.scope in stuck), key=lambda r: r.key):
+        members = [vm.key for vm in by_scope.get(rule.scope, ()) if rule.selects(vm)]
         left = [k for k in members if k in pending]
         if not left or len(members) < 2:
             continue

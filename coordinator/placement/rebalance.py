@@ -380,6 +380,27 @@ def _ordered(state: _State, moves: Sequence[Move]) -> list[Move]:
     return out
 
 
+def _work(
+    snapshot: Snapshot,
+    groups: Sequence[ConstraintGroup],
+    improve: bool,
+    only: frozenset[str] | None,
+) -> bool:
+    """Whether a plan could hold a move: a required group to repair is broken, or
+    preferred groups may be improved. O(members): the leader's loop asks this at every
+    wake-up, and the search's state costs a pass over every VM and host."""
+    if improve and any(not g.required for g in groups):
+        return True
+    placements, hosts = snapshot.placements, snapshot.hosts
+    for g in groups:
+        if not g.required or (only is not None and g.key not in only):
+            continue
+        key = g.topology_key
+        if group_penalty(g, placements, lambda h, key=key: host_domain(hosts, h, key)):
+            return True
+    return False
+
+
 def plan_rebalance(
     snapshot: Snapshot,
     max_moves: int = 0,
@@ -393,7 +414,14 @@ def plan_rebalance(
     the plan (repairs first); what the cap leaves out is counted in `truncated`. `only`
     names the required groups to repair (a rule or label change: the groups it breaks);
     the others are then only kept from getting worse."""
-    groups = compile_groups(snapshot.vms, snapshot.rules.values(), snapshot.policies.values())
+    groups = compile_groups(
+        snapshot.vms,
+        snapshot.rules.values(),
+        snapshot.policies.values(),
+        scope_vms=snapshot.scope_vms,
+    )
+    if not _work(snapshot, groups, improve, only):
+        return RebalancePlan()
     state = _State(snapshot, groups)
     required = _required(state)
     focus = {i for i in required if only is None or groups[i].key in only}
