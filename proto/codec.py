@@ -36,6 +36,8 @@ class _Field:
     decode: _Decoder
     default: Any
     """The field's default, or dataclasses.MISSING for a required field."""
+    record: bool = False
+    """A nested record (a sub-message: set even when empty, as its presence is seen)."""
 
 
 _plans: dict[type, tuple[_Field, ...]] = {}
@@ -125,6 +127,12 @@ def _no_decoder(tp: Any) -> _Decoder:
     return refuse
 
 
+def _is_record(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_record(a) for a in typing.get_args(tp) if a is not type(None))
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 def _plan(cls: type) -> tuple[_Field, ...]:
     plan = _plans.get(cls)
     if plan is None:
@@ -146,33 +154,66 @@ def _plan(cls: type) -> tuple[_Field, ...]:
             else:
                 default = dataclasses.MISSING
             rows.append(
-                _Field(f.name, _encoder(tp, to_dict), _encoder(tp, full_dict), decode, default)
+                _Field(
+                    f.name,
+                    _encoder(tp, to_dict),
+                    _encoder(tp, full_dict),
+                    decode,
+                    default,
+                    _is_record(tp),
+                )
             )
         plan = _plans[cls] = tuple(rows)
     return plan
 
 
+def _compile(cls: type, compact: bool) -> Callable[[Any], dict[str, Any]]:
+    """An encoder for `cls` written out field by field from its plan, once per class:
+    no loop over the plan and no call for a plain value, per record (the commit path
+    encodes three records per placed VM and the API's reply one more)."""
+    env: dict[str, Any] = {"MISSING": dataclasses.MISSING}
+    lines = ["def encode(obj):", "    out = {}"]
+    for i, f in enumerate(_plan(cls)):
+        enc = f.compact if compact else f.full
+        env[f"e{i}"], env[f"d{i}"] = enc, f.default
+        value = "v" if enc is _identity else f"e{i}(v)"
+        lines.append(f"    v = obj.{f.name}")
+        if not compact:
+            # A message reader sees an unset scalar or list as its zero value: only what
+            # differs from it is set (a third less for the message constructor).
+            test = "v is not None" if f.record else "v"
+            lines += [f"    if {test}:", f"        out[{f.name!r}] = {value}"]
+        elif f.default is dataclasses.MISSING:
+            lines.append(f"    out[{f.name!r}] = {value}")
+        else:
+            lines += [f"    if not (v == d{i}):", f"        out[{f.name!r}] = {value}"]
+    lines.append("    return out")
+    exec("\n".join(lines), env)  # the code is built here from the fields names alone
+    encode: Callable[[Any], dict[str, Any]] = env["encode"]
+    return encode
+
+
+_compact: dict[type, Callable[[Any], dict[str, Any]]] = {}
+_full: dict[type, Callable[[Any], dict[str, Any]]] = {}
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """The record as its proto message's JSON mapping, fields at their default omitted."""
-    out: dict[str, Any] = {}
-    for f in _plan(type(obj)):
-        value = getattr(obj, f.name)
-        if f.default is not dataclasses.MISSING and value == f.default:
-            continue
-        out[f.name] = f.compact(value)
-    return out
+    encode = _compact.get(type(obj))
+    if encode is None:
+        encode = _compact[type(obj)] = _compile(type(obj), compact=True)
+    return encode(obj)
 
 
 def full_dict(obj: Any) -> dict[str, Any]:
-    """Every field but those that are None, defaults included: unlike etcd's compact JSON
-    (read back by `from_dict`, which restores defaults), an API reader gets proto3
-    defaults (0, false, "") for what is left out, and a VM's default size is not zero."""
-    out: dict[str, Any] = {}
-    for f in _plan(type(obj)):
-        value = getattr(obj, f.name)
-        if value is not None:
-            out[f.name] = f.full(value)
-    return out
+    """The record for its proto message: every field whose value is not proto3's zero
+    (0, false, "", empty) and every nested record. Unlike etcd's compact JSON (read back
+    by `from_dict`, which restores the records' defaults), a message reader gets proto3
+    zeros for what is left out, and a record's default is not always zero (a VM's size)."""
+    encode = _full.get(type(obj))
+    if encode is None:
+        encode = _full[type(obj)] = _compile(type(obj), compact=False)
+    return encode(obj)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
