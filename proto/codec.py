@@ -188,7 +188,7 @@ def _compile(cls: type, compact: bool) -> Callable[[Any], dict[str, Any]]:
         else:
             lines += [f"    if not (v == d{i}):", f"        out[{f.name!r}] = {value}"]
     lines.append("    return out")
-    exec("\n".join(lines), env)  # the code is built here from the fields names alone
+    exec("\n".join(lines), env)  # code built here from the fields' names alone
     encode: Callable[[Any], dict[str, Any]] = env["encode"]
     return encode
 

@@ -34,8 +34,8 @@ incoming domain. The record's existence is the reservation on the target; its de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from hvplace.proto.names import check_name
 
@@ -132,11 +132,11 @@ class Kind(StrEnum):
     OTHER = "other"
 
 
-@dataclass(frozen=True, slots=True)
-class Key:
+class Key(NamedTuple):
     """A key taken apart. `id` is the record's name in its kind: a host's name, `scope/vm`
     (VMs, their statuses, assignments and domains), `scope/rule`, a policy's scope, an
-    image's name, a request id, an election candidate's lease; the whole key for `other`."""
+    image's name, a request id, an election candidate's lease; the whole key for `other`.
+    (A named tuple: the cache takes apart every key it is told of.)"""
 
     kind: Kind
     id: str
@@ -145,48 +145,49 @@ class Key:
     name: str = ""
 
 
-# Longest first where one prefix could begin another (none do today: each ends in "/").
-_BY_HOST = (
-    (ASSIGNMENTS, Kind.ASSIGNMENTS),
-    (DOMAINS, Kind.DOMAINS),
-    (MIGRATIONS, Kind.MIGRATIONS),
-)
-_SCOPED = ((VMS, Kind.VMS), (VM_STATUS, Kind.VM_STATUS), (RULES, Kind.RULES))
-_NAMED = (
-    (HOSTS, Kind.HOSTS),
-    (HOST_STATUS, Kind.HOST_STATUS),
-    (POLICIES, Kind.POLICIES),
-    (REQUESTS, Kind.REQUESTS),
-    (IMAGES, Kind.IMAGES),
-    (ELECTION, Kind.ELECTION),
-)
+_HOSTED, _IN_SCOPE, _NAMED_ONLY, _BY_SCOPE, _A_HOST = range(5)
+# Each folder under ROOT (the key's first segment) and how the rest of the key reads.
+_FOLDERS: dict[str, tuple[Kind, int]] = {
+    prefix[len(ROOT) : -1]: (kind, shape)
+    for prefix, kind, shape in (
+        (ASSIGNMENTS, Kind.ASSIGNMENTS, _HOSTED),
+        (DOMAINS, Kind.DOMAINS, _HOSTED),
+        (MIGRATIONS, Kind.MIGRATIONS, _HOSTED),
+        (VMS, Kind.VMS, _IN_SCOPE),
+        (VM_STATUS, Kind.VM_STATUS, _IN_SCOPE),
+        (RULES, Kind.RULES, _IN_SCOPE),
+        (HOSTS, Kind.HOSTS, _A_HOST),
+        (HOST_STATUS, Kind.HOST_STATUS, _A_HOST),
+        (POLICIES, Kind.POLICIES, _BY_SCOPE),
+        (REQUESTS, Kind.REQUESTS, _NAMED_ONLY),
+        (IMAGES, Kind.IMAGES, _NAMED_ONLY),
+        (ELECTION, Kind.ELECTION, _NAMED_ONLY),
+    )
+}
+_ROOT_LEN = len(ROOT)
 
 
 def classify(key: str) -> Key:
     """The kind and names of any key (never raises: a malformed one keeps what it has)."""
-    if key == CONFIG:
-        return Key(Kind.CONFIG, "")
     if not key.startswith(ROOT):
         return Key(Kind.OTHER, key)
-    for prefix, kind in _BY_HOST:
-        if key.startswith(prefix):
-            host, _, rest = key[len(prefix) :].partition("/")
-            scope, _, name = rest.partition("/")
-            return Key(kind, rest, host=host, scope=scope, name=name)
-    for prefix, kind in _SCOPED:
-        if key.startswith(prefix):
-            rest = key[len(prefix) :]
-            scope, _, name = rest.partition("/")
-            return Key(kind, rest, scope=scope, name=name)
-    for prefix, kind in _NAMED:
-        if key.startswith(prefix):
-            rest = key[len(prefix) :]
-            if kind is Kind.POLICIES:
-                return Key(kind, rest, scope=rest)
-            if kind in (Kind.HOSTS, Kind.HOST_STATUS):
-                return Key(kind, rest, host=rest, name=rest)
-            return Key(kind, rest, name=rest)
-    return Key(Kind.OTHER, key)
+    folder, slash, rest = key[_ROOT_LEN:].partition("/")
+    found = _FOLDERS.get(folder) if slash else None
+    if found is None:
+        return Key(Kind.CONFIG, "") if key == CONFIG else Key(Kind.OTHER, key)
+    kind, shape = found
+    if shape == _HOSTED:
+        host, _, rest = rest.partition("/")
+        scope, _, name = rest.partition("/")
+        return Key(kind, rest, host, scope, name)
+    if shape == _IN_SCOPE:
+        scope, _, name = rest.partition("/")
+        return Key(kind, rest, "", scope, name)
+    if shape == _A_HOST:
+        return Key(kind, rest, rest, "", rest)
+    if shape == _BY_SCOPE:
+        return Key(kind, rest, "", rest)
+    return Key(kind, rest, "", "", rest)
 
 
 def prefix_end(prefix: str) -> str:

@@ -33,6 +33,7 @@ _PATH = re.compile(r"(/(?!\.\.?(?:/|$))[A-Za-z0-9._+@=~-]+)+")
 # Trees no image may come from: devices (a host disk as an overlay's backing file would
 # hand it to the guest), kernel interfaces, runtime state and configuration.
 DENIED_PATH_ROOTS = ("/dev", "/proc", "/sys", "/run", "/var/run", "/etc")
+_DENIED_UNDER = tuple(f"{root}/" for root in DENIED_PATH_ROOTS)
 # The same plain segments, relative: a catalogue image's file inside a host's image dirs.
 _SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._+@=~-]+"
 _RELATIVE_PATH = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
@@ -187,8 +188,8 @@ def check_path(value: str, what: str) -> str:
     """An absolute file path of plain segments (letters, digits, '.', '_', '-', '+', '@',
     '=', '~'; no '.', '..' or empty segment), at most MAX_PATH characters."""
     if isinstance(value, str) and len(value) <= MAX_PATH and _PATH.fullmatch(value):
-        root = next((r for r in DENIED_PATH_ROOTS if is_under(value, r)), None)
-        if root is not None:
+        if value.startswith(_DENIED_UNDER) or value in DENIED_PATH_ROOTS:
+            root = next(r for r in DENIED_PATH_ROOTS if is_under(value, r))
             raise InvalidInput(f"{what} {quote(value)} is under {root}, where no image may be")
         return value
     if not isinstance(value, str):
