@@ -38,8 +38,8 @@ def _reader(descriptor: Any) -> Callable[[Message], dict[str, Any]]:
     for i, field in enumerate(descriptor.fields):
         name = field.name
         message = field.message_type
-        read = f"getattr(msg, {name!r})" if keyword.iskeyword(name) else f"msg.{name}"
-        lines.append(f"    v = {read}")
+        access = f"getattr(msg, {name!r})" if keyword.iskeyword(name) else f"msg.{name}"
+        lines.append(f"    v = {access}")
         if message is not None and message.GetOptions().map_entry:
             value = message.fields_by_name["value"]
             if value.message_type is not None:

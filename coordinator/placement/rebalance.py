@@ -391,12 +391,16 @@ def _work(
     wake-up, and the search's state costs a pass over every VM and host."""
     if improve and any(not g.required for g in groups):
         return True
-    placements, hosts = snapshot.placements, snapshot.hosts
+    hosts = snapshot.hosts
     for g in groups:
         if not g.required or (only is not None and g.key not in only):
             continue
         key = g.topology_key
-        if group_penalty(g, placements, lambda h, key=key: host_domain(hosts, h, key)):
+
+        def domain(host: str, key: str = key) -> str | None:
+            return host_domain(hosts, host, key)
+
+        if group_penalty(g, snapshot.placements, domain):
             return True
     return False
 
