@@ -66,8 +66,9 @@ class AdmissionCheck:
         if extra_vms:
             rules = snapshot.rules.values()
             membership.check_polarity(extra_vms, rules)
-            joined = snapshot.overlaid({vm.key: vm for vm in extra_vms}, {})
-            membership.check_max_members(joined, rules, extra_vms)
+            if any(r.max_members for r in rules):
+                joined = snapshot.overlaid({vm.key: vm for vm in extra_vms}, {})
+                membership.check_max_members(joined, rules, extra_vms)
         if not self.simulate:
             return AdmissionReport(ok=True, policy="off")
         result = check_admission(

@@ -321,15 +321,18 @@ class Store:
                 )
             )
             failure.append(rpc.RequestOp(request_range=rpc.RangeRequest(key=fence.key.encode())))
-        ops = [
-            rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=v, lease=lease))
-            for k, v in puts.items()
-        ]
-        ops += [
-            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k.encode()))
-            for k in deletes
-        ]
-        req = rpc.TxnRequest(compare=cmp, success=ops, failure=failure)
+        req = rpc.TxnRequest(compare=cmp, failure=failure)
+        # Filled in place: a quarter of the time of building each op and copying it in
+        # (a planner's transaction puts three keys per VM placed, 1,500 for 500 VMs).
+        add = req.success.add
+        for k, v in puts.items():
+            put = add().request_put
+            put.key = k.encode()
+            put.value = v
+            if lease:
+                put.lease = lease
+        for k in deletes:
+            add().request_delete_range.key = k.encode()
         resp = await self.etcd.txn(req, timeout_s=self._timeout)
         if resp.succeeded:
             return int(resp.header.revision)

@@ -209,7 +209,11 @@ class _Loads:
         if self._loaded is not None:
             return pos in self._loaded
         if pos in self.touched:
-            return bool(self.keys(pos))
+            if self._added.get(pos):
+                return True
+            base = self._base.get(self.index.names[pos], ())
+            removed = self._removed.get(pos, ())
+            return any(k not in removed for k in base)
         return self.index.names[pos] in self._base
 
     @property

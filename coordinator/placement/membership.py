@@ -29,12 +29,20 @@ def rules_of(vm: VM, rules: Iterable[Rule]) -> list[Rule]:
     return sorted((r for r in rules if r.selects(vm)), key=lambda r: r.key)
 
 
+def _by_scope(rules: Iterable[Rule]) -> dict[str, list[Rule]]:
+    """Rules per scope: a VM joins only rules of its own scope."""
+    found: dict[str, list[Rule]] = {}
+    for rule in rules:
+        found.setdefault(rule.scope, []).append(rule)
+    return found
+
+
 def check_polarity(vms: Iterable[VM], rules: Iterable[Rule]) -> None:
     """Conflict when a VM (new, or with new labels) would join two rules of one kind."""
-    rules = list(rules)
+    scoped = _by_scope(rules)
     for vm in vms:
         by_kind: dict[RuleKind, list[str]] = {}
-        for rule in rules_of(vm, rules):
+        for rule in rules_of(vm, scoped.get(vm.scope, ())):
             by_kind.setdefault(rule.kind, []).append(rule.name)
         for kind, names in sorted(by_kind.items()):
             if len(names) > 1:
@@ -62,7 +70,10 @@ def check_max_members(snapshot: Snapshot, rules: Iterable[Rule], new: Sequence[V
     """InvalidInput (`incorrect`) when a rule would hold more than its `max_members`
     with `new` (created or relabelled VMs, laid over `snapshot` by the caller)."""
     capped = [r for r in rules if r.max_members]
-    touched = {r.key for vm in new for r in rules_of(vm, capped)}
+    if not capped:
+        return
+    scoped = _by_scope(capped)
+    touched = {r.key for vm in new for r in rules_of(vm, scoped.get(vm.scope, ()))}
     for rule in sorted(capped, key=lambda r: r.key):
         if rule.key not in touched:
             continue
