@@ -13,8 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import immutables
 from hvplace.coordinator.snapshot import Derived, Snapshot, Usage
@@ -62,8 +61,7 @@ RESYNC = "resync"
 """The type of the Change sent after a relist: subscribers must re-read everything."""
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One change as the cache applied it. `name` is the record's key in its table (host
     name, `scope/vm`, `scope/rule`, scope); `record` is None for a delete."""
 
@@ -74,6 +72,7 @@ class Change:
     record: object | None
     revision: int
     value: bytes = b""
+    # (A named tuple: one is made per event of the watch, three per VM placed.)
 
 
 class Table(Generic[T]):

@@ -10,7 +10,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from aetcd import rpc
 from hvplace.proto import keyspace
@@ -66,8 +66,7 @@ class Fence:
     revision: int
 
 
-@dataclass(frozen=True, slots=True)
-class Compare:
+class Compare(NamedTuple):
     """`key`'s mod revision equals `mod_revision` (0: the key is absent); with `prefix`,
     no key under the prefix changed after `mod_revision` (mod revision ≤ it)."""
 
@@ -280,22 +279,6 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    def _compare(self, c: Compare) -> Any:
-        if c.prefix:
-            return rpc.Compare(
-                key=c.key.encode(),
-                range_end=_range_end(c.key),
-                target=rpc.Compare.MOD,
-                result=rpc.Compare.LESS,
-                mod_revision=c.mod_revision + 1,
-            )
-        return rpc.Compare(
-            key=c.key.encode(),
-            target=rpc.Compare.MOD,
-            result=rpc.Compare.EQUAL,
-            mod_revision=c.mod_revision,
-        )
-
     async def commit(
         self,
         compares: Sequence[Compare],
@@ -309,21 +292,28 @@ class Store:
         puts (on `lease` when non-zero) and deletes. Returns the revision it committed at,
         0 (falsy) when a compare failed and nothing was written. Raises FenceLost when the
         fence itself failed."""
-        cmp = [self._compare(c) for c in compares]
-        failure = []
+        req = rpc.TxnRequest()
+        # Filled in place: a quarter of the time of building each part and copying it in
+        # (a planner's transaction compares a key and puts three per VM placed).
+        add_compare = req.compare.add
+        for c in compares:
+            cmp = add_compare()
+            cmp.key = c.key.encode()
+            cmp.target = rpc.Compare.MOD
+            if c.prefix:
+                cmp.range_end = _range_end(c.key)
+                cmp.result = rpc.Compare.LESS
+                cmp.mod_revision = c.mod_revision + 1
+            else:
+                cmp.result = rpc.Compare.EQUAL
+                cmp.mod_revision = c.mod_revision
         if fence is not None:
-            cmp.append(
-                rpc.Compare(
-                    key=fence.key.encode(),
-                    target=rpc.Compare.CREATE,
-                    result=rpc.Compare.EQUAL,
-                    create_revision=fence.revision,
-                )
-            )
-            failure.append(rpc.RequestOp(request_range=rpc.RangeRequest(key=fence.key.encode())))
-        req = rpc.TxnRequest(compare=cmp, failure=failure)
-        # Filled in place: a quarter of the time of building each op and copying it in
-        # (a planner's transaction puts three keys per VM placed, 1,500 for 500 VMs).
+            held = add_compare()
+            held.key = fence.key.encode()
+            held.target = rpc.Compare.CREATE
+            held.result = rpc.Compare.EQUAL
+            held.create_revision = fence.revision
+            req.failure.add().request_range.key = fence.key.encode()
         add = req.success.add
         for k, v in puts.items():
             put = add().request_put

@@ -58,13 +58,25 @@ def clip(text: str, limit: int = 2 * QUOTE_MAX) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+KNOWN_NAMES_MAX = 32_768
+"""Names recently found valid, kept to skip the pattern: every etcd key the commit path
+builds checks its scope, VM and host names again (three keys per VM placed)."""
+_KNOWN_NAMES: set[str] = set()
+
+
 def check_name(value: str, what: str) -> str:
     """Return `value` if it is safe as an etcd key segment and a libvirt name, else raise.
 
     `what` names the field in the message, e.g. "VM name".
     """
-    if type(value) is str and _VALID_NAME.fullmatch(value) and ".." not in value:
-        return value
+    if type(value) is str:
+        if value in _KNOWN_NAMES:
+            return value
+        if _VALID_NAME.fullmatch(value) and ".." not in value:
+            if len(_KNOWN_NAMES) >= KNOWN_NAMES_MAX:
+                _KNOWN_NAMES.clear()
+            _KNOWN_NAMES.add(value)
+            return value
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
     if value == "":
