@@ -84,7 +84,9 @@ async def child(endpoint: str, name: str) -> None:
     """A whole coordinator with its gRPC API: prints `ready` (cache listed, with the time it
     took), then `leader` when it takes office."""
     from hvplace.coordinator.config import CoordinatorConfig
-    from hvplace.coordinator.daemon import Coordinator
+    from hvplace.coordinator.daemon import Coordinator, tune_collector
+
+    tune_collector()  # as hvplace-coordinator's main does
 
     cfg = CoordinatorConfig(
         node_name=name,

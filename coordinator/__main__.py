@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from hvplace.coordinator.daemon import Coordinator
+    from hvplace.coordinator.daemon import Coordinator, tune_collector
 
+    tune_collector()
     try:
         asyncio.run(_serve(Coordinator(cfg)))
     except HvplaceError as e:

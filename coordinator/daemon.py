@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,19 @@ def api_core(
     moves = mover(planner) if mover is not None else None
     operations = Operations(backend, admission_on_create=admission_on_create, mover=moves)
     return ApiCore(planner, backend, operations)
+
+
+COLLECTOR_GEN0 = 10_000
+"""The cyclic collector's first threshold in the coordinator's process (Python's is 700)."""
+
+
+def tune_collector() -> None:
+    """The coordinator allocates records by the hundred thousand and they are acyclic:
+    at Python's default the collector runs a young pass per 700 allocations and full
+    passes over every record created since the last relist. Fewer, larger passes: at
+    20,000 creates the collector's time fell from 346 to 122 ms, and the coordinator's
+    CPU per placement by a tenth (bench/commit.py, 3 alternating pairs)."""
+    gc.set_threshold(COLLECTOR_GEN0, 10, 10)
 
 
 class Coordinator:
