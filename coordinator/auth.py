@@ -281,17 +281,24 @@ def objects_of(request: Message, limit: int = 20) -> list[str]:
             found.append(f"{scope}/{name}" if isinstance(scope, str) and scope else name)
 
     one(request)
+    more = 0
     for fd, value in request.ListFields():
         if fd.message_type is None:
             continue
         if isinstance(value, Message):
             one(value)
-        else:  # a repeated message field
-            for item in value:
+        else:  # a repeated message field: past the limit, only counted (500 VMs a create)
+            for n, item in enumerate(value):
+                if len(found) > limit:
+                    more += sum(1 for rest in value[n:] if getattr(rest, "name", ""))
+                    break
                 if isinstance(item, Message):
                     one(item)
     if len(found) > limit:
-        found = [*found[:limit], f"... {len(found) - limit} more"]
+        more += len(found) - limit
+        found = found[:limit]
+    if more:
+        found.append(f"... {more} more")
     return found
 
 

@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 from aetcd import rpc  # etcd's generated gRPC stubs, as aetcd ships them
@@ -223,8 +223,9 @@ class Compacted(Exception):
         self.compact_revision = compact_revision
 
 
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
+class WatchEvent(NamedTuple):
+    """One key's change (a named tuple: a watch of the keyspace makes one per write)."""
+
     type: str  # put | delete
     key: str
     value: bytes
@@ -598,12 +599,13 @@ class WatchStream:
             why = f"etcd canceled the watch: {resp.cancel_reason}"
             self._client.member_failed(self._index, why)
             raise Unavailable(why)
+        delete = rpc.Event.DELETE
         events = tuple(
             WatchEvent(
-                type="delete" if e.type == rpc.Event.DELETE else "put",
-                key=e.kv.key.decode(),
-                value=e.kv.value,
-                mod_revision=int(e.kv.mod_revision),
+                "delete" if e.type == delete else "put",
+                (kv := e.kv).key.decode(),
+                kv.value,
+                kv.mod_revision,
             )
             for e in resp.events
         )
