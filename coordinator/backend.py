@@ -79,7 +79,15 @@ class CoreBackend:
         kvs, _revision = await self.store.list_prefix(prefix)
         return [kv.value for kv in kvs]
 
-    async def update(self, fn: Callable[[Txn], Awaitable[T]], *, subject: str) -> T:
+    async def update(
+        self, fn: Callable[[Txn], Awaitable[T]], *, subject: str, hold_placement: bool = False
+    ) -> T:
+        if hold_placement:
+            async with self.planner.held():
+                return await self._update(fn, subject)
+        return await self._update(fn, subject)
+
+    async def _update(self, fn: Callable[[Txn], Awaitable[T]], subject: str) -> T:
         done = await self.store.update(fn, fence=self._fence(), subject=subject)
         if done.revision:
             await self.cache.wait_for_revision(done.revision)

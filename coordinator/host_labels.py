@@ -93,5 +93,7 @@ async def label_host(
             )
         txn.put(key, codec.dumps(status))
 
-    await hosts.backend.update(change, subject=f"host {name} labels")
+    # With placement held still: a plan computed under the old labels must not land
+    # beside the change (the planner compares only its target hosts' records).
+    await hosts.backend.update(change, subject=f"host {name} labels", hold_placement=True)
     return host_view(hosts.backend.view(), name)

@@ -6,9 +6,10 @@ statuses it wrote and the failover admission report it was checked against."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hvplace.coordinator.admission import AdmissionCheck, AdmissionReport, combined
@@ -68,6 +69,19 @@ class Planner:
         # Plans sent and not yet in the cache: ticket -> (their VM specs, placements).
         self._inflight: dict[int, tuple[dict[str, VM], dict[str, str]]] = {}
         self._ticket = 0
+        self._settled = asyncio.Event()  # set while no plan is in flight
+        self._settled.set()
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Placement held still: no plan in flight and none computed until the block
+        ends. A change to what plans read that they do not compare at commit (a host's
+        or a VM's labels) is decided and written inside, so no plan computed under the
+        old records lands beside it; the block must wait for its write to show in the
+        cache before it ends."""
+        async with self.lock:
+            await self._settled.wait()
+            yield
 
     async def place_and_commit(
         self,
@@ -187,6 +201,7 @@ class Planner:
                 self.cache.expect({k: (puts[k], r) for k, r in records.items()})
                 self._ticket += 1
                 ticket = self._ticket
+                self._settled.clear()
                 self._inflight[ticket] = (
                     {vm.key: vm for vm in vms if vm.key in plan.assignments},
                     dict(plan.assignments),
@@ -224,6 +239,8 @@ class Planner:
             return revision
         finally:
             self._inflight.pop(ticket, None)
+            if not self._inflight:
+                self._settled.set()
 
     async def _check_preconditions(self, compares: Sequence[Compare]) -> None:
         for c in compares:

@@ -75,5 +75,9 @@ async def label_vm(
                 txn.put(akey, codec.dumps(dataclasses.replace(old, vm=changed)))
         return changed.key
 
-    vm_key = await vms.backend.update(change, subject=f"VM {scope}/{name} labels")
+    # With placement held still: a plan computed under the old labels (joining or not
+    # joining this VM's rules) must not land beside the change.
+    vm_key = await vms.backend.update(
+        change, subject=f"VM {scope}/{name} labels", hold_placement=True
+    )
     return vm_view(vms.backend.view(), vm_key)

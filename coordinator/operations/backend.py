@@ -83,10 +83,15 @@ class Backend(Protocol):
         """Every value under `prefix`, read from etcd, in key order."""
         ...
 
-    async def update(self, fn: Callable[[Txn], Awaitable[T]], *, subject: str) -> T:
+    async def update(
+        self, fn: Callable[[Txn], Awaitable[T]], *, subject: str, hold_placement: bool = False
+    ) -> T:
         """The one read-modify-write (store.Store.update), fenced; `fn` may raise to abort
         and may read the view (`fresh_view`) to decide. Once it returns, the view shows
-        what was written. Busy, naming `subject`, when conflicts persist."""
+        what was written. Busy, naming `subject`, when conflicts persist.
+        `hold_placement`: decided and written with placement held still (no plan in
+        flight, none computed meanwhile): for a change to records that plans read but do
+        not compare when they commit (labels)."""
         ...
 
     def txn(self) -> Txn:
