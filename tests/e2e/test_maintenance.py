@@ -205,3 +205,67 @@ def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactor
     assert MARKER not in console(lab, target, key)
     assert sampler.max_gap() < 1.0
     assert sampler.duplicates() == []
+
+
+def test_the_source_agent_killed_mid_migration_leaves_the_vm_on_one_host(
+    make_lab: LabFactory,
+) -> None:
+    """The source host's agent is killed -9 while libvirt moves the guest, and started
+    again (as systemd would): the VM ends running on exactly one host, never two in any
+    sample, and no migration record is left."""
+    lab = make_lab(2, "real")
+    key = f"{SCOPE}/y"
+    size = ["--vcpus", "1", "--memory", str(workload.MEMORY_MIB), *workload.image_args(lab.state())]
+    cli(lab, "vm", "create", "--scope", SCOPE, "y", *size)
+    before = observe.wait_for(lab.etcd_endpoint(), settled([key]), 120, "y running")
+    source = before.host_of(key)
+    assert source is not None
+    observe.wait_for(
+        lab.etcd_endpoint(),
+        lambda s: MARKER in console(lab, source, key),
+        60,
+        "y's boot marker on its console",
+    )
+    uris = {h.name: h.root_side_uri for h in lab.state().hosts.values()}
+    sampler = LibvirtSampler(uris, [key], running_only=True)
+    sampler.start()
+    mover = subprocess.Popen(
+        [sys.executable, "-m", "hvplace.cli", "vm", "migrate", key],
+        env=dict(os.environ, **lab.env()),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        observe.wait_for(
+            lab.etcd_endpoint(),
+            lambda s: bool(observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]),
+            60,
+            "the migration recorded",
+        )
+        lab.kill_agent(source)
+        in_flight = observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
+        assert in_flight, "settled before the agent died: this run proves nothing"
+        lab.start_agent(source)
+
+        def one_host(s: ClusterState) -> bool:
+            return (
+                settled([key])(s)
+                and s.host_of(key) is not None
+                and not observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
+            )
+
+        after = observe.wait_for(lab.etcd_endpoint(), one_host, 180, "y settled on one host")
+        # Ten more samples of libvirt on both hosts once it settled: still one copy.
+        seen = len(sampler.samples)
+        observe.wait_for(
+            lab.etcd_endpoint(), lambda s: len(sampler.samples) >= seen + 10, 30, "ten samples"
+        )
+    finally:
+        mover.kill()
+        mover.wait()
+        sampler.stop()
+    host = after.host_of(key)
+    assert host is not None
+    assert sampler.duplicates() == []
+    last = sampler.where(sampler.samples[-1])
+    assert last.get(key) == [host], last
