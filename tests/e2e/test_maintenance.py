@@ -207,12 +207,13 @@ def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactor
     assert sampler.duplicates() == []
 
 
-def test_the_source_agent_killed_mid_migration_leaves_the_vm_on_one_host(
-    make_lab: LabFactory,
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_an_agent_killed_mid_migration_leaves_the_vm_on_one_host(
+    make_lab: LabFactory, side: str
 ) -> None:
-    """The source host's agent is killed -9 while libvirt moves the guest, and started
-    again (as systemd would): the VM ends running on exactly one host, never two in any
-    sample, and no migration record is left."""
+    """The source's (or the target's) agent is killed -9 while libvirt moves the guest,
+    and started again (as systemd would): the VM ends running on exactly one host, never
+    two in any sample, and no migration record is left."""
     lab = make_lab(2, "real")
     key = f"{SCOPE}/y"
     size = ["--vcpus", "1", "--memory", str(workload.MEMORY_MIB), *workload.image_args(lab.state())]
@@ -242,10 +243,11 @@ def test_the_source_agent_killed_mid_migration_leaves_the_vm_on_one_host(
             60,
             "the migration recorded",
         )
-        lab.kill_agent(source)
+        victim = source if side == "source" else next(h for h in uris if h != source)
+        lab.kill_agent(victim)
         in_flight = observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
         assert in_flight, "settled before the agent died: this run proves nothing"
-        lab.start_agent(source)
+        lab.start_agent(victim)
 
         def one_host(s: ClusterState) -> bool:
             return (
