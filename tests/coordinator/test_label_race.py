@@ -7,11 +7,11 @@ then be checked with that VM in place (refused), never pass on the view before i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
 import pytest
-from hvplace.coordinator.store import Compare, Fence, Store
+from hvplace.coordinator.store import Compare, Store
 from hvplace.proto.v1 import hvplace_pb2 as pb
 from support.api import Api, running_api
 from support.etcd import EtcdServer
@@ -31,36 +31,45 @@ class Gate:
     to etcd, until opened: the plan is then in flight, as under load."""
 
     def __init__(self, store: Store) -> None:
-        self.store = store
         self.held = asyncio.Event()
         self.open = asyncio.Event()
-        self._commit = store.commit
-        store.commit = self._gated  # type: ignore[method-assign]
+        commit = store.commit
 
-    async def _gated(
-        self,
-        compares: Sequence[Compare],
-        puts: Mapping[str, bytes],
-        deletes: Sequence[str] = (),
-        *,
-        fence: Fence | None,
-        lease: int = 0,
-    ) -> int:
-        if not self.held.is_set() and any("/assignments/" in k for k in puts):
-            self.held.set()
-            await self.open.wait()
-        return await self._commit(compares, puts, deletes, fence=fence, lease=lease)
+        async def gated(compares: Sequence[Compare], puts: Mapping[str, bytes], *a, **kw):  # type: ignore[no-untyped-def]
+            if not self.held.is_set() and any("/assignments/" in k for k in puts):
+                self.held.set()
+                await self.open.wait()
+            return await commit(compares, puts, *a, **kw)
+
+        store.commit = gated  # type: ignore[method-assign]
+
+
+async def race(
+    api: Api, create: pb.VM, relabel: Callable[[], Awaitable[object]], rule: str
+) -> pb.VMView:
+    """Create `create` with its plan held before etcd, call `relabel` meanwhile (given a
+    moment to go through: it must not, it would be checked without the new VM), then let
+    the plan go: the relabel is refused naming `rule`, and `rule` holds."""
+    gate = Gate(api.backend.store)
+    creating = asyncio.ensure_future(api.vm.CreateVMs(pb.CreateVMsRequest(vms=[create])))
+    await asyncio.wait_for(gate.held.wait(), 30)
+    relabelling = asyncio.ensure_future(relabel())
+    await asyncio.wait({relabelling}, timeout=1.0)
+    gate.open.set()
+    created: pb.CreateVMsResponse = await asyncio.wait_for(creating, 30)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await asyncio.wait_for(relabelling, 30)
+    assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+    assert rule in (e.value.details() or "")
+    view: pb.RuleView = await api.rule.GetRule(pb.RuleRef(scope="acme", name=rule))
+    assert view.satisfied, view.violations
+    return created.vms[0]
 
 
 @pytest.fixture
 async def api(etcd: EtcdServer) -> AsyncIterator[Api]:
     async with running_api(etcd, fenced=True) as a:
         yield a
-
-
-async def _rule_holds(api: Api, name: str) -> pb.RuleView:
-    view: pb.RuleView = await api.rule.GetRule(pb.RuleRef(scope="acme", name=name))
-    return view
 
 
 async def test_a_host_relabelled_while_a_plan_is_in_flight_is_checked_with_it(
@@ -77,29 +86,13 @@ async def test_a_host_relabelled_while_a_plan_is_in_flight_is_checked_with_it(
         topology_key="rack",
     )
     await api.rule.CreateRule(pb.CreateRuleRequest(rule=apart))
-    # a on h1 (h2 cordoned meanwhile)
-    await api.host.CordonHost(pb.HostRef(name="h2"))
+    await api.host.CordonHost(pb.HostRef(name="h2"))  # a on h1
     await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("a")]))
     await api.host.UncordonHost(pb.HostRef(name="h2"))
-    gate = Gate(api.backend.store)
-    # b's plan (h2, the other rack) is computed and held before etcd.
-    creating = asyncio.ensure_future(api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("b")])))
-    await asyncio.wait_for(gate.held.wait(), 30)
-    # h1 moved into h2's rack while b's plan is in flight.
-    relabel = asyncio.ensure_future(
-        api.host.LabelHost(pb.LabelHostRequest(name="h1", set={"rack": "r2"}))
-    )
-    # Given a moment to go through (it must not: it would be checked without b).
-    await asyncio.wait({relabel}, timeout=1.0)
-    gate.open.set()
-    created = await asyncio.wait_for(creating, 30)
-    assert created.vms[0].status.host == "h2"
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await asyncio.wait_for(relabel, 30)
-    assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
-    assert "apart" in (e.value.details() or "")
-    view = await _rule_holds(api, "apart")
-    assert view.satisfied, view.violations
+    # b's plan (h2, the other rack) in flight while h1 moves into h2's rack.
+    relabel = pb.LabelHostRequest(name="h1", set={"rack": "r2"})
+    b = await race(api, vm("b"), lambda: api.host.LabelHost(relabel), "apart")
+    assert b.status.host == "h2"
 
 
 async def test_a_vm_relabelled_while_a_plan_is_in_flight_is_checked_with_it(api: Api) -> None:
@@ -116,23 +109,7 @@ async def test_a_vm_relabelled_while_a_plan_is_in_flight_is_checked_with_it(api:
     await api.rule.CreateRule(pb.CreateRuleRequest(rule=dbs))
     await api.host.CordonHost(pb.HostRef(name="h2"))  # everything goes to h1
     await api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("a", role="web")]))
-    gate = Gate(api.backend.store)
-    # c, a db, is planned beside a (a web VM then) and held before etcd.
-    creating = asyncio.ensure_future(
-        api.vm.CreateVMs(pb.CreateVMsRequest(vms=[vm("c", role="db")]))
-    )
-    await asyncio.wait_for(gate.held.wait(), 30)
-    # a becomes a db while c's plan is in flight.
-    relabel = asyncio.ensure_future(
-        api.vm.LabelVM(pb.LabelVMRequest(scope="acme", name="a", set={"role": "db"}))
-    )
-    await asyncio.wait({relabel}, timeout=1.0)
-    gate.open.set()
-    created = await asyncio.wait_for(creating, 30)
-    assert created.vms[0].status.host == "h1"
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await asyncio.wait_for(relabel, 30)
-    assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
-    assert "dbs" in (e.value.details() or "")
-    view = await _rule_holds(api, "dbs")
-    assert view.satisfied, view.violations
+    # c, a db, planned beside a (a web VM then) while a becomes a db.
+    relabel = pb.LabelVMRequest(scope="acme", name="a", set={"role": "db"})
+    c = await race(api, vm("c", role="db"), lambda: api.vm.LabelVM(relabel), "dbs")
+    assert c.status.host == "h1"

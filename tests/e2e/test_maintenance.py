@@ -5,10 +5,12 @@ sampler sees no VM running on two hosts and no required rule broken in any sampl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -150,14 +152,15 @@ def test_live_migration_and_drain_keep_guests_running_and_rules_unbroken(
     assert sampler.violations(after.rules, after.vms, before.host_labels()) == []
 
 
-def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactory) -> None:
-    """The leader that started a live migration is killed -9 while libvirt moves the guest:
-    the standby takes over and settles it from the records (derived, not remembered)."""
-    lab = make_lab(2, "real")
-    key = f"{SCOPE}/x"
+@contextlib.contextmanager
+def migrating(lab: Lab, name: str) -> Iterator[tuple[str, LibvirtSampler]]:
+    """Create `name`, let it boot, then start `vm migrate` on it with the libvirt sampler
+    on both hosts; yields (its source host, the sampler) once the migration is recorded
+    (in flight), and stops the CLI and the sampler after the block."""
+    key = f"{SCOPE}/{name}"
     size = ["--vcpus", "1", "--memory", str(workload.MEMORY_MIB), *workload.image_args(lab.state())]
-    cli(lab, "vm", "create", "--scope", SCOPE, "x", *size)
-    before = observe.wait_for(lab.etcd_endpoint(), settled([key]), 120, "x running")
+    cli(lab, "vm", "create", "--scope", SCOPE, name, *size)
+    before = observe.wait_for(lab.etcd_endpoint(), settled([key]), 120, f"{name} running")
     source = before.host_of(key)
     assert source is not None
     # Booted before it moves: a marker on the target's console would then be a new boot.
@@ -165,7 +168,7 @@ def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactor
         lab.etcd_endpoint(),
         lambda s: MARKER in console(lab, source, key),
         60,
-        "x's boot marker on its console",
+        f"{name}'s boot marker on its console",
     )
     uris = {h.name: h.root_side_uri for h in lab.state().hosts.values()}
     sampler = LibvirtSampler(uris, [key], running_only=True)
@@ -178,27 +181,33 @@ def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactor
     )
     try:
         observe.wait_for(
-            lab.etcd_endpoint(),
-            lambda s: bool(observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]),
-            60,
-            "the migration recorded",
+            lab.etcd_endpoint(), lambda _s: in_flight(lab), 60, "the migration recorded"
         )
-        lab.kill_leader()
-        in_flight = observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
-        assert in_flight, "settled before the leader died: this run proves nothing"
-
-        def moved(s: ClusterState) -> bool:
-            return (
-                settled([key])(s)
-                and s.host_of(key) not in (None, source)
-                and not observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
-            )
-
-        after = observe.wait_for(lab.etcd_endpoint(), moved, 120, "x settled on the other host")
+        yield source, sampler
     finally:
         mover.kill()
         mover.wait()
         sampler.stop()
+
+
+def in_flight(lab: Lab) -> bool:
+    """A migration record is in etcd now (read directly)."""
+    return bool(observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1])
+
+
+def test_a_migration_in_flight_is_settled_by_the_next_leader(make_lab: LabFactory) -> None:
+    """The leader that started a live migration is killed -9 while libvirt moves the guest:
+    the standby takes over and settles it from the records (derived, not remembered)."""
+    lab = make_lab(2, "real")
+    key = f"{SCOPE}/x"
+    with migrating(lab, "x") as (source, sampler):
+        lab.kill_leader()
+        assert in_flight(lab), "settled before the leader died: this run proves nothing"
+
+        def moved(s: ClusterState) -> bool:
+            return settled([key])(s) and s.host_of(key) not in (None, source) and not in_flight(lab)
+
+        after = observe.wait_for(lab.etcd_endpoint(), moved, 120, "x settled on the other host")
     target = after.host_of(key)
     assert target is not None
     assert "-incoming" in qemu_log(lab, target, key)
@@ -216,45 +225,14 @@ def test_an_agent_killed_mid_migration_leaves_the_vm_on_one_host(
     two in any sample, and no migration record is left."""
     lab = make_lab(2, "real")
     key = f"{SCOPE}/y"
-    size = ["--vcpus", "1", "--memory", str(workload.MEMORY_MIB), *workload.image_args(lab.state())]
-    cli(lab, "vm", "create", "--scope", SCOPE, "y", *size)
-    before = observe.wait_for(lab.etcd_endpoint(), settled([key]), 120, "y running")
-    source = before.host_of(key)
-    assert source is not None
-    observe.wait_for(
-        lab.etcd_endpoint(),
-        lambda s: MARKER in console(lab, source, key),
-        60,
-        "y's boot marker on its console",
-    )
-    uris = {h.name: h.root_side_uri for h in lab.state().hosts.values()}
-    sampler = LibvirtSampler(uris, [key], running_only=True)
-    sampler.start()
-    mover = subprocess.Popen(
-        [sys.executable, "-m", "hvplace.cli", "vm", "migrate", key],
-        env=dict(os.environ, **lab.env()),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        observe.wait_for(
-            lab.etcd_endpoint(),
-            lambda s: bool(observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]),
-            60,
-            "the migration recorded",
-        )
-        victim = source if side == "source" else next(h for h in uris if h != source)
+    with migrating(lab, "y") as (source, sampler):
+        victim = source if side == "source" else next(h for h in lab.state().hosts if h != source)
         lab.kill_agent(victim)
-        in_flight = observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
-        assert in_flight, "settled before the agent died: this run proves nothing"
+        assert in_flight(lab), "settled before the agent died: this run proves nothing"
         lab.start_agent(victim)
 
         def one_host(s: ClusterState) -> bool:
-            return (
-                settled([key])(s)
-                and s.host_of(key) is not None
-                and not observe.read_prefix(lab.etcd_endpoint(), keyspace.MIGRATIONS)[1]
-            )
+            return settled([key])(s) and s.host_of(key) is not None and not in_flight(lab)
 
         after = observe.wait_for(lab.etcd_endpoint(), one_host, 180, "y settled on one host")
         # Ten more samples of libvirt on both hosts once it settled: still one copy.
@@ -262,10 +240,6 @@ def test_an_agent_killed_mid_migration_leaves_the_vm_on_one_host(
         observe.wait_for(
             lab.etcd_endpoint(), lambda s: len(sampler.samples) >= seen + 10, 30, "ten samples"
         )
-    finally:
-        mover.kill()
-        mover.wait()
-        sampler.stop()
     host = after.host_of(key)
     assert host is not None
     assert sampler.duplicates() == []
