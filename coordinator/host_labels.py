@@ -13,11 +13,11 @@ from hvplace.coordinator.operations.backend import ClusterView
 from hvplace.coordinator.operations.hosts import Hosts, host_view
 from hvplace.coordinator.operations.hosts import find as find_host
 from hvplace.coordinator.operations.results import HostView
-from hvplace.coordinator.rebalance import Rebalancing, newly_broken
+from hvplace.coordinator.rebalance import Rebalancing, breaking, newly_broken
 from hvplace.coordinator.snapshot import Snapshot
 from hvplace.coordinator.store import Txn
 from hvplace.proto import codec, keyspace
-from hvplace.proto.errors import Conflict, InvalidInput
+from hvplace.proto.errors import InvalidInput
 from hvplace.proto.names import check_label, check_label_key, check_name, quote
 from hvplace.proto.records import Host, HostInfo, HostStatus, host_labels
 from hvplace.proto.validation import MAX_LABELS
@@ -86,10 +86,8 @@ async def label_host(
         status, after = change_of(view, current)
         broken = newly_broken(view.snapshot, after)
         if broken:
-            raise Conflict(
-                f"new labels on host {name} would break"
-                f" {', '.join(f'`{k}`' for k in sorted(broken))};"
-                " move the VMs first, or ask for a rebalance"
+            raise breaking(
+                f"new labels on host {name}", broken, "move the VMs first, or ask for a rebalance"
             )
         txn.put(key, codec.dumps(status))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -176,6 +176,12 @@ def with_degraded(snapshot: Snapshot, statuses: Mapping[str, VMStatus]) -> Snaps
     if not degraded:
         return snapshot
     return dataclasses.replace(snapshot, degraded={**snapshot.degraded, **degraded})
+
+
+def breaking(what: str, broken: Iterable[str], advice: str, where: str = "") -> Conflict:
+    """The refusal of a change (labels) that would break required rules, naming them."""
+    rules = ", ".join(f"`{k}`" for k in sorted(broken))
+    return Conflict(f"{what} would break {rules}{where}; {advice}")
 
 
 def newly_broken(before: Snapshot, after: Snapshot) -> frozenset[str]:

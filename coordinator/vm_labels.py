@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from hvplace.coordinator.operations.results import VMView
 from hvplace.coordinator.operations.vms import VMs, vm_view
 from hvplace.coordinator.placement import membership
-from hvplace.coordinator.rebalance import newly_broken
+from hvplace.coordinator.rebalance import breaking, newly_broken
 from hvplace.coordinator.store import Txn
 from hvplace.proto import codec, keyspace, validation
-from hvplace.proto.errors import Conflict, InvalidInput, NotFound
+from hvplace.proto.errors import InvalidInput, NotFound
 from hvplace.proto.names import check_label_key, check_name, quote
 from hvplace.proto.records import VM, Assignment
 
@@ -60,10 +60,8 @@ async def label_vm(
         membership.check_max_members(after, rules, [changed])
         broken = newly_broken(view.snapshot, after)
         if broken:
-            raise Conflict(
-                f"with these labels VM {changed.key} would break"
-                f" {', '.join(f'`{k}`' for k in sorted(broken))} where it runs now;"
-                " move it first"
+            raise breaking(
+                f"with these labels VM {changed.key}", broken, "move it first", " where it runs now"
             )
         txn.put(key, codec.dumps(changed))
         a = view.assignments.get(changed.key)
