@@ -8,15 +8,17 @@ from where the previous VM stopped; only a VM that fits nowhere costs a full sca
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hvplace.coordinator.placement import filters, reasons, scorers
+from hvplace.coordinator.placement.explanation import explanation_at as explanation_at
 from hvplace.coordinator.placement.groups import compile_groups
-from hvplace.coordinator.placement.index import BatchGroup, ClusterIndex
+from hvplace.coordinator.placement.index import BatchGroup, ClusterIndex, NodeView
 from hvplace.coordinator.placement.membership import hold_split_affinity
 from hvplace.coordinator.snapshot import Snapshot
-from hvplace.proto.records import VM, Explanation, ReasonCount, Resources
+from hvplace.proto.records import VM, Explanation, ReasonCount, Resources, Rule
 from hvplace.proto.selectors import NodeAffinity
 
 FEASIBLE_LIMIT = 3
@@ -59,16 +61,57 @@ def _split_groups(
     return required, preferred
 
 
-def search(index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()) -> int | None:
+_INLINE = tuple(f.name for f in filters.CHAIN) == (
+    "host_state",
+    "node_affinity",
+    "rules",
+    "capacity",
+)
+"""The search tests the chain's filters inline (a call per filter per host costs more than
+the test); a chain changed without the search falls back to `filters.fits`."""
+
+
+def search(
+    index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset(), key: str | None = None
+) -> int | None:
     """The best feasible host position for `vm`, or None when no host passes the filters.
 
-    `ignore` names required groups to leave out (failover under on_failure=degrade).
+    `ignore` names required groups to leave out (failover under on_failure=degrade);
+    `key` is the VM's key when the caller has it already.
     """
+    if (vm.key if key is None else key) not in index.vm_groups and _INLINE:
+        return _search_ungrouped(index, vm.resources, index.node(vm.node_affinity))
     required, preferred = _split_groups(index, vm, ignore)
     need = vm.resources
     affinity = vm.node_affinity
-    fits = filters.fits
-    ask = filters.ask(index, vm, required)
+    view = index.node(affinity)
+    ready = index.ready
+    free_mem, free_cpu, free_disk = index.free_mem, index.free_cpu, index.free_disk
+    mem, cpu, disk = need.memory_mib, need.vcpus, need.disk_gib
+    rejection = filters.group_rejection
+
+    def admitted_fits(pos: int) -> bool:
+        """filters.fits for a host of the tiers, which the node affinity admits."""
+        if not ready[pos]:
+            return False
+        for group in required:
+            if rejection(group, pos) is not None:
+                return False
+        return free_mem[pos] >= mem and free_cpu[pos] >= cpu and free_disk[pos] >= disk
+
+    def fits(pos: int) -> bool:
+        """filters.fits: every filter of the chain passes."""
+        admitted = view.admitted
+        return (admitted is None or pos in admitted) and admitted_fits(pos)
+
+    if not _INLINE:  # pragma: no cover - a filter added to the chain but not here
+        ask = filters.ask(index, vm, required)
+
+        def fits(pos: int) -> bool:
+            return filters.fits(index, pos, ask)
+
+        admitted_fits = fits
+
     found: list[int] = []
 
     # A required affinity whose members already run somewhere: only that domain can do.
@@ -76,30 +119,38 @@ def search(index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()) ->
         if not group.anti and group.occupied:
             by_domain = index.domain_hosts(group.topology_key)
             pool = sorted(pos for domain in group.counts for pos in by_domain.get(domain, ()))
-            found = [pos for pos in pool if fits(index, pos, ask)]
-            return _best(index, found, need, affinity, preferred)
+            found = [pos for pos in pool if fits(pos)]
+            return _best(index, found, need, view.terms, preferred)
 
-    limit = FEASIBLE_LIMIT_PREFERRED if preferred or affinity.preferred else FEASIBLE_LIMIT
+    limit = FEASIBLE_LIMIT_PREFERRED if preferred or view.terms else FEASIBLE_LIMIT
+
     seen: set[int] = set()
     for group in preferred:
         if not group.anti and group.occupied:
             by_domain = index.domain_hosts(group.topology_key)
             for domain in sorted(group.counts):
                 for pos in by_domain.get(domain, ())[:HINT_HOSTS]:
-                    if pos not in seen and fits(index, pos, ask):
+                    if pos not in seen and fits(pos):
                         seen.add(pos)
                         found.append(pos)
 
-    for tier in index.candidates(affinity):
+    # The tiers hold admitted hosts only; a host already taken from a hint is skipped.
+    plain = not required and not seen and _INLINE
+    for tier in view.candidates:
         hosts = tier.hosts
         size = len(hosts)
         start = tier.cursor
-        for step in range(size):
-            at = start + step
-            if at >= size:
-                at -= size
+        for at in itertools.chain(range(start, size), range(start)):
             pos = hosts[at]
-            if pos in seen or not fits(index, pos, ask):
+            if plain:
+                if (
+                    not ready[pos]
+                    or free_mem[pos] < mem
+                    or free_cpu[pos] < cpu
+                    or free_disk[pos] < disk
+                ):
+                    continue
+            elif pos in seen or not admitted_fits(pos):
                 continue
             found.append(pos)
             if len(found) >= limit:
@@ -107,95 +158,96 @@ def search(index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()) ->
                 break
         if found:
             break
-    return _best(index, found, need, affinity, preferred)
+    return _best(index, found, need, view.terms, preferred)
+
+
+def _search_ungrouped(index: ClusterIndex, need: Resources, view: NodeView) -> int | None:
+    """`search` for a VM in no group (most VMs): the tiers' scan with capacity and host
+    state tested inline, the first `limit` hosts that pass."""
+    ready = index.ready
+    free_mem, free_cpu, free_disk = index.free_mem, index.free_cpu, index.free_disk
+    mem, cpu, disk = need.memory_mib, need.vcpus, need.disk_gib
+    limit = FEASIBLE_LIMIT_PREFERRED if view.terms else FEASIBLE_LIMIT
+    found: list[int] = []
+    for tier in view.candidates:
+        hosts = tier.hosts
+        size = len(hosts)
+        for at in itertools.chain(range(tier.cursor, size), range(tier.cursor)):
+            pos = hosts[at]
+            if (
+                ready[pos]
+                and free_mem[pos] >= mem
+                and free_cpu[pos] >= cpu
+                and free_disk[pos] >= disk
+            ):
+                found.append(pos)
+                if len(found) >= limit:
+                    tier.cursor = at + 1 if at + 1 < size else 0
+                    break
+        if found:
+            break
+    return _best(index, found, need, view.terms, (), one_tier=True)
 
 
 def _best(
     index: ClusterIndex,
     found: Sequence[int],
     need: Resources,
-    affinity: NodeAffinity,
+    terms: Sequence[tuple[int, frozenset[int]]],
     preferred: Sequence[BatchGroup],
+    one_tier: bool = False,
 ) -> int | None:
+    """The highest `scorers.score` of `found`, ties to the lower position. `one_tier`
+    says the hosts come from one candidate tier, so they match the same preferred terms
+    (a tier is a preferred score): the terms are then summed once."""
     if not found:
         return None
     if len(found) == 1:
         return found[0]
     best_pos = -1
     best_score = 0.0
-    terms = scorers.node_terms(index, affinity)
+    if not preferred:
+        # scorers.score without preferred groups, inlined (the same arithmetic).
+        free_mem, free_cpu = index.free_mem, index.free_cpu
+        alloc_mem, alloc_cpu = index.alloc_mem, index.alloc_cpu
+        mem, cpu = need.memory_mib, need.vcpus
+        scale = scorers.PREFERENCE_SCALE
+        base = scale * _term_weight(terms, found[0]) if one_tier or not terms else None
+        for pos in found:
+            value = (scale * _term_weight(terms, pos) if base is None else base) + 50.0 * (
+                (free_mem[pos] - mem) / alloc_mem[pos] + (free_cpu[pos] - cpu) / alloc_cpu[pos]
+            )
+            # Ties go to the lower position, i.e. the host name sorting first.
+            if best_pos < 0 or value > best_score or (value == best_score and pos < best_pos):
+                best_pos, best_score = pos, value
+        return best_pos
     for pos in found:
         value = scorers.score(index, pos, need, terms, preferred)
-        # Ties go to the lower position, i.e. the host name sorting first.
         if best_pos < 0 or value > best_score or (value == best_score and pos < best_pos):
             best_pos, best_score = pos, value
     return best_pos
 
 
-# --------------------------------------------------------------------------- explain
-
-
-def explanation_at(
-    index: ClusterIndex, vm: VM, ignore: frozenset[str] = frozenset()
-) -> Explanation:
-    """Every host against the filter chain (filters.CHAIN, as the search walks it); a
-    host counts under its first rejection, and hosts rejected alike are grouped."""
-    required, _preferred = _split_groups(index, vm, ignore)
-    ask = filters.ask(index, vm, required)
-    first_rejection = filters.first_rejection
-    tally: dict[tuple[str, str], list[int]] = {}
-    group_of: dict[str, BatchGroup] = {}
-    feasible = 0
-    free_of = {
-        reasons.INSUFFICIENT_MEMORY: index.free_mem,
-        reasons.INSUFFICIENT_CPU: index.free_cpu,
-        reasons.INSUFFICIENT_DISK: index.free_disk,
-    }
-    for pos in range(len(index.hosts)):
-        rejected = first_rejection(index, pos, ask)
-        if rejected is None:
-            feasible += 1
-            continue
-        code, group = rejected
-        group_key = ""
-        if group is not None:
-            group_key = group.key
-            group_of[group_key] = group
-        entry = tally.setdefault((code, group_key), [0, -(1 << 62)])
-        entry[0] += 1
-        free = free_of.get(code)
-        if free is not None:
-            entry[1] = max(entry[1], free[pos])
-    order = {code: i for i, code in enumerate(reasons.ALL_CODES)}
-    rows = sorted(tally.items(), key=lambda kv: (-kv[1][0], order[kv[0][0]], kv[0][1]))
-    counted = [
-        ReasonCount(
-            code=code,
-            message=filters.message(code, group_of.get(group_key), vm, most_free),
-            hosts=hosts,
-            rule=group_key,
-        )
-        for (code, group_key), (hosts, most_free) in rows
-    ]
-    if not index.hosts:
-        counted = [ReasonCount(code=reasons.NO_HOSTS, message="no hosts registered", hosts=0)]
-    return Explanation(
-        vm=vm.key, total_hosts=len(index.hosts), feasible_hosts=feasible, reasons=tuple(counted)
-    )
+def _term_weight(terms: Sequence[tuple[int, frozenset[int]]], pos: int) -> int:
+    preference = 0
+    for weight, hosts in terms:
+        if pos in hosts:
+            preference += weight
+    return preference
 
 
 # --------------------------------------------------------------------------- place
 
 
-def _unplaced(snapshot: Snapshot, vms: Iterable[VM]) -> list[VM]:
-    """The batch's VMs in order, each once, without those already placed (fixed)."""
-    seen: set[str] = set()
-    todo = []
+def _unplaced(snapshot: Snapshot, vms: Iterable[VM]) -> dict[str, VM]:
+    """The batch's VMs in order by key, each once, without those already placed (fixed)."""
+    todo: dict[str, VM] = {}
+    placements = snapshot.placements
     for vm in vms:
-        if vm.key in seen or vm.key in snapshot.placements:
+        key = vm.key
+        if key in todo or key in placements:
             continue
-        seen.add(vm.key)
-        todo.append(vm)
+        todo[key] = vm
     return todo
 
 
@@ -203,40 +255,89 @@ def build_index(
     snapshot: Snapshot, focus: Sequence[VM], lost_hosts: Iterable[str] = ()
 ) -> ClusterIndex:
     """The index for placing `focus`: only the groups that contain one of them."""
-    snap = snapshot.overlaid({vm.key: vm for vm in focus}, {})
+    return _index(snapshot, {vm.key: vm for vm in focus}, lost_hosts)
+
+
+def _index(
+    snapshot: Snapshot, focus: Mapping[str, VM], lost_hosts: Iterable[str] = ()
+) -> ClusterIndex:
+    snap = snapshot.overlaid(focus, {})
     groups = compile_groups(
-        snap.vms, snap.rules.values(), snap.policies.values(), focus, snap.scope_vms
+        snap.vms, snap.rules.values(), snap.policies.values(), focus.values(), snap.scope_vms
     )
     return ClusterIndex(snap, snap.vms, groups, lost_hosts=tuple(lost_hosts))
+
+
+def _batch_index(snapshot: Snapshot, todo: Mapping[str, VM]) -> tuple[ClusterIndex, list[Rule]]:
+    """The index for a batch of unplaced VMs, and the rules of the batch's scopes.
+
+    The batch's specs are not laid over the snapshot's maps (a spec set into an
+    immutable map of 100,000 costs a path copy): unplaced, they hold no capacity, and
+    the groups see them through the per-scope lists, which get them added. A VM with a
+    reservation holds capacity there: such a batch is laid over as `build_index` does."""
+    scopes = {vm.scope for vm in todo.values()}
+    rules = [r for r in snapshot.rules.values() if r.scope in scopes]
+    policies = [p for p in snapshot.policies.values() if p.scope in scopes]
+    reservations = snapshot.reservations
+    if reservations and any(key in reservations for key in todo):
+        snap = snapshot.overlaid(todo, {})
+        groups = compile_groups(snap.vms, rules, policies, todo.values(), snap.scope_vms)
+        return ClusterIndex(snap, snap.vms, groups), rules
+
+    def scope_vms(wanted: Iterable[str]) -> Mapping[str, list[VM]]:
+        """Snapshot.scope_vms of the snapshot with the batch's specs laid over."""
+        out = snapshot.scope_vms(wanted)
+        known = snapshot.vms
+        replaced: set[str] = set()
+        for key, vm in todo.items():
+            listed = out.get(vm.scope)
+            if listed is None:
+                continue
+            if key in known:
+                replaced.add(vm.scope)
+            else:
+                listed.append(vm)
+        for scope in replaced:
+            merged = {vm.key: vm for vm in out[scope]}
+            merged.update((k, v) for k, v in todo.items() if v.scope == scope)
+            out[scope] = list(merged.values())
+        return out
+
+    groups = compile_groups(
+        snapshot.vms, rules, policies, todo.values(), scope_vms, focus_keys=todo.keys()
+    )
+    return ClusterIndex(snapshot, snapshot.vms, groups), rules
 
 
 def place(snapshot: Snapshot, batch: Batch) -> Plan:
     """Place the batch's unplaced VMs against the snapshot and the batch's own proposals."""
     todo = _unplaced(snapshot, batch.vms)
-    index = build_index(snapshot, todo)
+    index, rules = _batch_index(snapshot, todo)
     assignments: dict[str, str] = {}
     pending: dict[str, Explanation] = {}
     # A VM without rules that fit nowhere stays unplaceable for the rest of the batch
     # (capacity only shrinks as the batch proceeds): skip its twins' full scans.
     hopeless: dict[tuple[Resources, NodeAffinity], Explanation] = {}
-    for vm in todo:
-        plain = vm.key not in index.vm_groups
-        shape = (vm.resources, vm.node_affinity)
-        if plain and shape in hopeless:
-            pending[vm.key] = dataclasses.replace(hopeless[shape], vm=vm.key)
-            continue
-        pos = search(index, vm)
+    names = index.names
+    vm_groups = index.vm_groups
+    for key, vm in todo.items():
+        if hopeless and key not in vm_groups:
+            known = hopeless.get((vm.resources, vm.node_affinity))
+            if known is not None:
+                pending[key] = dataclasses.replace(known, vm=key)
+                continue
+        pos = search(index, vm, key=key)
         if pos is None:
-            why = pending[vm.key] = explanation_at(index, vm)
-            if plain:
-                hopeless[shape] = why
+            why = pending[key] = explanation_at(index, vm)
+            if key not in vm_groups:
+                hopeless[(vm.resources, vm.node_affinity)] = why
             continue
         index.add(vm, pos)
-        assignments[vm.key] = index.names[pos]
+        assignments[key] = names[pos]
     if batch.atomic and pending:
-        return _atomic_refusal(snapshot.revision, todo, pending)
+        return _atomic_refusal(snapshot.revision, list(todo.values()), pending)
     plan = Plan(revision=snapshot.revision, assignments=assignments, pending=pending)
-    return hold_split_affinity(plan, todo, snapshot.rules.values())
+    return hold_split_affinity(plan, list(todo.values()), rules)
 
 
 def _atomic_refusal(revision: int, todo: Sequence[VM], pending: Mapping[str, Explanation]) -> Plan:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from hvplace.coordinator.placement import reasons
@@ -138,19 +139,26 @@ def compile_groups(
     policies: Iterable[ScopePolicy],
     focus: Iterable[VM] | None = None,
     scope_vms: Callable[[Iterable[str]], Mapping[str, list[VM]]] | None = None,
+    focus_keys: AbstractSet[str] | None = None,
 ) -> list[ConstraintGroup]:
     """Groups sorted by key. With `focus`, only groups that contain one of those VMs
     (the batch): the others cannot constrain it and cost nothing to skip. Only the
     scopes that hold a rule or a policy are read; `scope_vms` gives a scope's VMs
-    (a snapshot's per-scope index) instead of a pass over every VM."""
-    rules = list(rules)
-    policies = [p for p in policies if p.label_anti_affinity]
-    focus_keys: set[str] | None = None
-    wanted = {r.scope for r in rules} | {p.scope for p in policies}
+    (a snapshot's per-scope index) instead of a pass over every VM. `focus_keys` are
+    the focus' keys when the caller has them."""
     if focus is not None:
+        # One pass over the rules, keeping those of the focus' scopes only.
         focus_list = list(focus)
-        focus_keys = {vm.key for vm in focus_list}
-        wanted &= {vm.scope for vm in focus_list}
+        if focus_keys is None:
+            focus_keys = {vm.key for vm in focus_list}
+        scopes = {vm.scope for vm in focus_list}
+        rules = [r for r in rules if r.scope in scopes]
+        policies = [p for p in policies if p.label_anti_affinity and p.scope in scopes]
+    else:
+        focus_keys = None
+        rules = list(rules)
+        policies = [p for p in policies if p.label_anti_affinity]
+    wanted = {r.scope for r in rules} | {p.scope for p in policies}
     if scope_vms is not None:
         by_scope: Mapping[str, list[VM]] = scope_vms(wanted)
     else:

@@ -6,6 +6,7 @@ ProposedAllocs), and a proposal can be taken back, which failure simulation reli
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -51,11 +52,13 @@ class HostTable:
         self.lost = [p for p, s in enumerate(self.state) if s is HostState.LOST]
         self._domains: dict[str, list[str | None]] = {}
         self._domain_hosts: dict[str, dict[str, list[int]]] = {}
+        self._unlabelled: dict[str, frozenset[int]] = {}
         self._tiers: dict[NodeAffinity, list[list[int]]] = {}
         self._admitted: dict[NodeAffinity, frozenset[int]] = {}
         self._terms: dict[NodeSelectorTerm, frozenset[int]] = {}
         self._expressions: dict[LabelExpression, frozenset[int]] = {}
         self._label_values: dict[str, dict[str | None, list[int]]] = {}
+        self._splits: dict[tuple[str, str, int], tuple[list[int], list[int]]] = {}
 
     # ------------------------------------------------------------------ topology
 
@@ -63,6 +66,15 @@ class HostTable:
         found = self._domains.get(topology_key)
         if found is None:
             found = self._domains[topology_key] = [h.topology(topology_key) for h in self.hosts]
+        return found
+
+    def unlabelled(self, topology_key: str) -> frozenset[int]:
+        """Positions of the hosts without a domain for `topology_key`."""
+        found = self._unlabelled.get(topology_key)
+        if found is None:
+            domains = self.domains(topology_key)
+            found = frozenset(p for p, d in enumerate(domains) if d is None)
+            self._unlabelled[topology_key] = found
         return found
 
     def domain_hosts(self, topology_key: str) -> dict[str, list[int]]:
@@ -82,12 +94,7 @@ class HostTable:
         value (a zone has hundreds of hosts but one value), so the cost is the matches."""
         found = self._expressions.get(expression)
         if found is None:
-            by_value = self._label_values.get(expression.key)
-            if by_value is None:
-                by_value = defaultdict(list)
-                for pos, host in enumerate(self.hosts):
-                    by_value[host.label(expression.key)].append(pos)
-                self._label_values[expression.key] = by_value
+            by_value = self._by_value(expression.key)
             matched: set[int] = set()
             if expression.operator is Op.IN:
                 # The values named, looked up (a zone pair out of 100 zones: 2 lookups).
@@ -107,6 +114,8 @@ class HostTable:
             sets = sorted((self._expression_hosts(e) for e in term.match_expressions), key=len)
             if not sets:
                 found = frozenset(range(len(self.hosts)))
+            elif len(sets) == 1:
+                found = sets[0]
             else:
                 found = sets[0].intersection(*sets[1:])
             self._terms[term] = found
@@ -118,7 +127,10 @@ class HostTable:
             return None
         found = self._admitted.get(affinity)
         if found is None:
-            found = frozenset().union(*(self.term_hosts(t) for t in affinity.required))
+            if len(affinity.required) == 1:
+                found = self.term_hosts(affinity.required[0])
+            else:
+                found = frozenset().union(*(self.term_hosts(t) for t in affinity.required))
             self._admitted[affinity] = found
         return found
 
@@ -131,26 +143,138 @@ class HostTable:
         a host of a better tier always outscores one of a worse tier."""
         found = self._tiers.get(affinity)
         if found is None:
-            admitted = self.admitted(affinity)
-            hosts = list(range(len(self.hosts))) if admitted is None else sorted(admitted)
-            if not affinity.preferred:
-                found = [hosts]
-            else:
-                scores: dict[int, int] = defaultdict(int)
-                for preferred in affinity.preferred:
-                    matching = self.term_hosts(preferred.term)
-                    if len(matching) <= len(hosts):
-                        chosen: Iterable[int] = matching
-                    else:
-                        chosen = (pos for pos in hosts if pos in matching)
-                    for pos in chosen:
-                        scores[pos] += preferred.weight
-                tiers: dict[int, list[int]] = defaultdict(list)
-                for pos in hosts:
-                    tiers[scores.get(pos, 0)].append(pos)
-                found = [tiers[s] for s in sorted(tiers, reverse=True)]
-            self._tiers[affinity] = found
+            found = self._tiers[affinity] = self._tiers_of(affinity)
         return found
+
+    def _by_value(self, key: str) -> dict[str | None, list[int]]:
+        """Host positions per value of the label `key` (ascending)."""
+        by_value = self._label_values.get(key)
+        if by_value is None:
+            by_value = defaultdict(list)
+            for pos, host in enumerate(self.hosts):
+                by_value[host.label(key)].append(pos)
+            self._label_values[key] = by_value
+        return by_value
+
+    def _split(self, key: str, value: str, matching: frozenset[int]) -> tuple[list[int], list[int]]:
+        """The hosts with `key=value`, split into those in `matching` and the others
+        (kept per value: a zone is split once, whichever zone pair names it)."""
+        cache_key = (key, value, id(matching))  # `matching` is kept by _terms
+        found = self._splits.get(cache_key)
+        if found is None:
+            hosts = self._by_value(key).get(value, [])
+            met = [pos for pos in hosts if pos in matching]
+            unmet = [pos for pos in hosts if pos not in matching]
+            found = self._splits[cache_key] = (met, unmet)
+        return found
+
+    def search_lists(
+        self, affinity: NodeAffinity
+    ) -> tuple[list[list[int]], list[tuple[int, frozenset[int]]]]:
+        """`tiers` and `terms` for a search. The usual shape is merged afresh from
+        per-value lists (cheaper than hashing the affinity, and a table does not keep a
+        list per distinct affinity); other shapes come from `tiers`' cache."""
+        terms = self.terms(affinity)
+        quick = self._in_tiers(affinity, terms)
+        return (self.tiers(affinity) if quick is None else quick), terms
+
+    def _in_tiers(
+        self, affinity: NodeAffinity, terms: list[tuple[int, frozenset[int]]]
+    ) -> list[list[int]] | None:
+        """Tiers for the usual shape, one required `key In (values)` and at most one
+        preferred term, merged from per-value host lists (no set of the admitted hosts
+        is built); None for any other shape."""
+        if len(affinity.required) != 1 or len(affinity.preferred) > 1:
+            return None
+        expressions = affinity.required[0].match_expressions
+        if len(expressions) != 1 or expressions[0].operator is not Op.IN:
+            return None
+        expression = expressions[0]
+        values = list(dict.fromkeys(expression.values))
+        if not affinity.preferred:
+            by_value = self._by_value(expression.key)
+            runs = [by_value[v] for v in values if v in by_value]
+            return [sorted(itertools.chain.from_iterable(runs))]
+        weight, matching = terms[0]
+        splits = [self._split(expression.key, v, matching) for v in values]
+        met = sorted(itertools.chain.from_iterable(m for m, _u in splits))
+        unmet = sorted(itertools.chain.from_iterable(u for _m, u in splits))
+        if weight == 0:
+            split = [sorted(met + unmet)]
+        else:
+            split = [met, unmet] if weight > 0 else [unmet, met]
+        return [tier for tier in split if tier]
+
+    def _tiers_of(self, affinity: NodeAffinity) -> list[list[int]]:
+        quick = self._in_tiers(affinity, self.terms(affinity))
+        if quick is not None:
+            return quick
+        admitted = self.admitted(affinity)
+        if not affinity.preferred:
+            return [list(range(len(self.hosts))) if admitted is None else sorted(admitted)]
+        if len(affinity.preferred) == 1:
+            # One term splits the hosts in two: set operations, no pass over the hosts.
+            weight = affinity.preferred[0].weight
+            matching = self.term_hosts(affinity.preferred[0].term)
+            if admitted is None:
+                met = sorted(matching)
+                unmet = sorted(set(range(len(self.hosts))).difference(matching))
+            else:
+                met = sorted(admitted.intersection(matching))
+                unmet = sorted(admitted.difference(matching))
+            if weight == 0:
+                split = [sorted(met + unmet)]
+            else:
+                split = [met, unmet] if weight > 0 else [unmet, met]
+            return [tier for tier in split if tier]
+        hosts = list(range(len(self.hosts))) if admitted is None else sorted(admitted)
+        scores: dict[int, int] = defaultdict(int)
+        for preferred in affinity.preferred:
+            matching = self.term_hosts(preferred.term)
+            if len(matching) <= len(hosts):
+                chosen: Iterable[int] = matching
+            else:
+                chosen = (pos for pos in hosts if pos in matching)
+            for pos in chosen:
+                scores[pos] += preferred.weight
+        tiers: dict[int, list[int]] = defaultdict(list)
+        for pos in hosts:
+            tiers[scores.get(pos, 0)].append(pos)
+        return [tiers[s] for s in sorted(tiers, reverse=True)]
+
+    def terms(self, affinity: NodeAffinity) -> list[tuple[int, frozenset[int]]]:
+        """The preferred terms as (weight, hosts matching), for scoring."""
+        return [(p.weight, self.term_hosts(p.term)) for p in affinity.preferred]
+
+
+class NodeView:
+    """One node affinity as a batch searches it, looked up once per VM: the candidate
+    tiers with their round-robin cursors, the preferred terms as (weight, hosts) for
+    scoring, and (on first use: the tiers' scan does not need it) the set of hosts its
+    requirement admits, None when it admits all."""
+
+    __slots__ = ("_admitted", "_known", "affinity", "candidates", "table", "terms")
+
+    def __init__(
+        self,
+        table: HostTable,
+        affinity: NodeAffinity,
+        candidates: list[CandidateList],
+        terms: list[tuple[int, frozenset[int]]],
+    ) -> None:
+        self.table = table
+        self.affinity = affinity
+        self.candidates = candidates
+        self.terms = terms
+        self._admitted: frozenset[int] | None = None
+        self._known = not affinity.required
+
+    @property
+    def admitted(self) -> frozenset[int] | None:
+        if not self._known:
+            self._admitted = self.table.admitted(self.affinity)
+            self._known = True
+        return self._admitted
 
 
 class BaseFree:
@@ -246,9 +370,11 @@ class ClusterIndex:
             if at is not None:
                 self.state[at] = HostState.LOST
                 self.ready[at] = False
-        self.free_cpu = table.cpu.copy()
-        self.free_mem = table.mem.copy()
-        self.free_disk = table.disk.copy()
+        kept = snapshot.usage() if vms is snapshot.vms else None
+        if kept is None:
+            self.free_cpu = table.cpu.copy()
+            self.free_mem = table.mem.copy()
+            self.free_disk = table.disk.copy()
         self.alloc_cpu = table.alloc_cpu
         self.alloc_mem = table.alloc_mem
         self.domains = table.domains
@@ -256,7 +382,8 @@ class ClusterIndex:
         self.admitted = table.admitted
         self.term_hosts = table.term_hosts
         self.node_score = table.node_score
-        self._candidates: dict[NodeAffinity, list[CandidateList]] = {}
+        self._views: dict[NodeAffinity, NodeView] = {}
+        self._plain: NodeView | None = None
         # Each revision starts its round-robin somewhere else (Knuth's multiplicative
         # hash), so successive batches spread over the fleet instead of refilling host 0.
         self._start = (snapshot.revision * 2654435761) & 0xFFFFFFFF
@@ -269,10 +396,10 @@ class ClusterIndex:
         # Where a VM sits (placement, reservation, proposals) by host position, filled
         # on first use: most VMs are in no group and only their capacity matters.
         self.where: dict[str, list[int]] = {}
-        free_cpu, free_mem, free_disk = self.free_cpu, self.free_mem, self.free_disk
         position, skip = self.position, self._skip
         get_pos, get_vm = position.get, vms.get
-        kept = snapshot.usage() if vms is snapshot.vms else None
+        if kept is None:
+            free_cpu, free_mem, free_disk = self.free_cpu, self.free_mem, self.free_disk
         if kept is not None:
             # Capacity used per host as the cache keeps it, then the keys laid over it
             # (plans in flight, the request's own VMs) and the uncounted ones: undo the
@@ -344,33 +471,51 @@ class ClusterIndex:
 
         self.groups = [BatchGroup(g, self.domains(g.topology_key)) for g in groups]
         self.vm_groups: dict[str, list[BatchGroup]] = defaultdict(list)
+        vm_groups, known, spots, count = self.vm_groups, self.where, self.spots, self._count
         for group in self.groups:
             for member in group.members:
-                self.vm_groups[member].append(group)
-                for pos in self.spots(member):
-                    self._count(group, pos, 1)
+                vm_groups[member].append(group)
+                held = known.get(member)
+                for spot in spots(member) if held is None else held:
+                    count(group, spot, 1)
+
+    def node(self, affinity: NodeAffinity) -> NodeView:
+        """The affinity's view for this batch: the table's host sets and tiers with this
+        batch's round-robin cursors; a host that is not ready stays in the lists and the
+        search's `ready` test skips it."""
+        plain = not affinity.required and not affinity.preferred
+        if plain and self._plain is not None:
+            return self._plain
+        found = self._views.get(affinity)
+        if found is None:
+            table = self.table
+            tiers, terms = table.search_lists(affinity)
+            start = self._start
+            found = NodeView(
+                table,
+                affinity,
+                [CandidateList(t, start % len(t) if t else 0) for t in tiers],
+                terms,
+            )
+            self._views[affinity] = found
+        if plain:
+            self._plain = found
+        return found
 
     def candidates(self, affinity: NodeAffinity) -> list[CandidateList]:
-        """The table's tiers with this batch's round-robin cursors; a host that is not
-        ready stays in the list and the search's `ready` test skips it."""
-        found = self._candidates.get(affinity)
-        if found is None:
-            found = [
-                CandidateList(t, self._start % len(t) if t else 0)
-                for t in self.table.tiers(affinity)
-            ]
-            self._candidates[affinity] = found
-        return found
+        """The affinity's candidate tiers with this batch's round-robin cursors."""
+        return self.node(affinity).candidates
 
     def cursors(self) -> dict[NodeAffinity, list[tuple[CandidateList, int]]]:
         """Where every round-robin stands, for `restore_cursors`."""
-        return {a: [(c, c.cursor) for c in lists] for a, lists in self._candidates.items()}
+        return {a: [(c, c.cursor) for c in v.candidates] for a, v in self._views.items()}
 
     def restore_cursors(self, saved: dict[NodeAffinity, list[tuple[CandidateList, int]]]) -> None:
         """Put the round-robins back (and drop lists made since): a failure simulation
         then answers alike whichever scenarios ran before it."""
-        for affinity in [a for a in self._candidates if a not in saved]:
-            del self._candidates[affinity]
+        for affinity in [a for a in self._views if a not in saved]:
+            del self._views[affinity]
+        self._plain = None
         for kept in saved.values():
             for candidates, cursor in kept:
                 candidates.cursor = cursor
@@ -381,9 +526,10 @@ class ClusterIndex:
         if found is None:
             found = self.where[key] = []
             if key not in self._skip:
-                for source in (self._placements, self._reservations):
-                    host = source.get(key)
-                    pos = None if host is None or host in self._lost else self.position.get(host)
+                for host in (self._placements.get(key), self._reservations.get(key)):
+                    if host is None or host in self._lost:
+                        continue
+                    pos = self.position.get(host)
                     if pos is not None and pos not in found:
                         found.append(pos)
         return found
@@ -411,25 +557,29 @@ class ClusterIndex:
         """Propose `vm` on the host at `pos`. The groups named in `uncounted_in` do not
         count it (a member that knowingly breaks an affinity after a failure: the
         group's domain stays where the members that keep the rule run)."""
+        key = vm.key
         if uncounted_in:
-            self._uncounted_in[vm.key] = uncounted_in
-        self._move(vm, pos, 1)
-        self.spots(vm.key).append(pos)
+            self._uncounted_in[key] = uncounted_in
+        self._move(vm, key, pos, 1)
+        self.spots(key).append(pos)
 
     def remove(self, vm: VM, pos: int) -> None:
         """Take back a proposal or a placement (the VM's host failed)."""
-        self._move(vm, pos, -1)
-        self.spots(vm.key).remove(pos)
+        key = vm.key
+        self._move(vm, key, pos, -1)
+        self.spots(key).remove(pos)
 
-    def _move(self, vm: VM, pos: int, delta: int) -> None:
+    def _move(self, vm: VM, key: str, pos: int, delta: int) -> None:
         r = vm.resources
         self.free_cpu[pos] -= delta * r.vcpus
         self.free_mem[pos] -= delta * r.memory_mib
         self.free_disk[pos] -= delta * r.disk_gib
-        uncounted = self._uncounted_in.get(vm.key, ())
-        for group in self.vm_groups.get(vm.key, ()):
-            if group.key not in uncounted:
-                self._count(group, pos, delta)
+        groups = self.vm_groups.get(key)
+        if groups:
+            uncounted = self._uncounted_in.get(key, ())
+            for group in groups:
+                if group.key not in uncounted:
+                    self._count(group, pos, delta)
 
     def set_lost(self, pos: int, lost: bool) -> None:
         """Mark a host lost (or back) for a failure simulation."""

@@ -100,17 +100,19 @@ def check_rule_members(rule: Rule, snapshot: Snapshot) -> None:
 def hold_split_affinity(plan: Plan, batch: Sequence[VM], rules: Iterable[Rule]) -> Plan:
     """A required affinity rule's members in one batch are placed all or none: when one
     of them stays pending, the others placed with it are held back too."""
-    required = [r for r in rules if r.required and r.kind is RuleKind.AFFINITY]
-    if not required or not plan.pending:
+    if not plan.pending:
         return plan
     # Only a rule of a scope with a VM left pending can hold anything back.
+    stuck = {key.split("/", 1)[0] for key in plan.pending}
+    required = [r for r in rules if r.scope in stuck and r.kind is RuleKind.AFFINITY and r.required]
+    if not required:
+        return plan
     by_scope: dict[str, list[VM]] = {}
     for vm in batch:
         by_scope.setdefault(vm.scope, []).append(vm)
-    stuck = {key.split("/", 1)[0] for key in plan.pending}
     assignments = dict(plan.assignments)
     pending = dict(plan.pending)
-    for rule in sorted((r for r in required if r.scope in stuck), key=lambda r: r.key):
+    for rule in sorted(required, key=lambda r: r.key):
         members = [vm.key for vm in by_scope.get(rule.scope, ()) if rule.selects(vm)]
         left = [k for k in members if k in pending]
         if not left or len(members) < 2:

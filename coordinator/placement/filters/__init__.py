@@ -15,7 +15,7 @@ from hvplace.coordinator.placement.index import BatchGroup, ClusterIndex
 from hvplace.proto.records import VM, HostState, Resources
 from hvplace.proto.selectors import LabelExpression, NodeAffinity
 
-_STATE_CODES = {
+STATE_CODES = {
     HostState.CORDONED: reasons.HOST_CORDONED,
     HostState.DRAINING: reasons.HOST_DRAINING,
     HostState.DRAINED: reasons.HOST_DRAINING,
@@ -50,7 +50,7 @@ def host_state(index: ClusterIndex, pos: int, _ask: Ask) -> Rejection | None:
     would fail) take nothing new."""
     if index.ready[pos]:
         return None
-    return _STATE_CODES[index.state[pos]], None
+    return STATE_CODES[index.state[pos]], None
 
 
 def node_affinity(_index: ClusterIndex, pos: int, ask: Ask) -> Rejection | None:
