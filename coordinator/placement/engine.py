@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hvplace.coordinator.placement import filters, reasons, scorers
@@ -124,6 +124,15 @@ def search(
 
     limit = FEASIBLE_LIMIT_PREFERRED if preferred or view.terms else FEASIBLE_LIMIT
 
+    # The first member of a required affinity whose other members are pinned by a node
+    # affinity: where they can all go, if anywhere, so that they can follow it there.
+    for group in required:
+        if not group.anti:
+            joint = _joint_hosts(index, group, vm.key if key is None else key)
+            if joint:
+                found = _take(joint, index.start, fits, limit)
+                if found:
+                    return _best(index, found, need, view.terms, preferred)
     seen: set[int] = set()
     for group in preferred:
         if not group.anti and group.occupied:
@@ -159,6 +168,48 @@ def search(
         if found:
             break
     return _best(index, found, need, view.terms, preferred)
+
+
+def _joint_hosts(index: ClusterIndex, group: BatchGroup, key: str) -> list[int] | None:
+    """For an affinity group no member holds yet: the hosts (in position order) of the
+    domains that every other unplaced member's required node affinity admits, None when
+    none of them is pinned (any domain will do) or when no domain admits them all (the
+    group cannot be met whatever this VM does)."""
+    if group.occupied:
+        return None
+    table = index.table
+    domain_of = group.domain_of
+    allowed: set[str | None] | None = None
+    for member in group.members:
+        if member == key or index.spots(member):
+            continue
+        spec = index.spec(member)
+        if spec is None or not spec.node_affinity.required:
+            continue
+        admitted = table.admitted(spec.node_affinity)
+        assert admitted is not None
+        domains = {domain_of[pos] for pos in admitted}
+        allowed = domains if allowed is None else allowed & domains
+        if not allowed:
+            return None
+    if allowed is None:
+        return None
+    allowed.discard(None)
+    by_domain = index.domain_hosts(group.topology_key)
+    return sorted(pos for domain in allowed if domain is not None for pos in by_domain[domain])
+
+
+def _take(pool: Sequence[int], start: int, fits: Callable[[int], bool], limit: int) -> list[int]:
+    """Up to `limit` hosts of `pool` that pass, scanned round-robin from `start`."""
+    found: list[int] = []
+    size = len(pool)
+    first = start % size
+    for at in itertools.chain(range(first, size), range(first)):
+        if fits(pool[at]):
+            found.append(pool[at])
+            if len(found) >= limit:
+                break
+    return found
 
 
 def _search_ungrouped(index: ClusterIndex, need: Resources, view: NodeView) -> int | None:
@@ -306,7 +357,9 @@ def _batch_index(snapshot: Snapshot, todo: Mapping[str, VM]) -> tuple[ClusterInd
     groups = compile_groups(
         snapshot.vms, rules, policies, todo.values(), scope_vms, focus_keys=todo.keys()
     )
-    return ClusterIndex(snapshot, snapshot.vms, groups), rules
+    index = ClusterIndex(snapshot, snapshot.vms, groups)
+    index.batch_specs = todo
+    return index, rules
 
 
 def place(snapshot: Snapshot, batch: Batch) -> Plan:
@@ -318,6 +371,7 @@ def place(snapshot: Snapshot, batch: Batch) -> Plan:
     # A VM without rules that fit nowhere stays unplaceable for the rest of the batch
     # (capacity only shrinks as the batch proceeds): skip its twins' full scans.
     hopeless: dict[tuple[Resources, NodeAffinity], Explanation] = {}
+    retry: list[tuple[str, VM]] = []
     names = index.names
     vm_groups = index.vm_groups
     for key, vm in todo.items():
@@ -328,9 +382,20 @@ def place(snapshot: Snapshot, batch: Batch) -> Plan:
                 continue
         pos = search(index, vm, key=key)
         if pos is None:
+            if key in vm_groups:
+                retry.append((key, vm))
+                continue
             why = pending[key] = explanation_at(index, vm)
-            if key not in vm_groups:
-                hopeless[(vm.resources, vm.node_affinity)] = why
+            hopeless[(vm.resources, vm.node_affinity)] = why
+            continue
+        index.add(vm, pos)
+        assignments[key] = names[pos]
+    # A VM held by a rule may fit once the rest of the batch is placed (a spread reached,
+    # a member placed where it can follow): one more try each, in order.
+    for key, vm in retry:
+        pos = search(index, vm, key=key)
+        if pos is None:
+            pending[key] = explanation_at(index, vm)
             continue
         index.add(vm, pos)
         assignments[key] = names[pos]

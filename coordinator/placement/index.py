@@ -358,6 +358,8 @@ class ClusterIndex:
         """`lost_hosts` take nothing and their VMs no longer count; `uncounted` VM keys
         (a VM being explained where it runs now) do not count either."""
         self.vms = vms
+        self.batch_specs: Mapping[str, VM] = {}
+        """Specs of a batch not laid over `vms` (engine.place), read before `vms`."""
         table = self.table = host_table(snapshot)
         self.hosts = table.hosts
         self.names = table.names
@@ -519,6 +521,16 @@ class ClusterIndex:
         for kept in saved.values():
             for candidates, cursor in kept:
                 candidates.cursor = cursor
+
+    @property
+    def start(self) -> int:
+        """Where this batch's round-robins start (see `_start`)."""
+        return self._start
+
+    def spec(self, key: str) -> VM | None:
+        """A VM's spec as this index sees it: the batch's, else the snapshot's."""
+        found = self.batch_specs.get(key)
+        return self.vms.get(key) if found is None else found
 
     def spots(self, key: str) -> list[int]:
         """The host positions a VM counts on now: placement, reservation, proposals."""
