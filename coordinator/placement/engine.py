@@ -2,7 +2,10 @@
 
 Like Nomad's LimitIterator and k8s percentageOfNodesToScore, the search stops after a
 few feasible hosts: candidates come per node-affinity requirement, scanned round-robin
-from where the previous VM stopped; only a VM that fits nowhere costs a full scan.
+from where the previous VM stopped; only a VM that fits nowhere costs a full scan, and
+its explanation is counted over host sets (explanation.py). The chain's filters are
+tested inline here (filters.CHAIN says which, in what order; filters.fits is the
+fallback should the chain grow).
 """
 
 from __future__ import annotations
