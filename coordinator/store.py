@@ -16,7 +16,7 @@ from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Busy, Interrupted, Unavailable
 from hvplace.runtime.etcd import Compacted as Compacted
-from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS
+from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS, TooLarge
 from hvplace.runtime.etcd import WatchBatch as WatchBatch
 from hvplace.runtime.etcd import WatchEvent as WatchEvent
 from hvplace.runtime.etcd import WatchStream as WatchStream
@@ -166,6 +166,13 @@ def _kv(raw: Any) -> KV:
     )
 
 
+def _sampled_size(kvs: list[Any]) -> int:
+    """About the bytes of these keys and values, from 64 of them spread over the page
+    (the whole response's ByteSize costs a pass in C over every one)."""
+    sample = kvs[:: max(1, len(kvs) // 64)]
+    return sum(len(kv.key) + len(kv.value) for kv in sample) * len(kvs) // len(sample)
+
+
 def _range_end(prefix: str) -> bytes:
     return keyspace.prefix_end(prefix).encode()
 
@@ -221,26 +228,62 @@ class Store:
         *,
         keys_only: bool = False,
         page: int = LIST_PAGE,
+        page_bytes: int = 0,
         revision: int = 0,
         start_at: str = "",
         end_before: str = "",
     ) -> AsyncIterator[tuple[list[Any], int]]:
         """Every key under `prefix` at one revision (`revision`, or etcd's current one), a
         page at a time, as etcd's raw KeyValue messages (the cache decodes them without
-        keeping a second copy). `start_at` / `end_before` narrow the range within it."""
+        keeping a second copy). `start_at` / `end_before` narrow the range within it.
+
+        The next page is asked for before this one is handed over: etcd reads it while
+        the caller decodes. `page` keys per request; with `page_bytes`, each request after
+        the first asks for about that many bytes by the mean size of the keys read so far
+        (`page` keys at least). etcd 3.4 walks its index from a page's first key to the
+        range's end on every request, so fewer, larger pages cost it far less."""
         start = (start_at or prefix).encode()
         end = end_before.encode() if end_before else _range_end(prefix)
-        while True:
+        timeout_s = max(self._timeout, 30.0)
+        limit = page
+        seen_keys = seen_bytes = 0
+
+        def fetch(first: bytes, at: int) -> asyncio.Task[Any]:
             req = rpc.RangeRequest(
-                key=start, range_end=end, limit=page, revision=revision, keys_only=keys_only
+                key=first, range_end=end, limit=limit, revision=at, keys_only=keys_only
             )
-            resp = await self.etcd.range(req, timeout_s=max(self._timeout, 30.0))
-            revision = revision or int(resp.header.revision)
-            kvs = list(resp.kvs)
-            yield kvs, revision
-            if not resp.more or not kvs:
-                return
-            start = kvs[-1].key + b"\x00"
+            return asyncio.ensure_future(self.etcd.range(req, timeout_s=timeout_s))
+
+        pending = fetch(start, revision)
+        try:
+            while True:
+                try:
+                    resp = await pending
+                except TooLarge:
+                    # Keys larger than those before them (or a `page` too large for them):
+                    # ask again for a quarter as many.
+                    if limit <= 1:
+                        raise
+                    limit = max(1, limit // 4)
+                    pending = fetch(start, revision)
+                    continue
+                revision = revision or int(resp.header.revision)
+                kvs = list(resp.kvs)
+                if not resp.more or not kvs:
+                    yield kvs, revision
+                    return
+                if page_bytes:
+                    seen_keys += len(kvs)
+                    seen_bytes += _sampled_size(kvs)
+                    limit = max(page, page_bytes * seen_keys // max(seen_bytes, 1))
+                start = kvs[-1].key + b"\x00"
+                pending = fetch(start, revision)
+                yield kvs, revision
+        finally:
+            if not pending.done():
+                pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Unavailable):
+                await pending  # retrieved, so asyncio reports no lost exception
 
     async def list_prefix(self, prefix: str) -> tuple[list[KV], int]:
         """Every key under `prefix` and the revision they were read at."""
