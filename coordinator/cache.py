@@ -124,6 +124,10 @@ _FOLDERS: dict[str, tuple[str, bool]] = {
         (keyspace.MIGRATIONS, MIGRATIONS),
     )
 }
+_FOLDER_OF: dict[str, tuple[str, bool]] = {
+    kind: (keyspace.ROOT + folder + "/", by_host) for folder, (kind, by_host) in _FOLDERS.items()
+}
+"""Kind -> (its keys' folder, whether a host name comes first)."""
 _RELISTED = (
     keyspace.VMS,
     keyspace.ASSIGNMENTS,
@@ -204,9 +208,9 @@ class Cache:
         # Records this process is writing, by key: (the bytes, the record). When the watch
         # shows exactly those bytes the record is taken as is, not decoded again.
         self._expected: dict[str, tuple[bytes, object]] = {}
-        # During a load: each listed spec's bytes, by `scope/vm` (20 MB at 100,000 VMs,
-        # for as long as the listing of their assignments).
-        self._listed: dict[str, bytes] = {}
+        # During a load: each listed spec's bytes and the spec decoded from them (None if
+        # malformed), by `scope/vm` (20 MB at 100,000 VMs, while their assignments list).
+        self._listed: dict[str, tuple[bytes, VM | None]] = {}
         # While `load` fills a fresh cache: counters are built once at the end.
         self._loading = False
 
@@ -247,12 +251,11 @@ class Cache:
 
         async def pages() -> AsyncIterator[Iterable[tuple[str, bytes, int]]]:
             nonlocal revision
-            for prefix in _RELISTED:
-                async for kvs, at in self.store.list_pages(
-                    prefix, revision=revision, page=RELIST_PAGE, page_bytes=RELIST_PAGE_BYTES
-                ):
-                    revision = at
-                    yield ((kv.key.decode(), kv.value, kv.mod_revision) for kv in kvs)
+            async for _prefix, kvs, at in self.store.list_prefixes(
+                _RELISTED, page=RELIST_PAGE, page_bytes=RELIST_PAGE_BYTES
+            ):
+                revision = at
+                yield ((kv.key.decode(), kv.value, kv.mod_revision) for kv in kvs)
 
         # The collector stays off until the listing is frozen (see `load`): turned back on
         # sooner, the next allocations would set off a full collection over all of it.
@@ -335,34 +338,51 @@ class Cache:
         vms, vm_revs = self.vms.records, self.vms.revs
         assignments, assignment_revs = self.assignments.records, self.assignments.revs
         statuses, status_revs = self.vm_status.records, self.vm_status.revs
-        loads = codec.loads
+        assigned_hosts = self.assigned_hosts
+        decode_vm, decode_status = _decode_vm, _decode_status
+        # The folder of the key before (keys come sorted, a folder at a time): the next
+        # key under it needs no `classify`.
+        folder, folder_len, by_host, kind = "", 0, False, OTHER
         async for page in pages:
             for key, value, mod_revision in page:
-                kind, name = classify(key)
+                if folder and key.startswith(folder):
+                    name = key[folder_len:]
+                    if by_host:
+                        name = name.partition("/")[2]
+                else:
+                    kind, name = classify(key)
+                    folder, by_host = _FOLDER_OF.get(kind, ("", False))
+                    folder_len = len(folder)
                 try:
                     if kind == VMS:
-                        listed[name] = value
-                        spec: VM = loads(VM, value)
+                        try:
+                            spec: VM = decode_vm(value)
+                        except HvplaceError:
+                            listed[name] = (value, None)  # its assignment: decoded in full
+                            raise
                         assigned = assignments.get(name)
                         if assigned is not None and assigned.vm == spec:
                             spec = assigned.vm
                         vms[name] = spec
                         vm_revs[name] = mod_revision
+                        listed[name] = (value, spec)
                     elif kind == VM_STATUS:
-                        statuses[name] = loads(VMStatus, value)
+                        statuses[name] = decode_status(value)
                         status_revs[name] = mod_revision
                     elif kind == ASSIGNMENTS:
-                        if name not in listed:
+                        found = listed.get(name)
+                        if found is None:
                             held.append((key, value, mod_revision))
                             continue
-                        a = self._listed_assignment(name, value)
+                        a = _built_on(found[1], found[0], value)
                         if a is None:  # not built on its listed spec: decoded in full
                             self._apply("put", key, value, mod_revision)
                             continue
                         before = assignments.get(name)
                         if before is not None:
                             self._count(before.host, -1)
-                        self._count(a.host, 1)
+                        # `_count(a.host, 1)`, which refreshes no host while loading
+                        assigned_hosts[a.host] = assigned_hosts.get(a.host, 0) + 1
                         assignments[name] = a
                         assignment_revs[name] = mod_revision
                     else:
@@ -592,30 +612,10 @@ class Cache:
         return rec
 
     def _listed_assignment(self, name: str, value: bytes) -> Assignment | None:
-        """During a load: the assignment built on the spec already decoded when its
-        embedded VM is byte for byte the spec listed, its other fields exactly `epoch`
-        and `host`; else None (then decoded in full)."""
-        raw = self._listed.get(name)
-        spec = self.vms.records.get(name)
-        if raw is None or spec is None:
-            return None
-        at = len(value) - 1 - len(raw)  # where the spec's bytes would start
-        if (
-            not value.endswith(b"}")
-            or not value.endswith(raw, 0, len(value) - 1)
-            or not value.endswith(b',"vm":', 0, at)
-        ):
-            return None
-        try:
-            head = orjson.loads(value[: at - 6] + b"}")
-        except orjson.JSONDecodeError:
-            return None
-        if type(head) is not dict or head.keys() != _HEAD:
-            return None
-        host, epoch = head["host"], head["epoch"]
-        if type(host) is not str or type(epoch) is not int:
-            return None
-        return Assignment(vm=spec, host=host, epoch=epoch)
+        """During a load: the assignment built on the spec already decoded when it
+        embeds that spec's listed bytes (`_built_on`); else None."""
+        found = self._listed.get(name)
+        return None if found is None else _built_on(found[1], found[0], value)
 
     def _count(self, host: str, delta: int) -> None:
         before = host in self.assigned_hosts
@@ -739,7 +739,33 @@ class Cache:
         )
 
 
-_HEAD = frozenset({"epoch", "host"})
+def _built_on(spec: VM | None, spec_json: bytes, value: bytes) -> Assignment | None:
+    """The assignment `value` encodes, built on `spec` (decoded from `spec_json`) when
+    `value` is `{"epoch":E,"host":H,"vm":<spec_json>}` to the byte, E an integer and H a
+    string; else None (then decoded in full): what `codec.loads` would give, without
+    decoding the VM a second time."""
+    at = len(value) - 1 - len(spec_json)  # where the spec's bytes would start
+    if (
+        spec is None
+        or not value.endswith(b"}")
+        or not value.endswith(spec_json, 0, len(value) - 1)
+        or not value.endswith(b',"vm":', 0, at)
+    ):
+        return None
+    try:
+        head = orjson.loads(value[: at - 6] + b"}")
+    except orjson.JSONDecodeError:
+        return None
+    if type(head) is not dict or len(head) != 2:
+        return None
+    host, epoch = head.get("host"), head.get("epoch")
+    if type(host) is not str or type(epoch) is not int:
+        return None
+    return Assignment(spec, host, epoch)
+
+
+_decode_vm = codec.decoder(VM)
+_decode_status = codec.decoder(VMStatus)
 
 
 _ATTR = {

@@ -236,25 +236,60 @@ class Store:
         """Every key under `prefix` at one revision (`revision`, or etcd's current one), a
         page at a time, as etcd's raw KeyValue messages (the cache decodes them without
         keeping a second copy). `start_at` / `end_before` narrow the range within it.
-
-        The next page is asked for before this one is handed over: etcd reads it while
-        the caller decodes. `page` keys per request; with `page_bytes`, each request after
-        the first asks for about that many bytes by the mean size of the keys read so far
-        (`page` keys at least). etcd 3.4 walks its index from a page's first key to the
-        range's end on every request, so fewer, larger pages cost it far less."""
+        `page` keys per request; with `page_bytes`, see `list_prefixes`."""
         start = (start_at or prefix).encode()
         end = end_before.encode() if end_before else _range_end(prefix)
+        async for _index, kvs, at in self._pages(
+            [(start, end)], keys_only=keys_only, page=page, page_bytes=page_bytes, revision=revision
+        ):
+            yield kvs, at
+
+    async def list_prefixes(
+        self, prefixes: Sequence[str], *, page: int = LIST_PAGE, page_bytes: int = 0
+    ) -> AsyncIterator[tuple[str, list[Any], int]]:
+        """Every key under each of `prefixes` in turn, all at etcd's revision of the first
+        request: (prefix, a page of raw KeyValue messages, revision).
+
+        The next page, of this prefix or the next one, is asked for before this one is
+        handed over: etcd reads it while the caller decodes. With `page_bytes`, each
+        request after a prefix's first asks for about that many bytes by the mean size of
+        its keys read so far (`page` keys at least): etcd 3.4 walks its index from a
+        page's first key to the range's end on every request, so at 100,000 keys fewer,
+        larger pages cost it far less."""
+        ranges = [(p.encode(), _range_end(p)) for p in prefixes]
+        async for index, kvs, at in self._pages(
+            ranges, keys_only=False, page=page, page_bytes=page_bytes, revision=0
+        ):
+            yield prefixes[index], kvs, at
+
+    async def _pages(
+        self,
+        ranges: Sequence[tuple[bytes, bytes]],
+        *,
+        keys_only: bool,
+        page: int,
+        page_bytes: int,
+        revision: int,
+    ) -> AsyncIterator[tuple[int, list[Any], int]]:
+        """(index of the range, a page of it, revision): the ranges in turn at one
+        revision, the next request always in flight while the caller has a page."""
         timeout_s = max(self._timeout, 30.0)
+        index = 0
+        start = ranges[0][0]
         limit = page
         seen_keys = seen_bytes = 0
 
-        def fetch(first: bytes, at: int) -> asyncio.Task[Any]:
+        def fetch() -> asyncio.Task[Any]:
             req = rpc.RangeRequest(
-                key=first, range_end=end, limit=limit, revision=at, keys_only=keys_only
+                key=start,
+                range_end=ranges[index][1],
+                limit=limit,
+                revision=revision,
+                keys_only=keys_only,
             )
             return asyncio.ensure_future(self.etcd.range(req, timeout_s=timeout_s))
 
-        pending = fetch(start, revision)
+        pending = fetch()
         try:
             while True:
                 try:
@@ -265,20 +300,25 @@ class Store:
                     if limit <= 1:
                         raise
                     limit = max(1, limit // 4)
-                    pending = fetch(start, revision)
+                    pending = fetch()
                     continue
                 revision = revision or int(resp.header.revision)
                 kvs = list(resp.kvs)
-                if not resp.more or not kvs:
-                    yield kvs, revision
-                    return
-                if page_bytes:
-                    seen_keys += len(kvs)
-                    seen_bytes += _sampled_size(kvs)
-                    limit = max(page, page_bytes * seen_keys // max(seen_bytes, 1))
-                start = kvs[-1].key + b"\x00"
-                pending = fetch(start, revision)
-                yield kvs, revision
+                listed = index
+                if resp.more and kvs:
+                    if page_bytes:
+                        seen_keys += len(kvs)
+                        seen_bytes += _sampled_size(kvs)
+                        limit = max(page, page_bytes * seen_keys // max(seen_bytes, 1))
+                    start = kvs[-1].key + b"\x00"
+                else:
+                    index += 1
+                    if index == len(ranges):
+                        yield listed, kvs, revision
+                        return
+                    start, limit, seen_keys, seen_bytes = ranges[index][0], page, 0, 0
+                pending = fetch()
+                yield listed, kvs, revision
         finally:
             if not pending.done():
                 pending.cancel()
