@@ -60,6 +60,8 @@ OTHER = "other"  # election and request keys: notified, not decoded
 RELIST_PAGE = 5_000
 RELIST_PAGE_BYTES = 8 * 1024 * 1024
 """A relist's pages: about 8 MiB each (a few per 100,000 records), 5,000 keys at least."""
+YIELD_EVERY = 1024
+"""A load hands the event loop a turn after this many keys (a few ms of decoding)."""
 PROGRESS_AFTER_S = 0.1
 """Wait this long for events before asking etcd for a progress notification."""
 RESYNC = "resync"
@@ -343,8 +345,14 @@ class Cache:
         # The folder of the key before (keys come sorted, a folder at a time): the next
         # key under it needs no `classify`.
         folder, folder_len, by_host, kind = "", 0, False, OTHER
+        done = 0
         async for page in pages:
             for key, value, mod_revision in page:
+                done += 1
+                if not done % YIELD_EVERY:
+                    # gRPC moves the next page (requested before this one was handed
+                    # over) only while the event loop runs: without this, not at all.
+                    await asyncio.sleep(0)
                 if folder and key.startswith(folder):
                     name = key[folder_len:]
                     if by_host:

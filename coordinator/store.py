@@ -251,11 +251,13 @@ class Store:
         request: (prefix, a page of raw KeyValue messages, revision).
 
         The next page, of this prefix or the next one, is asked for before this one is
-        handed over: etcd reads it while the caller decodes. With `page_bytes`, each
-        request after a prefix's first asks for about that many bytes by the mean size of
-        its keys read so far (`page` keys at least): etcd 3.4 walks its index from a
-        page's first key to the range's end on every request, so at 100,000 keys fewer,
-        larger pages cost it far less."""
+        handed over: etcd reads it while the caller decodes (the caller must let the event
+        loop run now and then meanwhile: gRPC moves the answer only then). With
+        `page_bytes`, pages grow (twice the keys of the one before at most) to about that
+        many bytes by the mean size of the prefix's keys read so far (`page` keys at least),
+        and a prefix's first page has the size the one before reached: etcd 3.4 walks its
+        index from a page's first key to the range's end on every request, so at 100,000
+        keys fewer, larger pages cost it far less."""
         ranges = [(p.encode(), _range_end(p)) for p in prefixes]
         async for index, kvs, at in self._pages(
             ranges, keys_only=False, page=page, page_bytes=page_bytes, revision=0
@@ -307,16 +309,21 @@ class Store:
                 listed = index
                 if resp.more and kvs:
                     if page_bytes:
+                        # Twice the keys at most: the caller decodes this page while etcd
+                        # reads the next, so etcd never has much more to read than that.
                         seen_keys += len(kvs)
                         seen_bytes += _sampled_size(kvs)
-                        limit = max(page, page_bytes * seen_keys // max(seen_bytes, 1))
+                        by_bytes = page_bytes * seen_keys // max(seen_bytes, 1)
+                        limit = max(page, min(2 * limit, by_bytes))
                     start = kvs[-1].key + b"\x00"
                 else:
                     index += 1
                     if index == len(ranges):
                         yield listed, kvs, revision
                         return
-                    start, limit, seen_keys, seen_bytes = ranges[index][0], page, 0, 0
+                    # The next prefix starts at the page size this one reached (too large
+                    # for its keys: a quarter, on etcd's or the client's refusal).
+                    start, seen_keys, seen_bytes = ranges[index][0], 0, 0
                 pending = fetch()
                 yield listed, kvs, revision
         finally:

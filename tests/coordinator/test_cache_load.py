@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from coord_support import host, running
-from hvplace.coordinator.cache import _CACHED, OTHER, Cache, classify
+from hvplace.coordinator.cache import _CACHED, OTHER, YIELD_EVERY, Cache, classify
 from hvplace.proto import codec, keyspace
 from hvplace.proto.records import (
     VM,
@@ -257,3 +257,27 @@ async def test_a_relist_reads_every_decoded_prefix_and_skips_the_rest(etcd: Etcd
         }
         assert cache.assignments.records["acme/web"].vm is cache.vms.records["acme/web"]
         assert cache.revision >= max(cache.vms.revs.values())
+
+
+async def test_a_load_gives_the_event_loop_turns() -> None:
+    """gRPC moves the next page only while the event loop runs, and other tasks wait for
+    it: a long listing hands the loop a turn every YIELD_EVERY keys."""
+    spec = codec.dumps(_spec("a/x", 1))
+    items = [(keyspace.vm("a", f"x{i:05d}"), spec, i + 2) for i in range(4 * YIELD_EVERY)]
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    before = turns
+    cache = Cache(None, clock=lambda: 1.0)  # type: ignore[arg-type]
+    await cache.load(_pages(items, []))
+    during = turns - before
+    counter.cancel()
+    assert len(cache.vms.records) == len(items)
+    assert during >= 3

@@ -59,7 +59,7 @@ async def test_list_prefixes_reads_each_in_turn_at_one_revision_pages_by_bytes(
     store: Store,
 ) -> None:
     """Prefixes in the order asked, at the revision of the first request (a write made
-    meanwhile is not seen), the pages after a prefix's first sized by its keys' bytes."""
+    meanwhile is not seen), the pages growing to a size in bytes by their keys' sizes."""
     value = b"v" * 100
     a = {f"{K}a/{i:04d}": value for i in range(30)}
     b = {f"{K}b/{i:04d}": value for i in range(5)}
@@ -73,9 +73,10 @@ async def test_list_prefixes_reads_each_in_turn_at_one_revision_pages_by_bytes(
         seen.append((prefix, [kv.key.decode() for kv in kvs], at))
     assert [kv for p, keys, _ in seen if p == K + "a/" for kv in keys] == sorted(a)
     assert [kv for p, keys, _ in seen if p == K + "b/" for kv in keys] == sorted(b)
-    assert [p for p, _, _ in seen] == [K + "a/"] * 4 + [K + "c/", K + "b/", K + "b/"]
-    # 4 keys first, then about 1200 bytes' worth of 123-byte keys (9), per prefix.
-    assert [len(keys) for _, keys, _ in seen] == [4, 9, 9, 8, 0, 4, 1]
+    assert [p for p, _, _ in seen] == [K + "a/"] * 4 + [K + "c/", K + "b/"]
+    # 4 keys first, then twice as many, then about 1200 bytes' worth of 123-byte keys (9);
+    # the next prefixes start at 9.
+    assert [len(keys) for _, keys, _ in seen] == [4, 8, 9, 9, 0, 5]
     assert len({at for _, _, at in seen}) == 1
 
 
