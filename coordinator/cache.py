@@ -378,7 +378,8 @@ class Cache:
                         statuses[name] = decode_status(value)
                         status_revs[name] = mod_revision
                     elif kind == ASSIGNMENTS:
-                        found = listed.get(name)
+                        # Taken out: the spec's bytes are freed for the records after.
+                        found = listed.pop(name, None)
                         if found is None:
                             held.append((key, value, mod_revision))
                             continue
