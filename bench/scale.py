@@ -2,6 +2,8 @@
 etcd, then starts a coordinator (child process, gRPC API on) and reports one JSON line:
 
   rebuild_s       cold start: from the coordinator's start to ready (its list of etcd), goal <= 3
+  rebuild_cpu_s   the CPU time the coordinator spent on it (the rest is waiting for etcd, or
+                  for a core on a loaded machine)
   rss_mb          the leader's RSS after the creates, goal <= 300
   create_p50_ms   single `CreateVMs` of one small VM through the gRPC API at the loaded size
   create_p99_ms   (goal p99 < 50 at 10,000 hosts / 100,000 VMs)
@@ -10,6 +12,7 @@ etcd, then starts a coordinator (child process, gRPC API on) and reports one JSO
 
     python bench/scale.py --json [--hosts 10000] [--vms 100000] [--creates 40] [--no-takeover]
     SCALE_PROFILE=/tmp/leader.txt python bench/scale.py ...   # the leader's profile, creates incl.
+    SCALE_PROFILE_START=/tmp/start.txt python bench/scale.py ...   # the leader's cold start
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -96,13 +100,26 @@ async def child(endpoint: str, name: str) -> None:
         session_ttl_s=SESSION_TTL_S,
         anonymous_role="operator",  # plain gRPC on loopback, as bench/commit.py without --secure
     )
+    start_profile = os.environ.get("SCALE_PROFILE_START", "")
+    profiler = _start_profiler() if start_profile and name == "c1" else None
     started = time.perf_counter()
+    cpu_started = time.process_time()
     async with Coordinator(cfg) as c:
         rebuild = time.perf_counter() - started
+        rebuild_cpu = time.process_time() - cpu_started
+        if profiler is not None:
+            profiler.stop()
+            _write(start_profile, profiler.output_text(unicode=False, color=False))
         assert c.cache is not None and c.election is not None
         print(
             json.dumps(
-                {"event": "ready", "rebuild_s": rebuild, "port": c.api_port, "at": time.time()}
+                {
+                    "event": "ready",
+                    "rebuild_s": rebuild,
+                    "rebuild_cpu_s": rebuild_cpu,
+                    "port": c.api_port,
+                    "at": time.time(),
+                }
             ),
             flush=True,
         )
@@ -116,6 +133,20 @@ async def child(endpoint: str, name: str) -> None:
                     _profile_until_usr1(profile_to)
             was = lead
             await asyncio.sleep(0.005)
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def _start_profiler() -> Any:
+    """SCALE_PROFILE_START=FILE: a pyinstrument profile of the leader's cold start (from
+    the Coordinator's construction to ready), written to FILE."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(async_mode="enabled")
+    profiler.start()
+    return profiler
 
 
 def _profile_until_usr1(path: str) -> None:
@@ -228,6 +259,7 @@ def main() -> int:
             "hosts": args.hosts,
             "vms": args.vms,
             "rebuild_s": round(ready["rebuild_s"], 2),
+            "rebuild_cpu_s": round(ready["rebuild_cpu_s"], 2),
             "rss_mb": round(_rss_mb(leader.pid), 1),
             "creates": len(took),
             "create_p50_ms": round(percentile(took, 0.50) * 1000, 1),

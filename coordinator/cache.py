@@ -9,13 +9,13 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import immutables
+import orjson
 from hvplace.coordinator.snapshot import Derived, Snapshot, Usage
 from hvplace.coordinator.store import Compacted, Store, WatchStream
 from hvplace.proto import codec, keyspace
@@ -35,6 +35,7 @@ from hvplace.proto.records import (
     ScopePolicy,
     VMStatus,
 )
+from hvplace.runtime import heap
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ POLICIES = "policies"
 CONFIG = "config"
 MIGRATIONS = "migrations"
 OTHER = "other"  # election and request keys: notified, not decoded
+RELIST_PAGE = 5_000
+RELIST_PAGE_BYTES = 8 * 1024 * 1024
+"""A relist's pages: about 8 MiB each (a few per 100,000 records), 5,000 keys at least."""
+YIELD_EVERY = 1024
+"""A load hands the event loop a turn after this many keys (a few ms of decoding)."""
 PROGRESS_AFTER_S = 0.1
 """Wait this long for events before asking etcd for a progress notification."""
 RESYNC = "resync"
@@ -108,13 +114,44 @@ _SIMPLE: tuple[tuple[str, str, type[Any]], ...] = (
 
 _CACHED = frozenset({CONFIG, ASSIGNMENTS, DOMAINS, MIGRATIONS} | {kind for _p, kind, _c in _SIMPLE})
 
+_ROOT_LEN = len(keyspace.ROOT)
+# The folders under ROOT the cache decodes -> (kind, whether a host name comes first).
+_FOLDERS: dict[str, tuple[str, bool]] = {
+    prefix[_ROOT_LEN:-1]: (kind, kind in (ASSIGNMENTS, DOMAINS, MIGRATIONS))
+    for prefix, kind in (
+        *((p, k) for p, k, _c in _SIMPLE),
+        (keyspace.ASSIGNMENTS, ASSIGNMENTS),
+        (keyspace.DOMAINS, DOMAINS),
+        (keyspace.MIGRATIONS, MIGRATIONS),
+    )
+}
+_FOLDER_OF: dict[str, tuple[str, bool]] = {
+    kind: (keyspace.ROOT + folder + "/", by_host) for folder, (kind, by_host) in _FOLDERS.items()
+}
+"""Kind -> (its keys' folder, whether a host name comes first)."""
+_RELISTED = (
+    keyspace.VMS,
+    keyspace.ASSIGNMENTS,
+    *sorted({keyspace.ROOT + f + "/" for f in _FOLDERS} - {keyspace.VMS, keyspace.ASSIGNMENTS}),
+    keyspace.CONFIG,
+)
+"""What a relist reads, in this order at one revision: the specs, then their assignments
+(each then finds its spec decoded), then every other prefix the cache decodes; not the
+election, request or image keys."""
+
 
 def classify(key: str) -> tuple[str, str]:
-    """(kind, name) of an etcd key (keyspace.classify); assignments and domains are named
-    `scope/vm`; what the cache does not decode (election, requests, images) is `other`."""
-    k = keyspace.classify(key)
-    if k.kind in _CACHED:
-        return k.kind.value, k.id
+    """(kind, name) of an etcd key, as keyspace.classify names it; assignments and domains
+    are named `scope/vm`; what the cache does not decode (election, requests, images) is
+    `other`. By the key's folder, once per listed key: the hot path of a cold start."""
+    if key.startswith(keyspace.ROOT):
+        folder, slash, rest = key[_ROOT_LEN:].partition("/")
+        if slash:
+            found = _FOLDERS.get(folder)
+            if found is not None:
+                return found[0], rest.partition("/")[2] if found[1] else rest
+        elif key == keyspace.CONFIG:
+            return CONFIG, ""
     return OTHER, key
 
 
@@ -172,8 +209,9 @@ class Cache:
         # Records this process is writing, by key: (the bytes, the record). When the watch
         # shows exactly those bytes the record is taken as is, not decoded again.
         self._expected: dict[str, tuple[bytes, object]] = {}
-        # During a relist: a digest of each listed spec's bytes, by `scope/vm`.
-        self._digests: dict[str, bytes] = {}
+        # During a load: each listed spec's bytes and the spec decoded from them (None if
+        # malformed), by `scope/vm` (20 MB at 100,000 VMs, while their assignments list).
+        self._listed: dict[str, tuple[bytes, VM | None]] = {}
         # While `load` fills a fresh cache: counters are built once at the end.
         self._loading = False
 
@@ -213,20 +251,35 @@ class Cache:
         revision = 0
 
         async def pages() -> AsyncIterator[Iterable[tuple[str, bytes, int]]]:
-            # The specs first, then the rest of the keyspace at the same revision: each
-            # assignment then finds its spec listed and is built on it (held otherwise).
             nonlocal revision
-            async for kvs, at in self.store.list_pages(keyspace.VMS):
+            async for _prefix, kvs, at in self.store.list_prefixes(
+                _RELISTED, page=RELIST_PAGE, page_bytes=RELIST_PAGE_BYTES
+            ):
                 revision = at
-                yield ((kv.key.decode(), kv.value, int(kv.mod_revision)) for kv in kvs)
-            vms_end = keyspace.prefix_end(keyspace.VMS)
-            for start_at, end_before in (("", keyspace.VMS), (vms_end, "")):
-                async for kvs, _at in self.store.list_pages(
-                    keyspace.ROOT, revision=revision, start_at=start_at, end_before=end_before
-                ):
-                    yield ((kv.key.decode(), kv.value, int(kv.mod_revision)) for kv in kvs)
+                yield ((kv.key.decode(), kv.value, kv.mod_revision) for kv in kvs)
 
-        await fresh.load(pages())
+        # The collector stays off until the listing is frozen (see `load`): turned back on
+        # sooner, the next allocations would set off a full collection over all of it.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await fresh.load(pages())
+            revision = await self._install(fresh, revision)
+        finally:
+            if collecting:
+                gc.enable()
+        log.info(
+            "cache listed %d hosts, %d VMs at revision %d in %.2fs",
+            len(self.hosts),
+            len(self.vms),
+            revision,
+            time.monotonic() - started,
+        )
+        await self._advance(revision)
+
+    async def _install(self, fresh: Cache, revision: int) -> int:
+        """Swap in what `fresh` listed (at `revision`, or etcd's current one if it listed
+        nothing); returns that revision."""
         if not revision:
             revision = await self.store.revision()
         old_hosts = self.hosts.records
@@ -245,9 +298,11 @@ class Cache:
             if name in self.hosts.records:
                 del self.departed[name]
                 self.gone_at.pop(name, None)
-        self.engine_hosts = immutables.Map()
-        for name in {*self.hosts.records, *self.departed, *self.assigned_hosts}:
-            self._refresh_host(name)
+        self.engine_hosts = immutables.Map(
+            (name, host)
+            for name in {*self.hosts.records, *self.departed, *self.assigned_hosts}
+            if (host := self._engine_host(name)) is not None
+        )
         self._snapshot = None
         self.relists += 1
         # The listed records live as long as this listing: out of the collector's way,
@@ -255,14 +310,8 @@ class Cache:
         # now and then at 100,000 VMs). Records are acyclic; refcounting still frees them.
         # (The listing ran with the collector off: it only allocates records.)
         gc.freeze()
-        log.info(
-            "cache listed %d hosts, %d VMs at revision %d in %.2fs",
-            len(self.hosts),
-            len(self.vms),
-            revision,
-            time.monotonic() - started,
-        )
-        await self._advance(revision)
+        heap.trim()  # the pages' buffers, freed, would stay in the RSS
+        return revision
 
     async def load(self, pages: AsyncIterator[Iterable[tuple[str, bytes, int]]]) -> None:
         """Fill this fresh cache from a listing: (key, value, mod revision) in key order,
@@ -279,35 +328,97 @@ class Cache:
                 gc.enable()
 
     async def _load_pages(self, pages: AsyncIterator[Iterable[tuple[str, bytes, int]]]) -> None:
-        """`load` with the collector off (other tasks keep running; refcounting frees)."""
+        """`load` with the collector off (other tasks keep running; refcounting frees).
+        Specs, their assignments and VM statuses (all but a few of a listing's records)
+        go straight into the tables; the rest through `_apply`, as watch events do."""
         # An assignment decodes only its host and epoch when it carries exactly the bytes
-        # of its spec listed before it (by digest): a third of a cold start's decoding.
-        # One listed before its spec waits for it (the relist lists the specs first).
+        # of its spec listed before it: a third of a cold start's decoding. One listed
+        # before its spec waits for it (a relist lists the specs first).
         held: list[tuple[str, bytes, int]] = []
+        listed = self._listed
+        vms, vm_revs = self.vms.records, self.vms.revs
+        assignments, assignment_revs = self.assignments.records, self.assignments.revs
+        statuses, status_revs = self.vm_status.records, self.vm_status.revs
+        assigned_hosts = self.assigned_hosts
+        decode_vm, decode_status = _decode_vm, _decode_status
+        # The folder of the key before (keys come sorted, a folder at a time): the next
+        # key under it needs no `classify`.
+        folder, folder_len, by_host, kind = "", 0, False, OTHER
+        done = 0
         async for page in pages:
             for key, value, mod_revision in page:
-                if key.startswith(keyspace.ASSIGNMENTS) and classify(key)[1] not in self._digests:
-                    held.append((key, value, mod_revision))
-                    continue
-                if key.startswith(keyspace.VMS):
-                    self._digests[key[len(keyspace.VMS) :]] = _digest(value)
-                self._apply("put", key, value, mod_revision)
+                done += 1
+                if not done % YIELD_EVERY:
+                    # gRPC moves the next page (requested before this one was handed
+                    # over) only while the event loop runs: without this, not at all.
+                    await asyncio.sleep(0)
+                if folder and key.startswith(folder):
+                    name = key[folder_len:]
+                    if by_host:
+                        name = name.partition("/")[2]
+                else:
+                    kind, name = classify(key)
+                    folder, by_host = _FOLDER_OF.get(kind, ("", False))
+                    folder_len = len(folder)
+                try:
+                    if kind == VMS:
+                        try:
+                            spec: VM = decode_vm(value)
+                        except HvplaceError:
+                            listed[name] = (value, None)  # its assignment: decoded in full
+                            raise
+                        assigned = assignments.get(name)
+                        if assigned is not None and assigned.vm == spec:
+                            spec = assigned.vm
+                        vms[name] = spec
+                        vm_revs[name] = mod_revision
+                        listed[name] = (value, spec)
+                    elif kind == VM_STATUS:
+                        statuses[name] = decode_status(value)
+                        status_revs[name] = mod_revision
+                    elif kind == ASSIGNMENTS:
+                        # Taken out: the spec's bytes are freed for the records after.
+                        found = listed.pop(name, None)
+                        if found is None:
+                            held.append((key, value, mod_revision))
+                            continue
+                        a = _built_on(found[1], found[0], value)
+                        if a is None:  # not built on its listed spec: decoded in full
+                            self._apply("put", key, value, mod_revision)
+                            continue
+                        before = assignments.get(name)
+                        if before is not None:
+                            self._count(before.host, -1)
+                        # `_count(a.host, 1)`, which refreshes no host while loading
+                        assigned_hosts[a.host] = assigned_hosts.get(a.host, 0) + 1
+                        assignments[name] = a
+                        assignment_revs[name] = mod_revision
+                    else:
+                        self._apply("put", key, value, mod_revision)
+                except HvplaceError as e:
+                    # A malformed record is its writer's fault; the coordinator must go on.
+                    log.warning("skipping malformed %s: %s", key, e)
             self._batch_specs.clear()  # a listing is no watch batch: hold no JSON
         for key, value, mod_revision in held:
             self._apply("put", key, value, mod_revision)
         held.clear()
-        self._digests.clear()
+        listed.clear()
         self._loading = False
         # The counters in one pass over the loaded tables (cheaper than per record).
-        self.usage = Usage.build(
-            self.vms.records, {k: a.host for k, a in self.assignments.records.items()}
-        )
-        self.unassigned = {k for k in self.vms.records if k not in self.assignments.records}
-        for key in self.vms.records:
-            self._track(key, 1)
-        for key in self.vm_status.records:
-            if key not in self.vms.records:  # a status without a spec: its reason counts
-                self._track(key, 1)
+        self.usage = Usage.build(vms, {k: a.host for k, a in assignments.items()})
+        self.unassigned = {k for k in vms if k not in assignments}
+        pending = Phase.PENDING
+        phases = dict.fromkeys(self.phases, 0)
+        reasons: dict[str, int] = {}
+        for key in vms:
+            status = statuses.get(key)
+            phases[status.phase.value if status is not None else pending.value] += 1
+        for status in statuses.values():
+            if status.phase is pending:  # its spec or not, a pending status's reason counts
+                why = status.explanation
+                code = why.reasons[0].code if why is not None and why.reasons else "unknown"
+                reasons[code] = reasons.get(code, 0) + 1
+        self.phases, self.pending_reasons = phases, reasons
 
     async def _follow(self) -> None:
         backoff = 0.1
@@ -390,16 +501,15 @@ class Cache:
             else:
                 del self.pending_reasons[code]
 
-    def _refresh_host(self, name: str) -> None:
+    def _engine_host(self, name: str) -> Host | None:
         """The engine's Host for `name` as `host_infos` and `Snapshot.from_records` make
         it: registered with its status, else (named by records) lost."""
         info = self.hosts.records.get(name)
-        host: Host | None = None
         if info is not None:
-            host = Host.from_records(info, self.host_status.records.get(name))
-        elif name in self.departed or name in self.assigned_hosts:
+            return Host.from_records(info, self.host_status.records.get(name))
+        if name in self.departed or name in self.assigned_hosts:
             last = self.departed.get(name) or HostInfo(name=name)
-            host = Host(
+            return Host(
                 name=last.name,
                 labels=last.labels,
                 capacity=last.capacity,
@@ -407,6 +517,10 @@ class Cache:
                 reserved_memory_mib=last.reserved_memory_mib,
                 state=HostState.LOST,
             )
+        return None
+
+    def _refresh_host(self, name: str) -> None:
+        host = self._engine_host(name)
         old = self.engine_hosts.get(name)
         if host is None:
             if old is not None:
@@ -506,19 +620,10 @@ class Cache:
         return rec
 
     def _listed_assignment(self, name: str, value: bytes) -> Assignment | None:
-        """During a relist: the assignment built on the spec already decoded when its
-        embedded VM is byte for byte the spec listed (digests equal); else None."""
-        digest = self._digests.get(name)
-        if digest is None:
-            return None
-        at = value.rfind(b',"vm":')
-        spec = self.vms.records.get(name)
-        if at < 0 or spec is None or not value.endswith(b"}"):
-            return None
-        if _digest(value[at + 6 : -1]) != digest:
-            return None
-        a = codec.loads_assignment(value, spec, value[at + 6 : -1])
-        return a if a.vm is spec else None
+        """During a load: the assignment built on the spec already decoded when it
+        embeds that spec's listed bytes (`_built_on`); else None."""
+        found = self._listed.get(name)
+        return None if found is None else _built_on(found[1], found[0], value)
 
     def _count(self, host: str, delta: int) -> None:
         before = host in self.assigned_hosts
@@ -642,8 +747,33 @@ class Cache:
         )
 
 
-def _digest(value: bytes) -> bytes:
-    return hashlib.blake2b(value, digest_size=16).digest()
+def _built_on(spec: VM | None, spec_json: bytes, value: bytes) -> Assignment | None:
+    """The assignment `value` encodes, built on `spec` (decoded from `spec_json`) when
+    `value` is `{"epoch":E,"host":H,"vm":<spec_json>}` to the byte, E an integer and H a
+    string; else None (then decoded in full): what `codec.loads` would give, without
+    decoding the VM a second time."""
+    at = len(value) - 1 - len(spec_json)  # where the spec's bytes would start
+    if (
+        spec is None
+        or not value.endswith(b"}")
+        or not value.endswith(spec_json, 0, len(value) - 1)
+        or not value.endswith(b',"vm":', 0, at)
+    ):
+        return None
+    try:
+        head = orjson.loads(value[: at - 6] + b"}")
+    except orjson.JSONDecodeError:
+        return None
+    if type(head) is not dict or len(head) != 2:
+        return None
+    host, epoch = head.get("host"), head.get("epoch")
+    if type(host) is not str or type(epoch) is not int:
+        return None
+    return Assignment(spec, host, epoch)
+
+
+_decode_vm = codec.decoder(VM)
+_decode_status = codec.decoder(VMStatus)
 
 
 _ATTR = {

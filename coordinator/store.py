@@ -16,7 +16,7 @@ from aetcd import rpc
 from hvplace.proto import keyspace
 from hvplace.proto.errors import Busy, Interrupted, Unavailable
 from hvplace.runtime.etcd import Compacted as Compacted
-from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS
+from hvplace.runtime.etcd import EtcdAuth, EtcdClient, EtcdTLS, TooLarge
 from hvplace.runtime.etcd import WatchBatch as WatchBatch
 from hvplace.runtime.etcd import WatchEvent as WatchEvent
 from hvplace.runtime.etcd import WatchStream as WatchStream
@@ -165,6 +165,13 @@ def _kv(raw: Any) -> KV:
     )
 
 
+def _sampled_size(kvs: list[Any]) -> int:
+    """About the bytes of these keys and values, from 64 of them spread over the page
+    (the whole response's ByteSize costs a pass in C over every one)."""
+    sample = kvs[:: max(1, len(kvs) // 64)]
+    return sum(len(kv.key) + len(kv.value) for kv in sample) * len(kvs) // len(sample)
+
+
 def _range_end(prefix: str) -> bytes:
     return keyspace.prefix_end(prefix).encode()
 
@@ -220,26 +227,109 @@ class Store:
         *,
         keys_only: bool = False,
         page: int = LIST_PAGE,
+        page_bytes: int = 0,
         revision: int = 0,
         start_at: str = "",
         end_before: str = "",
     ) -> AsyncIterator[tuple[list[Any], int]]:
         """Every key under `prefix` at one revision (`revision`, or etcd's current one), a
         page at a time, as etcd's raw KeyValue messages (the cache decodes them without
-        keeping a second copy). `start_at` / `end_before` narrow the range within it."""
+        keeping a second copy). `start_at` / `end_before` narrow the range within it.
+        `page` keys per request; with `page_bytes`, see `list_prefixes`."""
         start = (start_at or prefix).encode()
         end = end_before.encode() if end_before else _range_end(prefix)
-        while True:
+        async for _index, kvs, at in self._pages(
+            [(start, end)], keys_only=keys_only, page=page, page_bytes=page_bytes, revision=revision
+        ):
+            yield kvs, at
+
+    async def list_prefixes(
+        self, prefixes: Sequence[str], *, page: int = LIST_PAGE, page_bytes: int = 0
+    ) -> AsyncIterator[tuple[str, list[Any], int]]:
+        """Every key under each of `prefixes` in turn, all at etcd's revision of the first
+        request: (prefix, a page of raw KeyValue messages, revision).
+
+        The next page, of this prefix or the next one, is asked for before this one is
+        handed over: etcd reads it while the caller decodes (the caller must let the event
+        loop run now and then meanwhile: gRPC moves the answer only then). With
+        `page_bytes`, pages grow (twice the keys of the one before at most) to about that
+        many bytes by the mean size of the prefix's keys read so far (`page` keys at least),
+        and a prefix's first page has the size the one before reached: etcd 3.4 walks its
+        index from a page's first key to the range's end on every request, so at 100,000
+        keys fewer, larger pages cost it far less."""
+        ranges = [(p.encode(), _range_end(p)) for p in prefixes]
+        async for index, kvs, at in self._pages(
+            ranges, keys_only=False, page=page, page_bytes=page_bytes, revision=0
+        ):
+            yield prefixes[index], kvs, at
+
+    async def _pages(
+        self,
+        ranges: Sequence[tuple[bytes, bytes]],
+        *,
+        keys_only: bool,
+        page: int,
+        page_bytes: int,
+        revision: int,
+    ) -> AsyncIterator[tuple[int, list[Any], int]]:
+        """(index of the range, a page of it, revision): the ranges in turn at one
+        revision, the next request always in flight while the caller has a page."""
+        timeout_s = max(self._timeout, 30.0)
+        index = 0
+        start = ranges[0][0]
+        limit = page
+        seen_keys = seen_bytes = 0
+
+        def fetch() -> asyncio.Task[Any]:
             req = rpc.RangeRequest(
-                key=start, range_end=end, limit=page, revision=revision, keys_only=keys_only
+                key=start,
+                range_end=ranges[index][1],
+                limit=limit,
+                revision=revision,
+                keys_only=keys_only,
             )
-            resp = await self.etcd.range(req, timeout_s=max(self._timeout, 30.0))
-            revision = revision or int(resp.header.revision)
-            kvs = list(resp.kvs)
-            yield kvs, revision
-            if not resp.more or not kvs:
-                return
-            start = kvs[-1].key + b"\x00"
+            return asyncio.ensure_future(self.etcd.range(req, timeout_s=timeout_s))
+
+        pending = fetch()
+        try:
+            while True:
+                try:
+                    resp = await pending
+                except TooLarge:
+                    # Keys larger than those before them (or a `page` too large for them):
+                    # ask again for a quarter as many.
+                    if limit <= 1:
+                        raise
+                    limit = max(1, limit // 4)
+                    pending = fetch()
+                    continue
+                revision = revision or int(resp.header.revision)
+                kvs = list(resp.kvs)
+                listed = index
+                if resp.more and kvs:
+                    if page_bytes:
+                        # Twice the keys at most: the caller decodes this page while etcd
+                        # reads the next, so etcd never has much more to read than that.
+                        seen_keys += len(kvs)
+                        seen_bytes += _sampled_size(kvs)
+                        by_bytes = page_bytes * seen_keys // max(seen_bytes, 1)
+                        limit = max(page, min(2 * limit, by_bytes))
+                    start = kvs[-1].key + b"\x00"
+                else:
+                    index += 1
+                    if index == len(ranges):
+                        yield listed, kvs, revision
+                        return
+                    # The next prefix starts at the page size this one reached (too large
+                    # for its keys: a quarter, on etcd's or the client's refusal).
+                    start, seen_keys, seen_bytes = ranges[index][0], 0, 0
+                pending = fetch()
+                yield listed, kvs, revision
+        finally:
+            if not pending.done():
+                pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Unavailable):
+                await pending  # retrieved, so asyncio reports no lost exception
 
     async def list_prefix(self, prefix: str) -> tuple[list[KV], int]:
         """Every key under `prefix` and the revision they were read at."""

@@ -268,6 +268,12 @@ class Member:
         self.auth: Any = rpc.AuthStub(self.channel)
 
 
+class TooLarge(Unavailable):
+    """RESOURCE_EXHAUSTED: a message over the size either side takes (a range's answer over
+    this client's cap, a request over etcd's), or etcd's "too many requests". A smaller
+    request may pass: a listing asks again for fewer keys."""
+
+
 def _error_text(e: grpc.aio.AioRpcError) -> str:
     return f"{e.code().name} {e.details() or ''}".strip()
 
@@ -384,6 +390,8 @@ class EtcdClient:
                     if self._metadata is sent:
                         self._metadata = ()
                     continue
+                if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise TooLarge(f"etcd: {last}") from None
                 if e.code() not in _MOVE_ON:
                     raise Unavailable(f"etcd: {last}") from None
                 self.member_failed(index, _error_text(e))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import hvplace.runtime.etcd
 import pytest
 from hvplace.coordinator.store import (
     Compacted,
@@ -17,6 +18,7 @@ from hvplace.coordinator.store import (
     Updated,
 )
 from hvplace.proto.errors import Busy, Conflict, Unavailable
+from hvplace.runtime.etcd import TooLarge
 from support.etcd import EtcdServer
 
 K = "/hvplace/v1/test/"
@@ -51,6 +53,54 @@ async def test_list_pages_reads_one_revision(store: Store) -> None:
     pages = [p async for p in store.list_pages(K, page=10)]
     assert [len(kvs) for kvs, _ in pages] == [10, 10, 5]
     assert len({rev for _, rev in pages}) == 1
+
+
+async def test_list_prefixes_reads_each_in_turn_at_one_revision_pages_by_bytes(
+    store: Store,
+) -> None:
+    """Prefixes in the order asked, at the revision of the first request (a write made
+    meanwhile is not seen), the pages growing to a size in bytes by their keys' sizes."""
+    value = b"v" * 100
+    a = {f"{K}a/{i:04d}": value for i in range(30)}
+    b = {f"{K}b/{i:04d}": value for i in range(5)}
+    await store.commit([], {**a, **b}, fence=None)
+    seen: list[tuple[str, list[str], int]] = []
+    async for prefix, kvs, at in store.list_prefixes(
+        [K + "a/", K + "c/", K + "b/"], page=4, page_bytes=1200
+    ):
+        if not seen:
+            await store.put(K + "b/late", b"x")  # after the revision the listing reads
+        seen.append((prefix, [kv.key.decode() for kv in kvs], at))
+    assert [kv for p, keys, _ in seen if p == K + "a/" for kv in keys] == sorted(a)
+    assert [kv for p, keys, _ in seen if p == K + "b/" for kv in keys] == sorted(b)
+    assert [p for p, _, _ in seen] == [K + "a/"] * 4 + [K + "c/", K + "b/"]
+    # 4 keys first, then twice as many, then about 1200 bytes' worth of 123-byte keys (9);
+    # the next prefixes start at 9.
+    assert [len(keys) for _, keys, _ in seen] == [4, 8, 9, 9, 0, 5]
+    assert len({at for _, _, at in seen}) == 1
+
+
+async def test_list_pages_asks_for_fewer_keys_when_a_page_is_too_large(
+    store: Store, etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer over the client's message cap (RESOURCE_EXHAUSTED) is asked again for a
+    quarter as many keys; a single key over the cap is an error, not a loop."""
+    small = {f"{K}a{i:02d}": b"s" for i in range(8)}
+    big = {f"{K}b{i:02d}": b"B" * 20_000 for i in range(8)}
+    await store.commit([], {**small, **big}, fence=None)
+    monkeypatch.setattr(hvplace.runtime.etcd, "_MAX_MESSAGE", 64 * 1024)
+    capped = await Store.connect([etcd.endpoint], timeout=5)  # takes 64 kB answers at most
+    try:
+        pages = [[kv.key.decode() for kv in kvs] async for kvs, _ in capped.list_pages(K, page=16)]
+        assert [key for keys in pages for key in keys] == sorted({**small, **big})
+        # 16 keys were too large (8 of 20 kB), so 4; 4 of the large ones too, so 1.
+        assert [len(keys) for keys in pages] == [4, 4] + [1] * 8
+        await store.put(K + "huge", b"H" * 70_000)
+        with pytest.raises(TooLarge):
+            async for _ in capped.list_pages(K + "huge"):
+                pass
+    finally:
+        await capped.close()
 
 
 async def test_update_reruns_the_function_on_conflict(store: Store) -> None:
