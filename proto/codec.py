@@ -172,7 +172,7 @@ def _compile(cls: type, compact: bool) -> Callable[[Any], dict[str, Any]]:
     """An encoder for `cls` written out field by field from its plan, once per class:
     no loop over the plan and no call for a plain value, per record (the commit path
     encodes three records per placed VM and the API's reply one more)."""
-    env: dict[str, Any] = {"MISSING": dataclasses.MISSING}
+    env: dict[str, Any] = {}
     lines = ["def encode(obj):", "    out = {}"]
     for i, f in enumerate(_plan(cls)):
         enc = f.compact if compact else f.full
