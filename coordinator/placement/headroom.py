@@ -137,10 +137,8 @@ class Headroom:
         (`cpu`, `mem`, `disk`): it differs from the kept one at `touched` only."""
         found = set(self.pinned)
         for size, by_need in self.needs.items():
-            slot = self.slot[size]
-            total = self.totals[size]
-            for pos in touched:
-                total += slots_at(ready, cpu, mem, disk, pos, size) - slot[pos]
+            total = self.total(size, ready, cpu, mem, disk, touched)
+            assert total is not None  # every size with a need is kept
             for need, hosts in by_need.items():
                 if need > total:
                     found |= hosts
