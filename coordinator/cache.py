@@ -114,25 +114,17 @@ _SIMPLE: tuple[tuple[str, str, type[Any]], ...] = (
 
 _CACHED = frozenset({CONFIG, ASSIGNMENTS, DOMAINS, MIGRATIONS} | {kind for _p, kind, _c in _SIMPLE})
 
-_ROOT_LEN = len(keyspace.ROOT)
-# The folders under ROOT the cache decodes -> (kind, whether a host name comes first).
-_FOLDERS: dict[str, tuple[str, bool]] = {
-    prefix[_ROOT_LEN:-1]: (kind, kind in (ASSIGNMENTS, DOMAINS, MIGRATIONS))
-    for prefix, kind in (
-        *((p, k) for p, k, _c in _SIMPLE),
-        (keyspace.ASSIGNMENTS, ASSIGNMENTS),
-        (keyspace.DOMAINS, DOMAINS),
-        (keyspace.MIGRATIONS, MIGRATIONS),
-    )
-}
 _FOLDER_OF: dict[str, tuple[str, bool]] = {
-    kind: (keyspace.ROOT + folder + "/", by_host) for folder, (kind, by_host) in _FOLDERS.items()
+    k.value: (prefix, k in keyspace.HOSTED)
+    for k, prefix in keyspace.PREFIXES.items()
+    if k.value in _CACHED
 }
-"""Kind -> (its keys' folder, whether a host name comes first)."""
+"""Kind -> (its keys' folder, whether a host name comes first): a load names the keys
+under the folder it is in without taking each apart."""
 _RELISTED = (
     keyspace.VMS,
     keyspace.ASSIGNMENTS,
-    *sorted({keyspace.ROOT + f + "/" for f in _FOLDERS} - {keyspace.VMS, keyspace.ASSIGNMENTS}),
+    *sorted({f for f, _h in _FOLDER_OF.values()} - {keyspace.VMS, keyspace.ASSIGNMENTS}),
     keyspace.CONFIG,
 )
 """What a relist reads, in this order at one revision: the specs, then their assignments
@@ -141,17 +133,11 @@ election, request or image keys."""
 
 
 def classify(key: str) -> tuple[str, str]:
-    """(kind, name) of an etcd key, as keyspace.classify names it; assignments and domains
-    are named `scope/vm`; what the cache does not decode (election, requests, images) is
-    `other`. By the key's folder, once per listed key: the hot path of a cold start."""
-    if key.startswith(keyspace.ROOT):
-        folder, slash, rest = key[_ROOT_LEN:].partition("/")
-        if slash:
-            found = _FOLDERS.get(folder)
-            if found is not None:
-                return found[0], rest.partition("/")[2] if found[1] else rest
-        elif key == keyspace.CONFIG:
-            return CONFIG, ""
+    """(kind, name) of an etcd key (keyspace.classify); assignments and domains are named
+    `scope/vm`; what the cache does not decode (election, requests, images) is `other`."""
+    k = keyspace.classify(key)
+    if k.kind in _CACHED:
+        return k.kind.value, k.id
     return OTHER, key
 
 

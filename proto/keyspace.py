@@ -165,6 +165,10 @@ _FOLDERS: dict[str, tuple[Kind, int]] = {
     )
 }
 _ROOT_LEN = len(ROOT)
+PREFIXES: dict[Kind, str] = {kind: f"{ROOT}{folder}/" for folder, (kind, _s) in _FOLDERS.items()}
+"""The folder (prefix) of each kind's keys."""
+HOSTED = frozenset(kind for kind, shape in _FOLDERS.values() if shape == _HOSTED)
+"""Kinds whose keys name a host first (`<folder><host>/<scope>/<vm>`)."""
 
 
 def classify(key: str) -> Key:
