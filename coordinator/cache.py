@@ -61,8 +61,6 @@ RELIST_PAGE_BYTES = 8 * 1024 * 1024
 """A relist's pages: about 8 MiB each (a few per 100,000 records), 5,000 keys at least."""
 YIELD_EVERY = 1024
 """A load hands the event loop a turn after this many keys (a few ms of decoding)."""
-CLOSE_WAIT_S = 2.0
-"""How long `close` waits for the watch task it cancelled."""
 PROGRESS_AFTER_S = 0.1
 """Wait this long for events before asking etcd for a progress notification."""
 RESYNC = "resync"
@@ -190,7 +188,6 @@ class Cache:
         self._subscribers: set[asyncio.Queue[Change]] = set()
         self._listeners: list[Callable[[Change], None]] = []
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self._stream: WatchStream | None = None
         self.synced = asyncio.Event()
         # VM specs put in the watch batch being applied, with their JSON (see _apply_record).
@@ -211,20 +208,14 @@ class Cache:
         self._task = asyncio.create_task(self._follow(), name="hvplace-cache-watch")
 
     async def close(self) -> None:
-        self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-        # The watch's call is cancelled too: a cancel delivered while gRPC reads the
-        # stream can be taken in by it, and the task would then wait for the next event.
-        await self._close_stream()
-        if task is not None:
-            # gRPC (1.85) can keep a cancelled read waiting even after its call is
-            # cancelled: the task is left to it after a bound, not waited for forever.
-            done, _ = await asyncio.wait({task}, timeout=CLOSE_WAIT_S)
-            if not done:
-                log.warning("the cache's watch did not stop within %ss; left", CLOSE_WAIT_S)
-        await self._close_stream()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
 
     def _tables(self) -> dict[str, Table[Any]]:
         return {
@@ -417,7 +408,7 @@ class Cache:
 
     async def _follow(self) -> None:
         backoff = 0.1
-        while not self._closing:
+        while True:
             try:
                 self._stream = await self.store.watch(keyspace.ROOT, self.revision + 1)
                 self.synced.set()
@@ -440,8 +431,6 @@ class Cache:
                     continue
                 self._notify(Change(RESYNC, RESYNC, keyspace.ROOT, "", None, self.revision))
             except Unavailable as e:
-                if self._closing:
-                    return
                 log.warning("cache watch broke: %s; resuming from revision %d", e, self.revision)
                 await self._close_stream()
                 self.synced.clear()
